@@ -1,0 +1,33 @@
+"""diskcache-ocr: a persistent, crash-safe LMDB disk cache for OCR text-detection datasets."""
+
+from diskcache_ocr._version import __version__
+from diskcache_ocr.errors import (
+    AnnotationError,
+    CacheClosedError,
+    CacheError,
+    CacheFormatError,
+    CacheFullError,
+    CacheVersionError,
+    ImageDecodeError,
+    PresetError,
+    SourceError,
+    TrainingSafetyError,
+)
+from diskcache_ocr.store import CacheStore, IndexEntry, KindVersion
+
+__all__ = [
+    "AnnotationError",
+    "CacheClosedError",
+    "CacheError",
+    "CacheFormatError",
+    "CacheFullError",
+    "CacheStore",
+    "CacheVersionError",
+    "ImageDecodeError",
+    "IndexEntry",
+    "KindVersion",
+    "PresetError",
+    "SourceError",
+    "TrainingSafetyError",
+    "__version__",
+]

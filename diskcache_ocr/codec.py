@@ -1,0 +1,283 @@
+"""Array record format: named numpy arrays in one byte string, no pickle.
+
+Layout of a record::
+
+    0   magic  b"DOCR"            4 bytes
+    4   format version            u8
+    5   flags (0)                 u8
+    6   reserved (0)              u16
+    8   header length H           u32 little-endian
+    12  msgpack header            H bytes
+    ..  zero padding
+    P   payload: each array's raw C-order bytes, each at an aligned offset
+
+The header is ``{"a": [[name, dtype, shape, offset, nbytes], ...], "c": checksum}``, where
+``dtype`` is a numpy type string from a fixed whitelist, offsets are from the start of the
+record and ``checksum`` is blake3 (16 bytes) of everything from ``P`` to the end.
+
+NOTE: LMDB places a large value (one that spills into overflow pages) at a fixed distance
+past a page boundary (16 bytes for the 0.9 engine). Offsets are chosen so that, at that
+placement, every array starts on a 64-byte boundary in memory. A value placed elsewhere (a
+small value inside a leaf page) may be misaligned; :func:`decode_record` then copies that
+array into aligned memory, which for small values costs next to nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import blake3
+import msgpack
+import numpy as np
+
+from diskcache_ocr.errors import CacheFormatError
+
+MAGIC = b"DOCR"
+FORMAT_VERSION = 1
+PREFIX = struct.Struct("<4sBBHI")
+ALIGN = 64
+MIN_ALIGN = 16
+# Where LMDB 0.9 places an overflow value relative to a 64-byte boundary.
+DEFAULT_BASE_MOD = 16
+CHECKSUM_BYTES = 16
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ARRAYS = 256
+MAX_NDIM = 8
+MAX_NAME_LEN = 128
+
+# Little-endian (or byte-order free) numeric types only: no object, string, void or datetime.
+DTYPES: frozenset[str] = frozenset(
+    ["|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8"]
+)
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def _canonical(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, little-endian version of ``array`` (a copy only where needed)."""
+    arr = np.asarray(array)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+        arr = arr.copy(order="C")
+    if arr.dtype.str not in DTYPES:
+        raise CacheFormatError(
+            f"cannot store dtype {arr.dtype!s}: expected one of bool, int8-64, uint8-64, "
+            "float16/32/64"
+        )
+    return arr
+
+
+def _layout(
+    arrays: list[tuple[str, np.ndarray]], base_mod: int
+) -> tuple[bytes, list[int], int, int]:
+    """Header bytes (with a zero checksum), array offsets, payload start and total size.
+
+    The header's length depends on the offsets and the offsets on the header's length, so
+    iterate until both agree (two rounds in practice).
+    """
+    payload_start = _align_up(PREFIX.size + 64, ALIGN)
+    while True:
+        offsets = []
+        pos = payload_start
+        for _, arr in arrays:
+            # Offset so that (base_mod + offset) is a multiple of ALIGN.
+            pos = _align_up(pos + base_mod, ALIGN) - base_mod
+            offsets.append(pos)
+            pos += arr.nbytes
+        header = _pack_header(arrays, offsets, bytes(CHECKSUM_BYTES))
+        needed = _align_up(PREFIX.size + len(header) + base_mod, ALIGN) - base_mod
+        if needed <= payload_start:
+            return header, offsets, payload_start, pos
+        payload_start = needed
+
+
+def _pack_header(arrays: list[tuple[str, np.ndarray]], offsets: list[int], checksum: bytes) -> bytes:
+    entries = [
+        [name, arr.dtype.str, list(arr.shape), off, arr.nbytes]
+        for (name, arr), off in zip(arrays, offsets, strict=True)
+    ]
+    return msgpack.packb({"a": entries, "c": checksum}, use_bin_type=True)
+
+
+def encode_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> bytes:
+    """Serialize named arrays into one record (one copy of each array's bytes).
+
+    >>> rec = encode_record({"image": np.zeros((2, 3), np.uint8)})
+    >>> decode_record(rec)["image"].shape
+    (2, 3)
+    """
+    if not arrays:
+        raise CacheFormatError("a record needs at least one array, got none")
+    if len(arrays) > MAX_ARRAYS:
+        raise CacheFormatError(f"a record holds at most {MAX_ARRAYS} arrays, got {len(arrays)}")
+    items: list[tuple[str, np.ndarray]] = []
+    for name, value in arrays.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+            raise CacheFormatError(f"array names must be non-empty str, got {name!r}")
+        arr = _canonical(value)
+        if arr.ndim > MAX_NDIM:
+            raise CacheFormatError(f"array {name!r} has {arr.ndim} dims, at most {MAX_NDIM}")
+        items.append((name, arr))
+    header, offsets, _, total = _layout(items, base_mod)
+    out = bytearray(total)
+    view = memoryview(out)
+    for (_, arr), off in zip(items, offsets, strict=True):
+        if arr.nbytes:
+            dst = np.frombuffer(view, dtype=arr.dtype, count=arr.size, offset=off)
+            np.copyto(dst, arr.reshape(-1))
+    checksum = blake3.blake3(view[offsets[0] :]).digest(CHECKSUM_BYTES)
+    header = _pack_header(items, offsets, checksum)
+    PREFIX.pack_into(out, 0, MAGIC, FORMAT_VERSION, 0, 0, len(header))
+    out[PREFIX.size : PREFIX.size + len(header)] = header
+    return bytes(out)
+
+
+class RecordHeader:
+    """The parsed, validated header of a record."""
+
+    __slots__ = ("entries", "checksum", "payload_start")
+
+    def __init__(
+        self, entries: list[tuple[str, np.dtype, tuple[int, ...], int, int]], checksum: bytes,
+        payload_start: int,
+    ) -> None:
+        self.entries = entries
+        self.checksum = checksum
+        self.payload_start = payload_start
+
+
+def _fail(where: str, problem: str) -> CacheFormatError:
+    return CacheFormatError(f"{where}: {problem}")
+
+
+def parse_header(value: bytes | memoryview, where: str = "record") -> RecordHeader:
+    """Validate the prefix and header of ``value`` against its length; raise on anything odd."""
+    size = len(value)
+    if size < PREFIX.size:
+        raise _fail(where, f"truncated: {size} bytes is shorter than the {PREFIX.size}-byte prefix")
+    magic, version, _flags, _reserved, header_len = PREFIX.unpack_from(value, 0)
+    if magic != MAGIC:
+        raise _fail(where, f"wrong magic {bytes(magic)!r}, expected {MAGIC!r}: not a record")
+    if version != FORMAT_VERSION:
+        raise _fail(where, f"record format {version}, this library reads format {FORMAT_VERSION}")
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(where, f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES} limit")
+    end = PREFIX.size + header_len
+    if end > size:
+        raise _fail(where, f"truncated: header needs {end} bytes, value has {size}")
+    try:
+        header = msgpack.unpackb(
+            bytes(value[PREFIX.size : end]), raw=False, strict_map_key=True,
+            max_str_len=MAX_NAME_LEN * 4, max_bin_len=CHECKSUM_BYTES,
+            max_array_len=MAX_ARRAYS, max_map_len=8, use_list=True,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise _fail(where, f"unreadable header ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict) or set(header) != {"a", "c"}:
+        raise _fail(where, "header is not a map with keys 'a' and 'c'")
+    checksum, raw_entries = header["c"], header["a"]
+    if not isinstance(checksum, bytes) or len(checksum) != CHECKSUM_BYTES:
+        raise _fail(where, "header checksum is not 16 bytes")
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise _fail(where, "header lists no arrays")
+    entries = []
+    names: set[str] = set()
+    prev_end = end
+    payload_start = None
+    for raw in raw_entries:
+        entry = _check_entry(raw, where, names, prev_end, size)
+        names.add(entry[0])
+        prev_end = entry[3] + entry[4]
+        if payload_start is None:
+            payload_start = entry[3]
+        entries.append(entry)
+    return RecordHeader(entries, checksum, payload_start if payload_start is not None else end)
+
+
+def _check_entry(
+    raw: Any, where: str, names: set[str], min_offset: int, size: int
+) -> tuple[str, np.dtype, tuple[int, ...], int, int]:
+    if not isinstance(raw, list) or len(raw) != 5:
+        raise _fail(where, f"array entry {raw!r:.80} is not [name, dtype, shape, offset, nbytes]")
+    name, dtype_str, shape, offset, nbytes = raw
+    if not isinstance(name, str) or not name or name in names:
+        raise _fail(where, f"array name {name!r:.80} is empty, not a string or repeated")
+    label = f"array {name!r}"
+    if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
+        raise _fail(where, f"{label} has dtype {dtype_str!r:.40}, not an allowed numeric dtype")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise _fail(where, f"{label} has shape {shape!r:.80}: expected up to {MAX_NDIM} dims >= 0")
+    for field, val in (("offset", offset), ("nbytes", nbytes)):
+        if type(val) is not int or val < 0:
+            raise _fail(where, f"{label} has {field} {val!r:.40}: expected an int >= 0")
+    dtype = np.dtype(dtype_str)
+    count = 1
+    for dim in shape:  # Python ints: a huge shape cannot overflow silently
+        count *= dim
+    if count * dtype.itemsize != nbytes:
+        raise _fail(
+            where, f"{label}: shape {tuple(shape)} × {dtype.itemsize} bytes != stored length "
+            f"{nbytes}"
+        )
+    if offset < min_offset or offset + nbytes > size:
+        raise _fail(
+            where, f"{label}: bytes {offset}..{offset + nbytes} fall outside the payload "
+            f"{min_offset}..{size}"
+        )
+    return name, dtype, tuple(shape), offset, nbytes
+
+
+def _aligned_copy(src: np.ndarray) -> np.ndarray:
+    raw = np.empty(src.nbytes + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    out = raw[start : start + src.nbytes].view(src.dtype).reshape(src.shape)
+    np.copyto(out, src)
+    return out
+
+
+def decode_record(
+    value: bytes | memoryview, where: str = "record", *, writeable: bool = False
+) -> dict[str, np.ndarray]:
+    """Arrays of a record as views on ``value`` (zero-copy where aligned).
+
+    Views on read-only memory (LMDB's map, ``bytes``) are read-only. With ``writeable``
+    every array is an owned, aligned copy.
+    """
+    header = parse_header(value, where)
+    out: dict[str, np.ndarray] = {}
+    for name, dtype, shape, offset, nbytes in header.entries:
+        if nbytes == 0:
+            arr = np.zeros(shape, dtype)
+            arr.flags.writeable = writeable
+        else:
+            arr = np.frombuffer(value, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+            arr = arr.reshape(shape)
+            if writeable or arr.ctypes.data % max(MIN_ALIGN, dtype.itemsize):
+                arr = _aligned_copy(arr)
+                arr.flags.writeable = writeable
+        out[name] = arr
+    return out
+
+
+def verify_checksum(value: bytes | memoryview, where: str = "record") -> None:
+    """Raise :class:`CacheFormatError` if the payload does not match its stored checksum."""
+    header = parse_header(value, where)
+    digest = blake3.blake3(memoryview(value)[header.payload_start :]).digest(CHECKSUM_BYTES)
+    if digest != header.checksum:
+        raise _fail(where, "payload checksum mismatch: the record's bytes were damaged")
+
+
+def record_nbytes(value: bytes | memoryview, where: str = "record") -> dict[str, int]:
+    """Bytes per array of a record, without touching the payload."""
+    return {e[0]: e[4] for e in parse_header(value, where).entries}

@@ -1,0 +1,799 @@
+"""The storage layer: one LMDB environment per cache directory.
+
+``CacheStore`` speaks kinds, keys and records (named numpy arrays); it knows nothing about
+OCR. Sub-databases: ``meta`` (the header), ``index`` (one entry per source file),
+``images``, ``tensors``, ``maps`` (records), ``stats`` (persisted counters).
+
+NOTE on process safety: LMDB refuses to open the same files twice in one process, and a
+forked child inherits the parent's "already open" record. So the environment opens lazily
+in the process that uses it (pid checked), and every open store is closed just before this
+process forks (``os.register_at_fork``), so DataLoader workers always start clean. Pickling
+carries only the path and options.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing.util
+import os
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lmdb
+import msgpack
+import numpy as np
+
+from diskcache_ocr._version import __version__
+from diskcache_ocr.codec import decode_record, encode_record, parse_header, verify_checksum
+from diskcache_ocr.errors import (
+    CacheClosedError,
+    CacheError,
+    CacheFormatError,
+    CacheFullError,
+    CacheVersionError,
+)
+
+log = logging.getLogger("diskcache_ocr.store")
+
+KINDS: tuple[str, ...] = ("images", "tensors", "maps")
+_DBS: tuple[str, ...] = ("meta", "index", *KINDS, "stats")
+STORE_FORMAT = 1
+HEADER_KEY = b"header"
+Policy = Literal["error", "rebuild", "ignore"]
+POLICIES: tuple[str, ...] = ("error", "rebuild", "ignore")
+
+# A large sparse reservation makes growth (and its cross-process resize dance) rare.
+DEFAULT_MAP_SIZE = 16 << 30
+# A long-lived read transaction is renewed after this long so writers can reuse pages and
+# readers see other processes' writes.
+RENEW_AFTER_S = 1.0
+STATS_FLUSH_EVERY_S = 5.0
+_MAX_GROWS = 32
+
+_open_stores: weakref.WeakSet[CacheStore] = weakref.WeakSet()
+
+
+def _close_before_fork() -> None:
+    for store in list(_open_stores):
+        store._close_env()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_before_fork)
+
+
+@dataclass(frozen=True)
+class KindVersion:
+    """What produced a kind's records: a version string and a parameter fingerprint."""
+
+    version: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"version": self.version, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KindVersion:
+        return cls(version=str(d["version"]), fingerprint=str(d["fingerprint"]))
+
+    def __str__(self) -> str:
+        return f"{self.version}/{self.fingerprint}"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the cache knows of one source file."""
+
+    size: int
+    mtime_ns: int
+    content_hash: bytes
+    status: str = "ok"  # "ok" or "failed: <reason>"
+    keys: Mapping[str, bytes] = field(default_factory=dict)  # kind -> record key
+    updated_ns: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def pack(self) -> bytes:
+        d = asdict(self)
+        d["keys"] = dict(self.keys)
+        return msgpack.packb(d, use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, raw: bytes, where: str) -> IndexEntry:
+        try:
+            d = msgpack.unpackb(raw, raw=False, max_map_len=16, max_array_len=16)
+            entry = cls(
+                size=int(d["size"]), mtime_ns=int(d["mtime_ns"]),
+                content_hash=bytes(d["content_hash"]), status=str(d["status"]),
+                keys={str(k): bytes(v) for k, v in d["keys"].items()},
+                updated_ns=int(d["updated_ns"]),
+            )
+        except Exception as exc:
+            raise CacheFormatError(f"index entry {where}: unreadable ({exc})") from None
+        return entry
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    readonly: bool = False
+    map_size: int = DEFAULT_MAP_SIZE
+    readahead: bool = True
+    max_readers: int = 1024
+    sync: bool = True
+    lock: bool = True
+    dir_mode: int = 0o700
+
+    def __post_init__(self) -> None:
+        if self.map_size < 1 << 16:
+            raise ValueError(f"map_size must be at least 64 KiB, got {self.map_size}")
+        if self.max_readers < 1:
+            raise ValueError(f"max_readers must be >= 1, got {self.max_readers}")
+
+
+class Record(Mapping[str, np.ndarray]):
+    """The arrays of one record as zero-copy, read-only views on LMDB's memory map.
+
+    NOTE: the views point into the map and are only valid while the :class:`ReadTxn` that
+    produced them is open; after that, touching them could read unmapped memory. So every
+    access goes through ``record[name]``, which checks that the transaction is still open,
+    and ``copy()`` gives owned arrays that live on.
+    """
+
+    __slots__ = ("_txn", "_arrays", "nbytes")
+
+    def __init__(self, txn: ReadTxn, arrays: dict[str, np.ndarray], nbytes: int) -> None:
+        self._txn = txn
+        self._arrays = arrays
+        self.nbytes = nbytes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        self._txn._check_open()
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def copy(self) -> dict[str, np.ndarray]:
+        """Owned, writeable copies of every array."""
+        self._txn._check_open()
+        return {name: np.array(arr, copy=True) for name, arr in self._arrays.items()}
+
+
+class ReadTxn:
+    """A read transaction handed out by :meth:`CacheStore.reader`; closes with its block."""
+
+    def __init__(self, store: CacheStore, txn: lmdb.Transaction) -> None:
+        self._store = store
+        self._txn = txn
+        self._open = True
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise CacheClosedError(
+                f"{self._store.path}: this view's read transaction has ended; copy the arrays "
+                "inside the `with store.reader()` block, or use store.get() for owned copies"
+            )
+
+    def get(self, kind: str, key: bytes) -> Record | None:
+        """The record under ``key`` as views, or None. Raises CacheFormatError if damaged."""
+        self._check_open()
+        value = self._txn.get(key, db=self._store._db(kind))
+        if value is None:
+            return None
+        where = f"{self._store.path} {kind}/{key.hex()}"
+        return Record(self, decode_record(value, where), len(value))
+
+    def get_raw(self, kind: str, key: bytes) -> memoryview | None:
+        self._check_open()
+        return self._txn.get(key, db=self._store._db(kind))
+
+    def contains(self, kind: str, key: bytes) -> bool:
+        self._check_open()
+        with self._txn.cursor(db=self._store._db(kind)) as cur:
+            return cur.set_key(key)
+
+    def get_index(self, source: str) -> IndexEntry | None:
+        self._check_open()
+        raw = self._txn.get(source.encode(), db=self._store._db("index"))
+        return None if raw is None else IndexEntry.unpack(bytes(raw), source)
+
+
+class WriteBatch:
+    """Writes collected in memory and committed in one LMDB write transaction."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, str, bytes, bytes | None]] = []
+
+    def put(self, kind: str, key: bytes, arrays: Mapping[str, np.ndarray] | bytes) -> None:
+        _check_kind(kind)
+        value = arrays if isinstance(arrays, bytes) else encode_record(arrays)
+        self.ops.append(("put", kind, key, value))
+
+    def delete(self, kind: str, key: bytes) -> None:
+        _check_kind(kind)
+        self.ops.append(("delete", kind, key, None))
+
+    def put_index(self, source: str, entry: IndexEntry) -> None:
+        self.ops.append(("put", "index", source.encode(), entry.pack()))
+
+    def delete_index(self, source: str) -> None:
+        self.ops.append(("delete", "index", source.encode(), None))
+
+    def drop(self, kind: str) -> None:
+        _check_kind(kind)
+        self.ops.append(("drop", kind, b"", None))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+class _Slot:
+    """A thread's long-lived read transaction and how many blocks borrow it."""
+
+    __slots__ = ("txn", "started", "borrowed", "generation")
+
+    def __init__(self, txn: lmdb.Transaction, generation: int) -> None:
+        self.txn = txn
+        self.started = time.monotonic()
+        self.borrowed = 0
+        self.generation = generation
+
+
+class CacheStore:
+    """An LMDB-backed store of records per kind, with an index, a header and counters.
+
+    >>> store = CacheStore(tmp_path / "cache")                  # doctest: +SKIP
+    >>> store.put("images", key, {"image": pixels})             # doctest: +SKIP
+    >>> with store.reader() as r:                               # doctest: +SKIP
+    ...     np.copyto(batch[0], r.get("images", key)["image"])
+    """
+
+    def __init__(self, path: str | os.PathLike[str], readonly: bool = False, **options: Any):
+        self.path = Path(path)
+        self.options = StoreOptions(readonly=readonly, **options)
+        self._init_runtime()
+
+    # -- process-local state ------------------------------------------------------------
+    def _init_runtime(self) -> None:
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._handles: dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self._slots: dict[int, _Slot] = {}
+        self._write_generation = 0
+        self._pending: Counter[str] = Counter()
+        self._last_flush = time.monotonic()
+        self._finalizer_pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path), "options": asdict(self.options)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = Path(state["path"])
+        self.options = StoreOptions(**state["options"])
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self.options.readonly else "read-write"
+        return f"CacheStore({str(self.path)!r}, {mode})"
+
+    def __enter__(self) -> CacheStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def readonly(self) -> bool:
+        return self.options.readonly
+
+    def _environment(self) -> lmdb.Environment:
+        pid = os.getpid()
+        if self._env is not None and self._pid == pid:
+            return self._env
+        with self._lock:
+            if self._env is not None and self._pid == pid:
+                return self._env
+            # A handle from another process (should not happen: stores close before fork)
+            # must never be used or closed here.
+            self._env, self._handles, self._slots = None, {}, {}
+            self._open_env()
+            self._pid = pid
+            _open_stores.add(self)
+            self._ensure_finalizer(pid)
+            assert self._env is not None
+            return self._env
+
+    def _ensure_finalizer(self, pid: int) -> None:
+        if self._finalizer_pid != pid:
+            # Runs when a multiprocessing child (a DataLoader worker) exits normally, which
+            # skips atexit: the worker's last counters are saved.
+            multiprocessing.util.Finalize(
+                self, _flush_if_alive, args=(weakref.ref(self),), exitpriority=10
+            )
+            self._finalizer_pid = pid
+
+    def _open_env(self) -> None:
+        opts = self.options
+        if not opts.readonly:
+            self.path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
+        elif not (self.path / "data.mdb").exists():
+            raise CacheError(f"{self.path}: no cache here (no data.mdb) to open read-only")
+        try:
+            env = lmdb.open(
+                str(self.path), map_size=opts.map_size, readonly=opts.readonly,
+                readahead=opts.readahead, max_readers=opts.max_readers, max_dbs=len(_DBS) + 2,
+                max_spare_txns=0, lock=opts.lock, sync=opts.sync, metasync=opts.sync,
+                mode=0o600 if opts.dir_mode == 0o700 else 0o644,
+            )
+        except lmdb.InvalidError as exc:
+            raise CacheFormatError(f"{self.path}/data.mdb is not an LMDB file ({exc})") from None
+        except lmdb.VersionMismatchError as exc:
+            raise CacheFormatError(f"{self.path}: written by another LMDB engine ({exc})") from None
+        except lmdb.Error as exc:
+            raise CacheError(f"{self.path}: cannot open the cache ({exc})") from None
+        try:
+            self._handles = self._open_dbs(env)
+            self._env = env
+            self._check_header(env)
+        except BaseException:
+            self._handles = {}
+            self._env = None
+            env.close()
+            raise
+
+    def _open_dbs(self, env: lmdb.Environment) -> dict[str, Any]:
+        with env.begin() as txn:
+            named = {bytes(k) for k, _ in txn.cursor()}
+        if named and b"meta" not in named:
+            raise CacheFormatError(
+                f"{self.path}: an LMDB environment, but not a diskcache-ocr cache (no 'meta')"
+            )
+        if self.options.readonly:
+            missing = [n for n in _DBS if n.encode() not in named]
+            if missing:
+                raise CacheFormatError(
+                    f"{self.path}: incomplete cache, missing sub-databases {missing}"
+                )
+            # NOTE: a handle opened inside an explicit read-only transaction is not usable
+            # afterwards; let the binding open each one on its own.
+            return {n: env.open_db(n.encode(), create=False) for n in _DBS}
+        with env.begin(write=True) as txn:
+            return {n: env.open_db(n.encode(), txn=txn) for n in _DBS}
+
+    def _check_header(self, env: lmdb.Environment) -> None:
+        with env.begin() as txn:
+            raw = txn.get(HEADER_KEY, db=self._handles["meta"])
+        if raw is None:
+            if self.options.readonly:
+                raise CacheFormatError(f"{self.path}: the cache has no header")
+            header = {
+                "format": STORE_FORMAT, "library": __version__,
+                "engine": ".".join(map(str, env.lib_version())),
+                "created_at": time.time(), "kinds": {}, "build": {},
+            }
+            with env.begin(write=True) as txn:
+                txn.put(HEADER_KEY, _pack(header), db=self._handles["meta"])
+            return
+        header = _unpack_header(raw, self.path)
+        if header.get("format") != STORE_FORMAT:
+            raise CacheFormatError(
+                f"{self.path}: cache format {header.get('format')!r}, this library reads "
+                f"format {STORE_FORMAT}; clear it with `diskcache-ocr clear --all`"
+            )
+
+    def _db(self, name: str) -> Any:
+        self._environment()
+        return self._handles[name]
+
+    def _close_env(self) -> None:
+        with self._lock:
+            if self._env is None or self._pid != os.getpid():
+                return
+            try:
+                self.flush_stats()
+            except CacheError as exc:
+                log.warning("%s: counters not saved: %s", self.path, exc)
+            for slot in self._slots.values():
+                slot.txn.abort()
+            self._slots = {}
+            self._env.close()
+            self._env, self._handles = None, {}
+
+    def close(self) -> None:
+        """Save counters and close the environment; a later use reopens it."""
+        self.flush_stats()
+        self._close_env()
+
+    # -- reads -----------------------------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[ReadTxn]:
+        """A read transaction whose records are zero-copy views, valid inside the block."""
+        slot = self._acquire_slot()
+        handle = ReadTxn(self, slot.txn)
+        try:
+            yield handle
+        finally:
+            handle._open = False
+            with self._lock:
+                slot.borrowed -= 1
+
+    def _acquire_slot(self) -> _Slot:
+        env = self._environment()
+        tid = threading.get_ident()
+        with self._lock:
+            slot = self._slots.get(tid)
+            if slot is not None and slot.borrowed == 0 and (
+                slot.generation != self._write_generation
+                or time.monotonic() - slot.started > RENEW_AFTER_S
+            ):
+                slot.txn.abort()
+                del self._slots[tid]
+                slot = None
+            if slot is None:
+                slot = _Slot(self._begin_read(env), self._write_generation)
+                self._slots[tid] = slot
+            slot.borrowed += 1
+            return slot
+
+    def _begin_read(self, env: lmdb.Environment) -> lmdb.Transaction:
+        try:
+            return env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size (needs no open txn here).
+            self._release_idle_slots()
+            env.set_mapsize(0)
+            return env.begin(buffers=True)
+        except lmdb.ReadersFullError:
+            raise CacheError(
+                f"{self.path}: all {self.options.max_readers} reader slots are taken; run "
+                "`diskcache-ocr health` to free slots of dead processes, or raise max_readers"
+            ) from None
+
+    def _release_idle_slots(self) -> None:
+        busy = [s for s in self._slots.values() if s.borrowed]
+        if busy:
+            raise CacheError(
+                f"{self.path}: the map must be resized while a read block is open in this "
+                "process; leave `with store.reader()` blocks before writing"
+            )
+        for slot in self._slots.values():
+            slot.txn.abort()
+        self._slots = {}
+
+    def refresh(self) -> None:
+        """Make this thread's next read see every write committed so far, here or elsewhere."""
+        with self._lock:
+            slot = self._slots.get(threading.get_ident())
+            if slot is not None and slot.borrowed == 0:
+                slot.txn.abort()
+                del self._slots[threading.get_ident()]
+
+    def get(self, kind: str, key: bytes) -> dict[str, np.ndarray] | None:
+        """Owned, writeable copies of a record's arrays, or None."""
+        _check_kind(kind)
+        with self.reader() as r:
+            rec = r.get(kind, key)
+            return None if rec is None else rec.copy()
+
+    def contains(self, kind: str, key: bytes) -> bool:
+        _check_kind(kind)
+        with self.reader() as r:
+            return r.contains(kind, key)
+
+    def get_index(self, source: str) -> IndexEntry | None:
+        with self.reader() as r:
+            return r.get_index(source)
+
+    def iter_index(self) -> Iterator[tuple[str, IndexEntry]]:
+        """Every index entry (read in one transaction, returned after it closes)."""
+        with self.reader() as r:
+            rows = [(bytes(k).decode(), bytes(v)) for k, v in r._txn.cursor(self._db("index"))]
+        for source, raw in rows:
+            yield source, IndexEntry.unpack(raw, source)
+
+    def keys(self, kind: str) -> list[bytes]:
+        _check_kind(kind)
+        with self.reader() as r:
+            return [bytes(k) for k in r._txn.cursor(self._db(kind)).iternext(values=False)]
+
+    def kind_stats(self, kind: str) -> dict[str, int]:
+        """Entries and value bytes of one kind (reads no payload: sizes live in the nodes)."""
+        _check_kind(kind)
+        entries = total = 0
+        with self.reader() as r:
+            for _, value in r._txn.cursor(self._db(kind)):
+                entries += 1
+                total += len(value)
+        return {"entries": entries, "bytes": total}
+
+    def verify(self, kind: str) -> Iterator[tuple[bytes, CacheFormatError | None]]:
+        """Every record of ``kind``, checked (header and payload checksum)."""
+        _check_kind(kind)
+        for key in self.keys(kind):
+            with self.reader() as r:
+                value = r.get_raw(kind, key)
+                if value is None:  # deleted since the listing
+                    continue
+                try:
+                    verify_checksum(value, f"{self.path} {kind}/{key.hex()}")
+                    decode_record(value)
+                except CacheFormatError as exc:
+                    yield key, exc
+                    continue
+            yield key, None
+
+    # -- writes ----------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator[WriteBatch]:
+        """Collect writes; they commit together, in one transaction, when the block ends."""
+        batch = WriteBatch()
+        yield batch
+        self.commit(batch)
+
+    def put(self, kind: str, key: bytes, arrays: Mapping[str, np.ndarray]) -> None:
+        with self.writer() as w:
+            w.put(kind, key, arrays)
+
+    def delete(self, kind: str, key: bytes) -> None:
+        with self.writer() as w:
+            w.delete(kind, key)
+
+    def drop(self, kind: str) -> None:
+        """Delete every record of one kind; the others are kept."""
+        with self.writer() as w:
+            w.drop(kind)
+
+    def commit(self, batch: WriteBatch) -> None:
+        if batch.ops or self._pending:
+            self._write(lambda txn: self._apply(txn, batch))
+
+    def _apply(self, txn: lmdb.Transaction, batch: WriteBatch) -> None:
+        for op, name, key, value in batch.ops:
+            db = self._handles[name]
+            if op == "put":
+                txn.put(key, value, db=db)
+            elif op == "delete":
+                txn.delete(key, db=db)
+            else:
+                txn.drop(db, delete=False)
+
+    def _write(self, body: Callable[[lmdb.Transaction], None]) -> None:
+        if self.options.readonly:
+            raise CacheError(f"{self.path}: the store is open read-only")
+        env = self._environment()
+        for _ in range(_MAX_GROWS):
+            with self._lock:
+                pending = self._take_pending()
+                try:
+                    with env.begin(write=True) as txn:
+                        body(txn)
+                        if pending:
+                            _merge_counters(txn, self._handles["stats"], pending)
+                    self._write_generation += 1
+                    return
+                except lmdb.MapFullError:
+                    self._pending.update(pending)
+                    self._grow(env)
+                except lmdb.MapResizedError:
+                    self._pending.update(pending)
+                    self._release_idle_slots()
+                    env.set_mapsize(0)
+                except BaseException as exc:
+                    self._pending.update(pending)
+                    if not isinstance(exc, lmdb.Error):
+                        raise
+                    if _is_disk_full(exc):
+                        raise CacheFullError(
+                            f"{self.path}: the disk is full; nothing of this write was kept, "
+                            "the cache is intact ({exc})"
+                        ) from None
+                    raise CacheError(f"{self.path}: write failed ({exc})") from None
+        raise CacheFullError(f"{self.path}: the map could not grow enough for this write")
+
+    def _grow(self, env: lmdb.Environment) -> None:
+        self._release_idle_slots()
+        current = env.info()["map_size"]
+        new = current * 2
+        log.info("%s: growing the map from %d to %d bytes", self.path, current, new)
+        env.set_mapsize(new)
+
+    # -- header and versions ---------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        with self.reader() as r:
+            raw = r._txn.get(HEADER_KEY, db=self._db("meta"))
+            return _unpack_header(bytes(raw), self.path) if raw is not None else {}
+
+    def update_header(self, **changes: Any) -> dict[str, Any]:
+        """Merge top-level fields into the header, atomically."""
+        result: dict[str, Any] = {}
+
+        def body(txn: lmdb.Transaction) -> None:
+            raw = txn.get(HEADER_KEY, db=self._handles["meta"])
+            header = _unpack_header(raw, self.path) if raw is not None else {}
+            header.update(changes)
+            txn.put(HEADER_KEY, _pack(header), db=self._handles["meta"])
+            result.update(header)
+
+        self._write(body)
+        return result
+
+    def check_kinds(
+        self, expected: Mapping[str, KindVersion], policy: Policy = "error"
+    ) -> list[str]:
+        """Compare each kind's stored version with ``expected`` and apply ``policy``.
+
+        Returns the kinds that were (re)built empty. A kind seen for the first time is
+        stamped. ``error`` raises :class:`CacheVersionError`; ``rebuild`` drops that kind
+        only; ``ignore`` logs and serves what is stored.
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        stored = self.header().get("kinds", {})
+        mismatched = {}
+        for kind, want in expected.items():
+            _check_kind(kind)
+            have = stored.get(kind)
+            if have is not None and KindVersion.from_dict(have) != want:
+                mismatched[kind] = (KindVersion.from_dict(have), want)
+        fresh = [k for k in expected if k not in stored]
+        if mismatched and policy == "error":
+            kind, (have, want) = next(iter(mismatched.items()))
+            raise CacheVersionError(
+                f"{self.path}: kind {kind!r} was built by {have}, this code expects {want}; "
+                "open with on_mismatch='rebuild' or run prebuild to rebuild it"
+            )
+        if mismatched and policy == "ignore":
+            for kind, (have, want) in mismatched.items():
+                log.warning("%s: serving %s built by %s (expected %s): policy 'ignore'",
+                            self.path, kind, have, want)
+            mismatched = {}
+        if self.readonly:
+            return []
+        if mismatched or fresh:
+            rebuilt = list(mismatched)
+
+            def body(txn: lmdb.Transaction) -> None:
+                meta = self._handles["meta"]
+                raw = txn.get(HEADER_KEY, db=meta)
+                header = _unpack_header(raw, self.path) if raw is not None else {}
+                kinds = dict(header.get("kinds", {}))
+                for kind in rebuilt:
+                    txn.drop(self._handles[kind], delete=False)
+                for kind in rebuilt + fresh:
+                    kinds[kind] = expected[kind].to_dict()
+                header["kinds"] = kinds
+                txn.put(HEADER_KEY, _pack(header), db=meta)
+
+            self._write(body)
+            for kind in rebuilt:
+                log.warning("%s: kind %s rebuilt for version %s", self.path, kind, expected[kind])
+            return rebuilt
+        return []
+
+    # -- counters --------------------------------------------------------------------
+    def count(self, kind: str, *, hits: int = 0, misses: int = 0, bytes_read: int = 0) -> None:
+        """Add to this process's counters; they are saved with the next write, or every few
+        seconds, or at exit, so counting never makes a read into a write transaction."""
+        self._ensure_finalizer(os.getpid())
+        with self._lock:
+            if hits:
+                self._pending[f"{kind}.hits"] += hits
+            if misses:
+                self._pending[f"{kind}.misses"] += misses
+            if bytes_read:
+                self._pending[f"{kind}.bytes_read"] += bytes_read
+        if not self.readonly and time.monotonic() - self._last_flush > STATS_FLUSH_EVERY_S:
+            self.flush_stats()
+
+    def _take_pending(self) -> Counter[str]:
+        pending, self._pending = self._pending, Counter()
+        self._last_flush = time.monotonic()
+        return pending
+
+    def flush_stats(self) -> None:
+        """Save this process's counters now (a no-op when there is nothing to save)."""
+        if self.readonly or not self._pending:
+            return
+        self._write(lambda txn: None)
+
+    def stats(self) -> dict[str, int]:
+        """Persisted counters plus this process's unsaved ones."""
+        with self.reader() as r:
+            saved = {bytes(k).decode(): int(msgpack.unpackb(bytes(v)))
+                     for k, v in r._txn.cursor(self._db("stats"))}
+        with self._lock:
+            for name, value in self._pending.items():
+                saved[name] = saved.get(name, 0) + value
+        return saved
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._pending.clear()
+        self._write(lambda txn: txn.drop(self._handles["stats"], delete=False))
+
+    # -- maintenance -----------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        env = self._environment()
+        info, stat = env.info(), env.stat()
+        return {
+            "path": str(self.path), "map_size": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "readers": info["num_readers"], "max_readers": info["max_readers"],
+            "engine": ".".join(map(str, env.lib_version())),
+        }
+
+    def reader_check(self) -> int:
+        """Free reader slots left by dead processes; returns how many were freed."""
+        return int(self._environment().reader_check())
+
+    def sync(self) -> None:
+        self._environment().sync(True)
+
+    def copy_to(self, dest: str | os.PathLike[str], *, compact: bool = True) -> Path:
+        """A consistent hot copy (safe while readers and writers run)."""
+        dest = Path(dest)
+        dest.mkdir(mode=self.options.dir_mode, parents=True, exist_ok=True)
+        if (dest / "data.mdb").exists():
+            raise CacheError(f"{dest}: already holds a cache; choose an empty directory")
+        self._environment().copy(str(dest), compact=compact)
+        return dest
+
+
+def _flush_if_alive(ref: weakref.ref[CacheStore]) -> None:
+    store = ref()
+    if store is not None:
+        try:
+            store.flush_stats()
+        except CacheError as exc:
+            log.warning("%s: counters not saved at exit: %s", store.path, exc)
+
+
+def _merge_counters(txn: lmdb.Transaction, db: Any, pending: Mapping[str, int]) -> None:
+    for name, delta in pending.items():
+        key = name.encode()
+        raw = txn.get(key, db=db)
+        value = int(msgpack.unpackb(bytes(raw))) if raw is not None else 0
+        txn.put(key, msgpack.packb(value + delta), db=db)
+
+
+def _pack(header: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(dict(header), use_bin_type=True)
+
+
+def _unpack_header(raw: bytes | memoryview, path: Path) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(bytes(raw), raw=False, max_map_len=1024, max_array_len=1024)
+    except Exception as exc:
+        raise CacheFormatError(f"{path}: unreadable cache header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CacheFormatError(f"{path}: cache header is not a map")
+    return header
+
+
+def _is_disk_full(exc: lmdb.Error) -> bool:
+    return getattr(exc, "code", None) in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc)
+
+
+__all__ = [
+    "KINDS", "CacheStore", "IndexEntry", "KindVersion", "ReadTxn", "Record", "StoreOptions",
+    "WriteBatch", "parse_header",
+]

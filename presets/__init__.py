@@ -1,0 +1,1 @@
+"""The five performance presets, shipped as YAML files inside the package."""

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from diskcache_ocr.codec import (
+    MAGIC,
+    PREFIX,
+    decode_record,
+    encode_record,
+    parse_header,
+    verify_checksum,
+)
+from diskcache_ocr.errors import CacheError, CacheFormatError
+
+DTYPES = [np.bool_, np.uint8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64]
+
+
+@st.composite
+def arrays(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6))
+    arr = draw(hnp.arrays(dtype, shape))
+    layout = draw(st.sampled_from(["c", "f", "strided", "bigendian"]))
+    if layout == "f":
+        arr = np.asfortranarray(arr)
+    elif layout == "strided" and arr.ndim:
+        arr = np.repeat(arr, 2, axis=0)[::2]
+    elif layout == "bigendian" and arr.dtype.itemsize > 1:
+        arr = arr.astype(arr.dtype.newbyteorder(">"))
+    return arr
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=12), arrays(), min_size=1, max_size=4))
+def test_round_trip_bit_exact(named):
+    record = encode_record(named)
+    out = decode_record(record)
+    assert list(out) == list(named)
+    for name, arr in named.items():
+        got = out[name]
+        assert got.shape == arr.shape
+        assert got.dtype == arr.dtype.newbyteorder("<") or got.dtype == arr.dtype
+        assert np.asarray(arr).astype(got.dtype).tobytes() == got.tobytes()
+        assert not got.flags.writeable
+        assert got.ctypes.data % 16 == 0 or got.nbytes == 0
+    verify_checksum(record)
+
+
+def test_views_share_memory_with_value():
+    arr = np.arange(100000, dtype=np.float32)
+    record = encode_record({"a": arr}, base_mod=0)
+    buf = np.frombuffer(record, np.uint8)
+    out = decode_record(record)["a"]
+    # Zero-copy: the view lies inside the record's buffer.
+    assert buf.ctypes.data <= out.ctypes.data < buf.ctypes.data + len(record)
+
+
+def test_writeable_decode_gives_owned_copies():
+    record = encode_record({"a": np.ones(5, np.int32)})
+    out = decode_record(record, writeable=True)["a"]
+    out += 1
+    assert decode_record(record)["a"].tolist() == [1] * 5
+
+
+def _rewrite_header(record: bytes, mutate) -> bytes:
+    _, _, _, _, hlen = PREFIX.unpack_from(record, 0)
+    header = msgpack.unpackb(record[PREFIX.size : PREFIX.size + hlen])
+    mutate(header)
+    packed = msgpack.packb(header, use_bin_type=True)
+    return PREFIX.pack(MAGIC, 1, 0, 0, len(packed)) + packed + record[PREFIX.size + hlen :]
+
+
+GOOD = encode_record({"img": np.arange(12, dtype=np.float32).reshape(3, 4)})
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (b"", "truncated"),
+        (b"XXXX" + GOOD[4:], "wrong magic"),
+        (GOOD[:40], "truncated"),
+        (GOOD[:-4], "outside the payload"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(1, "|O")), "not an allowed"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(1, "<U4")), "not an allowed"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(1, "weird")), "not an allowed"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(2, [3, 5])), "!= stored length"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(2, [2**62, 2**62])), "!= stored"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(2, [-1, 4])), "shape"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(3, 10**9)), "outside the payload"),
+        (_rewrite_header(GOOD, lambda h: h["a"][0].__setitem__(3, 2)), "outside the payload"),
+        (_rewrite_header(GOOD, lambda h: h.__setitem__("a", [])), "no arrays"),
+        (_rewrite_header(GOOD, lambda h: h.__setitem__("x", 1)), "keys"),
+        (_rewrite_header(GOOD, lambda h: h["a"].append(h["a"][0])), "repeated"),
+        (PREFIX.pack(MAGIC, 1, 0, 0, 5) + b"\xc1\xc1\xc1\xc1\xc1", "unreadable header"),
+        (PREFIX.pack(MAGIC, 1, 0, 0, 2**31), "exceeds"),
+        (PREFIX.pack(MAGIC, 9, 0, 0, 0), "format 9"),
+    ],
+)
+def test_malformed_records_raise_clear_errors(bad, message):
+    with pytest.raises(CacheFormatError, match=message) as info:
+        decode_record(bad, "images/abcd")
+    assert "images/abcd" in str(info.value)
+    assert isinstance(info.value, CacheError) and isinstance(info.value, ValueError)
+
+
+def test_deeply_nested_header_is_rejected():
+    # {"a": [[[[...1...]]]], "c": ...} nested 5000 deep, written by hand (packb refuses).
+    raw = b"\x82\xa1a" + b"\x91" * 5000 + b"\x01" + b"\xa1c\xc4\x10" + b"0" * 16
+    with pytest.raises(CacheFormatError):
+        decode_record(PREFIX.pack(MAGIC, 1, 0, 0, len(raw)) + raw)
+
+
+def test_flipped_payload_byte_is_caught_by_checksum():
+    damaged = bytearray(GOOD)
+    damaged[-3] ^= 0x40
+    decode_record(bytes(damaged))  # decodes: only the checksum can tell
+    with pytest.raises(CacheFormatError, match="checksum"):
+        verify_checksum(bytes(damaged))
+
+
+def test_object_arrays_cannot_be_stored():
+    with pytest.raises(CacheFormatError, match="cannot store dtype"):
+        encode_record({"x": np.array([{"a": 1}], dtype=object)})
+
+
+def test_header_lists_names_dtypes_shapes():
+    header = parse_header(GOOD)
+    (name, dtype, shape, offset, nbytes), = header.entries
+    assert (name, dtype.str, shape, nbytes) == ("img", "<f4", (3, 4), 48)
+    assert offset % 16 == 0 and offset >= PREFIX.size + struct.calcsize("<I")
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash(data):
+    try:
+        decode_record(data)
+    except CacheFormatError:
+        pass
+
+
+@given(st.binary(min_size=1, max_size=64), st.integers(min_value=0))
+def test_mutated_records_raise_only_cache_errors(patch, pos):
+    record = bytearray(GOOD)
+    pos %= len(record)
+    record[pos : pos + len(patch)] = patch
+    try:
+        decode_record(bytes(record))
+    except CacheFormatError:
+        pass
