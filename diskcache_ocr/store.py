@@ -64,6 +64,9 @@ _open_stores: weakref.WeakSet[CacheStore] = weakref.WeakSet()
 def _close_before_fork() -> None:
     for store in list(_open_stores):
         store._close_env()
+    for shared in list(_SharedEnv._registry.values()):
+        if shared.pid == os.getpid():
+            shared.close()
 
 
 if hasattr(os, "register_at_fork"):
@@ -257,6 +260,127 @@ class _Slot:
         self.generation = generation
 
 
+class _SharedEnv:
+    """One process's open environment for one cache directory, shared by every CacheStore
+    on that directory (LMDB allows one open per process), with its threads' read slots."""
+
+    _registry: dict[tuple[int, str], _SharedEnv] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: Path, env: lmdb.Environment, handles: dict[str, Any],
+                 readonly: bool, max_readers: int) -> None:
+        self.path = path
+        self.env: lmdb.Environment | None = env
+        self.handles = handles
+        self.readonly = readonly
+        self.max_readers = max_readers
+        self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.slots: dict[int, _Slot] = {}
+        self.write_generation = 0
+        self.users = 0
+
+    @classmethod
+    def acquire(cls, store: CacheStore) -> _SharedEnv:
+        key = (os.getpid(), os.path.realpath(store.path))
+        with cls._registry_lock:
+            sh = cls._registry.get(key)
+            if sh is None or sh.env is None:
+                env, handles = store._open_env()
+                sh = cls(store.path, env, handles, store.options.readonly,
+                         store.options.max_readers)
+                cls._registry[key] = sh
+            elif sh.readonly and not store.options.readonly:
+                raise CacheError(
+                    f"{store.path}: already open read-only in this process; open the read-write "
+                    "store first or close the read-only one"
+                )
+            sh.users += 1
+            return sh
+
+    def release(self) -> None:
+        with self._registry_lock:
+            self.users -= 1
+            if self.users <= 0:
+                self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.env is None:
+                return
+            for slot in self.slots.values():
+                slot.txn.abort()
+            self.slots = {}
+            self.env.close()
+            self.env = None
+        self._registry.pop((self.pid, os.path.realpath(self.path)), None)
+
+    def acquire_slot(self) -> _Slot:
+        tid = threading.get_ident()
+        with self.lock:
+            if self.env is None:
+                raise CacheClosedError(f"{self.path}: the environment was closed")
+            slot = self.slots.get(tid)
+            if slot is not None and slot.borrowed == 0 and (
+                slot.generation != self.write_generation
+                or time.monotonic() - slot.started > RENEW_AFTER_S
+            ):
+                slot.txn.abort()
+                del self.slots[tid]
+                slot = None
+            if slot is None:
+                slot = _Slot(self._begin_read(), self.write_generation)
+                self.slots[tid] = slot
+            slot.borrowed += 1
+            return slot
+
+    def drop_slot(self, tid: int) -> None:
+        with self.lock:
+            slot = self.slots.get(tid)
+            if slot is not None and slot.borrowed == 0:
+                slot.txn.abort()
+                del self.slots[tid]
+
+    def _begin_read(self) -> lmdb.Transaction:
+        assert self.env is not None
+        try:
+            return self.env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self.adopt_map_size()
+            return self.env.begin(buffers=True)
+        except lmdb.ReadersFullError:
+            raise CacheError(
+                f"{self.path}: all {self.max_readers} reader slots are taken; run "
+                "`diskcache-ocr health` to free slots of dead processes, or raise max_readers"
+            ) from None
+
+    def _release_idle_slots(self) -> None:
+        # NOTE: resizing the map unmaps it: no view of this process may be in use then.
+        if any(s.borrowed for s in self.slots.values()):
+            raise CacheError(
+                f"{self.path}: the map must be resized while a read block is open in this "
+                "process; leave `with store.reader()` blocks before writing"
+            )
+        for slot in self.slots.values():
+            slot.txn.abort()
+        self.slots = {}
+
+    def adopt_map_size(self) -> None:
+        """Another process grew the map: adopt its size."""
+        assert self.env is not None
+        with self.lock:
+            self._release_idle_slots()
+            self.env.set_mapsize(0)
+
+    def grow(self) -> None:
+        assert self.env is not None
+        with self.lock:
+            self._release_idle_slots()
+            current = self.env.info()["map_size"]
+            log.info("%s: growing the map from %d to %d bytes", self.path, current, current * 2)
+            self.env.set_mapsize(current * 2)
+
+
 class CacheStore:
     """An LMDB-backed store of records per kind, with an index, a header and counters.
 
@@ -273,12 +397,8 @@ class CacheStore:
 
     # -- process-local state ------------------------------------------------------------
     def _init_runtime(self) -> None:
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
-        self._handles: dict[str, Any] = {}
-        self._lock = threading.RLock()
-        self._slots: dict[int, _Slot] = {}
-        self._write_generation = 0
+        self._sh: _SharedEnv | None = None
+        self._lock = threading.RLock()  # guards this store's counters
         self._pending: Counter[str] = Counter()
         self._last_flush = time.monotonic()
         self._finalizer_pid = -1
@@ -305,22 +425,26 @@ class CacheStore:
     def readonly(self) -> bool:
         return self.options.readonly
 
+    @property
+    def is_open(self) -> bool:
+        """Whether this process holds the environment open for this store right now."""
+        sh = self._sh
+        return sh is not None and sh.env is not None and sh.pid == os.getpid()
+
+    def _shared(self) -> _SharedEnv:
+        sh = self._sh
+        if sh is not None and sh.env is not None and sh.pid == os.getpid():
+            return sh
+        # (A handle inherited from another process is never used or closed here.)
+        self._sh = _SharedEnv.acquire(self)
+        _open_stores.add(self)
+        self._ensure_finalizer(os.getpid())
+        return self._sh
+
     def _environment(self) -> lmdb.Environment:
-        pid = os.getpid()
-        if self._env is not None and self._pid == pid:
-            return self._env
-        with self._lock:
-            if self._env is not None and self._pid == pid:
-                return self._env
-            # A handle from another process (should not happen: stores close before fork)
-            # must never be used or closed here.
-            self._env, self._handles, self._slots = None, {}, {}
-            self._open_env()
-            self._pid = pid
-            _open_stores.add(self)
-            self._ensure_finalizer(pid)
-            assert self._env is not None
-            return self._env
+        env = self._shared().env
+        assert env is not None
+        return env
 
     def _ensure_finalizer(self, pid: int) -> None:
         if self._finalizer_pid != pid:
@@ -331,7 +455,46 @@ class CacheStore:
             )
             self._finalizer_pid = pid
 
-    def _open_env(self) -> None:
+    def _db(self, name: str) -> Any:
+        return self._shared().handles[name]
+
+    def _close_env(self) -> None:
+        sh = self._sh
+        if sh is None or sh.pid != os.getpid() or sh.env is None:
+            self._sh = None
+            return
+        try:
+            self.flush_stats()
+        except CacheError as exc:
+            log.warning("%s: counters not saved: %s", self.path, exc)
+        self._sh = None
+        sh.release()
+
+    def close(self) -> None:
+        """Save counters and let go of the environment; a later use reopens it."""
+        self.flush_stats()
+        self._close_env()
+
+    # -- reads -----------------------------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[ReadTxn]:
+        """A read transaction whose records are zero-copy views, valid inside the block."""
+        sh = self._shared()
+        slot = sh.acquire_slot()
+        handle = ReadTxn(self, slot.txn)
+        try:
+            yield handle
+        finally:
+            handle._open = False
+            with sh.lock:
+                slot.borrowed -= 1
+
+    def refresh(self) -> None:
+        """Make this thread's next read see every write committed so far, here or elsewhere."""
+        if self._sh is not None and self._sh.pid == os.getpid():
+            self._sh.drop_slot(threading.get_ident())
+
+    def _open_env(self) -> tuple[lmdb.Environment, dict[str, Any]]:
         opts = self.options
         if not opts.readonly:
             self.path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
@@ -351,14 +514,12 @@ class CacheStore:
         except lmdb.Error as exc:
             raise CacheError(f"{self.path}: cannot open the cache ({exc})") from None
         try:
-            self._handles = self._open_dbs(env)
-            self._env = env
-            self._check_header(env)
+            handles = self._open_dbs(env)
+            self._check_header(env, handles)
         except BaseException:
-            self._handles = {}
-            self._env = None
             env.close()
             raise
+        return env, handles
 
     def _open_dbs(self, env: lmdb.Environment) -> dict[str, Any]:
         with env.begin() as txn:
@@ -379,9 +540,9 @@ class CacheStore:
         with env.begin(write=True) as txn:
             return {n: env.open_db(n.encode(), txn=txn) for n in _DBS}
 
-    def _check_header(self, env: lmdb.Environment) -> None:
+    def _check_header(self, env: lmdb.Environment, handles: dict[str, Any]) -> None:
         with env.begin() as txn:
-            raw = txn.get(HEADER_KEY, db=self._handles["meta"])
+            raw = txn.get(HEADER_KEY, db=handles["meta"])
         if raw is None:
             if self.options.readonly:
                 raise CacheFormatError(f"{self.path}: the cache has no header")
@@ -391,7 +552,7 @@ class CacheStore:
                 "created_at": time.time(), "kinds": {}, "build": {},
             }
             with env.begin(write=True) as txn:
-                txn.put(HEADER_KEY, _pack(header), db=self._handles["meta"])
+                txn.put(HEADER_KEY, _pack(header), db=handles["meta"])
             return
         header = _unpack_header(raw, self.path)
         if header.get("format") != STORE_FORMAT:
@@ -399,93 +560,6 @@ class CacheStore:
                 f"{self.path}: cache format {header.get('format')!r}, this library reads "
                 f"format {STORE_FORMAT}; clear it with `diskcache-ocr clear --all`"
             )
-
-    def _db(self, name: str) -> Any:
-        self._environment()
-        return self._handles[name]
-
-    def _close_env(self) -> None:
-        with self._lock:
-            if self._env is None or self._pid != os.getpid():
-                return
-            try:
-                self.flush_stats()
-            except CacheError as exc:
-                log.warning("%s: counters not saved: %s", self.path, exc)
-            for slot in self._slots.values():
-                slot.txn.abort()
-            self._slots = {}
-            self._env.close()
-            self._env, self._handles = None, {}
-
-    def close(self) -> None:
-        """Save counters and close the environment; a later use reopens it."""
-        self.flush_stats()
-        self._close_env()
-
-    # -- reads -----------------------------------------------------------------------
-    @contextmanager
-    def reader(self) -> Iterator[ReadTxn]:
-        """A read transaction whose records are zero-copy views, valid inside the block."""
-        slot = self._acquire_slot()
-        handle = ReadTxn(self, slot.txn)
-        try:
-            yield handle
-        finally:
-            handle._open = False
-            with self._lock:
-                slot.borrowed -= 1
-
-    def _acquire_slot(self) -> _Slot:
-        env = self._environment()
-        tid = threading.get_ident()
-        with self._lock:
-            slot = self._slots.get(tid)
-            if slot is not None and slot.borrowed == 0 and (
-                slot.generation != self._write_generation
-                or time.monotonic() - slot.started > RENEW_AFTER_S
-            ):
-                slot.txn.abort()
-                del self._slots[tid]
-                slot = None
-            if slot is None:
-                slot = _Slot(self._begin_read(env), self._write_generation)
-                self._slots[tid] = slot
-            slot.borrowed += 1
-            return slot
-
-    def _begin_read(self, env: lmdb.Environment) -> lmdb.Transaction:
-        try:
-            return env.begin(buffers=True)
-        except lmdb.MapResizedError:
-            # Another process grew the map: adopt its size (needs no open txn here).
-            self._release_idle_slots()
-            env.set_mapsize(0)
-            return env.begin(buffers=True)
-        except lmdb.ReadersFullError:
-            raise CacheError(
-                f"{self.path}: all {self.options.max_readers} reader slots are taken; run "
-                "`diskcache-ocr health` to free slots of dead processes, or raise max_readers"
-            ) from None
-
-    def _release_idle_slots(self) -> None:
-        busy = [s for s in self._slots.values() if s.borrowed]
-        if busy:
-            raise CacheError(
-                f"{self.path}: the map must be resized while a read block is open in this "
-                "process; leave `with store.reader()` blocks before writing"
-            )
-        for slot in self._slots.values():
-            slot.txn.abort()
-        self._slots = {}
-
-    def refresh(self) -> None:
-        """Make this thread's next read see every write committed so far, here or elsewhere."""
-        with self._lock:
-            slot = self._slots.get(threading.get_ident())
-            if slot is not None and slot.borrowed == 0:
-                slot.txn.abort()
-                del self._slots[threading.get_ident()]
 
     def get(self, kind: str, key: bytes) -> dict[str, np.ndarray] | None:
         """Owned, writeable copies of a record's arrays, or None."""
@@ -568,7 +642,7 @@ class CacheStore:
 
     def _apply(self, txn: lmdb.Transaction, batch: WriteBatch) -> None:
         for op, name, key, value in batch.ops:
-            db = self._handles[name]
+            db = self._db(name)
             if op == "put":
                 txn.put(key, value, db=db)
             elif op == "delete":
@@ -579,24 +653,24 @@ class CacheStore:
     def _write(self, body: Callable[[lmdb.Transaction], None]) -> None:
         if self.options.readonly:
             raise CacheError(f"{self.path}: the store is open read-only")
+        sh = self._shared()
         env = self._environment()
         for _ in range(_MAX_GROWS):
-            with self._lock:
+            with sh.lock, self._lock:
                 pending = self._take_pending()
                 try:
                     with env.begin(write=True) as txn:
                         body(txn)
                         if pending:
-                            _merge_counters(txn, self._handles["stats"], pending)
-                    self._write_generation += 1
+                            _merge_counters(txn, sh.handles["stats"], pending)
+                    sh.write_generation += 1
                     return
                 except lmdb.MapFullError:
                     self._pending.update(pending)
-                    self._grow(env)
+                    sh.grow()
                 except lmdb.MapResizedError:
                     self._pending.update(pending)
-                    self._release_idle_slots()
-                    env.set_mapsize(0)
+                    sh.adopt_map_size()
                 except BaseException as exc:
                     self._pending.update(pending)
                     if not isinstance(exc, lmdb.Error):
@@ -609,13 +683,6 @@ class CacheStore:
                     raise CacheError(f"{self.path}: write failed ({exc})") from None
         raise CacheFullError(f"{self.path}: the map could not grow enough for this write")
 
-    def _grow(self, env: lmdb.Environment) -> None:
-        self._release_idle_slots()
-        current = env.info()["map_size"]
-        new = current * 2
-        log.info("%s: growing the map from %d to %d bytes", self.path, current, new)
-        env.set_mapsize(new)
-
     # -- header and versions ---------------------------------------------------------
     def header(self) -> dict[str, Any]:
         with self.reader() as r:
@@ -627,10 +694,10 @@ class CacheStore:
         result: dict[str, Any] = {}
 
         def body(txn: lmdb.Transaction) -> None:
-            raw = txn.get(HEADER_KEY, db=self._handles["meta"])
+            raw = txn.get(HEADER_KEY, db=self._db("meta"))
             header = _unpack_header(raw, self.path) if raw is not None else {}
             header.update(changes)
-            txn.put(HEADER_KEY, _pack(header), db=self._handles["meta"])
+            txn.put(HEADER_KEY, _pack(header), db=self._db("meta"))
             result.update(header)
 
         self._write(body)
@@ -672,12 +739,12 @@ class CacheStore:
             rebuilt = list(mismatched)
 
             def body(txn: lmdb.Transaction) -> None:
-                meta = self._handles["meta"]
+                meta = self._db("meta")
                 raw = txn.get(HEADER_KEY, db=meta)
                 header = _unpack_header(raw, self.path) if raw is not None else {}
                 kinds = dict(header.get("kinds", {}))
                 for kind in rebuilt:
-                    txn.drop(self._handles[kind], delete=False)
+                    txn.drop(self._db(kind), delete=False)
                 for kind in rebuilt + fresh:
                     kinds[kind] = expected[kind].to_dict()
                 header["kinds"] = kinds
@@ -728,7 +795,7 @@ class CacheStore:
     def reset_stats(self) -> None:
         with self._lock:
             self._pending.clear()
-        self._write(lambda txn: txn.drop(self._handles["stats"], delete=False))
+        self._write(lambda txn: txn.drop(self._db("stats"), delete=False))
 
     # -- maintenance -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -740,6 +807,16 @@ class CacheStore:
             "readers": info["num_readers"], "max_readers": info["max_readers"],
             "engine": ".".join(map(str, env.lib_version())),
         }
+
+    def warm(self) -> None:
+        """Ask the kernel to read the data file into the page cache (shared by every
+        process, unlike a copy in Python memory)."""
+        self._environment()
+        fd = os.open(self.path / "data.mdb", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def reader_check(self) -> int:
         """Free reader slots left by dead processes; returns how many were freed."""

@@ -278,3 +278,22 @@ def test_copy_makes_a_compact_readable_copy(store, tmp_path):
         assert c.get("images", key(4))["i"][0] == 4
     with pytest.raises(CacheError, match="already holds"):
         store.copy_to(dest)
+
+
+def test_two_stores_on_one_directory_share_the_environment(tmp_path):
+    a = CacheStore(tmp_path / "c")
+    b = CacheStore(tmp_path / "c")
+    a.put("images", key(1), {"i": np.ones(2, np.uint8)})
+    assert b.get("images", key(1))["i"].tolist() == [1, 1]
+    ro = CacheStore(tmp_path / "c", readonly=True)
+    assert ro.contains("images", key(1))
+    a.close()
+    assert b.is_open and b.contains("images", key(1))  # b still holds the environment
+    b.put("images", key(2), {"i": np.zeros(2, np.uint8)})
+    b.close()
+    ro.close()
+    assert not (a.is_open or b.is_open or ro.is_open)
+    with CacheStore(tmp_path / "c", readonly=True) as first_ro:
+        first_ro.header()
+        with pytest.raises(CacheError, match="already open read-only"):
+            CacheStore(tmp_path / "c").put("images", key(3), {"i": np.zeros(1, np.uint8)})

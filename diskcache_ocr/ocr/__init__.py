@@ -1,0 +1,1 @@
+"""The OCR side: annotations, decoding, transforms and DBNet maps (pure functions, no LMDB)."""

@@ -1,0 +1,344 @@
+"""Load text-detection annotations (JSON or ICDAR-2015 txt) into validated, read-only polygons.
+
+A bad word or image never sinks the dataset: it is skipped and recorded as a `Problem`
+(also logged as a warning). Only whole-file failures raise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from diskcache_ocr.errors import AnnotationError, SourceError
+
+log = logging.getLogger("diskcache_ocr.annotations")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_MAX_SYMLINK_HOPS = 40  # same bound the OS uses before ELOOP
+_BAD_NAMES = (
+    (lambda r: "\0" in r, "contains a NUL character"),
+    (lambda r: "\\" in r, "contains a backslash; use '/' separators"),
+    (lambda r: r.startswith("/") or re.match(r"^[A-Za-z]:", r), "must be relative"),
+    (lambda r: ".." in PurePosixPath(r).parts, "must not contain '..'"),
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One skipped word or image, with the file (and image / word) it concerns."""
+
+    source: str
+    word: str | None
+    reason: str
+    image: str | None = None  # the image entry inside `source`, when source is an annotation file
+
+    def __str__(self) -> str:
+        where = [self.source]
+        if self.image is not None:
+            where.append(self.image if self.word is None else f"{self.image} word {self.word}")
+        elif self.word is not None:
+            where.append(f"word {self.word}")
+        return ": ".join([*where, self.reason])
+
+
+@dataclass(frozen=True)
+class ImageAnnotation:
+    """One image's words; polygons are (k, 2) float64 read-only arrays, k >= 4."""
+
+    file: str
+    polygons: tuple[np.ndarray, ...] = ()
+    ignore: tuple[bool, ...] = ()
+    word_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        polys = []
+        for p in self.polygons:
+            arr = np.array(p, dtype=np.float64)  # own copy: callers can't mutate ours
+            if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 4:
+                raise ValueError(f"{self.file}: polygon must have shape (k>=4, 2), got {arr.shape}")
+            arr.flags.writeable = False
+            polys.append(arr)
+        object.__setattr__(self, "polygons", tuple(polys))
+        object.__setattr__(self, "ignore", tuple(bool(i) for i in self.ignore))
+        object.__setattr__(self, "word_ids", tuple(self.word_ids))
+        if not len(self.polygons) == len(self.ignore) == len(self.word_ids):
+            raise ValueError(f"{self.file}: polygons, ignore and word_ids differ in length")
+
+    # ndarray fields defeat the generated __eq__/__hash__, so compare by value explicitly.
+    def _key(self) -> tuple[Any, ...]:
+        polys = tuple((p.shape, p.tobytes()) for p in self.polygons)
+        return (self.file, self.ignore, self.word_ids, polys)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageAnnotation) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+@dataclass(frozen=True)
+class AnnotationSet:
+    """A split: resolved images_dir, items sorted by file, and what was skipped."""
+
+    images_dir: Path
+    items: tuple[ImageAnnotation, ...]
+    problems: tuple[Problem, ...]
+
+
+def safe_source_path(images_dir: str | os.PathLike[str], relative: str) -> Path:
+    """Resolve `relative` inside `images_dir`, following symlinks only while they stay inside.
+
+    Raises SourceError for absolute names, `..`, backslashes, NUL, or anything (symlinks
+    included) that leaves the root. Nothing outside the root is ever stat'ed or read.
+    """
+    if not isinstance(relative, str) or not relative.strip():
+        raise SourceError(repr(relative), "file name must be a non-empty string")
+    for bad, why in _BAD_NAMES:
+        if bad(relative):
+            raise SourceError(repr(relative), f"file name {why}")
+    root = Path(images_dir).resolve()
+    current, pending, hops = root, list(PurePosixPath(relative).parts), 0
+    try:
+        # One component at a time (not Path.resolve) so a symlink pointing outside is
+        # rejected before anything beyond the root is touched.
+        while pending:
+            step = current / pending.pop(0)
+            if not step.is_symlink():
+                current = step
+                continue
+            hops += 1
+            if hops > _MAX_SYMLINK_HOPS:
+                raise SourceError(relative, "too many levels of symbolic links")
+            # Lexical normalisation is safe: the result is re-walked from the root below.
+            target = Path(os.path.normpath(os.path.join(current, os.readlink(step))))
+            if not target.is_relative_to(root):
+                raise SourceError(relative, "symlink points outside the images directory")
+            current, pending = root, [*target.relative_to(root).parts, *pending]
+    except OSError as e:  # e.g. name too long, permission denied
+        raise SourceError(relative, f"cannot access: {e.strerror or e}") from e
+    if current == root:
+        raise SourceError(relative, "names the images directory itself")
+    return current
+
+
+def load_annotations(
+    images_dir: str | os.PathLike[str],
+    annotations: str | os.PathLike[str] | None = None,
+) -> AnnotationSet:
+    """Load a split: no annotations (image listing), a JSON file, or an ICDAR-2015 gt dir."""
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise SourceError(str(root), "images directory does not exist or is not a directory")
+    root = root.resolve()
+    problems: list[Problem] = []
+    if annotations is None:
+        items = [ImageAnnotation(f) for f in _list_images(root, problems)]
+    else:
+        ann = Path(annotations)
+        if ann.is_dir():
+            items = _load_icdar(root, ann, problems)
+        elif not ann.exists():
+            raise AnnotationError(str(ann), "annotation file does not exist")
+        elif ann.suffix.lower() == ".json":
+            items = _load_json(root, ann, problems)
+        else:
+            why = "expected a .json file or a directory of ICDAR-2015 .txt files"
+            raise AnnotationError(str(ann), why)
+    for p in problems:
+        log.warning("skipped: %s", p)
+    return AnnotationSet(root, tuple(sorted(items, key=lambda i: i.file)), tuple(problems))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # unreadable counts as missing; the Problem says "not found"
+        return False
+
+
+def _list_images(root: Path, problems: list[Problem]) -> list[str]:
+    try:
+        listing = sorted(os.listdir(root))
+    except OSError as e:
+        raise SourceError(str(root), f"cannot list directory: {e.strerror or e}") from e
+    names = []
+    for name in listing:
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        try:
+            if _is_file(safe_source_path(root, name)):
+                names.append(name)
+        except SourceError as e:
+            problems.append(Problem(name, None, e.reason))
+    return names
+
+
+def _check_image(root: Path, source: str, name: Any, problems: list[Problem]) -> str | None:
+    """Return the normalised relative name if the image is usable, else record a Problem."""
+    try:
+        path = safe_source_path(root, name)
+    except SourceError as e:
+        problems.append(Problem(source, None, e.reason, image=str(name)))
+        return None
+    if not _is_file(path):
+        problems.append(Problem(source, None, "image file not found", image=name))
+        return None
+    return PurePosixPath(name).as_posix()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # -sig: tolerate a leading BOM
+    except UnicodeDecodeError as e:
+        why = f"not valid UTF-8 text ({e.reason} at byte {e.start})"
+        raise AnnotationError(str(path), why) from e
+    except OSError as e:
+        raise AnnotationError(str(path), f"cannot read: {e.strerror or e}") from e
+
+
+def _polygon(points: Any) -> np.ndarray | str:
+    """Validate raw points; return a (k, 2) array or the reason they are unusable."""
+    if not isinstance(points, (list, tuple)):
+        return f"points must be a list of [x, y] pairs, got {type(points).__name__}"
+    coords: list[float] = []
+    for i, pt in enumerate(points):
+        if not isinstance(pt, (list, tuple)) or len(pt) != 2:
+            return f"point {i} is not an [x, y] pair"
+        for v in pt:
+            # bool is an int subclass, but true/false as a coordinate is certainly a mistake
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"point {i} has a non-numeric coordinate ({type(v).__name__})"
+            try:
+                coords.append(float(v))
+            except OverflowError:
+                return f"point {i} has a coordinate too large for float64"
+    if len(points) < 4:
+        return f"needs at least 4 points, got {len(points)}"
+    if not all(math.isfinite(c) for c in coords):
+        return "coordinates must be finite (NaN or infinity found)"
+    if any(c < 0 for c in coords):
+        return "coordinates must not be negative"
+    return np.array(coords, dtype=np.float64).reshape(-1, 2)
+
+
+def _load_json(root: Path, path: Path, problems: list[Problem]) -> list[ImageAnnotation]:
+    text, src = _read_text(path), str(path)
+    try:
+        # NaN / Infinity literals become floats here and are then rejected per word.
+        data = json.loads(text, parse_constant=float)
+    except json.JSONDecodeError as e:
+        why = f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        raise AnnotationError(src, why) from e
+    except (ValueError, RecursionError) as e:  # e.g. int too long, nesting too deep
+        raise AnnotationError(src, f"invalid JSON: {type(e).__name__}: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), dict):
+        raise AnnotationError(src, 'top level must be an object with an "images" object')
+    items, seen = [], set()
+    for name, entry in data["images"].items():
+        file = _check_image(root, src, name, problems)
+        if file is None:
+            continue
+        if file in seen:
+            problems.append(Problem(src, None, "duplicate image entry", image=name))
+            continue
+        if not isinstance(entry, dict):
+            problems.append(Problem(src, None, "image entry must be an object", image=name))
+            continue
+        words = entry.get("words", {})
+        if not isinstance(words, dict):
+            problems.append(Problem(src, None, '"words" must be an object', image=name))
+            continue
+        seen.add(file)
+        items.append(_collect(file, src, ((k, _json_word(w)) for k, w in words.items()), problems))
+    return items
+
+
+def _json_word(word: Any) -> tuple[np.ndarray, bool] | str:
+    if not isinstance(word, Mapping):
+        return "word must be an object"
+    flag = word.get("ignore", False)
+    if not isinstance(flag, bool):
+        return '"ignore" must be true or false'
+    poly = _polygon(word.get("points"))
+    return poly if isinstance(poly, str) else (poly, flag or word.get("transcription") == "###")
+
+
+def _collect(
+    file: str,
+    src: str,
+    words: Iterable[tuple[str, tuple[np.ndarray, bool] | str]],
+    problems: list[Problem],
+) -> ImageAnnotation:
+    """Keep the valid words; each invalid one becomes a Problem naming file and word."""
+    polys, ignore, ids = [], [], []
+    for wid, parsed in words:
+        if isinstance(parsed, str):
+            problems.append(Problem(src, wid, parsed, image=file))
+            continue
+        polys.append(parsed[0])
+        ignore.append(parsed[1])
+        ids.append(wid)
+    return ImageAnnotation(file, tuple(polys), tuple(ignore), tuple(ids))
+
+
+def _load_icdar(root: Path, gt_dir: Path, problems: list[Problem]) -> list[ImageAnnotation]:
+    by_stem: dict[str, list[str]] = {}
+    for name in _list_images(root, problems):
+        by_stem.setdefault(Path(name).stem, []).append(name)
+    items: dict[str, ImageAnnotation] = {}
+    claimed: set[str] = set()  # images with a gt file, even a broken one: never default them
+    try:
+        gt_files = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() == ".txt" and _is_file(p))
+    except OSError as e:
+        raise AnnotationError(str(gt_dir), f"cannot list directory: {e.strerror or e}") from e
+    # `gt_<stem>.txt` before `<stem>.txt`, so the canonical name wins a clash.
+    gt_files.sort(key=lambda p: not p.name.startswith("gt_"))
+    for gt in gt_files:
+        src = str(gt)
+        stems = [gt.stem[3:], gt.stem] if gt.stem.startswith("gt_") else [gt.stem]
+        matches = next((by_stem[s] for s in stems if s in by_stem), [])
+        claimed.update(matches)
+        if len(matches) != 1:
+            why = "no matching image" if not matches else f"several images match: {matches}"
+            problems.append(Problem(src, None, why))
+            continue
+        file = matches[0]
+        if file in items:
+            problems.append(Problem(src, None, "image already has a ground-truth file", file))
+            continue
+        try:
+            text = _read_text(gt)
+        except AnnotationError as e:
+            problems.append(Problem(src, None, e.reason, image=file))
+            continue
+        items[file] = _collect(file, src, _icdar_words(text), problems)
+    # Images without any ground truth: included with no text, not a problem.
+    unlabelled = [n for names in by_stem.values() for n in names if n not in claimed]
+    return [*items.values(), *(ImageAnnotation(n) for n in unlabelled)]
+
+
+def _icdar_words(text: str) -> Iterable[tuple[str, tuple[np.ndarray, bool] | str]]:
+    """Parse `x1,y1,...,x4,y4,transcription` lines; ids are 1-based line numbers."""
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(",", 8)  # the transcription may itself contain commas
+        try:
+            if len(fields) < 8:
+                raise ValueError
+            points = [[float(fields[i]), float(fields[i + 1])] for i in range(0, 8, 2)]
+        except ValueError:
+            yield f"{n:04d}", "line is not x1,y1,x2,y2,x3,y3,x4,y4,transcription"
+            continue
+        poly = _polygon(points)
+        text_ = fields[8].strip() if len(fields) > 8 else ""
+        yield f"{n:04d}", poly if isinstance(poly, str) else (poly, text_ == "###")

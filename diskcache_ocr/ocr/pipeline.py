@@ -1,0 +1,117 @@
+"""decode → transform → maps as one versioned, pure pipeline.
+
+The pipeline knows images and polygons, nothing of LMDB. It says what each cached kind
+depends on (``kind_versions``), so a change of decode, transform or map parameters
+invalidates exactly the kinds built from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from diskcache_ocr.keys import fingerprint
+from diskcache_ocr.ocr.decode import MAX_PIXELS_DEFAULT, decode_image
+from diskcache_ocr.ocr.maps import MAP_NAMES, MapConfig, make_maps
+from diskcache_ocr.ocr.transform import (
+    VALIDATION,
+    TransformConfig,
+    Transformed,
+    finish,
+    map_polygons,
+    resize_pad,
+)
+from diskcache_ocr.store import KindVersion
+
+# What decode_image does, as data: bump "version" whenever its behaviour changes.
+DECODE_PARAMS = {
+    "version": "1", "mode": "RGB", "exif_transpose": True, "alpha": "over-white",
+    "sixteen_bit": "high-byte",
+}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    transform: TransformConfig = VALIDATION
+    maps: MapConfig = field(default_factory=MapConfig)
+    max_pixels: int = MAX_PIXELS_DEFAULT
+
+    def kind_versions(self) -> dict[str, KindVersion]:
+        """Version and fingerprint of every kind; each covers everything upstream of it."""
+        decode = dict(DECODE_PARAMS)
+        transform = self.transform.to_dict()
+        return {
+            "images": KindVersion(str(decode["version"]), fingerprint({"decode": decode})),
+            "tensors": KindVersion(
+                self.transform.version, fingerprint({"decode": decode, "transform": transform})
+            ),
+            "maps": KindVersion(
+                self.maps.version,
+                fingerprint({"decode": decode, "transform": transform,
+                             "maps": self.maps.to_dict()}),
+            ),
+        }
+
+    def decode(self, data: bytes, source: str) -> np.ndarray:
+        return decode_image(data, source, max_pixels=self.max_pixels)
+
+    def apply_transform(
+        self, image: np.ndarray, polygons: Sequence[np.ndarray], flip: bool | None = None
+    ) -> Transformed:
+        return resize_pad(image, polygons, self.transform, flip=flip)
+
+    def tensor_record(self, t: Transformed) -> dict[str, np.ndarray]:
+        """What the ``tensors`` kind stores for one image."""
+        if self.transform.output == "compact":
+            image = t.image
+        else:
+            image = finish(torch.from_numpy(t.image), self.transform).numpy()
+        return {
+            "image": image,
+            "matrix": np.linalg.inv(t.inverse_matrix),
+            "inverse_matrix": t.inverse_matrix,
+            "orig_size": t.orig_size,
+        }
+
+    def finish_image(self, stored: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 image from a stored ``tensors`` image (float32 passes through)."""
+        if stored.dtype == torch.uint8:
+            return finish(stored, self.transform, out=out)
+        if out is None:
+            return stored  # already float32 (the caller's own copy)
+        return out.copy_(stored)
+
+    def transform_polygons(
+        self, polygons: Sequence[np.ndarray], matrix: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        return map_polygons(polygons, matrix)
+
+    def make_maps(self, polygons: Sequence[np.ndarray], ignore: Sequence[bool]
+                  ) -> dict[str, np.ndarray]:
+        size = self.transform.size
+        return make_maps(polygons, np.asarray(ignore, bool), size, size, self.maps)
+
+    def is_deterministic(self, trials: int = 24) -> bool:
+        """Probe the transform: the same input, transformed repeatedly, must not change.
+
+        A flip with probability p survives ``trials`` runs unnoticed with probability
+        p**(trials-1) + (1-p)**(trials-1); a declared flip probability counts as random too.
+        """
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+        polygons = [np.array([[3.0, 4.0], [30.0, 4.0], [30.0, 20.0], [3.0, 20.0]])]
+        first = self.apply_transform(image, polygons)
+        for _ in range(trials - 1):
+            other = self.apply_transform(image, polygons)
+            if not (np.array_equal(first.image, other.image)
+                    and np.array_equal(first.inverse_matrix, other.inverse_matrix)
+                    and all(np.array_equal(a, b)
+                            for a, b in zip(first.polygons, other.polygons, strict=True))):
+                return False
+        return self.transform.hflip_prob == 0.0
+
+
+__all__ = ["DECODE_PARAMS", "MAP_NAMES", "Pipeline"]

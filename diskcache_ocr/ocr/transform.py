@@ -1,0 +1,151 @@
+"""The validation / training transform: longest side to ``size``, pad, normalize.
+
+Split in two so the cache can keep the compact form: :func:`resize_pad` gives the resized,
+padded ``uint8`` C×H×W image (deterministic apart from the optional random flip), and
+:func:`finish` turns it into the normalized ``float32`` tensor. ``finish`` is the only
+normalizing code, on the CPU or a GPU, so a cached compact image plus ``finish`` equals the
+uncached output bit for bit (elementwise multiply and add are correctly rounded everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diskcache_ocr.keys import fingerprint
+
+Output = Literal["float32", "compact"]
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Parameters of the transform; their fingerprint versions the ``tensors`` kind."""
+
+    size: int = 640
+    mean: tuple[float, float, float] = (0.5602, 0.5602, 0.5602)
+    std: tuple[float, float, float] = (0.2539, 0.2539, 0.2539)
+    pad_value: int = 0
+    hflip_prob: float = 0.0
+    # "float32": the cache stores the normalized tensor; "compact": it stores the resized,
+    # padded uint8 image and normalizes on read (a quarter of the bytes).
+    output: Output = "float32"
+    version: str = "1"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if not 16 <= self.size <= 8192:
+            raise ValueError(f"size must be in 16..8192, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std need 3 values, std > 0; got {self.mean}, {self.std}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value must be in 0..255, got {self.pad_value}")
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.output not in ("float32", "compact"):
+            raise ValueError(f"output must be 'float32' or 'compact', got {self.output!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransformConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown transform parameter(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.to_dict())
+
+    def finish_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (scale, shift) so that finished = pixel * scale + shift, float32."""
+        std = np.asarray(self.std, np.float64)
+        scale = (1.0 / (255.0 * std)).astype(np.float32)
+        shift = (-np.asarray(self.mean, np.float64) / std).astype(np.float32)
+        return torch.from_numpy(scale).view(3, 1, 1), torch.from_numpy(shift).view(3, 1, 1)
+
+
+VALIDATION = TransformConfig()
+TRAINING = TransformConfig(hflip_prob=0.5)
+
+
+@dataclass(frozen=True)
+class Transformed:
+    image: np.ndarray  # uint8 (3, size, size), resized and padded
+    polygons: tuple[np.ndarray, ...]  # float32 (k, 2) in the padded image's coordinates
+    inverse_matrix: np.ndarray  # float64 (3, 3): padded image -> original coordinates
+    orig_size: np.ndarray  # int32 (2,): original (height, width)
+
+
+def scale_for(height: int, width: int, size: int) -> tuple[int, int, float, float]:
+    """Resized (height, width) and the exact x / y scale factors used for polygons."""
+    s = size / max(height, width)
+    new_h = min(size, max(1, round(height * s)))
+    new_w = min(size, max(1, round(width * s)))
+    return new_h, new_w, new_w / width, new_h / height
+
+
+def forward_matrix(height: int, width: int, size: int, flipped: bool) -> np.ndarray:
+    _, new_w, sx, sy = scale_for(height, width, size)
+    m = np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]])
+    if flipped:
+        m = np.array([[-1.0, 0.0, new_w], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ m
+    return m
+
+
+def map_polygons(polygons: Sequence[np.ndarray], matrix: np.ndarray) -> tuple[np.ndarray, ...]:
+    out = []
+    for poly in polygons:
+        pts = np.asarray(poly, np.float64)
+        mapped = pts @ matrix[:2, :2].T + matrix[:2, 2]
+        out.append(mapped.astype(np.float32))
+    return tuple(out)
+
+
+def resize_pad(
+    image: np.ndarray, polygons: Sequence[np.ndarray], config: TransformConfig,
+    *, flip: bool | None = None,
+) -> Transformed:
+    """Resize the longest side to ``config.size`` (bilinear), pad bottom/right, maybe flip.
+
+    ``flip=None`` draws the flip from torch's generator with ``config.hflip_prob`` (so
+    DataLoader workers, which seed torch per worker, draw differently).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an H×W×3 uint8 image, got {image.shape} {image.dtype}")
+    height, width = image.shape[:2]
+    if flip is None:
+        flip = config.hflip_prob > 0 and float(torch.rand(())) < config.hflip_prob
+    new_h, new_w, _, _ = scale_for(height, width, config.size)
+    resized = np.asarray(
+        Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    )
+    if flip:
+        resized = resized[:, ::-1]
+    out = np.full((3, config.size, config.size), config.pad_value, np.uint8)
+    out[:, :new_h, :new_w] = resized.transpose(2, 0, 1)
+    forward = forward_matrix(height, width, config.size, flip)
+    return Transformed(
+        image=out,
+        polygons=map_polygons(polygons, forward),
+        inverse_matrix=np.linalg.inv(forward),
+        orig_size=np.array([height, width], np.int32),
+    )
+
+
+def finish(image: torch.Tensor, config: TransformConfig, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Normalize a uint8 (…, 3, H, W) tensor to float32 on whatever device it lives on."""
+    scale, shift = config.finish_constants()
+    scale, shift = scale.to(image.device), shift.to(image.device)
+    if out is None:
+        out = torch.empty(image.shape, dtype=torch.float32, device=image.device)
+    out.copy_(image)
+    out.mul_(scale).add_(shift)
+    return out
