@@ -61,6 +61,7 @@ class _Item:
     tensor: dict[str, np.ndarray] | None = None  # a tensors-kind record (owned copy)
     maps: dict[str, np.ndarray] | None = None
     error: str | None = None
+    hits: dict[str, bytes] = field(default_factory=dict)  # kind -> key found in the cache
     writes: list[tuple[str, bytes, dict[str, np.ndarray]]] = field(default_factory=list)
 
 
@@ -87,6 +88,7 @@ class CachedOCRDataset(Dataset[Sample]):
         readonly: bool = False,
         check_source: bool = True,
         store_options: Mapping[str, Any] | None = None,
+        preload: bool | None = None,
     ) -> None:
         self.preset = load_preset(preset)
         self.split = split
@@ -113,7 +115,9 @@ class CachedOCRDataset(Dataset[Sample]):
             if not readonly:
                 self.store.update_header(dataset_root=str(self.images_dir),
                                          preset=self.preset.name)
-            if self.preset.preload_images or self.preset.preload_maps:
+            if preload if preload is not None else (
+                self.preset.preload_images or self.preset.preload_maps
+            ):
                 self.preload()
             self.store.close()  # workers open their own; nothing stays open across a fork
 
@@ -132,12 +136,13 @@ class CachedOCRDataset(Dataset[Sample]):
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
+        self.write_seconds = 0.0  # time spent committing read-through writes, this process
         self._served = 0
         self._logged_errors: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_lock", "_served", "_logged_errors"):
+        for name in ("_lock", "_served", "_logged_errors", "write_seconds"):
             state.pop(name, None)
         return state
 
@@ -187,6 +192,21 @@ class CachedOCRDataset(Dataset[Sample]):
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
         """A batch of samples: one read transaction for the lookups, one write for misses."""
+        items = self._process(indices, want_maps=self.load_maps)
+        samples = [self._assemble(item) for item in items]
+        self._log_progress(len(samples))
+        return samples
+
+    def build(self, indices: Sequence[int]) -> list[tuple[str, str | None, bool]]:
+        """Make sure every kind the preset caches exists for ``indices`` (prebuild's unit of
+        work). Returns (source, error or None, whether anything was computed) per index."""
+        p = self.preset
+        items = self._process(indices, want_maps=self.load_maps or p.cache_maps,
+                              want_tensor=p.cache_tensors)
+        return [(it.source, it.error, bool(it.writes)) for it in items]
+
+    def _process(self, indices: Sequence[int], want_maps: bool, want_tensor: bool = True
+                 ) -> list[_Item]:
         n = len(self)
         items = []
         for i in indices:
@@ -199,14 +219,12 @@ class CachedOCRDataset(Dataset[Sample]):
         if self.store is not None:
             with self.store.reader() as txn:
                 for item in items:
-                    self._lookup(txn, item)
+                    self._lookup(txn, item, want_maps)
         for item in items:
-            self._compute(item)
+            self._compute(item, want_maps, want_tensor)
         if self.store is not None and not self.store.readonly:
             self._write_back(items)
-        samples = [self._assemble(item) for item in items]
-        self._log_progress(len(samples))
-        return samples
+        return items
 
     def _stat(self, item: _Item) -> None:
         try:
@@ -215,7 +233,7 @@ class CachedOCRDataset(Dataset[Sample]):
         except (OSError, SourceError) as exc:
             item.error = f"cannot read source: {exc}"
 
-    def _lookup(self, txn: ReadTxn, item: _Item) -> None:
+    def _lookup(self, txn: ReadTxn, item: _Item, want_maps: bool) -> None:
         """Copy what the cache holds for ``item`` out of the read transaction."""
         if item.error is not None:
             return
@@ -234,14 +252,15 @@ class CachedOCRDataset(Dataset[Sample]):
         assert h is not None
         p = self.preset
         if p.cache_tensors:
-            item.tensor = self._get(txn, "tensors", self._tensor_key(h))
-        if self.load_maps and p.cache_maps:
-            item.maps = self._get(txn, "maps", self._maps_key(item, h))
+            item.tensor = self._get(txn, "tensors", self._tensor_key(h), item)
+        if want_maps and p.cache_maps:
+            item.maps = self._get(txn, "maps", self._maps_key(item, h), item)
         if p.cache_images and item.tensor is None:
-            rec = self._get(txn, "images", h)
+            rec = self._get(txn, "images", h, item)
             item.image = None if rec is None else rec["image"]
 
-    def _get(self, txn: ReadTxn, kind: str, key: bytes) -> dict[str, np.ndarray] | None:
+    def _get(self, txn: ReadTxn, kind: str, key: bytes, item: _Item
+             ) -> dict[str, np.ndarray] | None:
         assert self.store is not None
         try:
             rec = txn.get(kind, key)
@@ -252,6 +271,7 @@ class CachedOCRDataset(Dataset[Sample]):
             self.store.count(kind, misses=1)
             return None
         self.store.count(kind, hits=1, bytes_read=rec.nbytes)
+        item.hits[kind] = key
         return rec.copy()
 
     def _matches(self, entry: IndexEntry, st: os.stat_result) -> bool:
@@ -276,22 +296,24 @@ class CachedOCRDataset(Dataset[Sample]):
         return derive_key("maps", h, polygons_bytes(polys, ignore),
                           self.pipeline.kind_versions()["maps"].fingerprint)
 
-    def _compute(self, item: _Item) -> None:
+    def _compute(self, item: _Item, want_maps: bool, want_tensor: bool = True) -> None:
         """Fill in what the cache did not have, and note what to write back."""
         if item.error is not None:
             return
-        need_maps = self.load_maps and item.maps is None
-        if item.tensor is not None and not need_maps:
-            return
+        need_maps = want_maps and item.maps is None
+        need_tensor = item.tensor is None and (want_tensor or need_maps)
+        need_image = item.image is None and item.tensor is None and (
+            need_tensor or self.preset.cache_images)
         try:
-            if item.tensor is None:
-                if item.image is None:
-                    if item.content is None and not self._read_source(item):
-                        return
-                    assert item.content is not None
-                    item.image = self.pipeline.decode(item.content, item.source)
-                    if self.preset.cache_images:
-                        item.writes.append(("images", item.content_hash, {"image": item.image}))
+            if need_image:
+                if item.content is None and not self._read_source(item):
+                    return
+                assert item.content is not None
+                item.image = self.pipeline.decode(item.content, item.source)
+                if self.preset.cache_images:
+                    item.writes.append(("images", item.content_hash, {"image": item.image}))
+            if need_tensor:
+                assert item.image is not None
                 polys, _ = self.words(item.index)
                 t = self.pipeline.apply_transform(item.image, polys)
                 item.tensor = self.pipeline.tensor_record(t)
@@ -299,6 +321,7 @@ class CachedOCRDataset(Dataset[Sample]):
                     item.writes.append(("tensors", self._tensor_key(item.content_hash),
                                         item.tensor))
             if need_maps:
+                assert item.tensor is not None
                 polys, ignore = self.words(item.index)
                 moved = self.pipeline.transform_polygons(polys, item.tensor["matrix"])
                 item.maps = self.pipeline.make_maps(moved, ignore)
@@ -318,10 +341,13 @@ class CachedOCRDataset(Dataset[Sample]):
                 continue
             if item.entry is not None and not item.writes:
                 continue  # nothing new to say about this source
+            if item.entry is None and not (item.writes or item.hits or item.error):
+                continue  # nothing cached for it (e.g. only maps cached, maps not read)
             if not self._unchanged_since_stat(item):
                 continue  # the file changed while we read it: serve, but do not index
             status = "ok" if item.error is None else f"failed: {item.error}"
             keys = dict(item.entry.keys) if item.entry is not None else {}
+            keys.update(item.hits)  # records found by content (e.g. the file was touched)
             keys.update({kind: key for kind, key, _ in item.writes})
             batch.put_index(item.source, IndexEntry(
                 size=item.stat.st_size, mtime_ns=item.stat.st_mtime_ns,
@@ -329,10 +355,12 @@ class CachedOCRDataset(Dataset[Sample]):
                 updated_ns=time.time_ns(),
             ))
         if len(batch):
+            started = time.perf_counter()
             try:
                 self.store.commit(batch)
             except CacheError as exc:  # e.g. disk full: the sample is still served
                 log.warning("not cached: %s", exc)
+            self.write_seconds += time.perf_counter() - started
 
     def _unchanged_since_stat(self, item: _Item) -> bool:
         try:
@@ -400,6 +428,36 @@ class CachedOCRDataset(Dataset[Sample]):
                      format_hit_rates(self.store.stats()))
 
     # -- maintenance --------------------------------------------------------------------
+    def missing(self, indices: Sequence[int]) -> tuple[list[int], list[tuple[str, str]]]:
+        """Which of ``indices`` lack a cached kind (to build), and which are known to fail
+        (source unchanged since it failed: not retried). One read transaction."""
+        todo: list[int] = []
+        failed: list[tuple[str, str]] = []
+        if self.store is None:
+            return list(indices), failed
+        p = self.preset
+        with self.store.reader() as txn:
+            for i in indices:
+                item = _Item(index=int(i), source=self.source(int(i)))
+                self._stat(item)
+                entry = None if item.stat is None else txn.get_index(item.source)
+                if entry is None or item.stat is None or not self._matches(entry, item.stat):
+                    todo.append(item.index)
+                    continue
+                if not entry.ok:
+                    failed.append((item.source, entry.status))
+                    continue
+                h = entry.content_hash
+                needed = [("images", h)] if p.cache_images else []
+                if p.cache_tensors:
+                    needed.append(("tensors", self._tensor_key(h)))
+                if p.cache_maps:
+                    needed.append(("maps", self._maps_key(item, h)))
+                if not all(txn.contains(kind, key) for kind, key in needed):
+                    todo.append(item.index)
+        return todo, failed
+
+
     def preload(self, batch_size: int = 8) -> None:
         """Build whatever is missing for every item, then warm the page cache."""
         for start in range(0, len(self), batch_size):
