@@ -14,8 +14,16 @@ from diskcache_ocr.errors import (
     TrainingSafetyError,
 )
 from diskcache_ocr.store import CacheStore, IndexEntry, KindVersion
+from diskcache_ocr.presets import Preset, load_preset  # noqa: E402
+from diskcache_ocr.dataset import CachedOCRDataset, collate  # noqa: E402
+from diskcache_ocr.prebuild import prebuild  # noqa: E402
 
 __all__ = [
+    "CachedOCRDataset",
+    "Preset",
+    "collate",
+    "load_preset",
+    "prebuild",
     "AnnotationError",
     "CacheClosedError",
     "CacheError",

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from diskcache_ocr.errors import CacheError, SourceError, TrainingSafetyError
 from diskcache_ocr.keys import content_hash, derive_key
@@ -31,7 +31,7 @@ from diskcache_ocr.ocr.maps import MAP_NAMES, MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
 from diskcache_ocr.presets import Preset, load_preset
-from diskcache_ocr.store import CacheStore, IndexEntry, Policy, ReadTxn, WriteBatch
+from diskcache_ocr.store import CacheStore, IndexEntry, Policy, ReadTxn, Record, WriteBatch
 
 log = logging.getLogger("diskcache_ocr.dataset")
 
@@ -47,19 +47,54 @@ def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool]) -> by
     return b"".join(parts)
 
 
+_GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
+
+
+class _BatchBuffers:
+    """Where one batch's arrays land: image (B,3,S,S), each map (B,1,S,S), inverse (B,3,3).
+
+    Inside a DataLoader worker they live in shared memory, so sending the batch to the main
+    process moves a handle, not the bytes.
+    """
+
+    def __init__(self, n: int, size: int, with_maps: bool, shared: bool) -> None:
+        self.image_t = _empty((n, 3, size, size), torch.float32, shared)
+        self.inverse_t = _empty((n, 3, 3), torch.float64, shared)
+        self.maps_t = {name: _empty((n, 1, size, size), torch.float32, shared)
+                       for name in (MAP_NAMES if with_maps else ())}
+        self.image = self.image_t.numpy()
+        self.inverse = self.inverse_t.numpy()
+        self.maps = {name: t.numpy() for name, t in self.maps_t.items()}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for d in shape:
+        numel *= d
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    return proto.new(storage).resize_(shape)
+
+
 @dataclass
 class _Item:
     """Work-in-progress for one sample of a batch."""
 
     index: int
     source: str
+    slot: int = 0  # position in the batch buffers
     stat: os.stat_result | None = None
     entry: IndexEntry | None = None  # the index entry, when it matches the file's stat
     content: bytes | None = None  # file bytes, when they had to be read
     content_hash: bytes | None = None
     image: np.ndarray | None = None  # decoded image, when needed and available
-    tensor: dict[str, np.ndarray] | None = None  # a tensors-kind record (owned copy)
-    maps: dict[str, np.ndarray] | None = None
+    geometry: dict[str, np.ndarray] | None = None  # matrix, inverse_matrix, orig_size
+    tensor: dict[str, np.ndarray] | None = None  # a computed tensors-kind record
+    maps: dict[str, np.ndarray] | None = None  # a computed maps-kind record
+    image_done: bool = False  # the image already sits in the batch buffer
+    maps_done: bool = False  # the maps were found (and, when reading, copied)
     error: str | None = None
     hits: dict[str, bytes] = field(default_factory=dict)  # kind -> key found in the cache
     writes: list[tuple[str, bytes, dict[str, np.ndarray]]] = field(default_factory=list)
@@ -95,6 +130,7 @@ class CachedOCRDataset(Dataset[Sample]):
         if transform is None:
             transform = TRAINING if split == "train" else VALIDATION
         self.pipeline = Pipeline(transform=transform, maps=map_config or MapConfig())
+        self._fingerprints = {k: v.fingerprint for k, v in self.pipeline.kind_versions().items()}
         self.check_source = check_source
         self.annotations: AnnotationSet = load_annotations(images_dir, annotations)
         self.images_dir = self.annotations.images_dir
@@ -113,8 +149,10 @@ class CachedOCRDataset(Dataset[Sample]):
             self.store = CacheStore(cache_dir, readonly=readonly, **options)
             self.store.check_kinds(self._kind_versions(), on_mismatch)
             if not readonly:
-                self.store.update_header(dataset_root=str(self.images_dir),
-                                         preset=self.preset.name)
+                self.store.update_header(
+                    dataset_root=str(self.images_dir), preset=self.preset.name,
+                    pipeline={"transform": self.pipeline.transform.to_dict(),
+                              "maps": self.pipeline.maps.to_dict()})
             if preload if preload is not None else (
                 self.preset.preload_images or self.preset.preload_maps
             ):
@@ -191,9 +229,16 @@ class CachedOCRDataset(Dataset[Sample]):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """A batch of samples: one read transaction for the lookups, one write for misses."""
-        items = self._process(indices, want_maps=self.load_maps)
-        samples = [self._assemble(item) for item in items]
+        """A batch of samples: one read transaction for the lookups, one write for misses.
+
+        Each cached array is copied once, from LMDB's map straight into a batch buffer (in
+        shared memory inside a DataLoader worker); :func:`collate` hands that buffer on
+        without copying again.
+        """
+        batch = _BatchBuffers(len(indices), self.pipeline.transform.size, self.load_maps,
+                              shared=get_worker_info() is not None)
+        items = self._process(indices, want_maps=self.load_maps, batch=batch)
+        samples = [self._assemble(item, batch) for item in items]
         self._log_progress(len(samples))
         return samples
 
@@ -205,21 +250,21 @@ class CachedOCRDataset(Dataset[Sample]):
                               want_tensor=p.cache_tensors)
         return [(it.source, it.error, bool(it.writes)) for it in items]
 
-    def _process(self, indices: Sequence[int], want_maps: bool, want_tensor: bool = True
-                 ) -> list[_Item]:
+    def _process(self, indices: Sequence[int], want_maps: bool, want_tensor: bool = True,
+                 batch: _BatchBuffers | None = None) -> list[_Item]:
         n = len(self)
         items = []
-        for i in indices:
+        for slot, i in enumerate(indices):
             i = int(i)
             if not -n <= i < n:
                 raise IndexError(f"index {i} out of range for a dataset of {n} images")
-            items.append(_Item(index=i % n, source=self.source(i % n)))
+            items.append(_Item(index=i % n, source=self.source(i % n), slot=slot))
         for item in items:
             self._stat(item)
         if self.store is not None:
             with self.store.reader() as txn:
                 for item in items:
-                    self._lookup(txn, item, want_maps)
+                    self._lookup(txn, item, want_maps, batch)
         for item in items:
             self._compute(item, want_maps, want_tensor)
         if self.store is not None and not self.store.readonly:
@@ -233,8 +278,10 @@ class CachedOCRDataset(Dataset[Sample]):
         except (OSError, SourceError) as exc:
             item.error = f"cannot read source: {exc}"
 
-    def _lookup(self, txn: ReadTxn, item: _Item, want_maps: bool) -> None:
-        """Copy what the cache holds for ``item`` out of the read transaction."""
+    def _lookup(self, txn: ReadTxn, item: _Item, want_maps: bool,
+                batch: _BatchBuffers | None) -> None:
+        """Take what the cache holds for ``item``: copied straight into the batch buffers
+        while the read transaction (and so the views) is alive."""
         if item.error is not None:
             return
         assert self.store is not None and item.stat is not None
@@ -245,26 +292,35 @@ class CachedOCRDataset(Dataset[Sample]):
                 return
             item.entry = entry
             item.content_hash = entry.content_hash
-        else:
-            if not self._read_source(item):
-                return
+        elif not self._read_source(item):
+            return
         h = item.content_hash
         assert h is not None
         p = self.preset
         if p.cache_tensors:
-            item.tensor = self._get(txn, "tensors", self._tensor_key(h), item)
+            rec = self._get(txn, "tensors", self._tensor_key(h), item)
+            if rec is not None:
+                item.geometry = {k: np.array(rec[k]) for k in _GEOMETRY}
+                if batch is not None:
+                    self.pipeline.finish_into(rec["image"], batch.image[item.slot])
+                    item.image_done = True
         if want_maps and p.cache_maps:
-            item.maps = self._get(txn, "maps", self._maps_key(item, h), item)
-        if p.cache_images and item.tensor is None:
+            rec = self._get(txn, "maps", self._maps_key(item, h), item)
+            if rec is not None:
+                if batch is not None:
+                    for name in MAP_NAMES:
+                        np.copyto(batch.maps[name][item.slot], rec[name])
+                item.maps_done = True
+        if p.cache_images and item.geometry is None:
             rec = self._get(txn, "images", h, item)
-            item.image = None if rec is None else rec["image"]
+            if rec is not None:
+                item.image = np.array(rec["image"])  # the transform needs it after the block
 
-    def _get(self, txn: ReadTxn, kind: str, key: bytes, item: _Item
-             ) -> dict[str, np.ndarray] | None:
+    def _get(self, txn: ReadTxn, kind: str, key: bytes, item: _Item) -> Record | None:
         assert self.store is not None
         try:
             rec = txn.get(kind, key)
-        except CacheError as exc:  # damaged record: recompute (and overwrite) it
+        except CacheError as exc:  # a damaged record: recompute (and overwrite) it
             log.warning("%s", exc)
             rec = None
         if rec is None:
@@ -272,7 +328,7 @@ class CachedOCRDataset(Dataset[Sample]):
             return None
         self.store.count(kind, hits=1, bytes_read=rec.nbytes)
         item.hits[kind] = key
-        return rec.copy()
+        return rec
 
     def _matches(self, entry: IndexEntry, st: os.stat_result) -> bool:
         return not self.check_source or (entry.size == st.st_size
@@ -289,42 +345,42 @@ class CachedOCRDataset(Dataset[Sample]):
         return True
 
     def _tensor_key(self, h: bytes) -> bytes:
-        return derive_key("tensors", h, self.pipeline.kind_versions()["tensors"].fingerprint)
+        return derive_key("tensors", h, self._fingerprints["tensors"])
 
     def _maps_key(self, item: _Item, h: bytes) -> bytes:
         polys, ignore = self.words(item.index)
-        return derive_key("maps", h, polygons_bytes(polys, ignore),
-                          self.pipeline.kind_versions()["maps"].fingerprint)
+        return derive_key("maps", h, polygons_bytes(polys, ignore), self._fingerprints["maps"])
 
     def _compute(self, item: _Item, want_maps: bool, want_tensor: bool = True) -> None:
-        """Fill in what the cache did not have, and note what to write back."""
+        """Compute what the cache did not have, and note what to write back."""
         if item.error is not None:
             return
-        need_maps = want_maps and item.maps is None
-        need_tensor = item.tensor is None and (want_tensor or need_maps)
-        need_image = item.image is None and item.tensor is None and (
+        need_maps = want_maps and not item.maps_done
+        need_tensor = item.geometry is None and (want_tensor or need_maps)
+        need_image = item.image is None and item.geometry is None and (
             need_tensor or self.preset.cache_images)
         try:
             if need_image:
                 if item.content is None and not self._read_source(item):
                     return
-                assert item.content is not None
+                assert item.content is not None and item.content_hash is not None
                 item.image = self.pipeline.decode(item.content, item.source)
                 if self.preset.cache_images:
                     item.writes.append(("images", item.content_hash, {"image": item.image}))
             if need_tensor:
-                assert item.image is not None
+                assert item.image is not None and item.content_hash is not None
                 polys, _ = self.words(item.index)
                 t = self.pipeline.apply_transform(item.image, polys)
                 item.tensor = self.pipeline.tensor_record(t)
+                item.geometry = {k: item.tensor[k] for k in _GEOMETRY}
                 if self.preset.cache_tensors:
                     item.writes.append(("tensors", self._tensor_key(item.content_hash),
                                         item.tensor))
             if need_maps:
-                assert item.tensor is not None
+                assert item.geometry is not None and item.content_hash is not None
                 polys, ignore = self.words(item.index)
-                moved = self.pipeline.transform_polygons(polys, item.tensor["matrix"])
-                item.maps = self.pipeline.make_maps(moved, ignore)
+                moved = self.pipeline.transform_polygons(polys, item.geometry["matrix"])
+                item.maps = self.pipeline.maps_record(self.pipeline.make_maps(moved, ignore))
                 if self.preset.cache_maps:
                     item.writes.append(("maps", self._maps_key(item, item.content_hash),
                                         item.maps))
@@ -370,44 +426,52 @@ class CachedOCRDataset(Dataset[Sample]):
         assert item.stat is not None
         return st.st_size == item.stat.st_size and st.st_mtime_ns == item.stat.st_mtime_ns
 
-    def _assemble(self, item: _Item) -> Sample:
-        size = self.pipeline.transform.size
+    def _assemble(self, item: _Item, batch: _BatchBuffers) -> Sample:
         polys, ignore = self.words(item.index)
-        if item.error is not None or item.tensor is None:
+        if item.error is not None or item.geometry is None:
             self._log_error(item)
-            return self._empty_sample(item, polys, ignore)
-        tensor = item.tensor
-        image = self.pipeline.finish_image(torch.from_numpy(tensor["image"]))
+            return self._empty_sample(item, batch)
+        slot = item.slot
+        if not item.image_done:
+            assert item.tensor is not None
+            self.pipeline.finish_into(item.tensor["image"], batch.image[slot])
+        geometry = item.geometry
+        np.copyto(batch.inverse[slot], geometry["inverse_matrix"])
         sample: Sample = {
-            "image": image,
-            "polygons": list(self.pipeline.transform_polygons(polys, tensor["matrix"])),
+            "image": batch.image_t[slot],
+            "polygons": list(self.pipeline.transform_polygons(polys, geometry["matrix"])),
             "ignore": np.array(ignore, dtype=bool),
-            "inverse_matrix": torch.from_numpy(tensor["inverse_matrix"]),
+            "inverse_matrix": batch.inverse_t[slot],
             "meta": {"index": item.index, "file": item.source,
-                     "orig_size": tuple(int(v) for v in tensor["orig_size"]), "error": None},
+                     "orig_size": tuple(int(v) for v in geometry["orig_size"]), "error": None},
         }
         if self.load_maps:
-            assert item.maps is not None
+            if not item.maps_done:
+                assert item.maps is not None
+                for name in MAP_NAMES:
+                    np.copyto(batch.maps[name][slot], item.maps[name])
             for name in MAP_NAMES:
-                sample[name] = torch.from_numpy(item.maps[name])
-            assert sample["prob_map"].shape == (1, size, size)
+                sample[name] = batch.maps_t[name][slot]
         return sample
 
-    def _empty_sample(self, item: _Item, polys: list[np.ndarray], ignore: np.ndarray) -> Sample:
+    def _empty_sample(self, item: _Item, batch: _BatchBuffers) -> Sample:
         """What a bad source yields: the right shapes, all-zero masks, and the reason."""
-        size = self.pipeline.transform.size
-        blank = torch.full((3, size, size), self.pipeline.transform.pad_value, dtype=torch.uint8)
+        slot = item.slot
+        blank = np.full(batch.image[slot].shape, self.pipeline.transform.pad_value, np.uint8)
+        self.pipeline.finish_into(blank, batch.image[slot])
+        batch.inverse[slot] = np.eye(3)
         sample: Sample = {
-            "image": self.pipeline.finish_image(blank),
+            "image": batch.image_t[slot],
             "polygons": [],
             "ignore": np.zeros(0, dtype=bool),
-            "inverse_matrix": torch.eye(3, dtype=torch.float64),
+            "inverse_matrix": batch.inverse_t[slot],
             "meta": {"index": item.index, "file": item.source, "orig_size": (0, 0),
                      "error": item.error or "unknown error"},
         }
         if self.load_maps:
             for name in MAP_NAMES:
-                sample[name] = torch.zeros((1, size, size), dtype=torch.float32)
+                batch.maps[name][slot] = 0
+                sample[name] = batch.maps_t[name][slot]
         return sample
 
     def _log_error(self, item: _Item) -> None:
@@ -460,8 +524,9 @@ class CachedOCRDataset(Dataset[Sample]):
 
     def preload(self, batch_size: int = 8) -> None:
         """Build whatever is missing for every item, then warm the page cache."""
-        for start in range(0, len(self), batch_size):
-            self.__getitems__(range(start, min(start + batch_size, len(self))))
+        todo, _failed = self.missing(range(len(self)))
+        for start in range(0, len(todo), batch_size):
+            self.build(todo[start:start + batch_size])
         if self.store is not None and self.preset.readahead:
             self.store.warm()
 
@@ -487,10 +552,27 @@ def collate(samples: Sequence[Sample]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("image", *MAP_NAMES, "inverse_matrix"):
         if name in samples[0]:
-            out[name] = torch.stack([s[name] for s in samples])
+            tensors = [s[name] for s in samples]
+            out[name] = _whole_buffer(tensors)
+            if out[name] is None:
+                out[name] = torch.stack(tensors)
     for name in ("polygons", "ignore", "meta"):
         out[name] = [s[name] for s in samples]
     return out
+
+
+def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The batch buffer the tensors are consecutive rows of, if they are exactly that."""
+    base = tensors[0]._base
+    if base is None or base.dim() != tensors[0].dim() + 1 or base.shape[0] != len(tensors):
+        return None
+    if not base.is_contiguous():
+        return None
+    row = base[0].numel()
+    for i, t in enumerate(tensors):
+        if t._base is not base or t.storage_offset() != base.storage_offset() + i * row:
+            return None
+    return base
 
 
 __all__ = ["CachedOCRDataset", "collate", "format_hit_rates", "polygons_bytes"]

@@ -139,6 +139,18 @@ def resize_pad(
     )
 
 
+def finish_numpy(image: np.ndarray, config: TransformConfig, out: np.ndarray) -> np.ndarray:
+    """:func:`finish` on the CPU with numpy, writing into ``out`` (float32, same shape).
+
+    Same operations as :func:`finish` (exact uint8 → float32, then one rounded multiply and
+    one rounded add per element), so the two agree bit for bit; a test checks all 256 values.
+    """
+    scale, shift = (c.numpy() for c in config.finish_constants())
+    np.multiply(image, scale, out=out)
+    np.add(out, shift, out=out)
+    return out
+
+
 def finish(image: torch.Tensor, config: TransformConfig, out: torch.Tensor | None = None
            ) -> torch.Tensor:
     """Normalize a uint8 (…, 3, H, W) tensor to float32 on whatever device it lives on."""

@@ -1,0 +1,303 @@
+"""The ``diskcache-ocr`` command line: thin wrappers over the library.
+
+Each command parses its arguments, makes one library call, and prints a table for people or
+JSON (``--json``) for machines. A ``CacheError`` becomes one readable line and exit code 2
+(``--debug`` shows the traceback); ``health`` exits 1 when it finds problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from diskcache_ocr.errors import CacheError
+from diskcache_ocr.store import KINDS
+
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], str]) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else human())
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    from diskcache_ocr.dataset import format_hit_rates
+    from diskcache_ocr.ops import status
+
+    data = status(args.cache)
+
+    def human() -> str:
+        rows = [(k, v["entries"], _human_bytes(v["bytes"]), v["stored_version"] or "-",
+                 v["current_version"], "yes" if v["up_to_date"] else "NO")
+                for k, v in data["kinds"].items()]
+        m, h = data["map"], data["header"]
+        build = h.get("build") or {}
+        return "\n".join([
+            f"cache {data['path']}  (format {h.get('format')}, library {h.get('library')}, "
+            f"engine {h.get('engine')}, preset {h.get('preset', '-')})",
+            _table(rows, ["kind", "entries", "bytes", "stored version", "current version",
+                          "up to date"]),
+            f"sources indexed: {data['index']['sources']} ({data['index']['failed']} failed)",
+            f"map: {_human_bytes(m['used_bytes'])} used of {_human_bytes(m['map_size'])}, "
+            f"{m['readers']} readers of {m['max_readers']}",
+            f"last build: {'clean' if build.get('clean') else 'unfinished or none'}",
+            f"reads: {format_hit_rates(data['stats'])}",
+        ])
+
+    _emit(args, data, human)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from diskcache_ocr.ops import health
+
+    data = health(args.cache, images_dir=args.images, max_age_days=args.max_age_days)
+
+    def human() -> str:
+        if data["ok"]:
+            return f"healthy: {args.cache}"
+        return "\n".join([f"problems in {args.cache}:",
+                          _table([(p["code"], p["detail"]) for p in data["problems"]],
+                                 ["code", "detail"])])
+
+    _emit(args, data, human)
+    return 0 if data["ok"] else EXIT_PROBLEMS
+
+
+def cmd_clear(args: argparse.Namespace) -> int:
+    from diskcache_ocr.ops import clear
+
+    data = clear(args.cache, all=args.all, kind=args.kind, stale=args.stale,
+                 dry_run=args.dry_run, images_dir=args.images)
+
+    def human() -> str:
+        verb = "would remove" if data["dry_run"] else "removed"
+        parts = [f"{v if not isinstance(v, list) else len(v)} {k}"
+                 for k, v in data["removed"].items()]
+        return f"{verb}: {', '.join(parts) or 'nothing'}"
+
+    _emit(args, data, human)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from diskcache_ocr.ops import verify
+
+    data = verify(args.cache, sample=args.sample, recompute=args.recompute,
+                  images_dir=args.images, annotations=args.annotations)
+
+    def human() -> str:
+        lines = [f"checked {data['checked']} records: {len(data['corrupt'])} corrupt, "
+                 f"{len(data['mismatched'])} differ from a fresh computation "
+                 f"({data['recomputed']} sources recomputed)"]
+        lines += [f"  corrupt: {c}" for c in data["corrupt"]]
+        lines += [f"  mismatch: {m}" for m in data["mismatched"]]
+        return "\n".join(lines)
+
+    _emit(args, data, human)
+    return EXIT_PROBLEMS if data["corrupt"] or data["mismatched"] else 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from diskcache_ocr.ops import copy
+
+    data = copy(args.cache, args.dest)
+    _emit(args, data, lambda: f"copied {data['source']} -> {data['dest']} "
+                              f"({_human_bytes(data['bytes'])}, compacted)")
+    return 0
+
+
+def cmd_prebuild(args: argparse.Namespace) -> int:
+    from diskcache_ocr.prebuild import prebuild
+
+    initialized = _maybe_init_distributed()
+    try:
+        summary = prebuild(args.images, args.annotations, args.cache, preset=args.preset,
+                           workers=args.workers, split=args.split, progress=not args.json,
+                           allow_random_tensor_cache=args.allow_random_tensor_cache)
+    finally:
+        if initialized:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def human() -> str:
+        lines = [summary.line()]
+        lines += [f"  failed: {s}: {r}" for s, r in summary.failed[:20]]
+        if len(summary.failed) > 20:
+            lines.append(f"  … {len(summary.failed) - 20} more (see `health`)")
+        return "\n".join(lines)
+
+    _emit(args, summary.to_dict(), human)
+    return 0
+
+
+def _maybe_init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo) if nobody did."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from diskcache_ocr.watch import serve
+
+    serve(args.cache, args.images, args.annotations, polling=True if args.polling else None,
+          debounce_s=args.debounce)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from diskcache_ocr.synth import synthesize
+
+    s = synthesize(args.out, args.n, split=args.split, seed=args.seed, workers=args.workers)
+    data = {"root": str(s.root), "split": s.split, "images": s.images, "words": s.words,
+            "exif_rotated": s.exif_rotated, "annotation_file": str(s.annotation_file)}
+    _emit(args, data, lambda: f"wrote {s.images} images ({s.words} words, {s.exif_rotated} with "
+                              f"an EXIF orientation) to {s.root}/images/{s.split} and "
+                              f"{s.annotation_file}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diskcache_ocr.demo import run_demo
+
+    run_demo(Path(args.dir), n=args.n, workers=args.workers)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from diskcache_ocr import __version__
+    from diskcache_ocr.ops import default_cache_dir
+
+    parser = argparse.ArgumentParser(
+        prog="diskcache-ocr",
+        description="A persistent, crash-safe LMDB disk cache for OCR text-detection datasets.",
+    )
+    parser.add_argument("--version", action="version", version=f"diskcache-ocr {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
+            cache: bool = True, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if cache:
+            p.add_argument("--cache", type=Path, default=default_cache_dir(),
+                           help="cache directory (default: $DISKCACHE_OCR_DIR or "
+                                "~/.cache/diskcache-ocr)")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON for machines")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("prebuild", cmd_prebuild, "build the cache for a split, in parallel, resumable")
+    p.add_argument("--images", type=Path, required=True, help="directory of the split's images")
+    p.add_argument("--annotations", type=Path, help="JSON file or ICDAR-2015 gt directory")
+    p.add_argument("--preset", default="validation_optimized",
+                   help="preset name or YAML path (default: validation_optimized)")
+    p.add_argument("--workers", type=int, default=1, help="build processes (default: 1)")
+    p.add_argument("--split", default="val", help="split name; 'train' uses the training "
+                                                  "transform (default: val)")
+    p.add_argument("--allow-random-tensor-cache", action="store_true",
+                   help="cache tensors even though the transform is random (not advised)")
+
+    p = add("status", cmd_status, "entries and bytes per kind, header, versions, map usage")
+    p = add("health", cmd_health, "find problems; exit 1 when there are any")
+    p.add_argument("--images", type=Path, help="images directory (default: from the header)")
+    p.add_argument("--max-age-days", type=float, default=7.0,
+                   help="entries older than this are reported (default: 7)")
+
+    p = add("clear", cmd_clear, "remove cached data")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--all", action="store_true", help="everything (also a damaged cache)")
+    what.add_argument("--kind", choices=KINDS, help="one kind of record")
+    what.add_argument("--stale", action="store_true",
+                      help="entries whose source changed or vanished, and unreferenced records")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    p.add_argument("--images", type=Path, help="images directory (default: from the header)")
+
+    p = add("verify", cmd_verify, "decode and checksum every record; optionally recompute")
+    p.add_argument("--sample", type=int, help="check only this many records per kind")
+    p.add_argument("--recompute", type=int, default=0,
+                   help="compare this many sources with a fresh computation")
+    p.add_argument("--images", type=Path, help="images directory (default: from the header)")
+    p.add_argument("--annotations", type=Path, help="annotations, to recompute maps too")
+
+    p = add("copy", cmd_copy, "compact hot copy of a cache (safe while it is in use)")
+    p.add_argument("dest", type=Path, help="empty destination directory")
+
+    p = add("watch", cmd_watch, "service: invalidate entries whose sources change",
+            json_flag=False)
+    p.add_argument("--images", type=Path, required=True, help="directory of the images")
+    p.add_argument("--annotations", type=Path, help="annotation file or directory")
+    p.add_argument("--polling", action="store_true", help="poll instead of inotify")
+    p.add_argument("--debounce", type=float, default=0.5,
+                   help="seconds of quiet before an event is applied (default: 0.5)")
+
+    p = add("synth", cmd_synth, "write a synthetic OCR dataset (receipts) for demos and tests",
+            cache=False)
+    p.add_argument("--out", type=Path, required=True, help="dataset root to write")
+    p.add_argument("--n", type=int, default=200, help="number of images (default: 200)")
+    p.add_argument("--split", default="val", help="split name (default: val)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default: 1)")
+
+    p = add("demo", cmd_demo, "synthesize, prebuild, read with a 2-worker DataLoader, report",
+            cache=False, json_flag=False)
+    p.add_argument("--dir", default="demo-data", help="working directory (default: demo-data)")
+    p.add_argument("--n", type=int, default=64, help="images to synthesize (default: 64)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (CacheError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"diskcache-ocr {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"diskcache-ocr {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Operations on a built cache: status, health, clear, verify, copy.
+
+Each returns plain data (dicts and lists) for the command line to print as a table or JSON;
+findings are values, never prints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diskcache_ocr.codec import decode_record, parse_header, verify_checksum
+from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
+from diskcache_ocr.keys import content_hash
+from diskcache_ocr.ocr.annotations import load_annotations, safe_source_path
+from diskcache_ocr.ocr.maps import MapConfig
+from diskcache_ocr.ocr.pipeline import Pipeline
+from diskcache_ocr.ocr.transform import TransformConfig
+from diskcache_ocr.store import KINDS, CacheStore, IndexEntry, KindVersion, WriteBatch
+
+HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
+                "failed_sources", "stale_readers", "corrupt")
+
+
+def default_cache_dir() -> Path:
+    """``$DISKCACHE_OCR_DIR``, else ``$XDG_CACHE_HOME/diskcache-ocr`` (``~/.cache/...``)."""
+    env = os.environ.get("DISKCACHE_OCR_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "diskcache-ocr"
+
+
+def _existing(cache_dir: str | os.PathLike[str]) -> Path:
+    path = Path(cache_dir)
+    if not (path / "data.mdb").exists():
+        raise CacheError(f"{path}: no cache here (no data.mdb)")
+    return path
+
+
+def stored_pipeline(header: dict[str, Any]) -> Pipeline:
+    """The pipeline a cache was built with (from its header), else the default one."""
+    params = header.get("pipeline") or {}
+    transform = TransformConfig.from_dict(params["transform"]) if "transform" in params else None
+    maps = MapConfig.from_dict(params["maps"]) if "maps" in params else MapConfig()
+    return Pipeline(transform=transform or TransformConfig(), maps=maps)
+
+
+def _versions(header: dict[str, Any]) -> tuple[dict[str, KindVersion], dict[str, KindVersion]]:
+    stored = {k: KindVersion.from_dict(v) for k, v in header.get("kinds", {}).items()}
+    return stored, stored_pipeline(header).kind_versions()
+
+
+def status(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    with CacheStore(cache_dir, readonly=True) as store:
+        header = store.header()
+        stored, current = _versions(header)
+        kinds = {}
+        for kind in KINDS:
+            entry: dict[str, Any] = dict(store.kind_stats(kind))
+            entry["stored_version"] = str(stored[kind]) if kind in stored else None
+            entry["current_version"] = str(current[kind])
+            entry["up_to_date"] = kind not in stored or stored[kind] == current[kind]
+            kinds[kind] = entry
+        index = list(store.iter_index())
+        return {
+            "path": str(store.path),
+            "header": {k: v for k, v in header.items() if k not in ("kinds",)},
+            "kinds": kinds,
+            "index": {"sources": len(index), "failed": sum(not e.ok for _, e in index)},
+            "map": store.info(),
+            "stats": store.stats(),
+        }
+
+
+@dataclass
+class Problem:
+    code: str
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "detail": self.detail}
+
+
+def _source_state(root: Path | None, source: str, entry: IndexEntry) -> str | None:
+    """None if the source still matches its entry, else why not."""
+    if root is None:
+        return None
+    try:
+        st = os.stat(safe_source_path(root, source))
+    except (OSError, SourceError):
+        return "missing"
+    if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
+        return "changed"
+    return None
+
+
+def health(
+    cache_dir: str | os.PathLike[str], *, images_dir: str | os.PathLike[str] | None = None,
+    max_age_days: float = 7.0, min_hit_rate: float = 0.5, min_reads: int = 20,
+) -> dict[str, Any]:
+    """Findings about a cache; ``ok`` is False when any problem was found."""
+    problems: list[Problem] = []
+    try:
+        store = CacheStore(_existing(cache_dir))
+        header = store.header()
+    except CacheFormatError as exc:
+        return {"ok": False, "problems": [Problem("corrupt", str(exc)).to_dict()]}
+    with store:
+        stored, current = _versions(header)
+        for kind, have in stored.items():
+            if have != current[kind]:
+                problems.append(Problem("version_mismatch",
+                                        f"{kind}: stored {have}, current {current[kind]}"))
+        root = Path(images_dir) if images_dir else (
+            Path(header["dataset_root"]) if header.get("dataset_root") else None)
+        stale, failed, old = [], [], 0
+        cutoff = time.time_ns() - int(max_age_days * 86400e9)
+        try:
+            index = list(store.iter_index())
+        except CacheFormatError as exc:
+            problems.append(Problem("corrupt", str(exc)))
+            index = []
+        for source, entry in index:
+            state = _source_state(root, source, entry)
+            if state:
+                stale.append(f"{source} ({state})")
+            if not entry.ok:
+                failed.append(f"{source}: {entry.status.removeprefix('failed: ')}")
+            if entry.updated_ns and entry.updated_ns < cutoff:
+                old += 1
+        if stale:
+            problems.append(Problem("stale_entries", f"{len(stale)} sources changed or missing: "
+                                    + _some(stale)))
+        if failed:
+            problems.append(Problem("failed_sources", f"{len(failed)} sources failed: "
+                                    + _some(failed)))
+        if old:
+            problems.append(Problem("old_entries",
+                                    f"{old} entries older than {max_age_days:g} days"))
+        stats = store.stats()
+        for kind in KINDS:
+            hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
+            if hits + misses >= min_reads and hits / (hits + misses) < min_hit_rate:
+                problems.append(Problem("low_hit_rate", f"{kind}: {hits}/{hits + misses} reads "
+                                        f"hit ({100 * hits / (hits + misses):.0f}%)"))
+        freed = store.reader_check()
+        if freed:
+            problems.append(Problem("stale_readers",
+                                    f"{freed} reader slots of dead processes (now freed)"))
+        corrupt = [f"{kind}/{key.hex()[:16]}: {exc}" for kind in KINDS
+                   for key, exc in _check_headers(store, kind) if exc]
+        if corrupt:
+            problems.append(Problem("corrupt", f"{len(corrupt)} damaged records: "
+                                    + _some(corrupt)))
+    return {"ok": not problems, "problems": [p.to_dict() for p in problems]}
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    return "; ".join(items[:n]) + (f"; … {len(items) - n} more" if len(items) > n else "")
+
+
+def _check_headers(store: CacheStore, kind: str) -> Iterable[tuple[bytes, Exception | None]]:
+    """Parse each record's header (cheap: no payload is read)."""
+    with store.reader() as r:
+        for key, value in r._txn.cursor(store._db(kind)):
+            try:
+                parse_header(value, f"{kind}/{bytes(key).hex()}")
+            except CacheFormatError as exc:
+                yield bytes(key), exc
+            else:
+                yield bytes(key), None
+
+
+def clear(
+    cache_dir: str | os.PathLike[str], *, all: bool = False, kind: str | None = None,
+    stale: bool = False, dry_run: bool = False, images_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Remove everything, one kind, or stale entries (and records nothing refers to)."""
+    if sum([all, kind is not None, stale]) != 1:
+        raise ValueError("choose exactly one of all, kind, stale")
+    path = _existing(cache_dir)
+    if all:
+        return _clear_all(path, dry_run)
+    with CacheStore(path) as store:
+        if kind is not None:
+            if kind not in KINDS:
+                raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+            n = store.kind_stats(kind)["entries"]
+            if not dry_run:
+                store.drop(kind)
+            return {"dry_run": dry_run, "removed": {kind: n}}
+        return _clear_stale(store, images_dir, dry_run)
+
+
+def _clear_all(path: Path, dry_run: bool) -> dict[str, Any]:
+    try:
+        with CacheStore(path) as store:
+            counts = {k: store.kind_stats(k)["entries"] for k in KINDS}
+            counts["index"] = len(list(store.iter_index()))
+            if not dry_run:
+                with store.writer() as w:
+                    for k in KINDS:
+                        w.drop(k)
+                store._write(lambda txn: (txn.drop(store._db("index"), delete=False),
+                                          txn.drop(store._db("stats"), delete=False)))
+                store.update_header(kinds={}, build={})
+        return {"dry_run": dry_run, "removed": counts}
+    except CacheFormatError as exc:
+        # A damaged or foreign file: remove the two LMDB files (nothing else) so the next
+        # run starts clean.
+        files = [p for p in (path / "data.mdb", path / "lock.mdb") if p.exists()]
+        if not dry_run:
+            for p in files:
+                p.unlink()
+        return {"dry_run": dry_run, "removed": {"files": [str(p) for p in files]},
+                "reason": str(exc)}
+
+
+def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, dry_run: bool
+                 ) -> dict[str, Any]:
+    header = store.header()
+    root = Path(images_dir) if images_dir else (
+        Path(header["dataset_root"]) if header.get("dataset_root") else None)
+    if root is None:
+        raise CacheError(f"{store.path}: no dataset root recorded; pass the images directory")
+    index = list(store.iter_index())
+    stale = [(s, e) for s, e in index if _source_state(root, s, e)]
+    live = {key for s, e in index if (s, e) not in stale for key in e.keys.values()}
+    live |= {e.content_hash for s, e in index if (s, e) not in stale}
+    orphans = {k: [key for key in store.keys(k) if key not in live] for k in KINDS}
+    if not dry_run:
+        batch = WriteBatch()
+        for source, _ in stale:
+            batch.delete_index(source)
+        for kind, keys in orphans.items():
+            for key in keys:
+                batch.delete(kind, key)
+        store.commit(batch)
+    return {"dry_run": dry_run, "removed": {"index": len(stale),
+                                             **{k: len(v) for k, v in orphans.items()}},
+            "stale_sources": [s for s, _ in stale]}
+
+
+def verify(
+    cache_dir: str | os.PathLike[str], *, sample: int | None = None, recompute: int = 0,
+    images_dir: str | os.PathLike[str] | None = None,
+    annotations: str | os.PathLike[str] | None = None, seed: int = 0,
+) -> dict[str, Any]:
+    """Decode (and checksum) every record, or ``sample`` of them per kind; with
+    ``recompute``, compare that many sources' records with a fresh computation."""
+    rng = random.Random(seed)
+    checked, corrupt, mismatched = 0, [], []
+    with CacheStore(cache_dir, readonly=True) as store:
+        header = store.header()
+        for kind in KINDS:
+            keys = store.keys(kind)
+            if sample is not None and sample < len(keys):
+                keys = rng.sample(keys, sample)
+            for key in keys:
+                checked += 1
+                with store.reader() as r:
+                    value = r.get_raw(kind, key)
+                    if value is None:
+                        continue
+                    try:
+                        verify_checksum(value, f"{kind}/{key.hex()}")
+                        decode_record(value, f"{kind}/{key.hex()}")
+                    except CacheFormatError as exc:
+                        corrupt.append(f"{kind}/{key.hex()}: {exc}")
+        if recompute:
+            mismatched = _recompute(store, header, recompute, images_dir, annotations, rng)
+    return {"checked": checked, "corrupt": corrupt, "mismatched": mismatched,
+            "recomputed": recompute}
+
+
+def _recompute(store: CacheStore, header: dict[str, Any], n: int,
+               images_dir: str | os.PathLike[str] | None,
+               annotations: str | os.PathLike[str] | None, rng: random.Random) -> list[str]:
+    from diskcache_ocr.dataset import polygons_bytes
+    from diskcache_ocr.keys import derive_key
+
+    root = Path(images_dir) if images_dir else Path(header.get("dataset_root", "."))
+    pipeline = stored_pipeline(header)
+    versions = pipeline.kind_versions()
+    words = {}
+    if annotations is not None:
+        words = {it.file: it for it in load_annotations(root, annotations).items}
+    entries = [(s, e) for s, e in store.iter_index() if e.ok]
+    mismatched = []
+    for source, entry in rng.sample(entries, min(n, len(entries))):
+        try:
+            data = safe_source_path(root, source).read_bytes()
+        except (OSError, SourceError):
+            continue  # a missing source is health's business, not a mismatch
+        if content_hash(data) != entry.content_hash:
+            continue  # changed since it was cached: stale, not wrong
+        image = pipeline.decode(data, source)
+        ann = words.get(source)
+        polys = list(ann.polygons) if ann else []
+        ignore = list(ann.ignore) if ann else []
+        t = pipeline.apply_transform(image, polys, flip=False)
+        tensor = pipeline.tensor_record(t)
+        fresh = {"images": (entry.content_hash, {"image": image}),
+                 "tensors": (derive_key("tensors", entry.content_hash,
+                                        versions["tensors"].fingerprint), tensor)}
+        if ann is not None:
+            moved = pipeline.transform_polygons(polys, tensor["matrix"])
+            fresh["maps"] = (derive_key("maps", entry.content_hash, polygons_bytes(polys, ignore),
+                                        versions["maps"].fingerprint),
+                             pipeline.maps_record(pipeline.make_maps(moved, ignore)))
+        for kind, (key, arrays) in fresh.items():
+            cached = store.get(kind, key)
+            if cached is None:
+                continue
+            for name, arr in arrays.items():
+                if name not in cached or cached[name].tobytes() != np.ascontiguousarray(
+                        arr).tobytes() or cached[name].dtype != arr.dtype:
+                    mismatched.append(f"{source} {kind}.{name}")
+    return mismatched
+
+
+def copy(cache_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> dict[str, Any]:
+    """A compact, consistent copy of a cache, safe while readers and writers run."""
+    with CacheStore(cache_dir, readonly=True) as store:
+        out = store.copy_to(dest, compact=True)
+    size = (out / "data.mdb").stat().st_size
+    return {"source": str(Path(cache_dir)), "dest": str(out), "bytes": size}
