@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,26 +50,34 @@ def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool]) -> by
 _GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
 
 
-class _BatchBuffers:
+class BatchBuffers:
     """Where one batch's arrays land: image (B,3,S,S), each map (B,1,S,S), inverse (B,3,3).
 
     Inside a DataLoader worker they live in shared memory, so sending the batch to the main
-    process moves a handle, not the bytes.
+    process moves a handle, not the bytes; the batched loader keeps a few pinned sets and
+    reuses them. ``raw_image`` keeps a compact record's uint8 image unfinished (the loader
+    finishes it on the device).
     """
 
-    def __init__(self, n: int, size: int, with_maps: bool, shared: bool) -> None:
-        self.image_t = _empty((n, 3, size, size), torch.float32, shared)
-        self.inverse_t = _empty((n, 3, 3), torch.float64, shared)
-        self.maps_t = {name: _empty((n, 1, size, size), torch.float32, shared)
+    def __init__(self, n: int, size: int, with_maps: bool, *, shared: bool = False,
+                 pin: bool = False, raw_image: bool = False) -> None:
+        image_dtype = torch.uint8 if raw_image else torch.float32
+        self.image_t = _empty((n, 3, size, size), image_dtype, shared, pin)
+        self.inverse_t = _empty((n, 3, 3), torch.float64, shared, pin)
+        self.maps_t = {name: _empty((n, 1, size, size), torch.float32, shared, pin)
                        for name in (MAP_NAMES if with_maps else ())}
         self.image = self.image_t.numpy()
         self.inverse = self.inverse_t.numpy()
         self.maps = {name: t.numpy() for name, t in self.maps_t.items()}
+        self.raw_image = raw_image
+        # (fn, args) copies gathered inside a read transaction, run before it ends
+        self.copies: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: bool = False
+           ) -> torch.Tensor:
     if not shared:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
     numel = 1
     for d in shape:
         numel *= d
@@ -235,8 +243,8 @@ class CachedOCRDataset(Dataset[Sample]):
         shared memory inside a DataLoader worker); :func:`collate` hands that buffer on
         without copying again.
         """
-        batch = _BatchBuffers(len(indices), self.pipeline.transform.size, self.load_maps,
-                              shared=get_worker_info() is not None)
+        batch = BatchBuffers(len(indices), self.pipeline.transform.size, self.load_maps,
+                             shared=get_worker_info() is not None)
         items = self._process(indices, want_maps=self.load_maps, batch=batch)
         samples = [self._assemble(item, batch) for item in items]
         self._log_progress(len(samples))
@@ -251,7 +259,9 @@ class CachedOCRDataset(Dataset[Sample]):
         return [(it.source, it.error, bool(it.writes)) for it in items]
 
     def _process(self, indices: Sequence[int], want_maps: bool, want_tensor: bool = True,
-                 batch: _BatchBuffers | None = None) -> list[_Item]:
+                 batch: BatchBuffers | None = None,
+                 run_copies: Callable[[list[tuple[Callable[..., Any], tuple[Any, ...]]]], None]
+                 | None = None) -> list[_Item]:
         n = len(self)
         items = []
         for slot, i in enumerate(indices):
@@ -265,6 +275,10 @@ class CachedOCRDataset(Dataset[Sample]):
             with self.store.reader() as txn:
                 for item in items:
                     self._lookup(txn, item, want_maps, batch)
+                if batch is not None and batch.copies:
+                    # NOTE: the copies read views on the map: they must finish inside the block.
+                    (run_copies or _run_inline)(batch.copies)
+                    batch.copies = []
         for item in items:
             self._compute(item, want_maps, want_tensor)
         if self.store is not None and not self.store.readonly:
@@ -279,7 +293,7 @@ class CachedOCRDataset(Dataset[Sample]):
             item.error = f"cannot read source: {exc}"
 
     def _lookup(self, txn: ReadTxn, item: _Item, want_maps: bool,
-                batch: _BatchBuffers | None) -> None:
+                batch: BatchBuffers | None) -> None:
         """Take what the cache holds for ``item``: copied straight into the batch buffers
         while the read transaction (and so the views) is alive."""
         if item.error is not None:
@@ -302,19 +316,25 @@ class CachedOCRDataset(Dataset[Sample]):
             if rec is not None:
                 item.geometry = {k: np.array(rec[k]) for k in _GEOMETRY}
                 if batch is not None:
-                    self.pipeline.finish_into(rec["image"], batch.image[item.slot])
+                    batch.copies.append((self._put_image, (rec["image"], batch, item.slot)))
                     item.image_done = True
         if want_maps and p.cache_maps:
             rec = self._get(txn, "maps", self._maps_key(item, h), item)
             if rec is not None:
                 if batch is not None:
                     for name in MAP_NAMES:
-                        np.copyto(batch.maps[name][item.slot], rec[name])
+                        batch.copies.append((np.copyto, (batch.maps[name][item.slot], rec[name])))
                 item.maps_done = True
         if p.cache_images and item.geometry is None:
             rec = self._get(txn, "images", h, item)
             if rec is not None:
                 item.image = np.array(rec["image"])  # the transform needs it after the block
+
+    def _put_image(self, stored: np.ndarray, batch: BatchBuffers, slot: int) -> None:
+        if batch.raw_image:
+            np.copyto(batch.image[slot], stored)  # compact uint8, finished later on a device
+        else:
+            self.pipeline.finish_into(stored, batch.image[slot])
 
     def _get(self, txn: ReadTxn, kind: str, key: bytes, item: _Item) -> Record | None:
         assert self.store is not None
@@ -426,7 +446,7 @@ class CachedOCRDataset(Dataset[Sample]):
         assert item.stat is not None
         return st.st_size == item.stat.st_size and st.st_mtime_ns == item.stat.st_mtime_ns
 
-    def _assemble(self, item: _Item, batch: _BatchBuffers) -> Sample:
+    def _assemble(self, item: _Item, batch: BatchBuffers) -> Sample:
         polys, ignore = self.words(item.index)
         if item.error is not None or item.geometry is None:
             self._log_error(item)
@@ -434,7 +454,7 @@ class CachedOCRDataset(Dataset[Sample]):
         slot = item.slot
         if not item.image_done:
             assert item.tensor is not None
-            self.pipeline.finish_into(item.tensor["image"], batch.image[slot])
+            self._put_image(item.tensor["image"], batch, slot)
         geometry = item.geometry
         np.copyto(batch.inverse[slot], geometry["inverse_matrix"])
         sample: Sample = {
@@ -454,11 +474,11 @@ class CachedOCRDataset(Dataset[Sample]):
                 sample[name] = batch.maps_t[name][slot]
         return sample
 
-    def _empty_sample(self, item: _Item, batch: _BatchBuffers) -> Sample:
+    def _empty_sample(self, item: _Item, batch: BatchBuffers) -> Sample:
         """What a bad source yields: the right shapes, all-zero masks, and the reason."""
         slot = item.slot
         blank = np.full(batch.image[slot].shape, self.pipeline.transform.pad_value, np.uint8)
-        self.pipeline.finish_into(blank, batch.image[slot])
+        self._put_image(blank, batch, slot)
         batch.inverse[slot] = np.eye(3)
         sample: Sample = {
             "image": batch.image_t[slot],
@@ -536,6 +556,11 @@ class CachedOCRDataset(Dataset[Sample]):
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def _run_inline(copies: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    for fn, args in copies:
+        fn(*args)
 
 
 def format_hit_rates(stats: Mapping[str, int]) -> str:

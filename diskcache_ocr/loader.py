@@ -1,0 +1,219 @@
+"""BatchLoader: feed a training step from the cache without a DataLoader's per-sample hops.
+
+The main process reads each batch inside one read transaction; a small thread pool copies
+the zero-copy views straight into reusable (pinned, when CUDA is there) batch buffers; with a
+device, host-to-device copies are asynchronous and a buffer is reused only after its copy
+has finished (CUDA events). A producer thread fills batch k+1 while the caller works on
+batch k. Misses are filled read-through exactly as in :class:`CachedOCRDataset`.
+
+A compact pipeline (``TransformConfig(output="compact")``) moves the resized uint8 image and
+normalizes it on the device with the same ``finish`` the uncached path uses.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
+
+from diskcache_ocr.dataset import BatchBuffers, CachedOCRDataset
+from diskcache_ocr.ocr.maps import MAP_NAMES
+from diskcache_ocr.ocr.transform import finish
+
+_DONE = object()
+
+
+class _Slot:
+    """One set of reusable host buffers and the event that says the device is done with it."""
+
+    def __init__(self, buffers: BatchBuffers) -> None:
+        self.buffers = buffers
+        self.event: Any = None  # torch.cuda.Event once a device copy was issued
+
+    def wait_free(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+
+class BatchLoader:
+    """Batches from a :class:`CachedOCRDataset`, in the structure :func:`collate` returns.
+
+    >>> loader = BatchLoader(ds, batch_size=16, shuffle=True, device="cuda")  # doctest: +SKIP
+    >>> for batch in loader:                                                  # doctest: +SKIP
+    ...     loss = model(batch["image"], batch["prob_map"])
+
+    Without a device, the yielded tensors are the loader's reusable host buffers: a batch is
+    valid until the next one is requested; ``clone()`` what you keep longer.
+    """
+
+    def __init__(
+        self,
+        dataset: CachedOCRDataset,
+        batch_size: int = 16,
+        *,
+        sampler: Sampler[int] | Iterable[int] | None = None,
+        batch_sampler: Iterable[Sequence[int]] | None = None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        threads: int = 4,
+        buffers: int = 2,
+        pin_memory: bool | None = None,
+        device: str | torch.device | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if batch_size < 1 or buffers < 2 or threads < 1:
+            raise ValueError(f"need batch_size >= 1, buffers >= 2, threads >= 1; got "
+                             f"{batch_size}, {buffers}, {threads}")
+        self.dataset = dataset
+        self.device = torch.device(device) if device is not None else None
+        if batch_sampler is None:
+            if sampler is None:
+                sampler = (RandomSampler(dataset, generator=generator) if shuffle
+                           else SequentialSampler(dataset))
+            batch_sampler = BatchSampler(sampler, batch_size, drop_last)  # type: ignore[arg-type]
+        self.batch_sampler = batch_sampler
+        self.batch_size = batch_size
+        cuda = torch.cuda.is_available()
+        self.pin_memory = cuda if pin_memory is None else (pin_memory and cuda)
+        self.compact = dataset.pipeline.transform.output == "compact"
+        self.threads = threads
+        self.n_buffers = buffers
+        self._slots: list[_Slot] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    # -- resources, kept across epochs ---------------------------------------------------
+    def _ensure_resources(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="diskcache-copy")
+        if not self._slots:
+            size = self.dataset.pipeline.transform.size
+            # The uint8 image travels to the device and is finished there; on the CPU the
+            # buffers get the finished float32 image directly.
+            raw = self.compact and self.device is not None
+            self._slots = [_Slot(BatchBuffers(self.batch_size, size, self.dataset.load_maps,
+                                              pin=self.pin_memory, raw_image=raw))
+                           for _ in range(self.n_buffers)]
+
+    def close(self) -> None:
+        """Release the thread pool and the buffers (a later iteration makes new ones)."""
+        for slot in self._slots:
+            slot.wait_free()
+        self._slots = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- iteration -----------------------------------------------------------------------
+    def _run_copies(self, copies: list[tuple[Any, tuple[Any, ...]]]) -> None:
+        assert self._pool is not None
+        for future in [self._pool.submit(fn, *args) for fn, args in copies]:
+            future.result()
+
+    def _fill(self, slot: _Slot, indices: Sequence[int]) -> dict[str, Any]:
+        ds = self.dataset
+        slot.wait_free()
+        buffers = slot.buffers
+        items = ds._process(indices, want_maps=ds.load_maps, batch=buffers,
+                            run_copies=self._run_copies)
+        samples = [ds._assemble(item, buffers) for item in items]
+        n = len(samples)
+        out: dict[str, Any] = {"image": buffers.image_t[:n], "inverse_matrix":
+                               buffers.inverse_t[:n]}
+        for name in MAP_NAMES:
+            if name in buffers.maps_t:
+                out[name] = buffers.maps_t[name][:n]
+        for name in ("polygons", "ignore", "meta"):
+            out[name] = [s[name] for s in samples]
+        return out
+
+    def _to_device(self, slot: _Slot, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.device is None:
+            return batch
+        out = dict(batch)
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                out[name] = value.to(self.device, non_blocking=self.pin_memory)
+        if out["image"].dtype == torch.uint8:
+            out["image"] = finish(out["image"], self.dataset.pipeline.transform)
+        if self.device.type == "cuda":
+            slot.event = torch.cuda.Event()
+            slot.event.record()
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._ensure_resources()
+        free: queue.Queue[_Slot] = queue.Queue()
+        for slot in self._slots:
+            free.put(slot)
+        ready: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for indices in self.batch_sampler:
+                    slot = None
+                    while slot is None and not stop.is_set():
+                        try:
+                            slot = free.get(timeout=0.1)
+                        except queue.Empty:
+                            pass
+                    if slot is None:
+                        break
+                    ready.put((slot, self._fill(slot, list(indices))))
+            except BaseException as exc:  # handed to the consumer, raised there
+                ready.put(exc)
+            finally:
+                # This thread's long-lived read transaction must not outlive the epoch.
+                if self.dataset.store is not None:
+                    self.dataset.store.refresh()
+                ready.put(_DONE)
+
+        producer = threading.Thread(target=produce, name="diskcache-batches", daemon=True)
+        producer.start()
+        try:
+            while True:
+                got = ready.get()
+                if got is _DONE:
+                    break
+                if isinstance(got, BaseException):
+                    raise got
+                slot, batch = got
+                if self.device is not None:
+                    out = self._to_device(slot, batch)
+                    free.put(slot)  # reused only after its copy finished (slot.wait_free)
+                    yield out
+                else:
+                    yield batch  # the host buffers themselves: valid until the next batch
+                    free.put(slot)
+        finally:
+            stop.set()
+            producer.join()
+
+
+def split_batch(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of a batch (for tests and debugging)."""
+    n = len(batch["meta"])
+    out = []
+    for i in range(n):
+        out.append({k: (v[i] if isinstance(v, (torch.Tensor, list, np.ndarray)) else v)
+                    for k, v in batch.items()})
+    return out
+
+
+__all__ = ["BatchLoader", "split_batch"]
