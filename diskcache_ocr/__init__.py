@@ -1,6 +1,7 @@
 """diskcache-ocr: a persistent, crash-safe LMDB disk cache for OCR text-detection datasets."""
 
 from diskcache_ocr._version import __version__
+from diskcache_ocr.dataset import CachedOCRDataset, collate  # noqa: E402
 from diskcache_ocr.errors import (
     AnnotationError,
     CacheClosedError,
@@ -13,10 +14,9 @@ from diskcache_ocr.errors import (
     SourceError,
     TrainingSafetyError,
 )
-from diskcache_ocr.store import CacheStore, IndexEntry, KindVersion
-from diskcache_ocr.presets import Preset, load_preset  # noqa: E402
-from diskcache_ocr.dataset import CachedOCRDataset, collate  # noqa: E402
 from diskcache_ocr.prebuild import prebuild  # noqa: E402
+from diskcache_ocr.presets import Preset, load_preset  # noqa: E402
+from diskcache_ocr.store import CacheStore, IndexEntry, KindVersion
 
 __all__ = [
     "CachedOCRDataset",

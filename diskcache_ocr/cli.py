@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "~/.cache/diskcache-ocr)")
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON for machines")
+        # Also accepted after the command; SUPPRESS keeps a --debug given before it.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and debug logs")
         p.set_defaults(func=func)
         return p
 
@@ -291,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (CacheError, ValueError, OSError) as exc:
         if args.debug:
-            raise
-        print(f"diskcache-ocr {args.command}: error: {exc}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)  # still exit 2: 1 means "problems found"
+        else:
+            print(f"diskcache-ocr {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"diskcache-ocr {args.command}: interrupted", file=sys.stderr)

@@ -98,7 +98,9 @@ def _layout(
         payload_start = needed
 
 
-def _pack_header(arrays: list[tuple[str, np.ndarray]], offsets: list[int], checksum: bytes) -> bytes:
+def _pack_header(
+    arrays: list[tuple[str, np.ndarray]], offsets: list[int], checksum: bytes
+) -> bytes:
     entries = [
         [name, arr.dtype.str, list(arr.shape), off, arr.nbytes]
         for (name, arr), off in zip(arrays, offsets, strict=True)

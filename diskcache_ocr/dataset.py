@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ log = logging.getLogger("diskcache_ocr.dataset")
 Sample = dict[str, Any]
 
 
-def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool]) -> bytes:
+def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool] | np.ndarray) -> bytes:
     """Canonical bytes of a word list, part of the ``maps`` key."""
     parts = [len(polygons).to_bytes(4, "little")]
     for poly, ign in zip(polygons, ignore, strict=True):
@@ -122,7 +123,7 @@ class CachedOCRDataset(Dataset[Sample]):
         annotations: str | os.PathLike[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         *,
-        preset: str | os.PathLike[str] | Mapping[str, Any] | Preset | None = None,
+        preset: str | Path | Mapping[str, Any] | Preset | None = None,
         split: str = "val",
         transform: TransformConfig | None = None,
         map_config: MapConfig | None = None,
@@ -568,7 +569,8 @@ def format_hit_rates(stats: Mapping[str, int]) -> str:
     for kind in ("images", "tensors", "maps"):
         hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
         if hits or misses:
-            parts.append(f"{kind} {hits}/{hits + misses} hits ({100 * hits / (hits + misses):.0f}%)")
+            rate = 100 * hits / (hits + misses)
+            parts.append(f"{kind} {hits}/{hits + misses} hits ({rate:.0f}%)")
     return ", ".join(parts) or "no reads yet"
 
 

@@ -276,14 +276,16 @@ def verify(
                     except CacheFormatError as exc:
                         corrupt.append(f"{kind}/{key.hex()}: {exc}")
         if recompute:
-            mismatched = _recompute(store, header, recompute, images_dir, annotations, rng)
+            mismatched = _recompute(store, header, recompute, images_dir, annotations, rng,
+                                    corrupt)
     return {"checked": checked, "corrupt": corrupt, "mismatched": mismatched,
             "recomputed": recompute}
 
 
 def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                images_dir: str | os.PathLike[str] | None,
-               annotations: str | os.PathLike[str] | None, rng: random.Random) -> list[str]:
+               annotations: str | os.PathLike[str] | None, rng: random.Random,
+               corrupt: list[str]) -> list[str]:
     from diskcache_ocr.dataset import polygons_bytes
     from diskcache_ocr.keys import derive_key
 
@@ -317,7 +319,13 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                                         versions["maps"].fingerprint),
                              pipeline.maps_record(pipeline.make_maps(moved, ignore)))
         for kind, (key, arrays) in fresh.items():
-            cached = store.get(kind, key)
+            try:
+                cached = store.get(kind, key)
+            except CacheFormatError as exc:  # damaged: report it, do not stop the check
+                label = f"{kind}/{key.hex()}"
+                if not any(c.startswith(label + ":") for c in corrupt):
+                    corrupt.append(f"{label}: {exc}")
+                continue
             if cached is None:
                 continue
             for name, arr in arrays.items():
@@ -329,7 +337,8 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
 
 def copy(cache_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> dict[str, Any]:
     """A compact, consistent copy of a cache, safe while readers and writers run."""
-    with CacheStore(cache_dir, readonly=True) as store:
+    # Check the source first: a missing cache must not leave an empty destination behind.
+    with CacheStore(_existing(cache_dir), readonly=True) as store:
         out = store.copy_to(dest, compact=True)
     size = (out / "data.mdb").stat().st_size
     return {"source": str(Path(cache_dir)), "dest": str(out), "bytes": size}

@@ -137,9 +137,10 @@ def prebuild(
 
     share = list(range(rank, len(ds), world))
     todo, known_failed = ds.missing(share)
+    # An index status reads "failed: <reason>"; report the reason as a fresh failure does.
     summary = BuildSummary(total=len(share), skipped=len(share) - len(todo) - len(known_failed),
-                           failed=list(known_failed), workers=workers, rank=rank,
-                           world_size=world)
+                           failed=[(s, r.removeprefix("failed: ")) for s, r in known_failed],
+                           workers=workers, rank=rank, world_size=world)
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     bar = tqdm(total=len(todo), unit="img", desc=f"prebuild{f' rank {rank}' if world > 1 else ''}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)

@@ -200,8 +200,10 @@ class ReadTxn:
         return Record(self, decode_record(value, where), len(value))
 
     def get_raw(self, kind: str, key: bytes) -> memoryview | None:
+        """The record's raw bytes as a view on the map (valid inside the block)."""
         self._check_open()
-        return self._txn.get(key, db=self._store._db(kind))
+        value = self._txn.get(key, db=self._store._db(kind))
+        return None if value is None else memoryview(value)
 
     def contains(self, kind: str, key: bytes) -> bool:
         self._check_open()
@@ -644,6 +646,7 @@ class CacheStore:
         for op, name, key, value in batch.ops:
             db = self._db(name)
             if op == "put":
+                assert value is not None
                 txn.put(key, value, db=db)
             elif op == "delete":
                 txn.delete(key, db=db)

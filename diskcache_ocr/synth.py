@@ -111,18 +111,19 @@ def _layout(rng: np.random.Generator, words: list[str], angles: list[float],
     boxes = [font.getbbox(t) for t in words]
     mid = _mid(font)
     env = []  # envelope size of each word; rotated ones reserve their rotated extent
-    for (l, t, r, b), ang in zip(boxes, angles):
+    for (left, t, r, b), ang in zip(boxes, angles, strict=True):
         if ang == 0.0:  # baseline-aligned: reserve symmetric room around the line centre
-            env.append((r - l + 2.0, 2.0 * max(mid - t, b - mid) + 2.0))
+            env.append((r - left + 2.0, 2.0 * max(mid - t, b - mid) + 2.0))
         else:
-            q = _rotated_quad(r - l + 2, b - t + 2, ang)
+            q = _rotated_quad(r - left + 2, b - t + 2, ang)
             env.append((float(np.ptp(q[:, 0])), float(np.ptp(q[:, 1]))))
     mx, my = W * rng.uniform(0.04, 0.09), H * rng.uniform(0.03, 0.06)
     space = max(fs * 0.5, 3.0)
     out: list[_Placed] = []
     y, i = my, 0
     while i < len(words):
-        want, line, width = int(rng.integers(1, kmax + 1)), [], 0.0
+        line: list[int] = []
+        want, width = int(rng.integers(1, kmax + 1)), 0.0
         while i + len(line) < len(words) and len(line) < want:
             # Reserve the widest gap used below so no line overflows its margins.
             extra = env[i + len(line)][0] + (space * 2.5 if line else 0)
@@ -181,19 +182,19 @@ def _render_one(p: _Params, i: int) -> tuple[str, dict, bool]:
     ink = (g, g, g + int(rng.integers(0, 25)))
     polys: dict[str, dict] = {}
     for k, (text, x, y, ang, centre) in enumerate(placed):
-        l, t, r, b = font.getbbox(text)
+        left, t, r, b = font.getbbox(text)
         if ang == 0.0:
-            ox, oy = round(x + 1 - l), round(centre - mid)  # draw origin, shared baseline
+            ox, oy = round(x + 1 - left), round(centre - mid)  # draw origin, shared baseline
             draw.text((ox, oy), text, font=font, fill=ink)
             # One pixel of slack: anti-aliased edges and JPEG ringing stay inside the box.
-            x0, y0, x1, y1 = ox + l - 1, oy + t - 1, ox + r + 1, oy + b + 1
+            x0, y0, x1, y1 = ox + left - 1, oy + t - 1, ox + r + 1, oy + b + 1
             quad = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
         else:
             pad = 4
-            patch = Image.new("L", (r - l + 2 * pad, b - t + 2 * pad), 0)
-            ImageDraw.Draw(patch).text((pad - l, pad - t), text, font=font, fill=255)
+            patch = Image.new("L", (int(r - left + 2 * pad), int(b - t + 2 * pad)), 0)
+            ImageDraw.Draw(patch).text((pad - left, pad - t), text, font=font, fill=255)
             rot = patch.rotate(ang, resample=Image.Resampling.BICUBIC, expand=True)
-            q = _rotated_quad(r - l + 2, b - t + 2, ang)
+            q = _rotated_quad(r - left + 2, b - t + 2, ang)
             # Centre the rotated patch on the word's envelope centre; PIL keeps the
             # patch centre at the centre of the expanded canvas.
             cx, cy = x + np.ptp(q[:, 0]) / 2, y + np.ptp(q[:, 1]) / 2

@@ -85,6 +85,7 @@ def test_mapping_and_round_trip():
 
 def test_presets_ship_inside_the_package():
     import importlib.resources
+
     import tomllib
 
     files = importlib.resources.files("diskcache_ocr.preset_files")

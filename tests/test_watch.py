@@ -23,7 +23,7 @@ from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.store import CacheStore, IndexEntry
 from diskcache_ocr.synth import synthesize
-from diskcache_ocr.watch import Watcher, WatchSummary, serve
+from diskcache_ocr.watch import Watcher, WatchSummary
 
 NAMES = [f"receipt_{i:05d}.jpg" for i in range(5)]
 WAIT_S = 10.0

@@ -74,13 +74,15 @@ def polygon_area(points: np.ndarray | Sequence[Sequence[float]]) -> float:
     """Signed shoelace area; positive when the points run clockwise on screen (y down)."""
     q = _vertices(points)
     # fsum: the very same value whichever vertex comes first (and negated when reversed).
-    return 0.5 * math.fsum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(q, q[1:] + q[:1]))
+    edges = zip(q, q[1:] + q[:1], strict=True)
+    return 0.5 * math.fsum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in edges)
 
 
 def polygon_perimeter(points: np.ndarray | Sequence[Sequence[float]]) -> float:
     """Length of the closed outline (the last point joins back to the first)."""
     q = _vertices(points)
-    return math.fsum(math.hypot(x1 - x0, y1 - y0) for (x0, y0), (x1, y1) in zip(q, q[1:] + q[:1]))
+    edges = zip(q, q[1:] + q[:1], strict=True)
+    return math.fsum(math.hypot(x1 - x0, y1 - y0) for (x0, y0), (x1, y1) in edges)
 
 
 def _vertices(points: np.ndarray | Sequence[Sequence[float]]) -> Points:
@@ -114,7 +116,7 @@ def make_maps(
     kept: list[np.ndarray] = []  # outlines drawn into thresh_map, with their offsets
     dists: list[float] = []
     keep = 1.0 - config.shrink_ratio**2
-    for pts, ignored in zip(polys, flags.tolist()):
+    for pts, ignored in zip(polys, flags.tolist(), strict=True):
         q, area = _clean(pts, h, w)
         xs, ys = [x for x, _ in q], [y for _, y in q]
         small = area and min(max(xs) - min(xs), max(ys) - min(ys)) < config.min_text_size
@@ -142,7 +144,8 @@ def make_maps(
     thresh += np.float32(config.thresh_min)
     np.minimum(thresh, np.float32(config.thresh_max), out=thresh)
     maps = (prob, ~masked, thresh, _coverage(padded_all, h, w))
-    return {k: np.asarray(m, np.float32).reshape(1, h, w) for k, m in zip(MAP_NAMES, maps)}
+    return {k: np.asarray(m, np.float32).reshape(1, h, w)
+            for k, m in zip(MAP_NAMES, maps, strict=True)}
 
 
 def _check_size(value: object, name: str) -> int:

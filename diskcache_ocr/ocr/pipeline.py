@@ -107,7 +107,7 @@ class Pipeline:
     ) -> tuple[np.ndarray, ...]:
         return map_polygons(polygons, matrix)
 
-    def make_maps(self, polygons: Sequence[np.ndarray], ignore: Sequence[bool]
+    def make_maps(self, polygons: Sequence[np.ndarray], ignore: Sequence[bool] | np.ndarray
                   ) -> dict[str, np.ndarray]:
         size = self.transform.size
         return make_maps(polygons, np.asarray(ignore, bool), size, size, self.maps)
