@@ -30,7 +30,7 @@ from diskcache_ocr.keys import content_hash, derive_key
 from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations, safe_source_path
 from diskcache_ocr.ocr.maps import MAP_NAMES, MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
-from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
+from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig, map_points
 from diskcache_ocr.presets import Preset, load_preset
 from diskcache_ocr.store import CacheStore, IndexEntry, Policy, ReadTxn, Record, WriteBatch
 
@@ -39,13 +39,22 @@ log = logging.getLogger("diskcache_ocr.dataset")
 Sample = dict[str, Any]
 
 
+def flat_polygons_bytes(points: np.ndarray, sizes: np.ndarray, ignore: np.ndarray) -> bytes:
+    """Canonical bytes of a word list (all points, points per word, ignore flags), part of
+    the ``maps`` key."""
+    return b"".join([
+        len(sizes).to_bytes(4, "little"), np.ascontiguousarray(sizes, "<u4").tobytes(),
+        np.ascontiguousarray(ignore, np.uint8).tobytes(),
+        np.ascontiguousarray(points, "<f8").tobytes(),
+    ])
+
+
 def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool] | np.ndarray) -> bytes:
-    """Canonical bytes of a word list, part of the ``maps`` key."""
-    parts = [len(polygons).to_bytes(4, "little")]
-    for poly, ign in zip(polygons, ignore, strict=True):
-        pts = np.ascontiguousarray(poly, dtype="<f8")
-        parts += [len(pts).to_bytes(4, "little"), b"\x01" if ign else b"\x00", pts.tobytes()]
-    return b"".join(parts)
+    """:func:`flat_polygons_bytes` of a list of (k, 2) polygons."""
+    sizes = np.array([len(p) for p in polygons], np.int64)
+    points = (np.concatenate([np.asarray(p, np.float64) for p in polygons]) if len(polygons)
+              else np.zeros((0, 2)))
+    return flat_polygons_bytes(points, sizes, np.asarray(ignore, bool))
 
 
 _GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
@@ -186,10 +195,11 @@ class CachedOCRDataset(Dataset[Sample]):
         self.write_seconds = 0.0  # time spent committing read-through writes, this process
         self._served = 0
         self._logged_errors: set[str] = set()
+        self._paths: dict[int, Path] = {}  # index -> checked path (checking walks the path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_lock", "_served", "_logged_errors", "write_seconds"):
+        for name in ("_lock", "_served", "_logged_errors", "write_seconds", "_paths"):
             state.pop(name, None)
         return state
 
@@ -205,6 +215,12 @@ class CachedOCRDataset(Dataset[Sample]):
         a, b = self._word_start[index], self._word_start[index + 1]
         polys = [self._points[self._point_start[w]:self._point_start[w + 1]] for w in range(a, b)]
         return polys, self._ignore[a:b]
+
+    def flat_words(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One image's words as views: all points (P, 2), points per word, ignore flags."""
+        a, b = self._word_start[index], self._word_start[index + 1]
+        starts = self._point_start[a:b + 1]
+        return self._points[starts[0]:starts[-1]], np.diff(starts), self._ignore[a:b]
 
     def source(self, index: int) -> str:
         return str(self._files[index])
@@ -286,10 +302,15 @@ class CachedOCRDataset(Dataset[Sample]):
             self._write_back(items)
         return items
 
+    def _path(self, item: _Item) -> Path:
+        path = self._paths.get(item.index)
+        if path is None:
+            path = self._paths[item.index] = safe_source_path(self.images_dir, item.source)
+        return path
+
     def _stat(self, item: _Item) -> None:
         try:
-            path = safe_source_path(self.images_dir, item.source)
-            item.stat = os.stat(path)
+            item.stat = os.stat(self._path(item))
         except (OSError, SourceError) as exc:
             item.error = f"cannot read source: {exc}"
 
@@ -357,7 +378,7 @@ class CachedOCRDataset(Dataset[Sample]):
 
     def _read_source(self, item: _Item) -> bool:
         try:
-            data = safe_source_path(self.images_dir, item.source).read_bytes()
+            data = self._path(item).read_bytes()
         except (OSError, SourceError) as exc:
             item.error = f"cannot read source: {exc}"
             return False
@@ -369,8 +390,9 @@ class CachedOCRDataset(Dataset[Sample]):
         return derive_key("tensors", h, self._fingerprints["tensors"])
 
     def _maps_key(self, item: _Item, h: bytes) -> bytes:
-        polys, ignore = self.words(item.index)
-        return derive_key("maps", h, polygons_bytes(polys, ignore), self._fingerprints["maps"])
+        points, sizes, ignore = self.flat_words(item.index)
+        return derive_key("maps", h, flat_polygons_bytes(points, sizes, ignore),
+                          self._fingerprints["maps"])
 
     def _compute(self, item: _Item, want_maps: bool, want_tensor: bool = True) -> None:
         """Compute what the cache did not have, and note what to write back."""
@@ -441,14 +463,13 @@ class CachedOCRDataset(Dataset[Sample]):
 
     def _unchanged_since_stat(self, item: _Item) -> bool:
         try:
-            st = os.stat(safe_source_path(self.images_dir, item.source))
+            st = os.stat(self._path(item))
         except (OSError, SourceError):
             return False
         assert item.stat is not None
         return st.st_size == item.stat.st_size and st.st_mtime_ns == item.stat.st_mtime_ns
 
     def _assemble(self, item: _Item, batch: BatchBuffers) -> Sample:
-        polys, ignore = self.words(item.index)
         if item.error is not None or item.geometry is None:
             self._log_error(item)
             return self._empty_sample(item, batch)
@@ -460,8 +481,8 @@ class CachedOCRDataset(Dataset[Sample]):
         np.copyto(batch.inverse[slot], geometry["inverse_matrix"])
         sample: Sample = {
             "image": batch.image_t[slot],
-            "polygons": list(self.pipeline.transform_polygons(polys, geometry["matrix"])),
-            "ignore": np.array(ignore, dtype=bool),
+            "polygons": self._moved_polygons(item.index, geometry["matrix"]),
+            "ignore": np.array(self.flat_words(item.index)[2], dtype=bool),
             "inverse_matrix": batch.inverse_t[slot],
             "meta": {"index": item.index, "file": item.source,
                      "orig_size": tuple(int(v) for v in geometry["orig_size"]), "error": None},
@@ -474,6 +495,13 @@ class CachedOCRDataset(Dataset[Sample]):
             for name in MAP_NAMES:
                 sample[name] = batch.maps_t[name][slot]
         return sample
+
+    def _moved_polygons(self, index: int, matrix: np.ndarray) -> list[np.ndarray]:
+        """The image's polygons in the transformed image's coordinates, in one pass."""
+        points, sizes, _ = self.flat_words(index)
+        moved = map_points(points, matrix)
+        ends = np.cumsum(sizes).tolist()
+        return [moved[a:b] for a, b in zip([0, *ends[:-1]], ends)]
 
     def _empty_sample(self, item: _Item, batch: BatchBuffers) -> Sample:
         """What a bad source yields: the right shapes, all-zero masks, and the reason."""
@@ -602,4 +630,5 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
-__all__ = ["CachedOCRDataset", "collate", "format_hit_rates", "polygons_bytes"]
+__all__ = ["BatchBuffers", "CachedOCRDataset", "collate", "flat_polygons_bytes",
+           "format_hit_rates", "polygons_bytes"]

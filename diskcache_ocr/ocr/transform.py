@@ -99,13 +99,26 @@ def forward_matrix(height: int, width: int, size: int, flipped: bool) -> np.ndar
     return m
 
 
+def map_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Apply an affine 3×3 matrix to (P, 2) points; float32 result.
+
+    Elementwise on purpose (no matrix product, whose summation order may depend on the
+    array's size): a point maps to the same bits alone or among thousands.
+    """
+    pts = np.asarray(points, np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    out = np.empty(pts.shape, np.float32)
+    out[:, 0] = x * matrix[0, 0] + y * matrix[0, 1] + matrix[0, 2]
+    out[:, 1] = x * matrix[1, 0] + y * matrix[1, 1] + matrix[1, 2]
+    return out
+
+
 def map_polygons(polygons: Sequence[np.ndarray], matrix: np.ndarray) -> tuple[np.ndarray, ...]:
-    out = []
-    for poly in polygons:
-        pts = np.asarray(poly, np.float64)
-        mapped = pts @ matrix[:2, :2].T + matrix[:2, 2]
-        out.append(mapped.astype(np.float32))
-    return tuple(out)
+    if not len(polygons):
+        return ()
+    sizes = [len(p) for p in polygons]
+    moved = map_points(np.concatenate([np.asarray(p, np.float64) for p in polygons]), matrix)
+    return tuple(np.split(moved, np.cumsum(sizes)[:-1]))
 
 
 def resize_pad(
