@@ -66,6 +66,13 @@ def timed(fn, reps: int) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
+def epochs(loader: Any, reps: int) -> dict[str, float]:
+    """Timed epochs after one warm-up epoch (page cache, buffers, worker start)."""
+    for _ in loader:
+        pass
+    return timed(lambda: sum(1 for _ in loader), reps)
+
+
 def batch_bytes(ds: CachedOCRDataset, batch_size: int) -> int:
     size = ds.pipeline.transform.size
     per = 3 * size * size * 4 + (len(MAP_NAMES) * size * size * 4 if ds.load_maps else 0)
@@ -99,18 +106,13 @@ def cpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         gb = batch_bytes(ds, args.batch_size) * (n // args.batch_size) / 1e9
         rows: dict[str, Any] = {}
         with BatchLoader(ds, batch_size=args.batch_size, threads=args.threads,
-                         drop_last=True) as loader:
-            for _ in loader:  # warm: page cache, buffers
-                pass
-            rows["batched loader"] = timed(lambda: sum(1 for _ in loader), args.reps)
+                         drop_last=True) as batched:
+            rows["batched loader"] = epochs(batched, args.reps)
         for w in args.workers:
-            loader = DataLoader(ds, batch_size=args.batch_size, num_workers=w,
-                                collate_fn=collate, drop_last=True,
-                                persistent_workers=w > 0)
-            for _ in loader:
-                pass
-            rows[f"DataLoader, {w} workers"] = timed(lambda: sum(1 for _ in loader), args.reps)
-            del loader
+            stock = DataLoader(ds, batch_size=args.batch_size, num_workers=w,
+                               collate_fn=collate, drop_last=True, persistent_workers=w > 0)
+            rows[f"DataLoader, {w} workers"] = epochs(stock, args.reps)
+            del stock
         rows["memcpy limit"] = memcpy_limit(ds, args.batch_size, n, args.reps)
         limit = rows["memcpy limit"]["median"]
         for r in rows.values():

@@ -501,7 +501,7 @@ class CachedOCRDataset(Dataset[Sample]):
         points, sizes, _ = self.flat_words(index)
         moved = map_points(points, matrix)
         ends = np.cumsum(sizes).tolist()
-        return [moved[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        return [moved[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
     def _empty_sample(self, item: _Item, batch: BatchBuffers) -> Sample:
         """What a bad source yields: the right shapes, all-zero masks, and the reason."""
