@@ -119,6 +119,9 @@ def health(
             if have != current[kind]:
                 problems.append(Problem("version_mismatch",
                                         f"{kind}: stored {have}, current {current[kind]}"))
+        if store.unsynced_reboot():
+            problems.append(Problem("corrupt", "written without fsync before the last reboot: "
+                                    "an OS crash may have damaged it; run verify or rebuild"))
         root = Path(images_dir) if images_dir else (
             Path(header["dataset_root"]) if header.get("dataset_root") else None)
         stale, failed, old = [], [], 0
@@ -145,7 +148,11 @@ def health(
         if old:
             problems.append(Problem("old_entries",
                                     f"{old} entries older than {max_age_days:g} days"))
-        stats = store.stats()
+        try:
+            stats = store.stats()
+        except CacheFormatError as exc:  # a damaged file: report it, keep looking
+            problems.append(Problem("corrupt", str(exc)))
+            stats = {}
         for kind in KINDS:
             hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
             if hits + misses >= min_reads and hits / (hits + misses) < min_hit_rate:
@@ -155,8 +162,13 @@ def health(
         if freed:
             problems.append(Problem("stale_readers",
                                     f"{freed} reader slots of dead processes (now freed)"))
-        corrupt = [f"{kind}/{key.hex()[:16]}: {exc}" for kind in KINDS
-                   for key, exc in _check_headers(store, kind) if exc]
+        corrupt = []
+        for kind in KINDS:
+            try:
+                corrupt += [f"{kind}/{key.hex()[:16]}: {exc}"
+                            for key, exc in _check_headers(store, kind) if exc]
+            except CacheFormatError as exc:  # the kind's tree itself is damaged
+                corrupt.append(f"{kind}: {exc}")
         if corrupt:
             problems.append(Problem("corrupt", f"{len(corrupt)} damaged records: "
                                     + _some(corrupt)))
@@ -206,11 +218,11 @@ def _clear_all(path: Path, dry_run: bool) -> dict[str, Any]:
             counts = {k: store.kind_stats(k)["entries"] for k in KINDS}
             counts["index"] = len(list(store.iter_index()))
             if not dry_run:
-                with store.writer() as w:
-                    for k in KINDS:
-                        w.drop(k)
-                store._write(lambda txn: (txn.drop(store._db("index"), delete=False),
-                                          txn.drop(store._db("stats"), delete=False)))
+                def wipe(txn: Any) -> None:  # records, index and counters: one transaction
+                    for name in (*KINDS, "index", "stats"):
+                        txn.drop(store._db(name), delete=False)
+
+                store._write(wipe)
                 store.update_header(kinds={}, build={})
         return {"dry_run": dry_run, "removed": counts}
     except CacheFormatError as exc:
@@ -231,6 +243,8 @@ def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, d
         Path(header["dataset_root"]) if header.get("dataset_root") else None)
     if root is None:
         raise CacheError(f"{store.path}: no dataset root recorded; pass the images directory")
+    if not root.is_dir():  # a mistyped or unmounted root would make every entry "missing"
+        raise CacheError(f"{root}: the images directory does not exist; nothing was removed")
     index = list(store.iter_index())
     stale = [(s, e) for s, e in index if _source_state(root, s, e)]
     live = {key for s, e in index if (s, e) not in stale for key in e.keys.values()}

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -97,7 +98,7 @@ def prebuild(
     annotations: str | os.PathLike[str] | None,
     cache_dir: str | os.PathLike[str],
     *,
-    preset: str | os.PathLike[str] | Mapping[str, Any] | Preset | None = "validation_optimized",
+    preset: str | Path | Mapping[str, Any] | Preset | None = "validation_optimized",
     workers: int = 1,
     split: str = "val",
     transform: TransformConfig | None = None,
@@ -158,7 +159,9 @@ def prebuild(
     store.sync()
     _barrier(world)
     if rank == 0:
-        store.update_header(build={"clean": True, "finished": time.time(), "world_size": world})
+        # Everything is on disk now (synced above): no unsynced writes are outstanding.
+        store.update_header(build={"clean": True, "finished": time.time(), "world_size": world},
+                            unsynced_boot=None)
         store.sync()
     store.close()
     summary.seconds = time.perf_counter() - started
