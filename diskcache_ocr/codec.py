@@ -24,6 +24,7 @@ array into aligned memory, which for small values costs next to nothing.
 
 from __future__ import annotations
 
+import reprlib
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -46,6 +47,12 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 256
 MAX_NDIM = 8
 MAX_NAME_LEN = 128
+# The largest byte count numpy accepts for one array (its sizes are signed 64-bit).
+MAX_ARRAY_BYTES = (1 << 63) - 1
+# Bounded repr for error messages: a hostile header may nest lists ~1000 deep, which the
+# builtin repr cannot print (RecursionError).
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 3, 8, 40, 40
 
 # Little-endian (or byte-order free) numeric types only: no object, string, void or datetime.
 DTYPES: frozenset[str] = frozenset(
@@ -108,7 +115,7 @@ def _pack_header(
     return msgpack.packb({"a": entries, "c": checksum}, use_bin_type=True)
 
 
-def encode_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> bytes:
+def encode_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> bytearray:
     """Serialize named arrays into one record (one copy of each array's bytes).
 
     >>> rec = encode_record({"image": np.zeros((2, 3), np.uint8)})
@@ -138,7 +145,8 @@ def encode_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> bytes:
     header = _pack_header(items, offsets, checksum)
     PREFIX.pack_into(out, 0, MAGIC, FORMAT_VERSION, 0, 0, len(header))
     out[PREFIX.size : PREFIX.size + len(header)] = header
-    return bytes(out)
+    # NOTE: the bytearray itself, not bytes(out): that would copy every payload once more.
+    return out
 
 
 class RecordHeader:
@@ -153,6 +161,10 @@ class RecordHeader:
         self.entries = entries
         self.checksum = checksum
         self.payload_start = payload_start
+
+
+def _short(value: Any) -> str:
+    return _SHORT.repr(value)
 
 
 def _fail(where: str, problem: str) -> CacheFormatError:
@@ -207,31 +219,36 @@ def _check_entry(
     raw: Any, where: str, names: set[str], min_offset: int, size: int
 ) -> tuple[str, np.dtype, tuple[int, ...], int, int]:
     if not isinstance(raw, list) or len(raw) != 5:
-        raise _fail(where, f"array entry {raw!r:.80} is not [name, dtype, shape, offset, nbytes]")
+        raise _fail(where, f"array entry {_short(raw)} is not [name, dtype, shape, offset, nbytes]")
     name, dtype_str, shape, offset, nbytes = raw
     if not isinstance(name, str) or not name or name in names:
-        raise _fail(where, f"array name {name!r:.80} is empty, not a string or repeated")
+        raise _fail(where, f"array name {_short(name)} is empty, not a string or repeated")
     label = f"array {name!r}"
     if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
-        raise _fail(where, f"{label} has dtype {dtype_str!r:.40}, not an allowed numeric dtype")
+        raise _fail(where, f"{label} has dtype {_short(dtype_str)}, not an allowed numeric dtype")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
         or not all(type(d) is int and d >= 0 for d in shape)
     ):
-        raise _fail(where, f"{label} has shape {shape!r:.80}: expected up to {MAX_NDIM} dims >= 0")
+        raise _fail(where, f"{label} has shape {_short(shape)}: expected up to {MAX_NDIM} dims "
+                    ">= 0")
     for field, val in (("offset", offset), ("nbytes", nbytes)):
         if type(val) is not int or val < 0:
-            raise _fail(where, f"{label} has {field} {val!r:.40}: expected an int >= 0")
+            raise _fail(where, f"{label} has {field} {_short(val)}: expected an int >= 0")
     dtype = np.dtype(dtype_str)
-    count = 1
+    count = extent = 1
     for dim in shape:  # Python ints: a huge shape cannot overflow silently
         count *= dim
+        extent *= max(dim, 1)
     if count * dtype.itemsize != nbytes:
         raise _fail(
             where, f"{label}: shape {tuple(shape)} × {dtype.itemsize} bytes != stored length "
             f"{nbytes}"
         )
+    # numpy refuses a shape whose non-zero dims overflow even when another dim is 0
+    if extent * dtype.itemsize > MAX_ARRAY_BYTES:
+        raise _fail(where, f"{label}: shape {_short(shape)} is too large for an array")
     if offset < min_offset or offset + nbytes > size:
         raise _fail(
             where, f"{label}: bytes {offset}..{offset + nbytes} fall outside the payload "
@@ -253,8 +270,8 @@ def decode_record(
 ) -> dict[str, np.ndarray]:
     """Arrays of a record as views on ``value`` (zero-copy where aligned).
 
-    Views on read-only memory (LMDB's map, ``bytes``) are read-only. With ``writeable``
-    every array is an owned, aligned copy.
+    Views are read-only (whatever ``value`` is). With ``writeable`` every array is an
+    owned, aligned copy.
     """
     header = parse_header(value, where)
     out: dict[str, np.ndarray] = {}
@@ -267,7 +284,7 @@ def decode_record(
             arr = arr.reshape(shape)
             if writeable or arr.ctypes.data % max(MIN_ALIGN, dtype.itemsize):
                 arr = _aligned_copy(arr)
-                arr.flags.writeable = writeable
+            arr.flags.writeable = writeable
         out[name] = arr
     return out
 

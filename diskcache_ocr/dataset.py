@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from diskcache_ocr.errors import CacheError, SourceError, TrainingSafetyError
+from diskcache_ocr.errors import CacheError, CacheFullError, SourceError, TrainingSafetyError
 from diskcache_ocr.keys import content_hash, derive_key
 from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations, safe_source_path
 from diskcache_ocr.ocr.maps import MAP_NAMES, MapConfig
@@ -114,6 +114,7 @@ class _Item:
     image_done: bool = False  # the image already sits in the batch buffer
     maps_done: bool = False  # the maps were found (and, when reading, copied)
     error: str | None = None
+    not_cached: CacheError | None = None  # why the write-back failed (the sample is fine)
     hits: dict[str, bytes] = field(default_factory=dict)  # kind -> key found in the cache
     writes: list[tuple[str, bytes, dict[str, np.ndarray]]] = field(default_factory=list)
 
@@ -163,9 +164,14 @@ class CachedOCRDataset(Dataset[Sample]):
                     f"preset {self.preset.name!r} caches data but no cache_dir was given"
                 )
             self._check_training_safety(allow_random_tensor_cache)
-            options = {"readahead": self.preset.readahead, **(store_options or {})}
+            # NOTE: read-through commits skip fsync (a killed process loses nothing; the
+            # header's boot id flags an OS crash since); one fsync at close.
+            options = {"readahead": self.preset.readahead, "sync": False, **(store_options or {})}
             self.store = CacheStore(cache_dir, readonly=readonly, **options)
             self.store.check_kinds(self._kind_versions(), on_mismatch)
+            if self.store.unsynced_reboot():
+                log.warning("%s: written without fsync before the last reboot; if the machine "
+                            "crashed, run `diskcache-ocr verify` (or rebuild)", cache_dir)
             if not readonly:
                 self.store.update_header(
                     dataset_root=str(self.images_dir), preset=self.preset.name,
@@ -273,7 +279,11 @@ class CachedOCRDataset(Dataset[Sample]):
         p = self.preset
         items = self._process(indices, want_maps=self.load_maps or p.cache_maps,
                               want_tensor=p.cache_tensors)
-        return [(it.source, it.error, bool(it.writes)) for it in items]
+        for it in items:
+            if isinstance(it.not_cached, CacheFullError):
+                raise it.not_cached  # nothing more can be stored: stop the build, cache intact
+        return [(it.source, it.error or (f"not cached: {it.not_cached}" if it.not_cached else None),
+                 bool(it.writes)) for it in items]
 
     def _process(self, indices: Sequence[int], want_maps: bool, want_tensor: bool = True,
                  batch: BatchBuffers | None = None,
@@ -321,7 +331,7 @@ class CachedOCRDataset(Dataset[Sample]):
         if item.error is not None:
             return
         assert self.store is not None and item.stat is not None
-        entry = txn.get_index(item.source)
+        entry = _index_entry(txn, item.source)
         if entry is not None and self._matches(entry, item.stat):
             if not entry.ok:
                 item.error = entry.status
@@ -351,6 +361,10 @@ class CachedOCRDataset(Dataset[Sample]):
             rec = self._get(txn, "images", h, item)
             if rec is not None:
                 item.image = np.array(rec["image"])  # the transform needs it after the block
+        elif p.cache_images and item.entry is None and txn.contains("images", h):
+            # Not needed now, but the new index entry must name it, or invalidating this
+            # source later would leave the image record behind.
+            item.hits["images"] = h
 
     def _put_image(self, stored: np.ndarray, batch: BatchBuffers, slot: int) -> None:
         if batch.raw_image:
@@ -444,6 +458,10 @@ class CachedOCRDataset(Dataset[Sample]):
                 continue  # nothing cached for it (e.g. only maps cached, maps not read)
             if not self._unchanged_since_stat(item):
                 continue  # the file changed while we read it: serve, but do not index
+            if len(item.source.encode()) > self.store.max_key_size():
+                self._log_once(f"{item.source}: name too long to index; its records are found "
+                               "by content, at the cost of reading the file on every access")
+                continue  # (one such key would fail the whole write)
             status = "ok" if item.error is None else f"failed: {item.error}"
             keys = dict(item.entry.keys) if item.entry is not None else {}
             keys.update(item.hits)  # records found by content (e.g. the file was touched)
@@ -459,6 +477,8 @@ class CachedOCRDataset(Dataset[Sample]):
                 self.store.commit(batch)
             except CacheError as exc:  # e.g. disk full: the sample is still served
                 log.warning("not cached: %s", exc)
+                for item in items:
+                    item.not_cached = exc
             self.write_seconds += time.perf_counter() - started
 
     def _unchanged_since_stat(self, item: _Item) -> bool:
@@ -501,7 +521,7 @@ class CachedOCRDataset(Dataset[Sample]):
         points, sizes, _ = self.flat_words(index)
         moved = map_points(points, matrix)
         ends = np.cumsum(sizes).tolist()
-        return [moved[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        return [moved[a:b] for a, b in zip([0, *ends], ends, strict=False)]  # (no words: [])
 
     def _empty_sample(self, item: _Item, batch: BatchBuffers) -> Sample:
         """What a bad source yields: the right shapes, all-zero masks, and the reason."""
@@ -522,6 +542,13 @@ class CachedOCRDataset(Dataset[Sample]):
                 batch.maps[name][slot] = 0
                 sample[name] = batch.maps_t[name][slot]
         return sample
+
+    def _log_once(self, message: str) -> None:
+        with self._lock:
+            if message in self._logged_errors:
+                return
+            self._logged_errors.add(message)
+        log.warning("%s", message)
 
     def _log_error(self, item: _Item) -> None:
         with self._lock:
@@ -553,7 +580,7 @@ class CachedOCRDataset(Dataset[Sample]):
             for i in indices:
                 item = _Item(index=int(i), source=self.source(int(i)))
                 self._stat(item)
-                entry = None if item.stat is None else txn.get_index(item.source)
+                entry = None if item.stat is None else _index_entry(txn, item.source)
                 if entry is None or item.stat is None or not self._matches(entry, item.stat):
                     todo.append(item.index)
                     continue
@@ -585,6 +612,15 @@ class CachedOCRDataset(Dataset[Sample]):
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def _index_entry(txn: ReadTxn, source: str) -> IndexEntry | None:
+    """The source's index entry; a damaged one counts as absent (recomputed, rewritten)."""
+    try:
+        return txn.get_index(source)
+    except CacheError as exc:
+        log.warning("%s", exc)
+        return None
 
 
 def _run_inline(copies: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:

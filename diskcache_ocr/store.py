@@ -57,6 +57,8 @@ DEFAULT_MAP_SIZE = 16 << 30
 RENEW_AFTER_S = 1.0
 STATS_FLUSH_EVERY_S = 5.0
 _MAX_GROWS = 32
+# Free space below which an I/O error from a write is taken for a full disk.
+_NEARLY_FULL = 1 << 20
 
 _open_stores: weakref.WeakSet[CacheStore] = weakref.WeakSet()
 
@@ -220,11 +222,13 @@ class WriteBatch:
     """Writes collected in memory and committed in one LMDB write transaction."""
 
     def __init__(self) -> None:
-        self.ops: list[tuple[str, str, bytes, bytes | None]] = []
+        self.ops: list[tuple[str, str, bytes, bytes | bytearray | memoryview | None]] = []
 
-    def put(self, kind: str, key: bytes, arrays: Mapping[str, np.ndarray] | bytes) -> None:
+    def put(self, kind: str, key: bytes,
+            arrays: Mapping[str, np.ndarray] | bytes | bytearray) -> None:
         _check_kind(kind)
-        value = arrays if isinstance(arrays, bytes) else encode_record(arrays)
+        value = (arrays if isinstance(arrays, (bytes, bytearray, memoryview))
+                 else encode_record(arrays))
         self.ops.append(("put", kind, key, value))
 
     def delete(self, kind: str, key: bytes) -> None:
@@ -281,6 +285,7 @@ class _SharedEnv:
         self.slots: dict[int, _Slot] = {}
         self.write_generation = 0
         self.users = 0
+        self.unsynced = False  # this process committed without fsync: sync at close
 
     @classmethod
     def acquire(cls, store: CacheStore) -> _SharedEnv:
@@ -313,6 +318,8 @@ class _SharedEnv:
             for slot in self.slots.values():
                 slot.txn.abort()
             self.slots = {}
+            if self.unsynced:
+                self.env.sync(True)
             self.env.close()
             self.env = None
         self._registry.pop((self.pid, os.path.realpath(self.path)), None)
@@ -484,12 +491,25 @@ class CacheStore:
         sh = self._shared()
         slot = sh.acquire_slot()
         handle = ReadTxn(self, slot.txn)
+        failed = False
         try:
             yield handle
+        except lmdb.Error as exc:
+            # NOTE: LMDB has no page checksums; a damaged B-tree shows up here (and leaves the
+            # transaction unusable, so this thread's slot is dropped below).
+            failed = True
+            if isinstance(exc, lmdb.BadValsizeError):
+                raise CacheError(f"{self.path}: key too long for the cache ({exc})") from None
+            raise CacheFormatError(
+                f"{self.path}: read failed, the cache file is damaged ({exc}); clear it with "
+                "`diskcache-ocr clear --all`"
+            ) from None
         finally:
             handle._open = False
             with sh.lock:
                 slot.borrowed -= 1
+            if failed:
+                sh.drop_slot(threading.get_ident())
 
     def refresh(self) -> None:
         """Make this thread's next read see every write committed so far, here or elsewhere."""
@@ -502,13 +522,22 @@ class CacheStore:
             self.path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
         elif not (self.path / "data.mdb").exists():
             raise CacheError(f"{self.path}: no cache here (no data.mdb) to open read-only")
+        lock = opts.lock
+        if opts.readonly and lock and not _lock_writable(self.path):
+            # LMDB cannot register a reader in a lock file it may not write (a cache shared
+            # read-only by another user): read without one, as read-only LMDB datasets do.
+            log.warning("%s: lock.mdb is not writable by this user; reading without a lock, "
+                        "which is safe only while no process writes this cache", self.path)
+            lock = False
         try:
             env = lmdb.open(
                 str(self.path), map_size=opts.map_size, readonly=opts.readonly,
                 readahead=opts.readahead, max_readers=opts.max_readers, max_dbs=len(_DBS) + 2,
-                max_spare_txns=0, lock=opts.lock, sync=opts.sync, metasync=opts.sync,
+                max_spare_txns=0, lock=lock, sync=opts.sync, metasync=opts.sync,
                 mode=0o600 if opts.dir_mode == 0o700 else 0o644,
             )
+        except lmdb.ReadersFullError:
+            raise _readers_full(self.path, opts.max_readers) from None
         except lmdb.InvalidError as exc:
             raise CacheFormatError(f"{self.path}/data.mdb is not an LMDB file ({exc})") from None
         except lmdb.VersionMismatchError as exc:
@@ -516,16 +545,24 @@ class CacheStore:
         except lmdb.Error as exc:
             raise CacheError(f"{self.path}: cannot open the cache ({exc})") from None
         try:
+            _check_complete(env, self.path)
             handles = self._open_dbs(env)
             self._check_header(env, handles)
-        except BaseException:
+        except BaseException as exc:
             env.close()
+            if isinstance(exc, lmdb.ReadersFullError):
+                raise _readers_full(self.path, opts.max_readers) from None
+            if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError)):
+                raise CacheFormatError(f"{self.path}: the cache file is damaged ({exc})") from None
+            if isinstance(exc, lmdb.Error):
+                raise CacheError(f"{self.path}: cannot open the cache ({exc})") from None
             raise
         return env, handles
 
     def _open_dbs(self, env: lmdb.Environment) -> dict[str, Any]:
         with env.begin() as txn:
             named = {bytes(k) for k, _ in txn.cursor()}
+        del txn  # a finished read transaction keeps its reader slot until it is freed
         if named and b"meta" not in named:
             raise CacheFormatError(
                 f"{self.path}: an LMDB environment, but not a diskcache-ocr cache (no 'meta')"
@@ -662,10 +699,14 @@ class CacheStore:
             with sh.lock, self._lock:
                 pending = self._take_pending()
                 try:
+                    marking = not self.options.sync and not sh.unsynced
                     with env.begin(write=True) as txn:
                         body(txn)
                         if pending:
                             _merge_counters(txn, sh.handles["stats"], pending)
+                        if marking:
+                            _mark_unsynced(txn, sh.handles["meta"], self.path)
+                    sh.unsynced = sh.unsynced or marking
                     sh.write_generation += 1
                     return
                 except lmdb.MapFullError:
@@ -678,10 +719,19 @@ class CacheStore:
                     self._pending.update(pending)
                     if not isinstance(exc, lmdb.Error):
                         raise
-                    if _is_disk_full(exc):
+                    if _is_disk_full(exc, self.path):
                         raise CacheFullError(
                             f"{self.path}: the disk is full; nothing of this write was kept, "
-                            "the cache is intact ({exc})"
+                            f"the cache is intact ({exc})"
+                        ) from None
+                    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError,
+                                        lmdb.BadTxnError)):
+                        # A damaged tree (BadTxn follows a first such error): a refusal that
+                        # `clear --all` recognises, and a fresh read snapshot next time.
+                        sh.drop_slot(threading.get_ident())
+                        raise CacheFormatError(
+                            f"{self.path}: write failed, the cache file is damaged ({exc}); "
+                            "clear it with `diskcache-ocr clear --all`"
                         ) from None
                     raise CacheError(f"{self.path}: write failed ({exc})") from None
         raise CacheFullError(f"{self.path}: the map could not grow enough for this write")
@@ -691,6 +741,12 @@ class CacheStore:
         with self.reader() as r:
             raw = r._txn.get(HEADER_KEY, db=self._db("meta"))
             return _unpack_header(bytes(raw), self.path) if raw is not None else {}
+
+    def unsynced_reboot(self) -> bool:
+        """Whether writes made without fsync predate the machine's last reboot (an OS crash
+        may then have lost or damaged them: ``verify``, or rebuild)."""
+        marked = self.header().get("unsynced_boot")
+        return bool(marked) and marked != boot_id()
 
     def update_header(self, **changes: Any) -> dict[str, Any]:
         """Merge top-level fields into the header, atomically."""
@@ -788,7 +844,7 @@ class CacheStore:
     def stats(self) -> dict[str, int]:
         """Persisted counters plus this process's unsaved ones."""
         with self.reader() as r:
-            saved = {bytes(k).decode(): int(msgpack.unpackb(bytes(v)))
+            saved = {bytes(k).decode("utf-8", "replace"): _counter(v)
                      for k, v in r._txn.cursor(self._db("stats"))}
         with self._lock:
             for name, value in self._pending.items():
@@ -821,6 +877,10 @@ class CacheStore:
         finally:
             os.close(fd)
 
+    def max_key_size(self) -> int:
+        """The longest key (bytes) the engine stores: longer source names are not indexed."""
+        return int(self._environment().max_key_size())
+
     def reader_check(self) -> int:
         """Free reader slots left by dead processes; returns how many were freed."""
         return int(self._environment().reader_check())
@@ -851,8 +911,39 @@ def _merge_counters(txn: lmdb.Transaction, db: Any, pending: Mapping[str, int]) 
     for name, delta in pending.items():
         key = name.encode()
         raw = txn.get(key, db=db)
-        value = int(msgpack.unpackb(bytes(raw))) if raw is not None else 0
+        value = _counter(raw) if raw is not None else 0
         txn.put(key, msgpack.packb(value + delta), db=db)
+
+
+def _counter(raw: bytes | memoryview) -> int:
+    """A persisted counter; a damaged one counts as 0 (counters only feed reports)."""
+    try:
+        value = msgpack.unpackb(bytes(raw))
+    except Exception:  # msgpack raises several unrelated types on bad input
+        return 0
+    return value if type(value) is int and 0 <= value < 1 << 63 else 0
+
+
+def boot_id() -> str:
+    """This boot of the machine ('' where the system does not say)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _mark_unsynced(txn: lmdb.Transaction, db: Any, path: Path) -> None:
+    """Note in the header that this boot wrote without fsync.
+
+    NOTE: without fsync a killed process loses nothing (its pages are in the OS cache), but
+    an OS crash or power loss can lose or damage recent pages. The boot id tells a later
+    open whether such a crash can have happened since (see ``CacheStore.unsynced_reboot``).
+    """
+    raw = txn.get(HEADER_KEY, db=db)
+    header = _unpack_header(raw, path) if raw is not None else {}
+    if header.get("unsynced_boot") != boot_id():
+        header["unsynced_boot"] = boot_id()
+        txn.put(HEADER_KEY, _pack(header), db=db)
 
 
 def _pack(header: Mapping[str, Any]) -> bytes:
@@ -869,8 +960,42 @@ def _unpack_header(raw: bytes | memoryview, path: Path) -> dict[str, Any]:
     return header
 
 
-def _is_disk_full(exc: lmdb.Error) -> bool:
-    return getattr(exc, "code", None) in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc)
+def _is_disk_full(exc: lmdb.Error, path: Path) -> bool:
+    code = getattr(exc, "code", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc):
+        return True
+    # LMDB reports a short write (the disk filled up in the middle of a page run) as EIO.
+    if code != errno.EIO and "Input/output error" not in str(exc):
+        return False
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL
+
+
+def _check_complete(env: lmdb.Environment, path: Path) -> None:
+    """Refuse a data file shorter than the pages its last commit uses (truncated, e.g. by a
+    failed copy): touching a missing page through the memory map kills the process (SIGBUS)."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = os.path.getsize(path / "data.mdb")
+    if actual < needed:
+        raise CacheFormatError(
+            f"{path}/data.mdb is truncated: {actual} bytes, its last commit uses {needed}; "
+            "clear it with `diskcache-ocr clear --all`"
+        )
+
+
+def _lock_writable(path: Path) -> bool:
+    lockfile = path / "lock.mdb"
+    return os.access(lockfile if os.path.exists(lockfile) else path, os.W_OK)
+
+
+def _readers_full(path: Path, max_readers: int) -> CacheError:
+    return CacheError(
+        f"{path}: all {max_readers} reader slots are taken; run `diskcache-ocr health` to free "
+        "slots of dead processes, or raise max_readers"
+    )
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from diskcache_ocr.synth import synthesize
 
 N = 7
 COMPACT = TransformConfig(output="compact")
+FLOAT32 = TransformConfig(output="float32")
 TENSORS = ("image", *MAP_NAMES, "inverse_matrix")
 
 
@@ -45,14 +46,14 @@ def clone(batch):
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("transform", [None, COMPACT], ids=["float32", "compact"])
+@pytest.mark.parametrize("transform", [FLOAT32, COMPACT], ids=["float32", "compact"])
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_batches_equal_a_stock_dataloader_over_the_uncached_dataset(data, tmp_path, transform,
                                                                     epochs):
     ds = CachedOCRDataset(*data, tmp_path / "c", preset="validation_optimized",
                           transform=transform, preload=epochs == 2)
     order = list(RandomSampler(range(N), generator=torch.Generator().manual_seed(3)))
-    want = stock_batches(data, order)  # the float32 pipeline: compact must equal it too
+    want = stock_batches(data, order, FLOAT32)  # float32 pipeline: compact must equal it too
     with BatchLoader(ds, batch_size=3, sampler=order, threads=2) as loader:
         for _ in range(epochs):  # epoch 1 reads through (misses), epoch 2 from the cache
             assert_batches_equal([clone(b) for b in loader], want)

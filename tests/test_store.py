@@ -297,3 +297,19 @@ def test_two_stores_on_one_directory_share_the_environment(tmp_path):
         first_ro.header()
         with pytest.raises(CacheError, match="already open read-only"):
             CacheStore(tmp_path / "c").put("images", key(3), {"i": np.zeros(1, np.uint8)})
+
+
+def test_unsynced_writes_are_marked_with_the_boot_and_synced_at_close(tmp_path, monkeypatch):
+    import diskcache_ocr.store as store_mod
+
+    s = CacheStore(tmp_path / "c", sync=False)
+    s.put("images", key(0), {"i": np.zeros(3, np.uint8)})
+    assert s.header()["unsynced_boot"] == store_mod.boot_id()
+    assert not s.unsynced_reboot()
+    s.close()
+    monkeypatch.setattr(store_mod, "boot_id", lambda: "another-boot")
+    with CacheStore(tmp_path / "c", readonly=True) as again:
+        assert again.unsynced_reboot()  # a reboot since: an OS crash may have hit it
+    with CacheStore(tmp_path / "synced") as synced:
+        synced.put("images", key(0), {"i": np.zeros(3, np.uint8)})
+        assert "unsynced_boot" not in synced.header() and not synced.unsynced_reboot()

@@ -24,6 +24,8 @@ log = logging.getLogger("diskcache_ocr.annotations")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _MAX_SYMLINK_HOPS = 40  # same bound the OS uses before ELOOP
+# Far outside any image; larger values overflow float32 once transformed (inf polygons).
+MAX_COORDINATE = float(2**31)
 _BAD_NAMES = (
     (lambda r: "\0" in r, "contains a NUL character"),
     (lambda r: "\\" in r, "contains a backslash; use '/' separators"),
@@ -227,6 +229,8 @@ def _polygon(points: Any) -> np.ndarray | str:
         return "coordinates must be finite (NaN or infinity found)"
     if any(c < 0 for c in coords):
         return "coordinates must not be negative"
+    if any(c > MAX_COORDINATE for c in coords):
+        return f"coordinates must not exceed {MAX_COORDINATE:.0f} (far outside any image)"
     return np.array(coords, dtype=np.float64).reshape(-1, 2)
 
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from diskcache_ocr.keys import fingerprint
 from diskcache_ocr.ocr.decode import MAX_PIXELS_DEFAULT, decode_image
@@ -20,7 +19,6 @@ from diskcache_ocr.ocr.transform import (
     VALIDATION,
     TransformConfig,
     Transformed,
-    finish,
     finish_numpy,
     map_polygons,
     resize_pad,
@@ -72,8 +70,9 @@ class Pipeline:
         """What the ``tensors`` kind stores for one image."""
         if self.transform.output == "compact":
             image = t.image
-        else:
-            image = finish(torch.from_numpy(t.image), self.transform).numpy()
+        else:  # (numpy: several times faster than torch's uint8 → float32 copy on the CPU)
+            image = finish_numpy(t.image, self.transform,
+                                 np.empty(t.image.shape, np.float32))
         return {
             "image": image,
             "matrix": np.linalg.inv(t.inverse_matrix),

@@ -1,0 +1,395 @@
+"""Helpers of the reliability suite: killable child processes, cache snapshots, references.
+
+Child processes come from a fork server that has already imported the library (and torch),
+so starting one costs a fork, not a 2-second import: that is what lets the crash tests kill
+a build 20 times within the CI budget. Each child makes itself a process-group leader, so
+``killpg`` takes its own workers (prebuild's pool, a DataLoader's workers) down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+
+PRELOAD = ["pytest", "diskcache_ocr", "diskcache_ocr.cli", "diskcache_ocr.prebuild",
+           "diskcache_ocr.watch", "diskcache_ocr.ops", "diskcache_ocr.loader", "torch.utils.data"]
+START_TIMEOUT_S = 120.0
+KINDS = ("images", "tensors", "maps")
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # (no effect once the server runs: then just slower)
+    return ctx
+
+
+def _child_main(started: Any, target: Callable[..., int | None], args: tuple[Any, ...],
+                log_path: str) -> None:
+    os.setsid()  # a new process group: killpg reaches this process and its children only
+    # A fork-server child inherits "forkserver" as its default start method; a program
+    # started normally on Linux (Python < 3.14) forks its DataLoader workers.
+    mp.set_start_method("fork", force=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True,
+                        format="%(levelname)s %(name)s: %(message)s")
+    started.set()
+    rc = target(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(int(rc or 0))
+
+
+class Child:
+    """A process running ``target(*args)`` in its own process group."""
+
+    def __init__(self, target: Callable[..., int | None], *args: Any, log: Path) -> None:
+        ctx = _context()
+        self.log = Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._started = ctx.Event()
+        self.proc = ctx.Process(target=_child_main, args=(self._started, target, args,
+                                                          str(self.log)), daemon=False)
+        self.proc.start()
+        if not self._started.wait(START_TIMEOUT_S):
+            self.kill()
+            raise AssertionError(f"child {target.__name__} did not start: {self.log_text()}")
+        self.t0 = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def join(self, timeout: float) -> int:
+        """The exit code (negative: the signal); a child that overstays fails the test."""
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.kill()
+            self.proc.join(30)
+            raise AssertionError(f"child {self.pid} did not finish in {timeout:.0f} s (hang?); "
+                                 f"log:\n{self.log_text()}")
+        return int(self.proc.exitcode)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-6000:]
+        except OSError:
+            return "<no log>"
+
+
+# -- cache contents -------------------------------------------------------------------------
+def snapshot(cache: Path) -> dict[str, Any]:
+    """What a cache holds: every record's digest per kind, and every index entry (without
+    the times, which differ between two builds)."""
+    from diskcache_ocr.store import CacheStore
+
+    out: dict[str, Any] = {}
+    with CacheStore(cache, readonly=True) as store:
+        with store.reader() as r:
+            for kind in KINDS:
+                out[kind] = {bytes(k).hex(): blake3.blake3(v).hexdigest()
+                             for k, v in r._txn.cursor(store._db(kind))}
+        out["index"] = {s: {"size": e.size, "content_hash": e.content_hash.hex(),
+                            "status": e.status, "keys": {k: v.hex() for k, v in e.keys.items()}}
+                        for s, e in store.iter_index()}
+    return out
+
+
+def diff_snapshots(got: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
+    out = []
+    for part in (*KINDS, "index"):
+        g, w = got.get(part, {}), want.get(part, {})
+        for key in sorted(set(g) | set(w)):
+            if g.get(key) != w.get(key):
+                out.append(f"{part}/{key[:24]}: got {str(g.get(key))[:90]}, "
+                           f"want {str(w.get(key))[:90]}")
+    return out
+
+
+def check_after_crash(cache: Path) -> dict[str, Any]:
+    """A cache left by a killed process: opens, no damaged record, every index entry's
+    records present (index and records commit together). Returns health's report."""
+    from diskcache_ocr import ops
+    from diskcache_ocr.store import CacheStore
+
+    if not (cache / "data.mdb").exists():
+        return {"ok": True, "problems": []}  # killed before it created anything
+    with CacheStore(cache) as store:
+        header = store.header()
+        assert header.get("format") == 1, header
+        entries = list(store.iter_index())
+        for source, entry in entries:
+            for kind, key in entry.keys.items():
+                assert store.contains(kind, key), f"{source}: index names a missing {kind} record"
+    report = ops.verify(cache)
+    assert report["corrupt"] == [], report["corrupt"]
+    health = ops.health(cache)
+    codes = {p["code"] for p in health["problems"]}
+    assert "corrupt" not in codes, health
+    return health
+
+
+# -- samples --------------------------------------------------------------------------------
+MAP_NAMES = ("prob_map", "prob_mask", "thresh_map", "thresh_mask")
+
+
+def sample_digest(sample: Mapping[str, Any]) -> str:
+    """One digest over everything a sample carries that comes from the image content."""
+    h = blake3.blake3()
+    for name in ("image", *MAP_NAMES, "inverse_matrix"):
+        if name in sample:
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(sample[name].numpy()).tobytes())
+    for poly in sample["polygons"]:
+        h.update(np.ascontiguousarray(poly).tobytes())
+    h.update(np.asarray(sample["ignore"], bool).tobytes())
+    h.update(repr(tuple(sample["meta"]["orig_size"])).encode())
+    return h.hexdigest()
+
+
+def part_digests(sample: Mapping[str, Any]) -> dict[str, str]:
+    """Digests of the image and of the maps apart (to name a torn or mixed sample)."""
+    out = {}
+    for name in ("image", *MAP_NAMES):
+        if name in sample:
+            out[name] = blake3.blake3(
+                np.ascontiguousarray(sample[name].numpy()).tobytes()).hexdigest()[:16]
+    return out
+
+
+def unbatch(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    n = len(batch["meta"])
+    return [{k: (v[i] if hasattr(v, "__getitem__") and not isinstance(v, (str, bytes)) else v)
+             for k, v in batch.items()} for i in range(n)]
+
+
+def copy_images(src: Path, dst: Path, names: Sequence[str] | None = None) -> None:
+    """Copy images keeping their mtimes (so a cache built from ``src`` matches ``dst``)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.iterdir()):
+        if names is None or p.name in names:
+            shutil.copy2(p, dst / p.name)
+
+
+def replace_atomically(src: Path, dst: Path, tag: str) -> None:
+    tmp = dst.with_name(f".{dst.name}.{tag}.tmp")  # no image suffix: nobody reads it
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# -- child targets --------------------------------------------------------------------------
+def run_cli(argv: list[str]) -> int:
+    from diskcache_ocr.cli import main
+
+    return main(argv)
+
+
+def run_epoch(images: str, annotations: str, cache: str, workers: int, out: str,
+              store_options: dict[str, Any] | None = None) -> int:
+    """A read-through epoch through a DataLoader; writes the number of samples and errors."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from diskcache_ocr.dataset import CachedOCRDataset, collate
+
+    ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
+                          preload=False, store_options=store_options)
+    loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=collate,
+                        shuffle=True, generator=torch.Generator().manual_seed(0))
+    n, errors = 0, []
+    for batch in loader:
+        for meta in batch["meta"]:
+            n += 1
+            if meta["error"]:
+                errors.append(f"{meta['file']}: {meta['error']}")
+    Path(out).write_text(json.dumps({"samples": n, "errors": errors}))
+    return 0
+
+
+def run_watch(cache: str, images: str, annotations: str, ready: str, kill_at: int | None,
+              kill_after_commit: bool) -> int:
+    """The watch service, made to SIGKILL itself inside (or right after) its first
+    invalidation: ``kill_at`` ops into the write transaction, or after the commit."""
+    from diskcache_ocr.store import CacheStore, WriteBatch
+    from diskcache_ocr.watch import serve
+
+    apply, commit = CacheStore._apply, CacheStore.commit
+
+    def is_invalidation(batch: WriteBatch) -> bool:
+        return any(op == "delete" and name == "index" for op, name, _, _ in batch.ops)
+
+    def dying_apply(self: CacheStore, txn: Any, batch: WriteBatch) -> None:
+        if kill_at is None or not is_invalidation(batch):
+            return apply(self, txn, batch)
+        stop = min(kill_at, len(batch.ops))
+        for i, op in enumerate(batch.ops):
+            if i == stop:
+                os.kill(os.getpid(), signal.SIGKILL)
+            one = WriteBatch()
+            one.ops = [op]
+            apply(self, txn, one)
+        os.kill(os.getpid(), signal.SIGKILL)  # everything applied, nothing committed
+
+    def dying_commit(self: CacheStore, batch: WriteBatch) -> None:
+        commit(self, batch)
+        if kill_after_commit and is_invalidation(batch):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    CacheStore._apply = dying_apply  # type: ignore[method-assign]
+    CacheStore.commit = dying_commit  # type: ignore[method-assign]
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        Path(ready).write_text(line)
+
+    serve(cache, images, annotations, debounce_s=0.05, out=out)
+    return 0
+
+
+def run_serve(cache: str, images: str, annotations: str, ready: str) -> int:
+    from diskcache_ocr.watch import serve
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        with open(ready, "a") as fh:
+            fh.write(line + "\n")
+
+    serve(cache, images, annotations, debounce_s=0.05, out=out)
+    return 0
+
+
+def hold_reader(cache: str, max_readers: int, holding: str, seconds: float) -> int:
+    """Open the cache, hold a read transaction (a reader slot), say so, then sleep."""
+    from diskcache_ocr.errors import CacheError
+    from diskcache_ocr.store import CacheStore
+
+    store = CacheStore(cache, readonly=True, max_readers=max_readers)
+    try:
+        with store.reader() as r:
+            r.get_index("nothing")
+            Path(holding).write_text("holding")
+            time.sleep(seconds)
+    except CacheError as exc:
+        Path(holding).write_text(f"CacheError: {exc}")
+    return 0
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- the concurrency scenario ---------------------------------------------------------------
+def read_and_check(images: str, annotations: str, cache: str, refs_path: str, mode: str,
+                   stop: str, min_epochs: int, max_epochs: int, seed: int, out: str) -> int:
+    """Read epochs until told to stop; every sample must equal a fresh computation of one of
+    the two known contents of its file (digests in ``refs_path``)."""
+    import random
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from diskcache_ocr.dataset import CachedOCRDataset, collate
+    from diskcache_ocr.loader import BatchLoader, split_batch
+
+    refs = json.loads(Path(refs_path).read_text())
+    ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
+                          preload=False)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    seen, bad, epochs, labels = 0, [], 0, {"0": 0, "1": 0}
+
+    def check(sample: Mapping[str, Any]) -> None:
+        nonlocal seen
+        seen += 1
+        name = sample["meta"]["file"]
+        if sample["meta"]["error"]:
+            bad.append(f"{name}: error {sample['meta']['error']}")
+            return
+        digest = sample_digest(sample)
+        for label, want in refs[name]["whole"].items():
+            labels[label] += digest == want
+        if digest not in refs[name]["whole"].values():
+            parts = part_digests(sample)
+            which = {part: [c for c, d in refs[name]["parts"].items() if d.get(part) == got]
+                     for part, got in parts.items()}
+            bad.append(f"{name}: matches no known content; parts match {which}")
+
+    while epochs < max_epochs and (epochs < min_epochs or not os.path.exists(stop)):
+        order = list(range(len(ds)))
+        rng.shuffle(order)
+        if mode == "getitem":
+            for i in order:
+                check(ds[i])
+        elif mode == "getitems":
+            for start in range(0, len(order), 3):
+                for sample in ds.__getitems__(order[start:start + 3]):
+                    check(sample)
+        elif mode == "dataloader":
+            for batch in DataLoader(ds, batch_size=2, shuffle=True, generator=gen,
+                                    num_workers=0, collate_fn=collate):
+                for sample in unbatch(batch):
+                    check(sample)
+        else:
+            with BatchLoader(ds, batch_size=2, shuffle=True, generator=gen, threads=2) as bl:
+                for batch in bl:
+                    for sample in split_batch(batch):
+                        check(sample)
+        epochs += 1
+    Path(out).write_text(json.dumps({"samples": seen, "epochs": epochs, "bad": bad,
+                                     "contents": labels}))
+    return 0
+
+
+def rewrite_sources(images: str, contents: dict[str, list[str]], rewrites: int, seed: int,
+                    out: str) -> int:
+    """Replace files atomically, alternating each between its two known contents."""
+    import random
+
+    rng = random.Random(seed)
+    state = {name: 0 for name in contents}
+    for k in range(rewrites):
+        name = rng.choice(sorted(contents))
+        state[name] ^= 1
+        replace_atomically(Path(contents[name][state[name]]), Path(images) / name, f"w{k}")
+        time.sleep(rng.uniform(0.01, 0.1))
+    Path(out).write_text(json.dumps(state))
+    return 0
+
+
+def prebuild_until(argv: list[str], stop: str, out: str) -> int:
+    """Run prebuild again and again until told to stop (each run sees other changes)."""
+    from diskcache_ocr.cli import main
+
+    runs = 0
+    while not os.path.exists(stop) or runs == 0:
+        rc = main(argv)
+        if rc != 0:
+            return rc
+        runs += 1
+    Path(out).write_text(json.dumps({"runs": runs}))
+    return 0
