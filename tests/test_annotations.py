@@ -356,13 +356,16 @@ def test_icdar_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     assert sorted(items) == ["img_1.jpg", "img_2.png", "img_4.jpg"]
     one = items["img_1.jpg"]
     assert one.word_ids == ("0001", "0003", "0004")  # physical line numbers; blank line 2 skipped
-    assert one.ignore == (False, True, False)
+    # Word 0004's points are collinear: kept, as a don't-care word, and recorded.
+    assert one.ignore == (False, True, True)
+    assert any(p.word == "0004" and "zero-area" in p.reason for p in ann.problems)
     np.testing.assert_array_equal(one.polygons[0], [[377, 117], [463, 117], [465, 130], [378, 130]])
     np.testing.assert_array_equal(one.polygons[2], [[1, 2], [3, 4], [5, 6], [7, 8]])
     assert items["img_2.png"].word_ids == ("0001",)
     assert items["img_4.jpg"].polygons == ()  # no ground truth: no text, no problem
     problems = {(Path(p.source).name, p.word) for p in ann.problems}
     assert problems == {
+        ("gt_img_1.txt", "0004"),  # collinear: recorded, kept as don't-care
         ("gt_img_1.txt", "0005"),
         ("gt_img_1.txt", "0006"),
         ("gt_img_1.txt", "0007"),

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from diskcache_ocr.errors import AnnotationError, SourceError
+from diskcache_ocr.ocr.maps import polygon_area, polygon_is_simple
 
 log = logging.getLogger("diskcache_ocr.annotations")
 
@@ -288,10 +289,24 @@ def _collect(
         if isinstance(parsed, str):
             problems.append(Problem(src, wid, parsed, image=file))
             continue
+        shape_problem = _degenerate(parsed[0])
+        if shape_problem:
+            # Valid numbers, unusable shape: kept as a don't-care word (masked in the maps,
+            # as DBNet treats such words), and said once here.
+            problems.append(Problem(src, wid, f"{shape_problem}; kept as a don't-care word",
+                                    image=file))
         polys.append(parsed[0])
-        ignore.append(parsed[1])
+        ignore.append(parsed[1] or bool(shape_problem))
         ids.append(wid)
     return ImageAnnotation(file, tuple(polys), tuple(ignore), tuple(ids))
+
+
+def _degenerate(points: np.ndarray) -> str | None:
+    if not polygon_is_simple(points):
+        return "self-intersecting polygon"
+    if abs(polygon_area(points)) < 1e-9:
+        return "zero-area polygon"
+    return None
 
 
 def _load_icdar(root: Path, gt_dir: Path, problems: list[Problem]) -> list[ImageAnnotation]:

@@ -188,6 +188,11 @@ def _clean(pts: Points, h: int, w: int) -> tuple[Points, float]:
     return (q, abs(area)) if _is_simple(q) else (q, 0.0)
 
 
+def polygon_is_simple(points: np.ndarray | Sequence[Sequence[float]]) -> bool:
+    """False if two non-adjacent edges of the polygon properly cross."""
+    return _is_simple(_vertices(points))
+
+
 def _is_simple(q: Points) -> bool:
     """False if two non-adjacent edges properly cross (touching/collinear is tolerated)."""
     n = len(q)

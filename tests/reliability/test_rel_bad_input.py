@@ -207,7 +207,8 @@ def test_annotation_problems_name_the_file_image_word_and_reason(zoo, spy):
     assert "must be an object" in problems[("exif2.png", None)].reason
     good = {it.file: it for it in ann.items}["good_0.png"]
     assert set(good.word_ids) == {"good", *DEGENERATE_WORDS}
-    assert len(ann.problems) == len(BAD_WORDS) + 1 + len(BAD_NAMES) + 2
+    # + 2 degenerate words (zero-area, self-intersecting) recorded and kept as don't-care
+    assert len(ann.problems) == len(BAD_WORDS) + 1 + len(BAD_NAMES) + 2 + 2
     assert spy.seen and spy.hits() == []
 
 
@@ -291,7 +292,7 @@ def test_decoding_conventions_of_odd_images(zoo):
 
 def test_degenerate_words_are_masked_not_fatal(zoo):
     """Self-intersecting, zero-area and outside-the-image words are valid numbers: they are
-    kept and masked in the maps exactly like ignored words."""
+    kept and masked in the maps exactly like ignored words; the first two are recorded."""
     from diskcache_ocr.dataset import CachedOCRDataset
     from diskcache_ocr.ocr.maps import make_maps
 
@@ -299,6 +300,10 @@ def test_degenerate_words_are_masked_not_fatal(zoo):
     i = [ds.source(k) for k in range(len(ds))].index("good_0.png")
     sample = ds[i]
     assert sample["meta"]["error"] is None and len(sample["polygons"]) == 4
+    recorded = {p.word: p.reason for p in ds.annotations.problems if p.image == "good_0.png"}
+    assert "zero-area" in recorded["zero_area"]
+    assert "self-intersecting" in recorded["self_intersecting"]
+    assert "outside" not in recorded  # needs the image's size: masked by the maps instead
     polys = sample["polygons"]
     as_is = make_maps(polys, sample["ignore"], 640, 640, ds.pipeline.maps)
     degenerate = [w in DEGENERATE_WORDS for w in ds.annotations.items[i].word_ids]
