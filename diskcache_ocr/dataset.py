@@ -27,7 +27,12 @@ from torch.utils.data import Dataset, get_worker_info
 
 from diskcache_ocr.errors import CacheError, CacheFullError, SourceError, TrainingSafetyError
 from diskcache_ocr.keys import content_hash, derive_key
-from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations, safe_source_path
+from diskcache_ocr.ocr.annotations import (
+    AnnotationSet,
+    ImageAnnotation,
+    load_annotations,
+    safe_source_path,
+)
 from diskcache_ocr.ocr.maps import MAP_NAMES, MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig, map_points
@@ -151,9 +156,10 @@ class CachedOCRDataset(Dataset[Sample]):
         self.pipeline = Pipeline(transform=transform, maps=map_config or MapConfig())
         self._fingerprints = {k: v.fingerprint for k, v in self.pipeline.kind_versions().items()}
         self.check_source = check_source
-        self.annotations: AnnotationSet = load_annotations(images_dir, annotations)
-        self.images_dir = self.annotations.images_dir
-        self._build_index(self.annotations)
+        loaded = load_annotations(images_dir, annotations)
+        self.images_dir = loaded.images_dir
+        self.problems = loaded.problems  # what was skipped while loading, and why
+        self._build_index(loaded)
         self.load_maps = self.preset.load_maps
         self._init_runtime()
 
@@ -195,6 +201,20 @@ class CachedOCRDataset(Dataset[Sample]):
         self._points = (np.concatenate(polys).astype(np.float64) if polys
                         else np.zeros((0, 2), np.float64))
         self._ignore = np.array([i for it in items for i in it.ignore], dtype=bool)
+        self._word_ids = np.array([w for it in items for w in it.word_ids], dtype=np.str_)
+
+    @property
+    def annotations(self) -> AnnotationSet:
+        """The loaded annotations, rebuilt from the flat arrays (held only as arrays, so
+        DataLoader workers share them instead of copying Python objects on touch)."""
+        items = []
+        for i in range(len(self)):
+            polys, ignore = self.words(i)
+            a, b = self._word_start[i], self._word_start[i + 1]
+            items.append(ImageAnnotation(self.source(i), tuple(polys),
+                                         tuple(bool(x) for x in ignore),
+                                         tuple(str(w) for w in self._word_ids[a:b])))
+        return AnnotationSet(self.images_dir, tuple(items), self.problems)
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
