@@ -11,8 +11,12 @@ process that reads (DataLoader workers included) and is closed before any fork.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import mmap
 import os
+import sys
 import threading
 import time
 import warnings
@@ -98,7 +102,31 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: bool =
         numel *= d
     proto = torch.empty(0, dtype=dtype)
     storage = proto._typed_storage()._new_shared(numel, device="cpu")
-    return proto.new(storage).resize_(shape)
+    out = proto.new(storage).resize_(shape)
+    _populate(out)
+    return out
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def _populate(t: torch.Tensor) -> None:
+    """Fault in a fresh shared buffer's pages in one call rather than one trap per page
+    (about a third cheaper here, and first-touch faults are most of a fresh buffer's cost).
+    A no-op where the system does not offer it."""
+    global _MADV_POPULATE_WRITE
+    if not _MADV_POPULATE_WRITE or sys.platform != "linux":
+        return
+    start = t.data_ptr() & ~(mmap.PAGESIZE - 1)
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length),
+                       _MADV_POPULATE_WRITE) != 0:
+        _MADV_POPULATE_WRITE = 0  # an older kernel: don't ask again
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
