@@ -96,7 +96,8 @@ def memcpy_limit(ds: CachedOCRDataset, batch_size: int, n: int, reps: int) -> di
 def cpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     images, ann = data / "images" / "val", data / "jsons" / "val.json"
     out: dict[str, Any] = {}
-    for label, transform in (("float32", None), ("compact", TransformConfig(output="compact"))):
+    for label, transform in (("float32", TransformConfig(output="float32")),
+                             ("compact", TransformConfig(output="compact"))):
         cache = data / f"cache-{label}"
         prebuild(images, ann, cache, preset="validation_optimized", workers=2, progress=False,
                  transform=transform)
@@ -197,7 +198,7 @@ def gpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 
     images, ann = data / "images" / "val", data / "jsons" / "val.json"
     ds32 = CachedOCRDataset(images, ann, data / "cache-float32", preset="validation_optimized",
-                            preload=False)
+                            transform=TransformConfig(output="float32"), preload=False)
     dsc = CachedOCRDataset(images, ann, data / "cache-compact", preset="validation_optimized",
                            transform=TransformConfig(output="compact"), preload=False)
     uncached = CachedOCRDataset(images, ann, None, preset={"load_maps": True})

@@ -14,11 +14,13 @@ from diskcache_ocr.errors import (
     SourceError,
     TrainingSafetyError,
 )
+from diskcache_ocr.loader import BatchLoader  # noqa: E402
 from diskcache_ocr.prebuild import prebuild  # noqa: E402
 from diskcache_ocr.presets import Preset, load_preset  # noqa: E402
 from diskcache_ocr.store import CacheStore, IndexEntry, KindVersion
 
 __all__ = [
+    "BatchLoader",
     "CachedOCRDataset",
     "Preset",
     "collate",

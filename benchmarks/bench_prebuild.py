@@ -1,0 +1,80 @@
+"""Prebuild throughput (images/s) with 1 and 2 worker processes, and the share spent writing.
+
+Each repetition builds the ``validation_optimized`` kinds (images, tensors, maps) of the whole
+synthetic set into a fresh cache directory. ``BuildSummary.write_seconds`` is the time spent
+inside write transactions, summed over the worker processes; its share is reported against
+the process time available (wall seconds × workers). Encoding records happens before the
+write transaction and is not in ``write_seconds``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+NAME = "prebuild"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = C.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--preset", default="validation_optimized")
+    args = parser.parse_args(argv)
+    C.configure(args)
+    from diskcache_ocr.prebuild import prebuild
+
+    n = C.n_images(args)
+    reps = C.reps(args)
+    _, images, ann = C.dataset_root(n)
+    counts = [int(w) for w in args.workers.split(",")]
+    runs: dict[int, list[dict]] = {w: [] for w in counts}
+    with C.quiet_logging():
+        for rep in range(reps):
+            for w in counts:
+                cache = C.scratch_dir("prebuild-")
+                try:
+                    C.log(f"rep {rep + 1}/{reps}: {w} worker(s)")
+                    s = prebuild(images, ann, cache, preset=args.preset, workers=w,
+                                 progress=False)
+                    assert s.built == n and not s.failed, s.line()
+                    f = cache / "data.mdb"
+                    runs[w].append({"seconds": s.seconds, "write_seconds": s.write_seconds,
+                                    "items_per_s": s.built / s.seconds,
+                                    "write_share": s.write_seconds / (s.seconds * w),
+                                    "disk_bytes": f.stat().st_blocks * 512})
+                finally:
+                    C.remove(cache)
+    stats = {w: {k: C.summary([r[k] for r in rs]) for k in rs[0]} for w, rs in runs.items()}
+    rows = []
+    for w, st in stats.items():
+        ips = st["items_per_s"]
+        mb_s = n * (st["disk_bytes"]["median"] / n) / st["seconds"]["median"] / 1e6
+        rows.append([
+            w, f"{ips['median']:.1f} [{ips['min']:.1f}–{ips['max']:.1f}]", C.fmt_s(st["seconds"]),
+            C.fmt_s(st["write_seconds"]),
+            f"{100 * st['write_share']['median']:.0f} % [{100 * st['write_share']['min']:.0f}–"
+            f"{100 * st['write_share']['max']:.0f}]",
+            f"{st['disk_bytes']['median'] / n / 1e6:.1f} MB", f"{mb_s:.0f} MB/s",
+        ])
+    scaling = None
+    if 1 in stats and 2 in stats:
+        scaling = stats[2]["items_per_s"]["median"] / stats[1]["items_per_s"]["median"]
+    table = C.md_table(
+        ["workers", "images/s", "wall", "write_seconds (sum over processes)",
+         "share of process time writing", "bytes per image", "cache write rate"], rows,
+        title=f"Prebuild ({args.preset}): {n} images, {reps} reps, median [min–max]"
+              + (f"; 2 workers ÷ 1 worker = {scaling:.2f}×" if scaling else ""))
+    payload = {"images": n, "preset": args.preset, "reps": reps,
+               "workers": {str(w): st for w, st in stats.items()},
+               "speedup_2_vs_1": scaling, "pid": os.getpid()}
+    C.write_result(NAME, payload, table)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
