@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import machine_info  # benchmarks/common.py, beside this file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -38,23 +38,6 @@ from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.synth import synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import lmdb
-
-    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "lmdb": lmdb.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def timed(fn, reps: int) -> dict[str, float]:
@@ -255,7 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = args.data
     if not (data / "jsons" / "val.json").exists():
         synthesize(data, args.n, seed=0, workers=min(4, os.cpu_count() or 1))
-    result: dict[str, Any] = {"machine": machine(), "batch_size": args.batch_size,
+    info = machine_info()
+    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    result: dict[str, Any] = {"machine": info, "batch_size": args.batch_size,
                               "cpu": cpu_part(args, data)}
     if torch.cuda.is_available():
         result["gpu"] = gpu_part(args, data)
