@@ -247,8 +247,9 @@ def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, d
         raise CacheError(f"{root}: the images directory does not exist; nothing was removed")
     index = list(store.iter_index())
     stale = [(s, e) for s, e in index if _source_state(root, s, e)]
-    live = {key for s, e in index if (s, e) not in stale for key in e.keys.values()}
-    live |= {e.content_hash for s, e in index if (s, e) not in stale}
+    gone = {s for s, _ in stale}
+    kept = [e for s, e in index if s not in gone]
+    live = {key for e in kept for key in e.keys.values()} | {e.content_hash for e in kept}
     orphans = {k: [key for key in store.keys(k) if key not in live] for k in KINDS}
     if not dry_run:
         batch = WriteBatch()
