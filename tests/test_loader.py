@@ -11,7 +11,7 @@ from diskcache_ocr.dataset import CachedOCRDataset, collate
 from diskcache_ocr.keys import content_hash
 from diskcache_ocr.loader import BatchLoader
 from diskcache_ocr.ocr.maps import MAP_NAMES
-from diskcache_ocr.ocr.transform import TransformConfig, finish, finish_numpy
+from diskcache_ocr.ocr.transform import TransformConfig, finish, finish_numpy, finish_torch
 from diskcache_ocr.synth import synthesize
 
 N = 7
@@ -72,7 +72,9 @@ def test_finishing_on_cpu_and_with_torch_agree_for_every_pixel_value():
     config = TransformConfig(mean=(0.1, 0.5602, 0.9), std=(0.2, 0.2539, 0.31))
     pixels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
     with_numpy = finish_numpy(pixels, config, np.empty(pixels.shape, np.float32))
-    with_torch = finish(torch.from_numpy(pixels), config).numpy()
+    as_tensor = torch.from_numpy(pixels)
+    with_torch = finish_torch(as_tensor, config, torch.empty(pixels.shape)).numpy()
+    assert with_torch.tobytes() == finish(as_tensor, config).numpy().tobytes()
     assert with_numpy.tobytes() == with_torch.tobytes()
 
 

@@ -168,10 +168,20 @@ def finish_numpy(image: np.ndarray, config: TransformConfig, out: np.ndarray) ->
 def finish(image: torch.Tensor, config: TransformConfig, out: torch.Tensor | None = None
            ) -> torch.Tensor:
     """Normalize a uint8 (…, 3, H, W) tensor to float32 on whatever device it lives on."""
-    scale, shift = config.finish_constants()
-    scale, shift = scale.to(image.device), shift.to(image.device)
     if out is None:
         out = torch.empty(image.shape, dtype=torch.float32, device=image.device)
+    if image.device.type == "cpu":
+        # The same operations in numpy: torch's uint8 → float32 copy is ~10× slower on the CPU.
+        finish_numpy(image.numpy(), config, out.numpy())
+        return out
+    return finish_torch(image, config, out)
+
+
+def finish_torch(image: torch.Tensor, config: TransformConfig, out: torch.Tensor) -> torch.Tensor:
+    """:func:`finish` with torch operations, as it runs on a GPU (tests run it on the CPU
+    to prove it equals :func:`finish_numpy` bit for bit)."""
+    scale, shift = config.finish_constants()
+    scale, shift = scale.to(image.device), shift.to(image.device)
     out.copy_(image)
     out.mul_(scale).add_(shift)
     return out
