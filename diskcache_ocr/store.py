@@ -545,9 +545,18 @@ class CacheStore:
         except lmdb.Error as exc:
             raise CacheError(f"{self.path}: cannot open the cache ({exc})") from None
         try:
-            _check_complete(env, self.path)
-            handles = self._open_dbs(env)
-            self._check_header(env, handles)
+            for attempt in range(_MAX_GROWS):
+                try:
+                    _check_complete(env, self.path)
+                    handles = self._open_dbs(env)
+                    self._check_header(env, handles)
+                    break
+                except lmdb.MapResizedError:
+                    # Another process grew the map while this one was opening: adopt its
+                    # size (no transaction is open here) and try again.
+                    if attempt == _MAX_GROWS - 1:
+                        raise
+                    env.set_mapsize(0)
         except BaseException as exc:
             env.close()
             if isinstance(exc, lmdb.ReadersFullError):

@@ -313,3 +313,22 @@ def test_unsynced_writes_are_marked_with_the_boot_and_synced_at_close(tmp_path, 
     with CacheStore(tmp_path / "synced") as synced:
         synced.put("images", key(0), {"i": np.zeros(3, np.uint8)})
         assert "unsynced_boot" not in synced.header() and not synced.unsynced_reboot()
+
+
+def test_open_survives_another_process_growing_the_map_meanwhile(tmp_path, monkeypatch):
+    import diskcache_ocr.store as store_mod
+
+    with CacheStore(tmp_path / "c") as s:
+        s.put("images", key(0), {"i": np.zeros(3, np.uint8)})
+    real, calls = store_mod._check_complete, []
+
+    def resized_once(env, path):
+        calls.append(1)
+        if len(calls) == 1:  # what LMDB raises when another writer grew the map mid-open
+            raise lmdb.MapResizedError("mdb_txn_begin", -30785)
+        return real(env, path)
+
+    monkeypatch.setattr(store_mod, "_check_complete", resized_once)
+    with CacheStore(tmp_path / "c") as again:
+        assert again.get("images", key(0)) is not None
+    assert len(calls) == 2
