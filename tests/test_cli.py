@@ -4,7 +4,6 @@ clear / copy / synth / the cache_manager script do to a real cache."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import runpy
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cachesnap import snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.ops import HEALTH_CODES
@@ -48,20 +48,6 @@ def run_json(capsys, *argv: object) -> tuple[int, dict]:
         return rc, json.loads(out)
     except json.JSONDecodeError:
         pytest.fail(f"not JSON (rc {rc}): {out!r} {err!r}")
-
-
-def snapshot(cache: Path) -> dict:
-    out: dict = {}
-    with CacheStore(cache, readonly=True) as store:
-        for kind in KINDS:
-            records = {}
-            for key in store.keys(kind):
-                with store.reader() as r:
-                    records[key] = hashlib.sha256(bytes(r.get_raw(kind, key))).hexdigest()
-            out[kind] = records
-        out["index"] = {s: (e.size, e.mtime_ns, e.content_hash, e.status, dict(e.keys))
-                        for s, e in store.iter_index()}
-    return out
 
 
 @pytest.fixture(scope="module")

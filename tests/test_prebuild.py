@@ -3,7 +3,6 @@ recorded (and not retried), and exactly the affected kind rebuilt after a versio
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cachesnap import snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.dataset import CachedOCRDataset
@@ -44,24 +44,6 @@ def command() -> list[str]:
     """The console script next to this interpreter, else the module."""
     script = Path(sys.executable).with_name("diskcache-ocr")
     return [str(script)] if script.exists() else [sys.executable, "-m", "diskcache_ocr.cli"]
-
-
-def snapshot(cache: Path) -> dict:
-    """Every record (kind -> key -> digest of the raw value) and every index entry without
-    its timestamp."""
-    out: dict = {}
-    with CacheStore(cache, readonly=True) as store:
-        for kind in KINDS:
-            records = {}
-            for key in store.keys(kind):
-                with store.reader() as r:
-                    records[key] = hashlib.sha256(bytes(r.get_raw(kind, key))).hexdigest()
-            out[kind] = records
-        out["index"] = {
-            source: (e.size, e.mtime_ns, e.content_hash, e.status, dict(e.keys))
-            for source, e in store.iter_index()
-        }
-    return out
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
