@@ -25,7 +25,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-RESULTS = BENCH_DIR / "results"
+RESULTS = BENCH_DIR / "results"  # --quick runs write to results/quick/ instead
 DATA = Path(os.environ.get("DISKCACHE_OCR_BENCH_DATA", BENCH_DIR / ".data"))
 
 FULL_IMAGES = 200
@@ -63,8 +63,10 @@ def library_source_hash() -> str:
 
 
 def configure(args: argparse.Namespace) -> None:
-    global ISOLATE, _LOAD_AT_START, _SOURCE_AT_START
+    global ISOLATE, _LOAD_AT_START, _SOURCE_AT_START, RESULTS
     ISOLATE = not args.quick
+    if args.quick:  # a smoke run never overwrites the figures of a full run
+        RESULTS = BENCH_DIR / "results" / "quick"
     _LOAD_AT_START = list(os.getloadavg())
     _SOURCE_AT_START = library_source_hash()
 
