@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     reps = C.reps(args)
     _, images, ann = C.dataset_root(n)
     cache = C.prebuilt_cache(n)
+    C.warm_file(cache / "data.mdb")
     counts = [int(w) for w in args.workers.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     if "cached+BatchLoader" in modes:
