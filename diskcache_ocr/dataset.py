@@ -11,12 +11,8 @@ process that reads (DataLoader workers included) and is closed before any fork.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
-import mmap
 import os
-import sys
 import threading
 import time
 import warnings
@@ -29,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from diskcache_ocr import batchmem
+from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.errors import CacheError, CacheFullError, SourceError, TrainingSafetyError
 from diskcache_ocr.keys import content_hash, derive_key
 from diskcache_ocr.ocr.annotations import (
@@ -72,25 +70,41 @@ _GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
 class BatchBuffers:
     """Where one batch's arrays land: image (B,3,S,S), each map (B,1,S,S), inverse (B,3,3).
 
-    Inside a DataLoader worker they live in shared memory, so sending the batch to the main
-    process moves a handle, not the bytes; the batched loader keeps a few pinned sets and
-    reuses them. ``raw_image`` keeps a compact record's uint8 image unfinished (the loader
-    finishes it on the device).
+    The memory is reused once nothing of its last use is alive (:mod:`batchmem`). Inside a
+    DataLoader worker it is a shared-memory slab, so sending the batch to the main process
+    moves a reference, not the bytes; the batched loader keeps a few pinned sets of its own.
+    ``raw_image`` keeps a compact record's uint8 image unfinished (the loader finishes it on
+    the device).
     """
 
     def __init__(self, n: int, size: int, with_maps: bool, *, shared: bool = False,
                  pin: bool = False, raw_image: bool = False) -> None:
-        image_dtype = torch.uint8 if raw_image else torch.float32
-        self.image_t = _empty((n, 3, size, size), image_dtype, shared, pin)
-        self.inverse_t = _empty((n, 3, 3), torch.float64, shared, pin)
-        self.maps_t = {name: _empty((n, 1, size, size), torch.float32, shared, pin)
-                       for name in (MAP_NAMES if with_maps else ())}
-        self.image = self.image_t.numpy()
-        self.inverse = self.inverse_t.numpy()
-        self.maps = {name: t.numpy() for name, t in self.maps_t.items()}
+        specs = [Spec("image", (n, 3, size, size), np.dtype(np.uint8 if raw_image
+                                                           else np.float32)),
+                 Spec("inverse_matrix", (n, 3, 3), np.dtype(np.float64))]
+        specs += [Spec(name, (n, 1, size, size), np.dtype(np.float32))
+                  for name in (MAP_NAMES if with_maps else ())]
+        block = None
+        if not pin:
+            block = batchmem.shared_block(specs) if shared else batchmem.local_block(specs)
+        if block is None:  # pinned, or every slab busy: memory of its own
+            tensors = {s.name: _empty(s.shape, _TORCH_DTYPES[s.dtype], shared, pin) for s in specs}
+            arrays = {name: t.numpy() for name, t in tensors.items()}
+        else:
+            tensors, arrays = block.tensors, block.arrays
+        self.image_t = tensors["image"]
+        self.inverse_t = tensors["inverse_matrix"]
+        self.maps_t = {name: tensors[name] for name in MAP_NAMES if name in tensors}
+        self.image = arrays["image"]
+        self.inverse = arrays["inverse_matrix"]
+        self.maps = {name: arrays[name] for name in self.maps_t}
         self.raw_image = raw_image
         # (fn, args) copies gathered inside a read transaction, run before it ends
         self.copies: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.float64): torch.float64}
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: bool = False
@@ -103,30 +117,8 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: bool =
     proto = torch.empty(0, dtype=dtype)
     storage = proto._typed_storage()._new_shared(numel, device="cpu")
     out = proto.new(storage).resize_(shape)
-    _populate(out)
+    batchmem.address_populate(out.data_ptr(), out.numel() * out.element_size())
     return out
-
-
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
-
-
-def _populate(t: torch.Tensor) -> None:
-    """Fault in a fresh shared buffer's pages in one call rather than one trap per page
-    (about a third cheaper here, and first-touch faults are most of a fresh buffer's cost).
-    A no-op where the system does not offer it."""
-    global _MADV_POPULATE_WRITE
-    if not _MADV_POPULATE_WRITE or sys.platform != "linux":
-        return
-    start = t.data_ptr() & ~(mmap.PAGESIZE - 1)
-    length = t.data_ptr() + t.numel() * t.element_size() - start
-    if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length),
-                       _MADV_POPULATE_WRITE) != 0:
-        _MADV_POPULATE_WRITE = 0  # an older kernel: don't ask again
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass

@@ -1,0 +1,191 @@
+"""Batch memory is reused, and never while anything of its last use can still be read."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import pytest
+import test_dataset
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the tensor reducers)
+from test_dataset import assert_same, paths, unbatch
+from torch.utils.data import DataLoader
+
+from diskcache_ocr import batchmem
+from diskcache_ocr.batchmem import SlabTensor, Spec
+from diskcache_ocr.dataset import CachedOCRDataset, collate
+from diskcache_ocr.errors import CacheError
+
+SPECS = [Spec("image", (2, 3, 8, 8), np.dtype(np.float32)),
+         Spec("inverse_matrix", (2, 3, 3), np.dtype(np.float64)),
+         Spec("odd", (5,), np.dtype(np.uint8))]
+
+data = test_dataset.data  # the same session fixtures
+reference = test_dataset.reference
+
+needs_shm = pytest.mark.skipif(not os.path.isdir(batchmem.SHM_DIR), reason="no /dev/shm")
+
+
+def fill(block, value):
+    for arr in block.arrays.values():
+        arr[...] = value
+
+
+def test_layout_aligns_every_array():
+    offsets, size = batchmem.layout(SPECS)
+    assert offsets[0] == 0 and all(o % batchmem.ALIGN == 0 for o in offsets)
+    assert size == offsets[-1] + 5
+    block = batchmem.local_block(SPECS)
+    for spec in SPECS:
+        assert block.arrays[spec.name].shape == spec.shape
+        assert block.tensors[spec.name].data_ptr() == block.arrays[spec.name].ctypes.data
+
+
+@pytest.mark.parametrize("holder", ["tensor slice", "numpy slice", "tensor.numpy()", "view op"])
+def test_local_block_is_not_reused_while_anything_of_it_lives(holder):
+    first = batchmem.local_block(SPECS)
+    fill(first, 1)
+    ptr = first.arrays["image"].ctypes.data
+    held = {
+        "tensor slice": lambda b: b.tensors["image"][1],
+        "numpy slice": lambda b: b.arrays["inverse_matrix"][0, 1:],
+        "tensor.numpy()": lambda b: b.tensors["image"][0].numpy(),
+        "view op": lambda b: b.tensors["image"].permute(0, 2, 3, 1)[..., :1],
+    }[holder](first)
+    del first
+    others = [batchmem.local_block(SPECS) for _ in range(3)]
+    for other in others:
+        assert other.arrays["image"].ctypes.data != ptr
+        fill(other, 2)
+    assert (np.asarray(held) == 1).all()  # untouched by later blocks
+    del held, others
+    again = batchmem.local_block(SPECS)
+    assert again.arrays["image"].ctypes.data == ptr  # free again: reused, no fresh pages
+
+
+def test_held_samples_keep_their_values_across_later_reads(data, reference, tmp_path):
+    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    first = ds[0]
+    batch = ds.__getitems__([1, 2])
+    for _ in range(3):
+        for i in range(len(ds)):
+            ds[i]
+        ds.__getitems__([3, 4, 5])
+    assert_same(first, reference[0], with_maps=True)
+    for s in batch:
+        assert_same(s, reference[s["meta"]["index"]], with_maps=True)
+
+
+@needs_shm
+def test_slab_tensor_travels_as_a_reference_and_is_released_by_its_last_user():
+    block = batchmem.shared_block(SPECS)
+    assert block is not None
+    image = block.tensors["image"]
+    assert isinstance(image, SlabTensor)
+    assert type(image + 1) is torch.Tensor  # ops give plain tensors
+    fill(block, 7)
+    payload = ForkingPickler.dumps({"image": image, "inv": block.tensors["inverse_matrix"]})
+    assert len(payload) < 1000  # a reference, not 1.5 KB of arrays
+    slab = image._slab
+    received = ForkingPickler.loads(payload)  # what the main process does
+    assert type(received["image"]) is torch.Tensor
+    assert received["image"].data_ptr() != image.data_ptr()  # its own mapping ...
+    assert (received["image"] == 7).all() and (received["inv"] == 7).all()
+    del block, image
+    assert not slab.available()  # ... of the same memory, still read by the receiver
+    image_view = received["image"][1]
+    del received
+    assert not slab.available()  # one tensor of the batch is enough to hold it
+    received_again = batchmem.shared_block(SPECS)
+    assert received_again is not None and received_again.tensors["image"]._slab is not slab
+    del image_view
+    assert slab.available()
+    del received_again
+
+
+@needs_shm
+def test_slab_not_sent_is_reused_once_the_worker_drops_it():
+    block = batchmem.shared_block(SPECS)
+    slab = block.tensors["image"]._slab
+    assert not slab.available()
+    del block
+    assert slab.available()
+    assert batchmem.shared_block(SPECS).tensors["image"]._slab is slab
+
+
+@needs_shm
+def test_every_slab_busy_means_fresh_memory_not_waiting():
+    spec = [Spec("x", (3, 5), np.dtype(np.float32))]
+    held = [batchmem.shared_block(spec) for _ in range(batchmem.SLABS_PER_SIZE)]
+    assert all(b is not None for b in held)
+    assert batchmem.shared_block(spec) is None
+
+
+@needs_shm
+def test_full_shared_memory_falls_back_cleanly(monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = set(os.listdir(batchmem.SHM_DIR))
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    assert batchmem.shared_block([Spec("y", (7, 3), np.dtype(np.uint8))]) is None
+    assert set(os.listdir(batchmem.SHM_DIR)) - before == set()  # nothing left behind
+
+
+def test_rebuild_refuses_foreign_and_vanished_slabs():
+    with pytest.raises(CacheError, match="not a batch slab"):
+        batchmem._rebuild("../etc/passwd", 1, 10, 0, (10,), "|u1")
+    with pytest.raises(CacheError, match="gone"):
+        batchmem._rebuild(f"{batchmem.SLAB_PREFIX}1-nothing", 1, 10, 0, (10,), "|u1")
+
+
+@needs_shm
+def test_orphans_of_dead_workers_are_swept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = os.path.join(batchmem.SHM_DIR, f"{batchmem.SLAB_PREFIX}{dead.pid}-0000")
+    mine = os.path.join(batchmem.SHM_DIR, f"{batchmem.SLAB_PREFIX}{os.getpid()}-0000")
+    for path in (orphan, mine):
+        open(path, "wb").close()
+    try:
+        batchmem._sweep_orphans()
+        assert not os.path.exists(orphan)
+        assert os.path.exists(mine)
+    finally:
+        for path in (orphan, mine):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+@needs_shm
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_batches_stay_intact_while_the_consumer_holds_them(data, reference, tmp_path,
+                                                                    method):
+    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    indices = [i % len(ds) for i in range(24)]
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate,
+                        sampler=indices, multiprocessing_context=method)
+    seen_before = set(batchmem._seen)
+    window: list[dict] = []
+    for batch in loader:
+        assert type(batch["image"]) is torch.Tensor
+        window.append(batch)
+        if len(window) > 3:  # a batch held while its worker produced three more
+            for sample in unbatch(window.pop(0)):
+                assert_same(sample, reference[sample["meta"]["index"]], with_maps=True)
+        for sample in unbatch(batch):
+            assert_same(sample, reference[sample["meta"]["index"]], with_maps=True)
+    names = set(batchmem._seen) - seen_before
+    assert names  # the batches did come through slabs
+    held_all = list(loader)  # every batch held at once: slabs run out, fresh memory takes over
+    for batch in held_all:
+        for sample in unbatch(batch):
+            assert_same(sample, reference[sample["meta"]["index"]], with_maps=True)
+    del loader, window, held_all, batch
+    # the workers have exited: their slabs are unlinked (the memory goes with the last user)
+    assert not [n for n in names if os.path.exists(os.path.join(batchmem.SHM_DIR, n))]
