@@ -78,16 +78,16 @@ class BatchBuffers:
     """
 
     def __init__(self, n: int, size: int, with_maps: bool, *, shared: bool = False,
-                 pin: bool = False, raw_image: bool = False) -> None:
+                 pin: bool = False, raw_image: bool = False, reuse: bool = True) -> None:
         specs = [Spec("image", (n, 3, size, size), np.dtype(np.uint8 if raw_image
                                                            else np.float32)),
                  Spec("inverse_matrix", (n, 3, 3), np.dtype(np.float64))]
         specs += [Spec(name, (n, 1, size, size), np.dtype(np.float32))
                   for name in (MAP_NAMES if with_maps else ())]
         block = None
-        if not pin:
+        if reuse and not pin:
             block = batchmem.shared_block(specs) if shared else batchmem.local_block(specs)
-        if block is None:  # pinned, or every slab busy: memory of its own
+        if block is None:  # pinned, not reused, or every slab busy: memory of its own
             tensors = {s.name: _empty(s.shape, _TORCH_DTYPES[s.dtype], shared, pin) for s in specs}
             arrays = {name: t.numpy() for name, t in tensors.items()}
         else:
@@ -307,7 +307,8 @@ class CachedOCRDataset(Dataset[Sample]):
         without copying again.
         """
         batch = BatchBuffers(len(indices), self.pipeline.transform.size, self.load_maps,
-                             shared=get_worker_info() is not None)
+                             shared=get_worker_info() is not None,
+                             reuse=self.preset.reuse_batch_memory)
         items = self._process(indices, want_maps=self.load_maps, batch=batch)
         samples = [self._assemble(item, batch) for item in items]
         self._log_progress(len(samples))

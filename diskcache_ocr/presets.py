@@ -7,6 +7,8 @@ A preset file uses the origin project's keys::
     preload_maps: bool
     load_maps: bool
     readahead: bool          # optional, this library's addition (default true)
+    reuse_batch_memory: bool # optional, this library's addition (default true): keep batch
+                             # buffers (shared-memory slabs in DataLoader workers) for reuse
 
 Unknown keys are an error that names the key, so a typo never silently disables caching.
 """
@@ -28,7 +30,8 @@ PRESET_NAMES: tuple[str, ...] = (
 )
 DEFAULT_PRESET = "minimal"
 _CACHE_KEYS = ("cache_images", "cache_tensors", "cache_maps", "log_statistics_every_n")
-_TOP_KEYS = ("preload_images", "preload_maps", "load_maps", "readahead")
+_TOP_KEYS = ("preload_images", "preload_maps", "load_maps", "readahead",
+             "reuse_batch_memory")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Preset:
     preload_maps: bool = False
     load_maps: bool = False
     readahead: bool = True
+    reuse_batch_memory: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -189,3 +189,14 @@ def test_workers_batches_stay_intact_while_the_consumer_holds_them(data, referen
     del loader, window, held_all, batch
     # the workers have exited: their slabs are unlinked (the memory goes with the last user)
     assert not [n for n in names if os.path.exists(os.path.join(batchmem.SHM_DIR, n))]
+
+
+def test_memory_efficient_gives_batch_memory_back(data, reference, monkeypatch):
+    calls = []
+    monkeypatch.setattr(batchmem, "local_block", lambda specs: calls.append(specs))
+    lean = CachedOCRDataset(*paths(data), None, preset="memory_efficient")
+    assert not lean.preset.reuse_batch_memory
+    assert_same(lean[2], reference[2], with_maps=False)
+    assert calls == []
+    CachedOCRDataset(*paths(data), None, preset="minimal")[2]
+    assert len(calls) == 1  # (the stub returns None: minimal then falls back, still correct)
