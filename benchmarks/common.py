@@ -39,7 +39,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"small sizes for a smoke run ({QUICK_IMAGES} images, fewer iterations)")
     p.add_argument("--images", type=int, default=None,
-                   help=f"images in the synthetic set (default {FULL_IMAGES}, quick {QUICK_IMAGES})")
+                   help=f"images in the synthetic set (default {FULL_IMAGES}, "
+                        f"quick {QUICK_IMAGES})")
     p.add_argument("--reps", type=int, default=3, help="repetitions per figure (>= 3)")
     return p
 
@@ -297,6 +298,9 @@ class MemorySampler:
             "pss_anon_peak": max(x.get("Pss_Anon", 0) for x in s),
             "pss_file_peak": max(x.get("Pss_File", 0) for x in s),
             "pss_shmem_peak": max(x.get("Pss_Shmem", 0) for x in s),
+            # without the batches in flight (shared memory between workers and the main
+            # process, which any DataLoader has, cached or not)
+            "pss_less_shmem_peak": max(x["Pss"] - x.get("Pss_Shmem", 0) for x in s),
             "processes": max(x["processes"] for x in s),
             "samples": len(s),
         }
