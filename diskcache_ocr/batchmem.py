@@ -35,6 +35,7 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,7 @@ def _carve(buffer: Any, specs: Sequence[Spec], offsets: Sequence[int]) -> list[n
 class _LocalPool:
     def __init__(self, keep: int = LOCAL_KEEP) -> None:
         self.keep = keep
+        self.free_refs = self._calibrate()
         self.blocks: dict[int, list[np.ndarray]] = {}
         self.lock = threading.Lock()
 
@@ -112,14 +114,24 @@ class _LocalPool:
     def _take(self, size: int) -> np.ndarray:
         pool = self.blocks.setdefault(size, [])
         for buf in pool:
-            # References: the pool's list, this loop's name, getrefcount's argument. Any
-            # view, array or tensor of the last use adds one.
-            if sys.getrefcount(buf) == 3:
+            # Nothing but the pool's list, this loop's name and getrefcount's argument (as
+            # counted by _calibrate, the same code shape): any view, array or tensor of the
+            # last use adds one.
+            if sys.getrefcount(buf) == self.free_refs:
                 return buf
         buf = np.empty(size, np.uint8)
         if len(pool) < self.keep:
             pool.append(buf)
         return buf
+
+    @staticmethod
+    def _calibrate() -> int:
+        """What getrefcount says of a block nobody uses (interpreters differ in what they
+        count: a count that is too low would only mean no reuse, never unsafe reuse)."""
+        pool = [np.empty(1, np.uint8)]
+        for buf in pool:
+            return sys.getrefcount(buf)
+        raise AssertionError("unreachable")
 
     def clear(self) -> None:
         with self.lock:
@@ -141,17 +153,26 @@ def release_local() -> None:
 
 # -- DataLoader workers: shared-memory slabs -------------------------------------------------
 class SlabTensor(torch.Tensor):
-    """A batch tensor living in a worker's slab: it pickles as a reference to the slab, and
-    the main process rebuilds a plain tensor on the same memory (no copy, no new pages)."""
+    """A batch tensor living in a worker's slab. Sent to another process (multiprocessing's
+    pickler, which DataLoader queues use) it travels as a reference to the slab, and the
+    main process rebuilds a plain tensor on the same memory: no copy, no new pages. Any
+    other pickling (``torch.save``, ``pickle``) stores its values, as for a plain tensor."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     _slab_ref: tuple[Any, ...]
     _slab: _Slab
 
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        self._slab.sent = True
-        return (_rebuild, self._slab_ref)
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def _reduce_slab_tensor(t: SlabTensor) -> tuple[Any, ...]:
+    t._slab.sent = True
+    return (_rebuild, t._slab_ref)
+
+
+ForkingPickler.register(SlabTensor, _reduce_slab_tensor)
 
 
 class _Slab:

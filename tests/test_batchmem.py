@@ -109,6 +109,25 @@ def test_slab_tensor_travels_as_a_reference_and_is_released_by_its_last_user():
 
 
 @needs_shm
+def test_slab_tensor_pickled_elsewhere_carries_its_values(tmp_path):
+    import pickle
+
+    block = batchmem.shared_block(SPECS)
+    fill(block, 3)
+    image = block.tensors["image"]
+    for loaded in (pickle.loads(pickle.dumps(image)),
+                   torch.load(_saved(image, tmp_path / "t.pt"), weights_only=True)):
+        assert type(loaded) is torch.Tensor and (loaded == 3).all()
+        assert loaded.data_ptr() != image.data_ptr()
+    assert not image._slab.sent  # only multiprocessing's pickler sends a reference
+
+
+def _saved(t, path):
+    torch.save(t, path)
+    return path
+
+
+@needs_shm
 def test_slab_not_sent_is_reused_once_the_worker_drops_it():
     block = batchmem.shared_block(SPECS)
     slab = block.tensors["image"]._slab
