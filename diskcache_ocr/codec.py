@@ -115,13 +115,50 @@ def _pack_header(
     return msgpack.packb({"a": entries, "c": checksum}, use_bin_type=True)
 
 
-def encode_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> bytearray:
-    """Serialize named arrays into one record (one copy of each array's bytes).
+class RecordPlan:
+    """A validated record waiting to be written: its arrays, their offsets and its size.
 
-    >>> rec = encode_record({"image": np.zeros((2, 3), np.uint8)})
-    >>> decode_record(rec)["image"].shape
-    (2, 3)
+    :func:`plan_record` does every check and fixes the layout; :meth:`write_into` then
+    writes the record into any buffer of at least ``nbytes``, so a writer can reuse one
+    buffer for many records instead of allocating (and first-touching) a new one each time.
+    The arrays are referenced, not copied: they must not change until the record is written.
     """
+
+    __slots__ = ("_items", "_offsets", "_header", "nbytes")
+
+    def __init__(self, items: list[tuple[str, np.ndarray]], offsets: list[int], header: bytes,
+                 nbytes: int) -> None:
+        self._items = items
+        self._offsets = offsets
+        self._header = header
+        self.nbytes = nbytes
+
+    def write_into(self, out: bytearray | memoryview) -> memoryview:
+        """Write the record into ``out[:nbytes]`` (every byte of it, padding included) and
+        return that slice: the same bytes :func:`encode_record` gives."""
+        view = memoryview(out)[: self.nbytes]
+        if len(view) < self.nbytes:
+            raise ValueError(f"buffer of {len(view)} bytes, the record needs {self.nbytes}")
+        # NOTE: a reused buffer holds an older record's bytes: zero every gap (the padding
+        # after the header and between arrays) so the record does not depend on its history.
+        pos = PREFIX.size + len(self._header)
+        for (_, arr), off in zip(self._items, self._offsets, strict=True):
+            view[pos:off] = bytes(off - pos)
+            if arr.nbytes:
+                dst = np.frombuffer(view, dtype=arr.dtype, count=arr.size, offset=off)
+                np.copyto(dst, arr.reshape(-1))
+            pos = off + arr.nbytes
+        checksum = blake3.blake3(view[self._offsets[0] :]).digest(CHECKSUM_BYTES)
+        header = _pack_header(self._items, self._offsets, checksum)
+        if len(header) != len(self._header):  # (the checksum is fixed-size bin)
+            raise AssertionError("record header changed length with its checksum")
+        PREFIX.pack_into(view, 0, MAGIC, FORMAT_VERSION, 0, 0, len(header))
+        view[PREFIX.size : PREFIX.size + len(header)] = header
+        return view
+
+
+def plan_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> RecordPlan:
+    """Validate named arrays and lay them out as a record, without writing it yet."""
     if not arrays:
         raise CacheFormatError("a record needs at least one array, got none")
     if len(arrays) > MAX_ARRAYS:
@@ -135,16 +172,19 @@ def encode_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> bytear
             raise CacheFormatError(f"array {name!r} has {arr.ndim} dims, at most {MAX_NDIM}")
         items.append((name, arr))
     header, offsets, _, total = _layout(items, base_mod)
-    out = bytearray(total)
-    view = memoryview(out)
-    for (_, arr), off in zip(items, offsets, strict=True):
-        if arr.nbytes:
-            dst = np.frombuffer(view, dtype=arr.dtype, count=arr.size, offset=off)
-            np.copyto(dst, arr.reshape(-1))
-    checksum = blake3.blake3(view[offsets[0] :]).digest(CHECKSUM_BYTES)
-    header = _pack_header(items, offsets, checksum)
-    PREFIX.pack_into(out, 0, MAGIC, FORMAT_VERSION, 0, 0, len(header))
-    out[PREFIX.size : PREFIX.size + len(header)] = header
+    return RecordPlan(items, offsets, header, total)
+
+
+def encode_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> bytearray:
+    """Serialize named arrays into one record (one copy of each array's bytes).
+
+    >>> rec = encode_record({"image": np.zeros((2, 3), np.uint8)})
+    >>> decode_record(rec)["image"].shape
+    (2, 3)
+    """
+    plan = plan_record(arrays, base_mod=base_mod)
+    out = bytearray(plan.nbytes)
+    plan.write_into(out)
     # NOTE: the bytearray itself, not bytes(out): that would copy every payload once more.
     return out
 

@@ -32,7 +32,13 @@ import msgpack
 import numpy as np
 
 from diskcache_ocr._version import __version__
-from diskcache_ocr.codec import decode_record, encode_record, parse_header, verify_checksum
+from diskcache_ocr.codec import (
+    RecordPlan,
+    decode_record,
+    parse_header,
+    plan_record,
+    verify_checksum,
+)
 from diskcache_ocr.errors import (
     CacheClosedError,
     CacheError,
@@ -59,6 +65,11 @@ STATS_FLUSH_EVERY_S = 5.0
 _MAX_GROWS = 32
 # Free space below which an I/O error from a write is taken for a full disk.
 _NEARLY_FULL = 1 << 20
+# Records are encoded into one reused buffer per thread right before LMDB copies them into
+# the map: a fresh multi-megabyte buffer per record costs more in page faults than the copy.
+# Larger records get a buffer of their own; an unused buffer is dropped after a while.
+_SCRATCH_MAX = 64 << 20
+_SCRATCH_IDLE_S = 10.0
 
 _open_stores: weakref.WeakSet[CacheStore] = weakref.WeakSet()
 
@@ -218,17 +229,47 @@ class ReadTxn:
         return None if raw is None else IndexEntry.unpack(bytes(raw), source)
 
 
+class _Scratch(threading.local):
+    """This thread's reusable encode buffer (see ``_SCRATCH_MAX``)."""
+
+    buf: bytearray | None = None
+    used = 0.0
+
+    def get(self, size: int) -> bytearray:
+        if size > _SCRATCH_MAX:
+            return bytearray(size)
+        if self.buf is None or len(self.buf) < size:
+            self.buf = None  # (let the old one go before the new one is touched)
+            self.buf = bytearray(-(-size // (1 << 20)) * (1 << 20))
+        self.used = time.monotonic()
+        return self.buf
+
+    def drop_if_idle(self, now: float) -> None:
+        if self.buf is not None and now - self.used > _SCRATCH_IDLE_S:
+            self.buf = None
+
+
+_scratch = _Scratch()
+
+Value = bytes | bytearray | memoryview | RecordPlan
+
+
 class WriteBatch:
-    """Writes collected in memory and committed in one LMDB write transaction."""
+    """Writes collected in memory and committed in one LMDB write transaction.
+
+    ``put`` validates and lays out a record at once (a bad array raises there) but writes
+    its bytes only at commit, straight into a reused buffer: the arrays must not change
+    until the batch is committed.
+    """
 
     def __init__(self) -> None:
-        self.ops: list[tuple[str, str, bytes, bytes | bytearray | memoryview | None]] = []
+        self.ops: list[tuple[str, str, bytes, Value | None]] = []
 
     def put(self, kind: str, key: bytes,
             arrays: Mapping[str, np.ndarray] | bytes | bytearray) -> None:
         _check_kind(kind)
         value = (arrays if isinstance(arrays, (bytes, bytearray, memoryview))
-                 else encode_record(arrays))
+                 else plan_record(arrays))
         self.ops.append(("put", kind, key, value))
 
     def delete(self, kind: str, key: bytes) -> None:
@@ -337,6 +378,7 @@ class _SharedEnv:
                 slot.txn.abort()
                 del self.slots[tid]
                 slot = None
+                _scratch.drop_if_idle(time.monotonic())  # (a reader that no longer writes)
             if slot is None:
                 slot = _Slot(self._begin_read(), self.write_generation)
                 self.slots[tid] = slot
@@ -693,6 +735,10 @@ class CacheStore:
             db = self._db(name)
             if op == "put":
                 assert value is not None
+                if isinstance(value, RecordPlan):
+                    # NOTE: LMDB copies the value into the map, so the buffer is free again
+                    # as soon as put returns.
+                    value = value.write_into(_scratch.get(value.nbytes))
                 txn.put(key, value, db=db)
             elif op == "delete":
                 txn.delete(key, db=db)

@@ -15,6 +15,7 @@ from diskcache_ocr.codec import (
     decode_record,
     encode_record,
     parse_header,
+    plan_record,
     verify_checksum,
 )
 from diskcache_ocr.errors import CacheError, CacheFormatError
@@ -50,6 +51,30 @@ def test_round_trip_bit_exact(named):
         assert not got.flags.writeable
         assert got.ctypes.data % 16 == 0 or got.nbytes == 0
     verify_checksum(record)
+
+
+@given(st.lists(st.dictionaries(st.text(min_size=1, max_size=12), arrays(), min_size=1,
+                                max_size=4), min_size=1, max_size=3))
+def test_a_plan_written_into_a_reused_dirty_buffer_equals_encode_record(records):
+    scratch = bytearray(b"\xa5" * 4096)  # what an earlier, larger record left behind
+    for named in records:
+        plan = plan_record(named)
+        if plan.nbytes > len(scratch):
+            scratch = bytearray(b"\x5a" * plan.nbytes)
+        written = plan.write_into(scratch)
+        assert bytes(written) == bytes(encode_record(named))
+        verify_checksum(written)
+        scratch[: len(written)] = b"\xff" * len(written)  # the next record meets garbage
+
+
+def test_plan_validates_before_anything_is_written():
+    with pytest.raises(CacheFormatError, match="cannot store dtype"):
+        plan_record({"a": np.array(["x"])})
+    with pytest.raises(CacheFormatError, match="at least one array"):
+        plan_record({})
+    plan = plan_record({"a": np.arange(10, dtype=np.float32)})
+    with pytest.raises(ValueError, match="buffer of 8 bytes"):
+        plan.write_into(bytearray(8))
 
 
 def test_views_share_memory_with_value():

@@ -332,3 +332,53 @@ def test_open_survives_another_process_growing_the_map_meanwhile(tmp_path, monke
     with CacheStore(tmp_path / "c") as again:
         assert again.get("images", key(0)) is not None
     assert len(calls) == 2
+
+
+def test_committed_records_are_exactly_encode_record_bytes(store):
+    """Records go through one reused buffer per thread: each stored value must be the bytes
+    encode_record gives, whatever the buffer held before (larger records, garbage)."""
+    from diskcache_ocr.codec import encode_record
+    from diskcache_ocr.store import WriteBatch
+
+    rng = np.random.default_rng(1)
+    records = {
+        key(i): {"image": rng.integers(0, 255, (40 + 37 * i, 30, 3), np.uint8),
+                 "mask": rng.random((3, 5 + i)).astype(np.float16)}
+        for i in range(6)
+    }
+    order = [key(5), key(0), key(3), key(1), key(4), key(2)]  # large first, then smaller
+    batch = WriteBatch()
+    for k in order:
+        batch.put("maps", k, records[k])
+    store.commit(batch)
+    with store.reader() as r:
+        for k, arrays in records.items():
+            assert bytes(r.get_raw("maps", k)) == bytes(encode_record(arrays))
+
+
+def test_a_bad_array_is_refused_at_put_not_at_commit(store):
+    from diskcache_ocr.store import WriteBatch
+
+    batch = WriteBatch()
+    with pytest.raises(CacheFormatError, match="cannot store dtype"):
+        batch.put("images", key(0), {"a": np.array([object()])})
+    assert len(batch) == 0
+
+
+def test_the_encode_buffer_is_reused_then_dropped_when_idle(store, monkeypatch):
+    import diskcache_ocr.store as store_mod
+
+    store.put("images", key(0), {"i": np.zeros((100, 100, 3), np.uint8)})
+    buf = store_mod._scratch.buf
+    assert buf is not None
+    store.put("images", key(1), {"i": np.ones((50, 100, 3), np.uint8)})
+    assert store_mod._scratch.buf is buf  # smaller records reuse it
+    monkeypatch.setattr(store_mod, "RENEW_AFTER_S", 0.0)
+    monkeypatch.setattr(store_mod, "_SCRATCH_IDLE_S", 0.0)
+    store.get("images", key(0))
+    store.get("images", key(1))  # a renewed read slot lets an idle buffer go
+    assert store_mod._scratch.buf is None
+    monkeypatch.setattr(store_mod, "_SCRATCH_MAX", 1000)
+    store.put("images", key(2), {"i": np.ones((50, 100, 3), np.uint8)})
+    assert store_mod._scratch.buf is None  # a record over the cap gets its own buffer
+    assert store.get("images", key(2))["i"].sum() == 50 * 100 * 3
