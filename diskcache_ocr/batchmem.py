@@ -180,7 +180,7 @@ class _Slab:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.name = f"{SLAB_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self.name = f"{_owner_prefix(os.getpid())}{secrets.token_hex(6)}"
         path = os.path.join(SHM_DIR, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -277,15 +277,29 @@ def _unlink_all(slabs: dict[int, list[_Slab]]) -> None:
             slab.unlink()
 
 
-def _sweep_orphans() -> None:
-    """Remove slabs left by workers that were killed (their names carry their pid)."""
+def _pid_namespace() -> int:
     try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(SLAB_PREFIX)]
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _owner_prefix(pid: int) -> str:
+    """Slab names carry the creator's pid and pid namespace (containers may share /dev/shm,
+    and a pid means nothing outside its namespace)."""
+    return f"{SLAB_PREFIX}{_pid_namespace()}-{pid}-"
+
+
+def _sweep_orphans() -> None:
+    """Remove slabs left by workers of this pid namespace that were killed."""
+    mine = f"{SLAB_PREFIX}{_pid_namespace()}-"
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
     except OSError:
         return
     for name in names:
         try:
-            pid = int(name[len(SLAB_PREFIX):].split("-", 1)[0])
+            pid = int(name[len(mine):].split("-", 1)[0])
             os.kill(pid, 0)
         except ProcessLookupError:
             try:

@@ -167,16 +167,18 @@ def test_rebuild_refuses_foreign_and_vanished_slabs():
 def test_orphans_of_dead_workers_are_swept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = os.path.join(batchmem.SHM_DIR, f"{batchmem.SLAB_PREFIX}{dead.pid}-0000")
-    mine = os.path.join(batchmem.SHM_DIR, f"{batchmem.SLAB_PREFIX}{os.getpid()}-0000")
-    for path in (orphan, mine):
+    orphan = os.path.join(batchmem.SHM_DIR, f"{batchmem._owner_prefix(dead.pid)}0000")
+    mine = os.path.join(batchmem.SHM_DIR, f"{batchmem._owner_prefix(os.getpid())}0000")
+    # a dead pid of another pid namespace (another container sharing /dev/shm): not ours
+    foreign = os.path.join(batchmem.SHM_DIR, f"{batchmem.SLAB_PREFIX}1-{dead.pid}-0000")
+    for path in (orphan, mine, foreign):
         open(path, "wb").close()
     try:
         batchmem._sweep_orphans()
         assert not os.path.exists(orphan)
-        assert os.path.exists(mine)
+        assert os.path.exists(mine) and os.path.exists(foreign)
     finally:
-        for path in (orphan, mine):
+        for path in (orphan, mine, foreign):
             if os.path.exists(path):
                 os.unlink(path)
 
