@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import reprlib
 import struct
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import blake3
@@ -305,28 +306,171 @@ def _aligned_copy(src: np.ndarray) -> np.ndarray:
     return out
 
 
+class _Layout:
+    """What :func:`decode_record` needs of a validated header: per array its name, dtype,
+    shape, offset, byte length and required alignment; the least value length for which
+    every array lies inside the value; and ``probe_at``, a position whose 16-byte alignment
+    in memory means every array is aligned (-1 where no single position tells)."""
+
+    __slots__ = ("entries", "min_size", "probe_at")
+
+    def __init__(
+        self, entries: tuple[tuple[str, np.dtype, tuple[int, ...], int, int, int], ...],
+        min_size: int,
+    ) -> None:
+        self.entries = entries
+        self.min_size = min_size
+        # Every array needs max(MIN_ALIGN, itemsize) == MIN_ALIGN (itemsizes are <= 8): if
+        # all offsets agree modulo MIN_ALIGN, one test of the value's address settles all.
+        mods = {off % MIN_ALIGN for _, _, _, off, nb, _ in entries if nb}
+        self.probe_at = (
+            mods.pop() if len(mods) == 1 and all(a == MIN_ALIGN for *_, a in entries)
+            and min_size >= 2 * MIN_ALIGN else -1
+        )
+
+
+def _find_probe_dtype() -> np.dtype | None:
+    """A dtype that numpy requires to be MIN_ALIGN-aligned, if this platform has one.
+
+    numpy flags an array "aligned" when its address is a multiple of its dtype's alignment,
+    so a one-element view of such a dtype tells whether an address is MIN_ALIGN-aligned
+    for a third of the cost of asking for the address. (long double on x86-64 and aarch64
+    Linux; checked here against real addresses, else None and addresses are used.)
+    """
+    dtype = np.dtype(np.longdouble)
+    if dtype.alignment != MIN_ALIGN or dtype.itemsize != MIN_ALIGN:
+        return None
+    buf = bytearray(4 * MIN_ALIGN)
+    view = memoryview(buf).toreadonly()
+    base = np.frombuffer(buf, np.uint8).ctypes.data
+    for off in range(2 * MIN_ALIGN):
+        probe = np.ndarray((1,), dtype, view, off)
+        if bool(probe.flags.aligned) != ((base + off) % MIN_ALIGN == 0):
+            return None
+    return dtype
+
+
+_PROBE_DTYPE = _find_probe_dtype()
+
+
+# Validated layouts, keyed by the record's bytes from its start up to (not including) the
+# 16 checksum bytes that end a canonical header. Records of one kind and shape differ only
+# in those bytes, so most reads skip msgpack and the per-array checks.
+#
+# NOTE on soundness: a header is cached only when it is byte for byte the canonical msgpack
+# encoding of what it was parsed into (`_canonical_header`), which ends with the checksum as
+# a fixed-size bin. Any value whose bytes before its last 16 header bytes equal the key
+# therefore parses to the same arrays (only the checksum differs, and no check reads it),
+# and every check that depends on the value's length is the single inequality
+# ``len(value) >= min_size``, re-tested on every read. A header in any other encoding is
+# never cached and always takes the full parse.
+LAYOUT_CACHE_SIZE = 1024
+_layouts: dict[bytes, _Layout] = {}
+_layouts_lock = threading.Lock()
+_HEADER_LEN = struct.Struct("<I")
+_CHECKSUM_TAIL = b"\xa1c\xc4" + bytes([CHECKSUM_BYTES])  # "c": bin8 of 16 bytes
+
+
+def _canonical_header(header: RecordHeader) -> bytes:
+    entries = [[n, dt.str, list(shape), off, nb] for n, dt, shape, off, nb in header.entries]
+    return msgpack.packb({"a": entries, "c": header.checksum}, use_bin_type=True)
+
+
+def _parse_layout(value: memoryview, where: str | Callable[[], str]) -> _Layout:
+    """Full parse and validation of ``value``'s header; remembers it when canonical."""
+    header = parse_header(value, where() if callable(where) else where)
+    layout = _Layout(
+        tuple((n, dt, shape, off, nb, max(MIN_ALIGN, dt.itemsize))
+              for n, dt, shape, off, nb in header.entries),
+        max(off + nb for _, _, _, off, nb in header.entries),
+    )
+    end = PREFIX.size + _HEADER_LEN.unpack_from(value, 8)[0]
+    canonical = _canonical_header(header)
+    if (
+        canonical[-CHECKSUM_BYTES - 4 : -CHECKSUM_BYTES] == _CHECKSUM_TAIL
+        and value[PREFIX.size : end].tobytes() == canonical
+    ):
+        key = value[: end - CHECKSUM_BYTES].tobytes()
+        with _layouts_lock:
+            while len(_layouts) >= LAYOUT_CACHE_SIZE:  # drop the oldest
+                _layouts.pop(next(iter(_layouts)), None)
+            _layouts[key] = layout
+    return layout
+
+
+def _cached_layout(value: memoryview) -> _Layout | None:
+    """The remembered layout of ``value``'s header, if any and if ``value`` is long enough."""
+    size = len(value)
+    if size < PREFIX.size:
+        return None
+    key_end = PREFIX.size + _HEADER_LEN.unpack_from(value, 8)[0] - CHECKSUM_BYTES
+    if key_end <= PREFIX.size or key_end + CHECKSUM_BYTES > size:
+        return None
+    layout = _layouts.get(value[:key_end].tobytes())
+    if layout is None or size < layout.min_size:
+        return None
+    return layout
+
+
+def clear_layout_cache() -> None:
+    """Forget every remembered header layout (for tests and benchmarks)."""
+    with _layouts_lock:
+        _layouts.clear()
+
+
 def decode_record(
-    value: bytes | memoryview, where: str = "record", *, writeable: bool = False
+    value: bytes | bytearray | memoryview, where: str | Callable[[], str] = "record", *,
+    writeable: bool = False,
 ) -> dict[str, np.ndarray]:
     """Arrays of a record as views on ``value`` (zero-copy where aligned).
 
     Views are read-only (whatever ``value`` is). With ``writeable`` every array is an
-    owned, aligned copy.
+    owned, aligned copy. ``where`` names the record in errors; a callable is called only
+    when there is an error to report.
     """
-    header = parse_header(value, where)
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise _fail(where() if callable(where) else where,
+                    f"not a byte string: {type(value).__name__}") from None
+    if view.itemsize != 1 or view.ndim != 1:
+        try:
+            view = view.cast("B")
+        except TypeError:
+            raise _fail(where() if callable(where) else where,
+                        "not a contiguous byte string") from None
+    if not view.readonly:
+        view = view.toreadonly()
+    layout = _cached_layout(view) or _parse_layout(view, where)
+    # (bounds were checked: offset + nbytes <= min_size <= len(view) for every array)
+    if (
+        not writeable and layout.probe_at >= 0 and _PROBE_DTYPE is not None
+        and np.ndarray((1,), _PROBE_DTYPE, view, layout.probe_at).flags.aligned
+    ):  # every array is aligned: views only, one call each
+        return {
+            name: np.ndarray(shape, dtype, view, offset) if nbytes else _empty(shape, dtype)
+            for name, dtype, shape, offset, nbytes, _ in layout.entries
+        }
     out: dict[str, np.ndarray] = {}
-    for name, dtype, shape, offset, nbytes in header.entries:
+    base = -1
+    for name, dtype, shape, offset, nbytes, align in layout.entries:
         if nbytes == 0:
-            arr = np.zeros(shape, dtype)
-            arr.flags.writeable = writeable
+            arr = _empty(shape, dtype, writeable)
         else:
-            arr = np.frombuffer(value, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-            arr = arr.reshape(shape)
-            if writeable or arr.ctypes.data % max(MIN_ALIGN, dtype.itemsize):
+            arr = np.ndarray(shape, dtype, view, offset)
+            if base < 0:
+                base = arr.__array_interface__["data"][0] - offset
+            if writeable or (base + offset) % align:
                 arr = _aligned_copy(arr)
-            arr.flags.writeable = writeable
+                arr.flags.writeable = writeable
         out[name] = arr
     return out
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype, writeable: bool = False) -> np.ndarray:
+    arr = np.zeros(shape, dtype)
+    arr.flags.writeable = writeable
+    return arr
 
 
 def verify_checksum(value: bytes | memoryview, where: str = "record") -> None:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from diskcache_ocr import codec
 from diskcache_ocr.codec import (
     MAGIC,
     PREFIX,
@@ -178,3 +179,139 @@ def test_mutated_records_raise_only_cache_errors(patch, pos):
         decode_record(bytes(record))
     except CacheFormatError:
         pass
+
+
+# -- the cache of validated header layouts ------------------------------------------------
+def _outcome(value):
+    """What decode_record makes of ``value``: its arrays' metadata and bytes, or the error."""
+    try:
+        out = decode_record(value, "r")
+    except CacheFormatError as exc:
+        return ("error", str(exc))
+    return {n: (a.dtype.str, a.shape, a.flags.writeable, a.tobytes()) for n, a in out.items()}
+
+
+def test_a_cached_layout_never_hides_header_damage():
+    """Every single-byte change and truncation of prefix and header decodes exactly as it
+    would with nothing cached (a parse of the good record is cached before each try)."""
+    record = encode_record({"a": np.arange(6, dtype=np.int32).reshape(2, 3),
+                            "b": np.ones(4, np.float64)})
+    end = PREFIX.size + PREFIX.unpack_from(record, 0)[4]
+    variants = [bytes(record[:n]) for n in range(0, len(record), 7)]
+    for pos in range(end):
+        for flip in (0x01, 0x10, 0x80, 0xFF):
+            damaged = bytearray(record)
+            damaged[pos] ^= flip
+            variants.append(bytes(damaged))
+    for value in variants:
+        codec.clear_layout_cache()
+        cold = _outcome(value)
+        decode_record(record)  # caches the good layout
+        assert codec._layouts, "the good record's layout is cached"
+        assert _outcome(value) == cold
+        assert _outcome(value) == cold  # (and after any caching of ``value`` itself)
+
+
+def test_records_that_differ_only_in_checksum_share_one_layout():
+    codec.clear_layout_cache()
+    a = encode_record({"x": np.zeros((2, 3), np.uint8)})
+    b = encode_record({"x": np.ones((2, 3), np.uint8)})
+    assert a[:40] != b[:40] or a != b
+    assert decode_record(a)["x"].sum() == 0
+    assert decode_record(b)["x"].sum() == 6
+    assert len(codec._layouts) == 1
+
+
+def test_records_with_different_layouts_never_share_a_parse():
+    codec.clear_layout_cache()
+    records = {
+        shape: encode_record({"x": np.arange(6, dtype=np.uint8).reshape(shape)})
+        for shape in [(2, 3), (3, 2), (6,), (1, 6), (6, 1)]
+    }
+    other_dtype = encode_record({"x": np.arange(6, dtype=np.int8).reshape(2, 3)})
+    other_name = encode_record({"y": np.arange(6, dtype=np.uint8).reshape(2, 3)})
+    for _ in range(2):  # cold, then warm
+        for shape, rec in records.items():
+            assert decode_record(rec)["x"].shape == shape
+        assert decode_record(other_dtype)["x"].dtype == np.int8
+        assert list(decode_record(other_name)) == ["y"]
+    assert len(codec._layouts) == len(records) + 2
+
+
+def test_a_short_value_with_a_cached_header_is_refused():
+    record = encode_record({"x": np.arange(100, dtype=np.float32)})
+    decode_record(record)
+    for cut in (1, 4, 399):
+        with pytest.raises(CacheFormatError, match="outside the payload"):
+            decode_record(record[:-cut], "r")
+
+
+def test_a_header_in_another_encoding_decodes_but_is_not_cached():
+    record = encode_record({"x": np.arange(6, dtype=np.uint8)})
+    header = parse_header(record)
+    # Same content, keys in the other order: a valid header, but not the canonical bytes.
+    entries = [[n, dt.str, list(s), off, nb] for n, dt, s, off, nb in header.entries]
+    packed = msgpack.packb({"c": header.checksum, "a": entries}, use_bin_type=True)
+    assert len(packed) == PREFIX.unpack_from(record, 0)[4]
+    other = PREFIX.pack(MAGIC, 1, 0, 0, len(packed)) + packed + bytes(record[PREFIX.size
+                                                                             + len(packed) :])
+    codec.clear_layout_cache()
+    for _ in range(3):
+        assert decode_record(other)["x"].tolist() == list(range(6))
+    assert not codec._layouts
+
+
+def test_the_layout_cache_stays_bounded(monkeypatch):
+    monkeypatch.setattr(codec, "LAYOUT_CACHE_SIZE", 8)
+    codec.clear_layout_cache()
+    for n in range(1, 50):
+        rec = encode_record({"x": np.zeros(n, np.uint8)})
+        assert decode_record(rec)["x"].shape == (n,)
+        assert len(codec._layouts) <= 8
+    assert len(codec._layouts) == 8
+    assert decode_record(encode_record({"x": np.zeros(1, np.uint8)}))["x"].shape == (1,)
+
+
+@pytest.mark.parametrize("probe", [True, False])
+@pytest.mark.parametrize("shift", [0, 1, 8, 16, 48])
+def test_aligned_views_and_misaligned_copies(monkeypatch, probe, shift):
+    """Views where the arrays land 16-byte aligned in memory, aligned copies elsewhere,
+    with or without the dtype-based alignment probe."""
+    if not probe:
+        monkeypatch.setattr(codec, "_PROBE_DTYPE", None)
+    arrays = {"a": np.arange(40, dtype=np.float64), "b": np.arange(7, dtype=np.uint8),
+              "e": np.zeros((0, 3), np.float32), "c": np.arange(5, dtype=np.int16)}
+    record = encode_record(arrays, base_mod=0)
+    raw = np.zeros(len(record) + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + shift
+    raw[start : start + len(record)] = np.frombuffer(record, np.uint8)
+    value = memoryview(raw[start : start + len(record)]).toreadonly()
+    base = raw.ctypes.data + start
+    for _ in range(2):  # cold, then cached
+        out = decode_record(value)
+        for name, arr in arrays.items():
+            got = out[name]
+            assert got.dtype == arr.dtype and got.shape == arr.shape
+            assert np.array_equal(got, arr) and not got.flags.writeable
+            assert got.ctypes.data % 16 == 0 or got.size == 0
+            inside = base <= got.ctypes.data < base + len(record)
+            if got.size:
+                assert inside == (shift % 16 == 0), (name, shift)
+
+
+def test_a_writeable_value_gives_read_only_views():
+    record = encode_record({"x": np.arange(6, dtype=np.uint8)})
+    assert isinstance(record, bytearray)
+    out = decode_record(record)["x"]
+    assert not out.flags.writeable
+
+
+def test_the_probe_dtype_agrees_with_addresses():
+    dtype = codec._find_probe_dtype()
+    if dtype is None:
+        pytest.skip("no 16-byte-aligned dtype on this platform")
+    buf = np.zeros(256, np.uint8)
+    view = memoryview(buf).toreadonly()
+    for off in range(64):
+        aligned = np.ndarray((1,), dtype, view, off).flags.aligned
+        assert aligned == ((buf.ctypes.data + off) % 16 == 0)
