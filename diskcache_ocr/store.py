@@ -191,9 +191,15 @@ class Record(Mapping[str, np.ndarray]):
 class ReadTxn:
     """A read transaction handed out by :meth:`CacheStore.reader`; closes with its block."""
 
-    def __init__(self, store: CacheStore, txn: lmdb.Transaction) -> None:
+    __slots__ = ("_store", "_txn", "_handles", "_open")
+
+    def __init__(
+        self, store: CacheStore, txn: lmdb.Transaction, handles: dict[str, Any] | None = None
+    ) -> None:
         self._store = store
         self._txn = txn
+        # (the sub-database handles of the environment this transaction belongs to)
+        self._handles = store._shared().handles if handles is None else handles
         self._open = True
 
     def _check_open(self) -> None:
@@ -205,17 +211,19 @@ class ReadTxn:
 
     def get(self, kind: str, key: bytes) -> Record | None:
         """The record under ``key`` as views, or None. Raises CacheFormatError if damaged."""
-        self._check_open()
-        value = self._txn.get(key, db=self._store._db(kind))
+        if not self._open:
+            self._check_open()
+        value = self._txn.get(key, db=self._handles[kind])
         if value is None:
             return None
-        where = f"{self._store.path} {kind}/{key.hex()}"
-        return Record(self, decode_record(value, where), len(value))
+        store = self._store
+        arrays = decode_record(value, lambda: f"{store.path} {kind}/{key.hex()}")
+        return Record(self, arrays, len(value))
 
     def get_raw(self, kind: str, key: bytes) -> memoryview | None:
         """The record's raw bytes as a view on the map (valid inside the block)."""
         self._check_open()
-        value = self._txn.get(key, db=self._store._db(kind))
+        value = self._txn.get(key, db=self._handles[kind])
         return None if value is None else memoryview(value)
 
     def contains(self, kind: str, key: bytes) -> bool:
@@ -227,6 +235,45 @@ class ReadTxn:
         self._check_open()
         raw = self._txn.get(source.encode(), db=self._store._db("index"))
         return None if raw is None else IndexEntry.unpack(bytes(raw), source)
+
+
+class _Reader:
+    """``with store.reader() as r``: lends this thread's read transaction for one block.
+
+    (A small class rather than a generator-based context manager: this runs once per
+    sample read, and the generator machinery costs more than the rest of it.)
+    """
+
+    __slots__ = ("_store", "_sh", "_slot", "_handle")
+
+    def __init__(self, store: CacheStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> ReadTxn:
+        sh = self._store._shared()
+        slot = sh.acquire_slot()
+        self._sh, self._slot = sh, slot
+        self._handle = ReadTxn(self._store, slot.txn, sh.handles)
+        return self._handle
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        self._handle._open = False
+        sh = self._sh
+        with sh.lock:
+            self._slot.borrowed -= 1
+        if not isinstance(exc, lmdb.Error):
+            return
+        # NOTE: LMDB has no page checksums; a damaged B-tree shows up here (and leaves the
+        # transaction unusable, so this thread's slot is dropped).
+        sh.drop_slot(threading.get_ident())
+        path = self._store.path
+        if isinstance(exc, lmdb.BadValsizeError):
+            raise CacheError(f"{path}: key too long for the cache ({exc})") from None
+        raise CacheFormatError(
+            f"{path}: read failed, the cache file is damaged ({exc}); clear it with "
+            "`diskcache-ocr clear --all`"
+        ) from None
 
 
 class _Scratch(threading.local):
@@ -527,31 +574,9 @@ class CacheStore:
         self._close_env()
 
     # -- reads -----------------------------------------------------------------------
-    @contextmanager
-    def reader(self) -> Iterator[ReadTxn]:
+    def reader(self) -> _Reader:
         """A read transaction whose records are zero-copy views, valid inside the block."""
-        sh = self._shared()
-        slot = sh.acquire_slot()
-        handle = ReadTxn(self, slot.txn)
-        failed = False
-        try:
-            yield handle
-        except lmdb.Error as exc:
-            # NOTE: LMDB has no page checksums; a damaged B-tree shows up here (and leaves the
-            # transaction unusable, so this thread's slot is dropped below).
-            failed = True
-            if isinstance(exc, lmdb.BadValsizeError):
-                raise CacheError(f"{self.path}: key too long for the cache ({exc})") from None
-            raise CacheFormatError(
-                f"{self.path}: read failed, the cache file is damaged ({exc}); clear it with "
-                "`diskcache-ocr clear --all`"
-            ) from None
-        finally:
-            handle._open = False
-            with sh.lock:
-                slot.borrowed -= 1
-            if failed:
-                sh.drop_slot(threading.get_ident())
+        return _Reader(self)
 
     def refresh(self) -> None:
         """Make this thread's next read see every write committed so far, here or elsewhere."""

@@ -382,3 +382,45 @@ def test_the_encode_buffer_is_reused_then_dropped_when_idle(store, monkeypatch):
     store.put("images", key(2), {"i": np.ones((50, 100, 3), np.uint8)})
     assert store_mod._scratch.buf is None  # a record over the cap gets its own buffer
     assert store.get("images", key(2))["i"].sum() == 50 * 100 * 3
+
+
+def _borrowed(store):
+    sh = store._sh
+    return sum(slot.borrowed for slot in sh.slots.values())
+
+
+def test_reader_lends_and_returns_the_slot(store):
+    store.put("images", key(0), {"image": np.ones((4, 4), np.uint8)})
+    with store.reader() as r:
+        assert _borrowed(store) == 1
+        with store.reader() as inner:  # nested blocks share this thread's transaction
+            assert _borrowed(store) == 2 and inner._txn is r._txn
+        assert _borrowed(store) == 1 and r.get("images", key(0)) is not None
+    assert _borrowed(store) == 0
+    with pytest.raises(KeyError), store.reader():
+        raise KeyError("not ours")  # other errors pass through unchanged
+    assert _borrowed(store) == 0
+
+
+def test_reader_turns_lmdb_errors_into_cache_errors(store):
+    store.put("images", key(0), {"image": np.ones((4, 4), np.uint8)})
+    with pytest.raises(CacheError, match="key too long"), store.reader():
+        raise lmdb.BadValsizeError("simulated")
+    assert _borrowed(store) == 0
+    with pytest.raises(CacheFormatError, match="cache file is damaged") as info, store.reader():
+        raise lmdb.CorruptedError("simulated")
+    assert info.value.__suppress_context__
+    assert _borrowed(store) == 0 and store.get("images", key(0)) is not None
+
+
+def test_a_damaged_record_names_its_kind_and_key(store):
+    good = {"image": np.arange(64, dtype=np.float32)}
+    store.put("tensors", key(1), good)
+    store.put("tensors", key(2), good)
+    with store.reader() as r:
+        value = bytes(r.get_raw("tensors", key(1)))
+        assert np.array_equal(r.get("tensors", key(1))["image"], good["image"])  # cached
+    store.put("tensors", key(2), value[:-8])  # same header, payload cut short
+    with pytest.raises(CacheFormatError, match=f"tensors/{key(2).hex()}: .*outside"):
+        with store.reader() as r:
+            r.get("tensors", key(2))
