@@ -160,9 +160,27 @@ def finish_numpy(image: np.ndarray, config: TransformConfig, out: np.ndarray) ->
     one rounded add per element), so the two agree bit for bit; a test checks all 256 values.
     """
     scale, shift = (c.numpy() for c in config.finish_constants())
-    np.multiply(image, scale, out=out)
-    np.add(out, shift, out=out)
+    if not (image.flags.c_contiguous and out.flags.c_contiguous and image.ndim >= 3
+            and image.shape[-3] == 3 and image.shape == out.shape):
+        np.multiply(image, scale, out=out)
+        np.add(out, shift, out=out)
+        return out
+    # The same two operations a block at a time, so the add reads what the multiply just
+    # wrote from the CPU cache instead of making a second pass over memory.
+    plane = image.shape[-1] * image.shape[-2]
+    src = image.reshape(-1, 3, plane)
+    dst = out.reshape(-1, 3, plane)
+    scales, shifts = scale.reshape(3), shift.reshape(3)
+    for n in range(src.shape[0]):
+        for c in range(3):
+            for start in range(0, plane, _FINISH_BLOCK):
+                block = dst[n, c, start:start + _FINISH_BLOCK]
+                np.multiply(src[n, c, start:start + _FINISH_BLOCK], scales[c], out=block)
+                np.add(block, shifts[c], out=block)
     return out
+
+
+_FINISH_BLOCK = 1 << 16  # elements: 256 KB of float32, well inside a core's L2
 
 
 def finish(image: torch.Tensor, config: TransformConfig, out: torch.Tensor | None = None
