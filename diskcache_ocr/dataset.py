@@ -513,6 +513,8 @@ class CachedOCRDataset(Dataset[Sample]):
                 updated_ns=time.time_ns(),
             ))
         if len(batch):
+            if get_worker_info() is not None:
+                batchmem.keep_freed_memory()  # a DataLoader worker that writes
             started = time.perf_counter()
             try:
                 self.store.commit(batch)

@@ -82,7 +82,10 @@ def _init_worker() -> None:
     # (it hangs); one intra-op thread per worker is also what a process pool wants.
     import torch
 
+    from diskcache_ocr.batchmem import keep_freed_memory
+
     torch.set_num_threads(1)
+    keep_freed_memory()  # (a process of our own that only builds: keep freed heap memory)
 
 
 def _build_chunk(chunk: Sequence[int]) -> tuple[list[tuple[str, str | None, bool]], float]:

@@ -221,3 +221,18 @@ def test_memory_efficient_gives_batch_memory_back(data, reference, monkeypatch):
     assert calls == []
     CachedOCRDataset(*paths(data), None, preset="minimal")[2]
     assert len(calls) == 1  # (the stub returns None: minimal then falls back, still correct)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_writers_keep_freed_memory_once_per_process():
+    import platform
+
+    code = ("from diskcache_ocr.batchmem import keep_freed_memory as k\n"
+            "import diskcache_ocr.batchmem as b, os\n"
+            "first = k(); print(first, k(), b._writer_tuned_pid == os.getpid())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    if platform.libc_ver()[0] == "glibc":
+        assert out == ["True", "True", "True"]
+    else:
+        assert out == ["False", "False", "False"]
