@@ -126,8 +126,9 @@ class _LocalPool:
 
     @staticmethod
     def _calibrate() -> int:
-        """What getrefcount says of a block nobody uses (interpreters differ in what they
-        count: a count that is too low would only mean no reuse, never unsafe reuse)."""
+        """What getrefcount says of a block nobody uses, measured with the same code shape
+        as ``_take`` (interpreters differ in which references they count). The reuse test in
+        tests/test_batchmem.py fails if this ever stops matching."""
         pool = [np.empty(1, np.uint8)]
         for buf in pool:
             return sys.getrefcount(buf)
