@@ -35,7 +35,7 @@ from diskcache_ocr.loader import BatchLoader
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.prebuild import prebuild
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +77,7 @@ def memcpy_limit(ds: CachedOCRDataset, batch_size: int, n: int, reps: int) -> di
 
 
 def cpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
-    images, ann = data / "images" / "val", data / "jsons" / "val.json"
+    images, ann = split_paths(data)
     out: dict[str, Any] = {}
     for label, transform in (("float32", TransformConfig(output="float32")),
                              ("compact", TransformConfig(output="compact"))):
@@ -179,7 +179,7 @@ def gpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    images, ann = data / "images" / "val", data / "jsons" / "val.json"
+    images, ann = split_paths(data)
     ds32 = CachedOCRDataset(images, ann, data / "cache-float32", preset="validation_optimized",
                             transform=TransformConfig(output="float32"), preload=False)
     dsc = CachedOCRDataset(images, ann, data / "cache-compact", preset="validation_optimized",
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",")]
     data = args.data
-    if not (data / "jsons" / "val.json").exists():
+    if not split_paths(data)[1].exists():
         synthesize(data, args.n, seed=0, workers=min(4, os.cpu_count() or 1))
     info = machine_info()
     info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

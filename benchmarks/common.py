@@ -85,16 +85,16 @@ def reps(args: argparse.Namespace) -> int:
 # -- data -------------------------------------------------------------------------------------
 def dataset_root(n: int, seed: int = SEED) -> tuple[Path, Path, Path]:
     """(root, images dir, annotation file) of a synthetic val split, synthesized once."""
-    from diskcache_ocr.synth import synthesize
+    from diskcache_ocr.synth import split_paths, synthesize
 
     root = DATA / f"synth-{n}-s{seed}"
-    ann = root / "jsons" / "val.json"
+    images, ann = split_paths(root)
     if not ann.exists():  # the annotation file is written last: its presence means complete
         log(f"synthesizing {n} images into {root} ...")
         started = time.perf_counter()
         synthesize(root, n, seed=seed, workers=min(2, os.cpu_count() or 1))
         log(f"  done in {time.perf_counter() - started:.1f} s")
-    return root, root / "images" / "val", ann
+    return root, images, ann
 
 
 def scratch_dir(prefix: str) -> Path:

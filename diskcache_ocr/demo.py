@@ -17,7 +17,7 @@ from diskcache_ocr.loader import BatchLoader
 from diskcache_ocr.ops import status, verify
 from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import CacheStore
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 
 
 def _epoch(ds: CachedOCRDataset, workers: int) -> tuple[float, int]:
@@ -29,7 +29,7 @@ def _epoch(ds: CachedOCRDataset, workers: int) -> tuple[float, int]:
 
 def run_demo(root: Path, *, n: int = 64, workers: int = 2) -> None:
     data, cache = root / "data", root / "cache"
-    images, annotations = data / "images" / "val", data / "jsons" / "val.json"
+    images, annotations = split_paths(data)
     shutil.rmtree(root, ignore_errors=True)
 
     t = time.perf_counter()

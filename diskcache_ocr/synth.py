@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["SynthSummary", "synthesize"]
+__all__ = ["SynthSummary", "split_paths", "synthesize"]
 
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _ORIENTATION_TAG = 0x0112
@@ -233,6 +233,12 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
+def split_paths(root: str | os.PathLike, split: str = "val") -> tuple[Path, Path]:
+    """Where :func:`synthesize` puts a split under ``root``: (images dir, annotation file)."""
+    root = Path(root)
+    return root / "images" / split, root / "jsons" / f"{split}.json"
+
+
 def synthesize(out_dir: str | os.PathLike, n: int, *, split: str = "val", seed: int = 0,
                min_words: int = 40, max_words: int = 200, size: tuple[int, int] = (960, 1280),
                exif_fraction: float = 0.1, quality: int = 90, workers: int = 1) -> SynthSummary:
@@ -257,8 +263,8 @@ def synthesize(out_dir: str | os.PathLike, n: int, *, split: str = "val", seed: 
             or not 0.0 <= exif_fraction <= 1.0:
         raise ValueError(f"exif_fraction must be a number in [0, 1], got {exif_fraction!r}")
     root = Path(out_dir)
-    images_dir, jsons_dir = root / "images" / split, root / "jsons"
-    for d in (images_dir, jsons_dir):
+    images_dir, ann_path = split_paths(root, split)
+    for d in (images_dir, ann_path.parent):
         d.mkdir(parents=True, exist_ok=True)
     p = _Params(str(images_dir), seed, min_words, max_words, (int(size[0]), int(size[1])),
                 float(exif_fraction), quality)
@@ -268,7 +274,6 @@ def synthesize(out_dir: str | os.PathLike, n: int, *, split: str = "val", seed: 
         with ProcessPoolExecutor(max_workers=min(workers, n)) as pool:
             results = list(pool.map(_render_one, [p] * n, range(n), chunksize=4))
     ann = {"images": {name: entry for name, entry, _ in results}}
-    ann_path = jsons_dir / f"{split}.json"
     # The annotation file is written last so that its presence means every image is there.
     _atomic_write(ann_path, json.dumps(ann, separators=(",", ":")).encode())
     return SynthSummary(root=root, split=split, images=n,

@@ -13,13 +13,14 @@ import pytest
 import test_dataset
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the tensor reducers)
-from test_dataset import assert_same, paths, unbatch
+from test_dataset import assert_same, unbatch
 from torch.utils.data import DataLoader
 
 from diskcache_ocr import batchmem
 from diskcache_ocr.batchmem import SlabTensor, Spec
 from diskcache_ocr.dataset import CachedOCRDataset, collate
 from diskcache_ocr.errors import CacheError
+from diskcache_ocr.synth import split_paths
 
 SPECS = [Spec("image", (2, 3, 8, 8), np.dtype(np.float32)),
          Spec("inverse_matrix", (2, 3, 3), np.dtype(np.float64)),
@@ -69,7 +70,7 @@ def test_local_block_is_not_reused_while_anything_of_it_lives(holder):
 
 
 def test_held_samples_keep_their_values_across_later_reads(data, reference, tmp_path):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
     first = ds[0]
     batch = ds.__getitems__([1, 2])
     for _ in range(3):
@@ -187,7 +188,7 @@ def test_orphans_of_dead_workers_are_swept(tmp_path):
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_workers_batches_stay_intact_while_the_consumer_holds_them(data, reference, tmp_path,
                                                                     method):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
     indices = [i % len(ds) for i in range(24)]
     loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate,
                         sampler=indices, multiprocessing_context=method)
@@ -215,11 +216,11 @@ def test_workers_batches_stay_intact_while_the_consumer_holds_them(data, referen
 def test_memory_efficient_gives_batch_memory_back(data, reference, monkeypatch):
     calls = []
     monkeypatch.setattr(batchmem, "local_block", lambda specs: calls.append(specs))
-    lean = CachedOCRDataset(*paths(data), None, preset="memory_efficient")
+    lean = CachedOCRDataset(*split_paths(data), None, preset="memory_efficient")
     assert not lean.preset.reuse_batch_memory
     assert_same(lean[2], reference[2], with_maps=False)
     assert calls == []
-    CachedOCRDataset(*paths(data), None, preset="minimal")[2]
+    CachedOCRDataset(*split_paths(data), None, preset="minimal")[2]
     assert len(calls) == 1  # (the stub returns None: minimal then falls back, still correct)
 
 

@@ -19,15 +19,11 @@ from diskcache_ocr import cli
 from diskcache_ocr.ops import HEALTH_CODES
 from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import KINDS, CacheStore
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 
 N = 4
 COMMANDS = ("prebuild", "status", "health", "clear", "verify", "copy", "watch", "synth", "demo")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def split_paths(root: Path) -> tuple[Path, Path]:
-    return root / "images" / "val", root / "jsons" / "val.json"
 
 
 def command() -> list[str]:

@@ -18,7 +18,7 @@ from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import PRESET_NAMES
 from diskcache_ocr.store import CacheStore
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 
 N = 6
 
@@ -30,14 +30,10 @@ def data(tmp_path_factory):
     return root
 
 
-def paths(root):
-    return root / "images" / "val", root / "jsons" / "val.json"
-
-
 @pytest.fixture(scope="session")
 def reference(data):
     """Every sample computed with no cache at all (maps included)."""
-    ds = CachedOCRDataset(*paths(data), None, preset={"load_maps": True})
+    ds = CachedOCRDataset(*split_paths(data), None, preset={"load_maps": True})
     return [ds[i] for i in range(len(ds))]
 
 
@@ -68,7 +64,7 @@ def unbatch(batch):
 @pytest.mark.parametrize("workers, method", [(0, None), (2, "fork"), (2, "spawn")])
 def test_every_preset_equals_uncached_bit_for_bit(data, reference, tmp_path, preset, workers,
                                                   method):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "cache", preset=preset)
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "cache", preset=preset)
     loader = DataLoader(ds, batch_size=2, shuffle=True, num_workers=workers, collate_fn=collate,
                         multiprocessing_context=method, persistent_workers=workers > 0,
                         pin_memory=False, generator=torch.Generator().manual_seed(0))
@@ -91,7 +87,7 @@ def test_every_preset_equals_uncached_bit_for_bit(data, reference, tmp_path, pre
 
 
 def test_pin_memory_loader(data, reference, tmp_path):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
     loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate, pin_memory=True)
     for batch in loader:
         for sample in unbatch(batch):
@@ -99,7 +95,7 @@ def test_pin_memory_loader(data, reference, tmp_path):
 
 
 def test_getitems_reads_a_batch_in_one_transaction(data, reference, tmp_path, monkeypatch):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
     calls = []
     original = CacheStore.reader
 
@@ -118,7 +114,7 @@ def test_getitems_reads_a_batch_in_one_transaction(data, reference, tmp_path, mo
 
 
 def test_preload_builds_everything_and_leaves_nothing_open(data, tmp_path):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
     assert not ds.store.is_open
     with CacheStore(tmp_path / "c", readonly=True) as s:
         for kind in ("images", "tensors", "maps"):
@@ -131,24 +127,24 @@ def test_preload_builds_everything_and_leaves_nothing_open(data, tmp_path):
 
 def test_tensor_cache_refused_for_a_random_transform(data, tmp_path):
     with pytest.raises(TrainingSafetyError, match="not deterministic"):
-        CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized",
+        CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                          split="train")
     # The check probes the transform, not the split's name.
     with pytest.raises(TrainingSafetyError):
-        CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized",
+        CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                          split="val", transform=TransformConfig(hflip_prob=0.3))
-    CachedOCRDataset(*paths(data), tmp_path / "d", preset="validation_optimized", split="train",
-                     transform=TransformConfig())
+    CachedOCRDataset(*split_paths(data), tmp_path / "d", preset="validation_optimized",
+                     split="train", transform=TransformConfig())
     # Image caching is fine for training.
-    CachedOCRDataset(*paths(data), tmp_path / "e", preset="balanced", split="train")
+    CachedOCRDataset(*split_paths(data), tmp_path / "e", preset="balanced", split="train")
     with pytest.warns(UserWarning, match="not deterministic"):
-        CachedOCRDataset(*paths(data), tmp_path / "f", preset="validation_optimized",
+        CachedOCRDataset(*split_paths(data), tmp_path / "f", preset="validation_optimized",
                          split="train", allow_random_tensor_cache=True)
 
 
 def test_training_flip_changes_image_and_polygons_together(data):
-    ds = CachedOCRDataset(*paths(data), None, preset={"load_maps": True}, split="train")
-    plain = CachedOCRDataset(*paths(data), None, preset={"load_maps": True}, split="val")
+    ds = CachedOCRDataset(*split_paths(data), None, preset={"load_maps": True}, split="train")
+    plain = CachedOCRDataset(*split_paths(data), None, preset={"load_maps": True}, split="val")
     torch.manual_seed(0)
     flips = 0
     for _ in range(12):
@@ -164,7 +160,7 @@ def test_training_flip_changes_image_and_polygons_together(data):
 
 
 def test_cached_sample_survives_in_place_ops(data, tmp_path):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
     s = ds[0]
     before = ds[0]["image"].clone()
     for name in ("image", *MAP_NAMES, "inverse_matrix"):
@@ -177,38 +173,38 @@ def test_cached_sample_survives_in_place_ops(data, tmp_path):
 def test_changed_source_is_recomputed_not_served_stale(data, reference, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(data, root)
-    ds = CachedOCRDataset(*paths(root), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(root), tmp_path / "c", preset="validation_optimized")
     assert_same(ds[0], reference[0], with_maps=True)
     # Replace image 0's bytes by image 1's (new size and mtime).
-    src = paths(root)[0]
+    src = split_paths(root)[0]
     names = sorted(os.listdir(src))
     (src / names[0]).write_bytes((src / names[1]).read_bytes())
-    fresh = CachedOCRDataset(*paths(root), None, preset={"load_maps": True})[0]
+    fresh = CachedOCRDataset(*split_paths(root), None, preset={"load_maps": True})[0]
     assert_same(ds[0], fresh, with_maps=True)
     assert not torch.equal(fresh["image"], reference[0]["image"])
 
 
 def test_version_bump_rebuilds_exactly_that_kind(data, tmp_path):
-    CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
+    CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
     new = TransformConfig(mean=(0.5, 0.5, 0.5))
     with pytest.raises(CacheVersionError, match="tensors"):
-        CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized",
+        CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                          transform=new)
     with CacheStore(tmp_path / "c") as s:
         images_before = sorted(s.keys("images"))
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized",
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                           transform=new, on_mismatch="rebuild")
     with CacheStore(tmp_path / "c") as s:
         assert sorted(s.keys("images")) == images_before  # decoded images kept
         assert s.kind_stats("tensors")["entries"] == N  # rebuilt by the preload
-    fresh = CachedOCRDataset(*paths(data), None, preset={"load_maps": True}, transform=new)
+    fresh = CachedOCRDataset(*split_paths(data), None, preset={"load_maps": True}, transform=new)
     assert_same(ds[2], fresh[2], with_maps=True)
 
 
 def test_bad_images_and_annotations_are_skipped_with_a_reason(data, tmp_path, caplog):
     root = tmp_path / "data"
     shutil.copytree(data, root)
-    images, ann = paths(root)
+    images, ann = split_paths(root)
     names = sorted(os.listdir(images))
     (images / names[2]).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     doc = json.loads(ann.read_text())
@@ -235,14 +231,14 @@ def test_bad_images_and_annotations_are_skipped_with_a_reason(data, tmp_path, ca
 
 
 def test_split_without_annotations_loads_images_only(data):
-    ds = CachedOCRDataset(paths(data)[0], None, None)
+    ds = CachedOCRDataset(split_paths(data)[0], None, None)
     assert len(ds) == N
     s = ds[0]
     assert s["polygons"] == [] and s["image"].shape == (3, 640, 640)
 
 
 def test_index_is_held_in_numpy_arrays_and_pickles_small(data, tmp_path):
-    ds = CachedOCRDataset(*paths(data), tmp_path / "c", preset="balanced")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="balanced")
     for name in ("_files", "_word_start", "_point_start", "_points", "_ignore"):
         assert isinstance(getattr(ds, name), np.ndarray)
         assert getattr(ds, name).dtype != object
@@ -253,12 +249,12 @@ def test_index_is_held_in_numpy_arrays_and_pickles_small(data, tmp_path):
 
 def test_caching_preset_needs_a_cache_dir(data):
     with pytest.raises(CacheError, match="no cache_dir"):
-        CachedOCRDataset(*paths(data), None, preset="balanced")
+        CachedOCRDataset(*split_paths(data), None, preset="balanced")
 
 
 def test_readonly_dataset_reads_without_writing(data, reference, tmp_path):
-    CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized")
-    ro = CachedOCRDataset(*paths(data), tmp_path / "c", preset="validation_optimized",
+    CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
+    ro = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                           readonly=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -12,7 +12,7 @@ from diskcache_ocr.keys import content_hash
 from diskcache_ocr.loader import BatchLoader
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.transform import TransformConfig, finish, finish_numpy, finish_torch
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 
 N = 7
 COMPACT = TransformConfig(output="compact")
@@ -24,7 +24,7 @@ TENSORS = ("image", *MAP_NAMES, "inverse_matrix")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     synthesize(root, N, seed=5, min_words=3, max_words=12, size=(300, 400))
-    return root / "images" / "val", root / "jsons" / "val.json"
+    return split_paths(root)
 
 
 def stock_batches(data, sampler, transform=None, batch_size=3):

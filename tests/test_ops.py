@@ -23,13 +23,9 @@ from diskcache_ocr.errors import CacheError
 from diskcache_ocr.ops import clear, copy, health, status, verify
 from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import KINDS, CacheStore, IndexEntry, WriteBatch
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 
 N = 4
-
-
-def split_paths(root: Path) -> tuple[Path, Path]:
-    return root / "images" / "val", root / "jsons" / "val.json"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import KINDS, CacheStore, WriteBatch
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 
 KILL_N = 32  # enough images that a build spans a kill or two
 SMALL_N = 6
@@ -36,10 +36,6 @@ prebuild_mod = importlib.import_module("diskcache_ocr.prebuild")
 
 
 # -- helpers -------------------------------------------------------------------------------
-def split_paths(root: Path) -> tuple[Path, Path]:
-    return root / "images" / "val", root / "jsons" / "val.json"
-
-
 def command() -> list[str]:
     """The console script next to this interpreter, else the module."""
     script = Path(sys.executable).with_name("diskcache-ocr")

@@ -22,7 +22,7 @@ from watchdog.observers.inotify import InotifyObserver
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.store import CacheStore, IndexEntry
-from diskcache_ocr.synth import synthesize
+from diskcache_ocr.synth import split_paths, synthesize
 from diskcache_ocr.watch import Watcher, WatchSummary
 
 NAMES = [f"receipt_{i:05d}.jpg" for i in range(5)]
@@ -33,8 +33,7 @@ WAIT_S = 10.0
 def env(tmp_path):
     """A 5-image dataset and a full validation_optimized cache of it."""
     synthesize(tmp_path, 5, seed=1, min_words=3, max_words=8, size=(240, 320))
-    images, ann, cache = tmp_path / "images" / "val", tmp_path / "jsons" / "val.json", \
-        tmp_path / "cache"
+    (images, ann), cache = split_paths(tmp_path), tmp_path / "cache"
     CachedOCRDataset(images, ann, cache, preset="validation_optimized").close()
     store = CacheStore(cache)
     assert [s for s, _ in store.iter_index()] == NAMES

@@ -23,11 +23,11 @@ class Data:
 
 
 def _synth(root: Path, seed: int) -> Data:
-    from diskcache_ocr.synth import synthesize
+    from diskcache_ocr.synth import split_paths, synthesize
 
     synthesize(root, N_IMAGES, seed=seed, min_words=3, max_words=10, size=SIZE)
-    images = root / "images" / "val"
-    return Data(root, images, root / "jsons" / "val.json",
+    images, annotations = split_paths(root)
+    return Data(root, images, annotations,
                 tuple(sorted(p.name for p in images.iterdir())))
 
 
