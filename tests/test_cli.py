@@ -7,39 +7,25 @@ import argparse
 import json
 import os
 import runpy
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cachesnap import snapshot
+from testkit import build_small, command, private_copy, run_cli, snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.ops import HEALTH_CODES
-from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import KINDS, CacheStore
-from diskcache_ocr.synth import split_paths, synthesize
+from diskcache_ocr.synth import split_paths
 
 N = 4
 COMMANDS = ("prebuild", "status", "health", "clear", "verify", "copy", "watch", "synth", "demo")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def command() -> list[str]:
-    script = Path(sys.executable).with_name("diskcache-ocr")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "diskcache_ocr.cli"]
-
-
-def run(capsys, *argv: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def run_json(capsys, *argv: object) -> tuple[int, dict]:
-    rc, out, err = run(capsys, *argv, "--json")
+    rc, out, err = run_cli(capsys, *argv, "--json")
     try:
         return rc, json.loads(out)
     except json.JSONDecodeError:
@@ -49,20 +35,13 @@ def run_json(capsys, *argv: object) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset root, cache) built once; tests that change either work on copies."""
-    root = tmp_path_factory.mktemp("cli")
-    data = root / "data"
-    synthesize(data, N, seed=21, min_words=3, max_words=10, size=(240, 320))
-    prebuild(*split_paths(data), root / "cache", workers=1, progress=False)
-    return data, root / "cache"
+    return build_small(tmp_path_factory.mktemp("cli"), N, seed=21)
 
 
 @pytest.fixture
 def mine(built, tmp_path) -> tuple[Path, Path]:
     """A private copy of the dataset (stat-identical) and of the cache."""
-    data, cache = built
-    shutil.copytree(data, tmp_path / "data")
-    shutil.copytree(cache, tmp_path / "cache")
-    return tmp_path / "data", tmp_path / "cache"
+    return private_copy(*built, tmp_path)
 
 
 # -- help -------------------------------------------------------------------------------------
@@ -169,7 +148,7 @@ def test_verify_exit_code_1_on_corruption(mine, capsys):
     rc, data = run_json(capsys, "verify", "--cache", cache)
     assert rc == 1
     assert len(data["corrupt"]) == 1 and key.hex() in data["corrupt"][0]
-    rc, out, _ = run(capsys, "verify", "--cache", cache)
+    rc, out, _ = run_cli(capsys, "verify", "--cache", cache)
     assert rc == 1 and "1 corrupt" in out
 
 
@@ -181,7 +160,7 @@ def test_verify_exit_code_1_on_corruption(mine, capsys):
 def test_missing_cache_is_one_error_line_and_exit_2(argv, tmp_path, capsys):
     missing = tmp_path / "no-cache"
     argv = [str(tmp_path / "dest") if a == "DEST" else a for a in argv]
-    rc, out, err = run(capsys, *argv, "--cache", missing)
+    rc, out, err = run_cli(capsys, *argv, "--cache", missing)
     assert rc == 2
     assert out == ""
     lines = err.strip().splitlines()
@@ -196,10 +175,10 @@ def test_missing_cache_is_one_error_line_and_exit_2(argv, tmp_path, capsys):
 def test_prebuild_errors_exit_2(tmp_path, built, capsys):
     data_dir, _ = built
     images, annotations = split_paths(data_dir)
-    rc, _, err = run(capsys, "prebuild", "--images", tmp_path / "nope", "--cache",
+    rc, _, err = run_cli(capsys, "prebuild", "--images", tmp_path / "nope", "--cache",
                      tmp_path / "c")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    rc, _, err = run(capsys, "prebuild", "--images", images, "--annotations", annotations,
+    rc, _, err = run_cli(capsys, "prebuild", "--images", images, "--annotations", annotations,
                      "--cache", tmp_path / "c", "--preset", "minimal")
     assert rc == 2 and "caches nothing" in err
 
@@ -208,7 +187,7 @@ def test_prebuild_errors_exit_2(tmp_path, built, capsys):
 def test_debug_shows_the_traceback_and_still_exits_2(where, tmp_path, capsys):
     argv = ["status", "--cache", str(tmp_path / "none")]
     argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
-    rc, _, err = run(capsys, *argv)
+    rc, _, err = run_cli(capsys, *argv)
     assert rc == 2
     assert "Traceback (most recent call last)" in err
     assert "CacheError" in err
@@ -328,7 +307,7 @@ def test_copy_makes_a_readable_cache_with_the_same_records(built, tmp_path, caps
     assert rc == 0 and all(status["kinds"][k]["entries"] == N for k in KINDS)
     rc, report = run_json(capsys, "verify", "--cache", dest)
     assert (rc, report["corrupt"]) == (0, [])
-    rc, _, err = run(capsys, "copy", "--cache", cache, dest)  # never over a cache
+    rc, _, err = run_cli(capsys, "copy", "--cache", cache, dest)  # never over a cache
     assert rc == 2 and "already holds a cache" in err
 
 
@@ -391,21 +370,21 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 # -- human output ------------------------------------------------------------------------------
 def test_human_output_of_reporting_commands(built, capsys):
     _, cache = built
-    rc, out, _ = run(capsys, "status", "--cache", cache)
+    rc, out, _ = run_cli(capsys, "status", "--cache", cache)
     assert rc == 0
     for kind in KINDS:
         assert kind in out
     assert "last build: clean" in out
-    rc, out, _ = run(capsys, "health", "--cache", cache)
+    rc, out, _ = run_cli(capsys, "health", "--cache", cache)
     assert rc == 0 and out.startswith("healthy")
-    rc, out, _ = run(capsys, "verify", "--cache", cache)
+    rc, out, _ = run_cli(capsys, "verify", "--cache", cache)
     assert rc == 0 and f"checked {N * len(KINDS)} records: 0 corrupt" in out
 
 
 def test_clear_stale_refuses_a_missing_images_directory(mine, tmp_path, capsys):
     _, cache = mine
     before = snapshot(cache)
-    rc, _, err = run(capsys, "clear", "--cache", cache, "--stale", "--images",
+    rc, _, err = run_cli(capsys, "clear", "--cache", cache, "--stale", "--images",
                      tmp_path / "typo")
     assert rc == 2 and "does not exist" in err and "Traceback" not in err
     assert snapshot(cache) == before

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -17,34 +16,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import build_small, private_copy
 
 from diskcache_ocr.codec import decode_record
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.ops import clear, copy, health, status, verify
 from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import KINDS, CacheStore, IndexEntry, WriteBatch
-from diskcache_ocr.synth import split_paths, synthesize
+from diskcache_ocr.synth import split_paths
 
 N = 4
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ops")
-    data = root / "data"
-    synthesize(data, N, seed=8, min_words=3, max_words=10, size=(240, 320))
-    prebuild(*split_paths(data), root / "cache", workers=1, progress=False)
-    return data, root / "cache"
+    return build_small(tmp_path_factory.mktemp("ops"), N, seed=8)
 
 
 @pytest.fixture
 def case(built, tmp_path):
     """A private, stat-identical copy of the dataset and of its cache."""
-    data, cache = built
-    shutil.copytree(data, tmp_path / "data")
-    shutil.copytree(cache, tmp_path / "cache")
-    images, annotations = split_paths(tmp_path / "data")
-    return images, annotations, tmp_path / "cache"
+    data, cache = private_copy(*built, tmp_path)
+    return (*split_paths(data), cache)
 
 
 def codes(report: dict) -> dict[str, str]:

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cachesnap import snapshot
+from testkit import command, run_cli, snapshot
 
-from diskcache_ocr import cli
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheVersionError
 from diskcache_ocr.ocr.maps import MapConfig
@@ -36,19 +35,6 @@ prebuild_mod = importlib.import_module("diskcache_ocr.prebuild")
 
 
 # -- helpers -------------------------------------------------------------------------------
-def command() -> list[str]:
-    """The console script next to this interpreter, else the module."""
-    script = Path(sys.executable).with_name("diskcache-ocr")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "diskcache_ocr.cli"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 @pytest.fixture(scope="module")
 def kill_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("kill-data")

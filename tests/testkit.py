@@ -1,0 +1,63 @@
+"""Shared by the tests: the command line (in process, or the console script), a small
+prebuilt cache and private copies of it, and a cache's whole content, comparable between two
+caches."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+from diskcache_ocr import cli
+from diskcache_ocr.prebuild import prebuild
+from diskcache_ocr.store import KINDS, CacheStore
+from diskcache_ocr.synth import split_paths, synthesize
+
+
+def command() -> list[str]:
+    """The console script next to this interpreter, else the module."""
+    script = Path(sys.executable).with_name("diskcache-ocr")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "diskcache_ocr.cli"]
+
+
+def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
+    """``diskcache-ocr ARGV`` in this process: exit code, stdout, stderr."""
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def build_small(root: Path, n: int, seed: int) -> tuple[Path, Path]:
+    """(dataset root, cache): ``n`` small synthetic pages under ``root/data``, prebuilt into
+    ``root/cache``."""
+    data = root / "data"
+    synthesize(data, n, seed=seed, min_words=3, max_words=10, size=(240, 320))
+    prebuild(*split_paths(data), root / "cache", workers=1, progress=False)
+    return data, root / "cache"
+
+
+def private_copy(data: Path, cache: Path, dest: Path) -> tuple[Path, Path]:
+    """A stat-identical copy of a dataset and of its cache under ``dest``."""
+    shutil.copytree(data, dest / "data")
+    shutil.copytree(cache, dest / "cache")
+    return dest / "data", dest / "cache"
+
+
+def snapshot(cache: Path) -> dict:
+    """Every record (kind -> key -> digest of the raw value) and every index entry without
+    its timestamp."""
+    out: dict = {}
+    with CacheStore(cache, readonly=True) as store:
+        for kind in KINDS:
+            records = {}
+            for key in store.keys(kind):
+                with store.reader() as r:
+                    records[key] = hashlib.sha256(bytes(r.get_raw(kind, key))).hexdigest()
+            out[kind] = records
+        out["index"] = {
+            source: (e.size, e.mtime_ns, e.content_hash, e.status, dict(e.keys))
+            for source, e in store.iter_index()
+        }
+    return out
