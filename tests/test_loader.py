@@ -11,7 +11,13 @@ from diskcache_ocr.dataset import CachedOCRDataset, collate
 from diskcache_ocr.keys import content_hash
 from diskcache_ocr.loader import BatchLoader
 from diskcache_ocr.ocr.maps import MAP_NAMES
-from diskcache_ocr.ocr.transform import TransformConfig, finish, finish_numpy, finish_torch
+from diskcache_ocr.ocr.transform import (
+    VALIDATION,
+    TransformConfig,
+    finish,
+    finish_numpy,
+    finish_torch,
+)
 from diskcache_ocr.synth import split_paths, synthesize
 
 N = 7
@@ -76,6 +82,14 @@ def test_finishing_on_cpu_and_with_torch_agree_for_every_pixel_value():
     with_torch = finish_torch(as_tensor, config, torch.empty(pixels.shape)).numpy()
     assert with_torch.tobytes() == finish(as_tensor, config).numpy().tobytes()
     assert with_numpy.tobytes() == with_torch.tobytes()
+
+
+def test_finishing_a_batch_larger_than_one_block_agrees_with_torch():
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (2, 3, 401, 397), dtype=np.uint8)  # planes span blocks
+    with_numpy = finish_numpy(pixels, VALIDATION, np.empty(pixels.shape, np.float32))
+    with_torch = finish_torch(torch.from_numpy(pixels), VALIDATION, torch.empty(pixels.shape))
+    assert with_numpy.tobytes() == with_torch.numpy().tobytes()
 
 
 def test_early_break_leaves_no_open_transaction(data, tmp_path):
