@@ -46,7 +46,7 @@ log = logging.getLogger("diskcache_ocr.batchmem")
 ALIGN = 64
 SHM_DIR = "/dev/shm"
 SLAB_PREFIX = "docr-slab-"
-LOCAL_KEEP = 2  # free blocks kept per size in one process
+LOCAL_KEEP = 3  # free blocks kept per size in one process: a loader's two + one a caller holds
 SLABS_PER_SIZE = 4  # DataLoader: prefetch (2) + one pinned + one the user holds
 
 # Slab header: magic, state, generation. The state word is written by the worker (BUSY)
