@@ -36,7 +36,7 @@ from diskcache_ocr.ocr.annotations import (
     safe_source_path,
 )
 from diskcache_ocr.ocr.maps import MAP_NAMES, MapConfig
-from diskcache_ocr.ocr.pipeline import Pipeline
+from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig, map_points
 from diskcache_ocr.presets import Preset, load_preset
 from diskcache_ocr.store import CacheStore, IndexEntry, Policy, ReadTxn, Record, WriteBatch
@@ -73,16 +73,19 @@ class BatchBuffers:
     The memory is reused once nothing of its last use is alive (:mod:`batchmem`). Inside a
     DataLoader worker it is a shared-memory slab, so sending the batch to the main process
     moves a reference, not the bytes; the batched loader keeps a few pinned sets of its own.
-    ``raw_image`` keeps a compact record's uint8 image unfinished (the loader finishes it on
-    the device).
+    ``raw_image`` keeps a compact record's uint8 image unfinished, and ``raw_maps`` the binary
+    maps as their stored uint8 0/1 (the batched loader moves those bytes to the device and
+    finishes there: a third of a sample's bytes).
     """
 
     def __init__(self, n: int, size: int, with_maps: bool, *, shared: bool = False,
-                 pin: bool = False, raw_image: bool = False, reuse: bool = True) -> None:
+                 pin: bool = False, raw_image: bool = False, raw_maps: bool = False,
+                 reuse: bool = True) -> None:
         specs = [Spec("image", (n, 3, size, size), np.dtype(np.uint8 if raw_image
                                                            else np.float32)),
                  Spec("inverse_matrix", (n, 3, 3), np.dtype(np.float64))]
-        specs += [Spec(name, (n, 1, size, size), np.dtype(np.float32))
+        specs += [Spec(name, (n, 1, size, size),
+                       np.dtype(np.uint8 if raw_maps and name in BINARY_MAPS else np.float32))
                   for name in (MAP_NAMES if with_maps else ())]
         block = None
         if reuse and not pin:

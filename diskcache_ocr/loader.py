@@ -7,7 +7,11 @@ has finished (CUDA events). A producer thread fills batch k+1 while the caller w
 batch k. Misses are filled read-through exactly as in :class:`CachedOCRDataset`.
 
 A compact pipeline (``TransformConfig(output="compact")``) moves the resized uint8 image and
-normalizes it on the device with the same ``finish`` the uncached path uses.
+normalizes it on the device with the same ``finish`` the uncached path uses; the binary maps
+always travel as their stored uint8 0/1 and become float32 on the device. At 640×640 a sample
+then moves 4.1 MB (11.5 MB all float32, 7.8 MB with only the image compact): host memory
+written and host-to-device bytes alike. Host work per cached sample, one copy thread: 2.3 ms
+finished on the CPU, 1.3 ms with the compact image, 0.86 ms with the maps too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSam
 
 from diskcache_ocr.dataset import BatchBuffers, CachedOCRDataset
 from diskcache_ocr.ocr.maps import MAP_NAMES
+from diskcache_ocr.ocr.pipeline import BINARY_MAPS
 from diskcache_ocr.ocr.transform import finish
 
 _DONE = object()
@@ -50,7 +55,8 @@ class BatchLoader:
     ...     loss = model(batch["image"], batch["prob_map"])
 
     Without a device, the yielded tensors are the loader's reusable host buffers: a batch is
-    valid until the next one is requested; ``clone()`` what you keep longer.
+    valid until the next one is requested; ``clone()`` what you keep longer. With a device
+    (``"cpu"`` included) every batch is the caller's own.
     """
 
     def __init__(
@@ -100,8 +106,10 @@ class BatchLoader:
             # The uint8 image travels to the device and is finished there; on the CPU the
             # buffers get the finished float32 image directly.
             raw = self.compact and self.device is not None
+            # The same for the binary maps: their stored uint8 0/1 travel, float32 on arrival.
             self._slots = [_Slot(BatchBuffers(self.batch_size, size, self.dataset.load_maps,
-                                              pin=self.pin_memory, raw_image=raw))
+                                              pin=self.pin_memory, raw_image=raw,
+                                              raw_maps=self.device is not None))
                            for _ in range(self.n_buffers)]
 
     def close(self) -> None:
@@ -148,9 +156,14 @@ class BatchLoader:
         out = dict(batch)
         for name, value in batch.items():
             if isinstance(value, torch.Tensor):
-                out[name] = value.to(self.device, non_blocking=self.pin_memory)
+                # copy=True: with a CPU "device" the move would otherwise hand out the host
+                # buffer itself, which the next batch refills while the caller still holds it.
+                out[name] = value.to(self.device, non_blocking=self.pin_memory, copy=True)
         if out["image"].dtype == torch.uint8:
             out["image"] = finish(out["image"], self.dataset.pipeline.transform)
+        for name in BINARY_MAPS:
+            if name in out and out[name].dtype == torch.uint8:
+                out[name] = out[name].to(torch.float32)  # exact: the values are 0 and 1
         if self.device.type == "cuda":
             slot.event = torch.cuda.Event()
             slot.event.record()

@@ -74,6 +74,19 @@ def test_device_side_finishing_equals_the_uncached_output(data, tmp_path):
     assert_batches_equal(got, stock_batches(data, None, batch_size=4))
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_device_batches_are_owned_and_binary_maps_travel_as_uint8(data, tmp_path, epochs):
+    ds = CachedOCRDataset(*data, tmp_path / "c", preset="validation_optimized",
+                          transform=COMPACT, preload=epochs == 2)
+    with BatchLoader(ds, batch_size=2, threads=2, device="cpu") as loader:
+        for _ in range(epochs):
+            held = list(loader)  # kept without cloning: a device batch is the caller's own
+        maps = loader._slots[0].buffers.maps_t
+        assert [maps[n].dtype for n in MAP_NAMES] == [torch.uint8, torch.uint8,
+                                                      torch.float32, torch.uint8]
+    assert_batches_equal(held, stock_batches(data, None, batch_size=2))
+
+
 def test_finishing_on_cpu_and_with_torch_agree_for_every_pixel_value():
     config = TransformConfig(mean=(0.1, 0.5602, 0.9), std=(0.2, 0.2539, 0.31))
     pixels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)).copy()
