@@ -11,7 +11,8 @@ Modes (each in a fresh interpreter, persistent workers, batch 8, ``diskcache_ocr
   main-process batched reader with ``threads`` = the worker count (no worker processes).
 
 After a warm-up of ``2 × workers`` batches, every repetition is one full epoch; memory is the
-peak of the summed PSS of the main process and its workers during the timed epochs.
+peak of the summed PSS of the main process and its workers during one more epoch, untimed
+(sampling walks page tables and would slow the timed epochs).
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ def measure(mode: str, workers: int, images: str, ann: str, cache: str, reps: in
         for _ in itertools.islice(iter(loader), 2 * max(1, workers)):
             pass
         epochs = []
+        for _ in range(reps):
+            seconds, seen = C.run_epoch(loader)
+            assert seen == len(ds), (seen, len(ds))
+            epochs.append(seconds)
+        # Memory in one more, untimed epoch: sampling smaps walks every process's page
+        # tables and would slow the timed ones (the more so the more is mapped).
         with C.MemorySampler() as mem:
-            for _ in range(reps):
-                seconds, seen = C.run_epoch(loader)
-                assert seen == len(ds), (seen, len(ds))
-                epochs.append(seconds)
+            C.run_epoch(loader)
         del loader
         ds.close()
     return {"epochs": epochs, "samples_per_s": [len(ds) / s for s in epochs],
