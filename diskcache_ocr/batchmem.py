@@ -439,7 +439,8 @@ def keep_freed_memory() -> bool:
     at commit; by default glibc maps and unmaps each multi-megabyte block, so every batch
     touches fresh pages again (and on a VM that hands free memory back to its host, each is
     a host fault). Called only in processes that exist to load or build data (DataLoader
-    workers that write, prebuild's pool), never in the user's main process. Returns whether
+    workers that write, prebuild's pool, the ``prebuild`` command), never in a process of
+    the user's that merely calls the library. Returns whether
     the allocator was tuned (glibc only; once per process).
     """
     global _writer_tuned_pid

@@ -133,8 +133,13 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_prebuild(args: argparse.Namespace) -> int:
+    from diskcache_ocr import batchmem
     from diskcache_ocr.prebuild import prebuild
 
+    # This process exists only to build (with one worker it builds itself): keep freed heap
+    # memory between commits. Measured with 1 worker: 16–17 ms of commit per image instead of
+    # 19–28, and 85 page faults instead of 1,326.
+    batchmem.keep_freed_memory()
     initialized = _maybe_init_distributed()
     try:
         summary = prebuild(args.images, args.annotations, args.cache, preset=args.preset,

@@ -172,6 +172,18 @@ def test_missing_cache_is_one_error_line_and_exit_2(argv, tmp_path, capsys):
     assert not (tmp_path / "dest").exists()
 
 
+def test_prebuild_command_keeps_freed_memory_in_its_own_process(tmp_path, built, capsys,
+                                                               monkeypatch):
+    from diskcache_ocr import batchmem
+
+    calls = []
+    monkeypatch.setattr(batchmem, "keep_freed_memory", lambda: calls.append(1) or True)
+    images, annotations = split_paths(built[0])
+    rc, _, _ = run_cli(capsys, "prebuild", "--images", images, "--annotations", annotations,
+                       "--cache", tmp_path / "c", "--workers", "1", "--json")
+    assert rc == 0 and calls == [1]
+
+
 def test_prebuild_errors_exit_2(tmp_path, built, capsys):
     data_dir, _ = built
     images, annotations = split_paths(data_dir)
