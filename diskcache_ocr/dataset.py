@@ -46,6 +46,39 @@ log = logging.getLogger("diskcache_ocr.dataset")
 Sample = dict[str, Any]
 
 
+class Polygons(list):  # type: ignore[type-arg]
+    """A sample's polygons: a plain list of (k, 2) float32 arrays, all views of one array.
+
+    Pickled (a DataLoader worker sending its batch) as that one array and the split points,
+    which the other side turns back into views: a batch of 8 receipts otherwise pickles ~1,000
+    small arrays, 2.1 ms to dump in the worker and 1.4 ms to load in the main process. A list
+    that was changed (an item replaced, added or removed) pickles as a plain list.
+    """
+
+    __slots__ = ("_flat", "_views")
+    _flat: np.ndarray
+    _views: tuple[np.ndarray, ...]
+
+    @classmethod
+    def split(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
+        out = cls(flat[a:b] for a, b in zip([0, *ends], ends, strict=False))
+        out._flat = flat
+        out._views = tuple(out)
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        views = getattr(self, "_views", None)
+        if views is None or len(views) != len(self) or any(
+                a is not b for a, b in zip(self, views, strict=True)):
+            return (list, (list(self),))
+        ends = np.cumsum([len(v) for v in views], dtype=np.int64)
+        return (_polygons_from_flat, (self._flat, ends))
+
+
+def _polygons_from_flat(flat: np.ndarray, ends: np.ndarray) -> Polygons:
+    return Polygons.split(flat, ends.tolist())
+
+
 def flat_polygons_bytes(points: np.ndarray, sizes: np.ndarray, ignore: np.ndarray) -> bytes:
     """Canonical bytes of a word list (all points, points per word, ignore flags), part of
     the ``maps`` key."""
@@ -565,9 +598,7 @@ class CachedOCRDataset(Dataset[Sample]):
     def _moved_polygons(self, index: int, matrix: np.ndarray) -> list[np.ndarray]:
         """The image's polygons in the transformed image's coordinates, in one pass."""
         points, sizes, _ = self.flat_words(index)
-        moved = map_points(points, matrix)
-        ends = np.cumsum(sizes).tolist()
-        return [moved[a:b] for a, b in zip([0, *ends], ends, strict=False)]  # (no words: [])
+        return Polygons.split(map_points(points, matrix), np.cumsum(sizes).tolist())
 
     def _empty_sample(self, item: _Item, batch: BatchBuffers) -> Sample:
         """What a bad source yields: the right shapes, all-zero masks, and the reason."""
@@ -712,5 +743,5 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
-__all__ = ["BatchBuffers", "CachedOCRDataset", "collate", "flat_polygons_bytes",
+__all__ = ["BatchBuffers", "CachedOCRDataset", "Polygons", "collate", "flat_polygons_bytes",
            "format_hit_rates", "polygons_bytes"]

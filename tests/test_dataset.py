@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -259,3 +260,48 @@ def test_readonly_dataset_reads_without_writing(data, reference, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_same(ro[4], reference[4], with_maps=True)
+
+
+def test_polygons_pickle_as_one_array_and_come_back_as_views(data):
+    ds = CachedOCRDataset(*split_paths(data), None)
+    polygons = ds[0]["polygons"]
+    assert len(polygons) > 2 and all(p.base is polygons[0].base for p in polygons)
+    raw = pickle.dumps(polygons)
+    back = pickle.loads(raw)
+    assert isinstance(back, list) and len(back) == len(polygons)
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(back, polygons))
+    assert all(p.base is back[0].base for p in back)  # views of one array again
+    # Two arrays go into the pickle (the points, where they split), not one per polygon.
+    assert arrays_pickled(polygons) == 2
+    assert arrays_pickled(list(polygons)) == len(polygons)
+
+
+def arrays_pickled(obj):
+    seen = []
+
+    class Counting(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, np.ndarray):
+                seen.append(o)
+            return None
+
+    Counting(io.BytesIO()).dump(obj)
+    return len(seen)
+
+
+def test_changed_polygon_lists_pickle_as_they_are(data):
+    ds = CachedOCRDataset(*split_paths(data), None)
+    extra = np.ones((3, 2), np.float32)
+    grown = ds[0]["polygons"]
+    grown.append(extra)
+    replaced = ds[0]["polygons"]
+    replaced[0] = extra
+    shrunk = ds[0]["polygons"]
+    del shrunk[0]
+    for polygons in (grown, replaced, shrunk):
+        back = pickle.loads(pickle.dumps(polygons))
+        assert len(back) == len(polygons)
+        assert all(np.array_equal(a, b) for a, b in zip(back, polygons))
+    in_place = ds[0]["polygons"]
+    in_place[1][0, 0] = -7.0  # a view: the one array it pickles from has the change
+    assert pickle.loads(pickle.dumps(in_place))[1][0, 0] == -7.0
