@@ -208,11 +208,16 @@ def _short(value: Any) -> str:
     return _SHORT.repr(value)
 
 
-def _fail(where: str, problem: str) -> CacheFormatError:
-    return CacheFormatError(f"{where}: {problem}")
+# Where a record is, for its error messages: a name, or a callable that makes one (called
+# only when there is an error to report; building names costs on the read path).
+Where = str | Callable[[], str]
 
 
-def parse_header(value: bytes | memoryview, where: str = "record") -> RecordHeader:
+def _fail(where: Where, problem: str) -> CacheFormatError:
+    return CacheFormatError(f"{where() if callable(where) else where}: {problem}")
+
+
+def parse_header(value: bytes | memoryview, where: Where = "record") -> RecordHeader:
     """Validate the prefix and header of ``value`` against its length; raise on anything odd."""
     size = len(value)
     if size < PREFIX.size:
@@ -257,7 +262,7 @@ def parse_header(value: bytes | memoryview, where: str = "record") -> RecordHead
 
 
 def _check_entry(
-    raw: Any, where: str, names: set[str], min_offset: int, size: int
+    raw: Any, where: Where, names: set[str], min_offset: int, size: int
 ) -> tuple[str, np.dtype, tuple[int, ...], int, int]:
     if not isinstance(raw, list) or len(raw) != 5:
         raise _fail(where, f"array entry {_short(raw)} is not [name, dtype, shape, offset, nbytes]")
@@ -376,9 +381,9 @@ def _canonical_header(header: RecordHeader) -> bytes:
     return msgpack.packb({"a": entries, "c": header.checksum}, use_bin_type=True)
 
 
-def _parse_layout(value: memoryview, where: str | Callable[[], str]) -> _Layout:
+def _parse_layout(value: memoryview, where: Where) -> _Layout:
     """Full parse and validation of ``value``'s header; remembers it when canonical."""
-    header = parse_header(value, where() if callable(where) else where)
+    header = parse_header(value, where)
     layout = _Layout(
         tuple((n, dt, shape, off, nb, max(MIN_ALIGN, dt.itemsize))
               for n, dt, shape, off, nb in header.entries),
@@ -419,7 +424,7 @@ def clear_layout_cache() -> None:
 
 
 def decode_record(
-    value: bytes | bytearray | memoryview, where: str | Callable[[], str] = "record", *,
+    value: bytes | bytearray | memoryview, where: Where = "record", *,
     writeable: bool = False,
 ) -> dict[str, np.ndarray]:
     """Arrays of a record as views on ``value`` (zero-copy where aligned).
@@ -431,14 +436,12 @@ def decode_record(
     try:
         view = memoryview(value)
     except TypeError:
-        raise _fail(where() if callable(where) else where,
-                    f"not a byte string: {type(value).__name__}") from None
+        raise _fail(where, f"not a byte string: {type(value).__name__}") from None
     if view.itemsize != 1 or view.ndim != 1:
         try:
             view = view.cast("B")
         except TypeError:
-            raise _fail(where() if callable(where) else where,
-                        "not a contiguous byte string") from None
+            raise _fail(where, "not a contiguous byte string") from None
     if not view.readonly:
         view = view.toreadonly()
     layout = _cached_layout(view) or _parse_layout(view, where)

@@ -315,3 +315,24 @@ def test_the_probe_dtype_agrees_with_addresses():
     for off in range(64):
         aligned = np.ndarray((1,), dtype, view, off).flags.aligned
         assert aligned == ((buf.ctypes.data + off) % 16 == 0)
+
+
+def test_a_record_name_is_made_only_for_an_error():
+    calls = []
+
+    def where():
+        calls.append(1)
+        return "cache/tensors/ab12"
+
+    rec = encode_record({"x": np.arange(6, dtype=np.float32)})
+    codec.clear_layout_cache()
+    assert decode_record(rec, where)["x"].tolist() == list(range(6))  # full parse
+    assert decode_record(rec, where)["x"].tolist() == list(range(6))  # remembered layout
+    assert calls == []
+    damaged = bytearray(rec)
+    damaged[:4] = b"NOPE"
+    with pytest.raises(CacheFormatError, match=r"^cache/tensors/ab12: wrong magic"):
+        decode_record(damaged, where)
+    with pytest.raises(CacheFormatError, match=r"^cache/tensors/ab12: not a byte string"):
+        decode_record(12345, where)  # type: ignore[arg-type]
+    assert calls == [1, 1]
