@@ -440,8 +440,8 @@ def keep_freed_memory() -> bool:
     touches fresh pages again (and on a VM that hands free memory back to its host, each is
     a host fault). Called only in processes that exist to load or build data (DataLoader
     workers that write, prebuild's pool, the ``prebuild`` command), never in a process of
-    the user's that merely calls the library. Returns whether
-    the allocator was tuned (glibc only; once per process).
+    the user's that merely calls the library. Returns whether the allocator was tuned
+    (glibc only; once per process).
     """
     global _writer_tuned_pid
     if _writer_tuned_pid == os.getpid():
@@ -469,7 +469,6 @@ _populate_ok = sys.platform == "linux"
 def populate(buffer: Any, offset: int, length: int) -> None:
     """Fault a fresh buffer's pages in with one call rather than one trap per page (a
     no-op where the system does not offer it)."""
-    global _populate_ok
     if not _populate_ok or length <= 0:
         return
     start = ctypes.addressof(ctypes.c_char.from_buffer(buffer, offset))

@@ -595,7 +595,7 @@ class CachedOCRDataset(Dataset[Sample]):
                 sample[name] = batch.maps_t[name][slot]
         return sample
 
-    def _moved_polygons(self, index: int, matrix: np.ndarray) -> list[np.ndarray]:
+    def _moved_polygons(self, index: int, matrix: np.ndarray) -> Polygons:
         """The image's polygons in the transformed image's coordinates, in one pass."""
         points, sizes, _ = self.flat_words(index)
         return Polygons.split(map_points(points, matrix), np.cumsum(sizes).tolist())
