@@ -17,7 +17,8 @@ from diskcache_ocr.errors import (
 from diskcache_ocr.loader import BatchLoader  # noqa: E402
 from diskcache_ocr.prebuild import prebuild  # noqa: E402
 from diskcache_ocr.presets import Preset, load_preset  # noqa: E402
-from diskcache_ocr.store import CacheStore, IndexEntry, KindVersion
+from diskcache_ocr.schema import IndexEntry, KindVersion
+from diskcache_ocr.store import CacheStore
 
 __all__ = [
     "BatchLoader",

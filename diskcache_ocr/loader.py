@@ -6,12 +6,10 @@ device, host-to-device copies are asynchronous and a buffer is reused only after
 has finished (CUDA events). A producer thread fills batch k+1 while the caller works on
 batch k. Misses are filled read-through exactly as in :class:`CachedOCRDataset`.
 
-A compact pipeline (``TransformConfig(output="compact")``) moves the resized uint8 image and
-normalizes it on the device with the same ``finish`` the uncached path uses; the binary maps
-always travel as their stored uint8 0/1 and become float32 on the device. At 640×640 a sample
-then moves 4.1 MB (11.5 MB all float32, 7.8 MB with only the image compact): host memory
-written and host-to-device bytes alike. Host work per cached sample, one copy thread: 2.3 ms
-finished on the CPU, 1.3 ms with the compact image, 0.86 ms with the maps too.
+With a device, the engine fills compact buffers (a compact pipeline's uint8 image, the binary
+maps as their stored uint8 0/1) and finishes them on the device with the same code the
+uncached path uses: fewer bytes written on the host and moved to the device
+(benchmarks/README.md has the figures).
 """
 
 from __future__ import annotations
@@ -26,10 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
 
-from diskcache_ocr.dataset import BatchBuffers, CachedOCRDataset
-from diskcache_ocr.ocr.maps import MAP_NAMES
-from diskcache_ocr.ocr.pipeline import BINARY_MAPS
-from diskcache_ocr.ocr.transform import finish
+from diskcache_ocr.dataset import CachedOCRDataset
+from diskcache_ocr.samples import BatchBuffers
 
 _DONE = object()
 
@@ -88,7 +84,6 @@ class BatchLoader:
         self.batch_size = batch_size
         cuda = torch.cuda.is_available()
         self.pin_memory = cuda if pin_memory is None else (pin_memory and cuda)
-        self.compact = dataset.pipeline.transform.output == "compact"
         self.threads = threads
         self.n_buffers = buffers
         self._slots: list[_Slot] = []
@@ -102,14 +97,11 @@ class BatchLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="diskcache-copy")
         if not self._slots:
-            size = self.dataset.pipeline.transform.size
-            # The uint8 image travels to the device and is finished there; on the CPU the
-            # buffers get the finished float32 image directly.
-            raw = self.compact and self.device is not None
-            # The same for the binary maps: their stored uint8 0/1 travel, float32 on arrival.
-            self._slots = [_Slot(BatchBuffers(self.batch_size, size, self.dataset.load_maps,
-                                              pin=self.pin_memory, raw_image=raw,
-                                              raw_maps=self.device is not None))
+            # Compact bytes travel to a device and are finished there; on the CPU the
+            # buffers get the finished float32 arrays directly.
+            engine = self.dataset.engine
+            self._slots = [_Slot(engine.buffers(self.batch_size, pin=self.pin_memory,
+                                                compact=self.device is not None, reuse=True))
                            for _ in range(self.n_buffers)]
 
     def close(self) -> None:
@@ -134,21 +126,8 @@ class BatchLoader:
             future.result()
 
     def _fill(self, slot: _Slot, indices: Sequence[int]) -> dict[str, Any]:
-        ds = self.dataset
         slot.wait_free()
-        buffers = slot.buffers
-        items = ds._process(indices, want_maps=ds.load_maps, batch=buffers,
-                            run_copies=self._run_copies)
-        samples = [ds._assemble(item, buffers) for item in items]
-        n = len(samples)
-        out: dict[str, Any] = {"image": buffers.image_t[:n], "inverse_matrix":
-                               buffers.inverse_t[:n]}
-        for name in MAP_NAMES:
-            if name in buffers.maps_t:
-                out[name] = buffers.maps_t[name][:n]
-        for name in ("polygons", "ignore", "meta"):
-            out[name] = [s[name] for s in samples]
-        return out
+        return self.dataset.engine.batch(indices, slot.buffers, run_copies=self._run_copies)
 
     def _to_device(self, slot: _Slot, batch: dict[str, Any]) -> dict[str, Any]:
         if self.device is None:
@@ -159,11 +138,7 @@ class BatchLoader:
                 # copy=True: with a CPU "device" the move would otherwise hand out the host
                 # buffer itself, which the next batch refills while the caller still holds it.
                 out[name] = value.to(self.device, non_blocking=self.pin_memory, copy=True)
-        if out["image"].dtype == torch.uint8:
-            out["image"] = finish(out["image"], self.dataset.pipeline.transform)
-        for name in BINARY_MAPS:
-            if name in out and out[name].dtype == torch.uint8:
-                out[name] = out[name].to(torch.float32)  # exact: the values are 0 and 1
+        out = self.dataset.engine.finish(out)
         if self.device.type == "cuda":
             slot.event = torch.cuda.Event()
             slot.event.record()

@@ -6,6 +6,7 @@ findings are values, never prints.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -19,11 +20,20 @@ import numpy as np
 from diskcache_ocr.codec import decode_record, parse_header, verify_checksum
 from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
 from diskcache_ocr.keys import content_hash
-from diskcache_ocr.ocr.annotations import load_annotations, safe_source_path
+from diskcache_ocr.ocr.annotations import (
+    AnnotationSet,
+    ImageAnnotation,
+    load_annotations,
+    safe_source_path,
+)
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
-from diskcache_ocr.store import KINDS, CacheStore, IndexEntry, KindVersion, WriteBatch
+from diskcache_ocr.presets import cache_plan
+from diskcache_ocr.readthrough import ReadThrough
+from diskcache_ocr.samples import Catalog
+from diskcache_ocr.schema import KINDS, KindVersion, dataset_root, reads, source_state
+from diskcache_ocr.store import CacheStore, WriteBatch
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
                 "failed_sources", "stale_readers", "corrupt")
@@ -81,7 +91,8 @@ def status(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 @dataclass
-class Problem:
+class Finding:
+    """One health finding: a code from HEALTH_CODES and what was found."""
     code: str
     detail: str
 
@@ -89,50 +100,37 @@ class Problem:
         return {"code": self.code, "detail": self.detail}
 
 
-def _source_state(root: Path | None, source: str, entry: IndexEntry) -> str | None:
-    """None if the source still matches its entry, else why not."""
-    if root is None:
-        return None
-    try:
-        st = os.stat(safe_source_path(root, source))
-    except (OSError, SourceError):
-        return "missing"
-    if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
-        return "changed"
-    return None
-
-
 def health(
     cache_dir: str | os.PathLike[str], *, images_dir: str | os.PathLike[str] | None = None,
     max_age_days: float = 7.0, min_hit_rate: float = 0.5, min_reads: int = 20,
 ) -> dict[str, Any]:
     """Findings about a cache; ``ok`` is False when any problem was found."""
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     try:
         store = CacheStore(_existing(cache_dir))
         header = store.header()
     except CacheFormatError as exc:
-        return {"ok": False, "problems": [Problem("corrupt", str(exc)).to_dict()]}
+        return {"ok": False, "problems": [Finding("corrupt", str(exc)).to_dict()]}
     with store:
         stored, current = _versions(header)
         for kind, have in stored.items():
             if have != current[kind]:
-                problems.append(Problem("version_mismatch",
+                problems.append(Finding("version_mismatch",
                                         f"{kind}: stored {have}, current {current[kind]}"))
         if store.unsynced_reboot():
-            problems.append(Problem("corrupt", "written without fsync before the last reboot: "
+            problems.append(Finding("corrupt", "written without fsync before the last reboot: "
                                     "an OS crash may have damaged it; run verify or rebuild"))
-        root = Path(images_dir) if images_dir else (
-            Path(header["dataset_root"]) if header.get("dataset_root") else None)
+        root = dataset_root(header, images_dir)
+        locate = functools.partial(safe_source_path, root)
         stale, failed, old = [], [], 0
         cutoff = time.time_ns() - int(max_age_days * 86400e9)
         try:
             index = list(store.iter_index())
         except CacheFormatError as exc:
-            problems.append(Problem("corrupt", str(exc)))
+            problems.append(Finding("corrupt", str(exc)))
             index = []
         for source, entry in index:
-            state = _source_state(root, source, entry)
+            state = root and source_state(locate, source, entry)
             if state:
                 stale.append(f"{source} ({state})")
             if not entry.ok:
@@ -140,27 +138,27 @@ def health(
             if entry.updated_ns and entry.updated_ns < cutoff:
                 old += 1
         if stale:
-            problems.append(Problem("stale_entries", f"{len(stale)} sources changed or missing: "
+            problems.append(Finding("stale_entries", f"{len(stale)} sources changed or missing: "
                                     + _some(stale)))
         if failed:
-            problems.append(Problem("failed_sources", f"{len(failed)} sources failed: "
+            problems.append(Finding("failed_sources", f"{len(failed)} sources failed: "
                                     + _some(failed)))
         if old:
-            problems.append(Problem("old_entries",
+            problems.append(Finding("old_entries",
                                     f"{old} entries older than {max_age_days:g} days"))
         try:
             stats = store.stats()
         except CacheFormatError as exc:  # a damaged file: report it, keep looking
-            problems.append(Problem("corrupt", str(exc)))
+            problems.append(Finding("corrupt", str(exc)))
             stats = {}
         for kind in KINDS:
-            hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
-            if hits + misses >= min_reads and hits / (hits + misses) < min_hit_rate:
-                problems.append(Problem("low_hit_rate", f"{kind}: {hits}/{hits + misses} reads "
-                                        f"hit ({100 * hits / (hits + misses):.0f}%)"))
+            hits, total = reads(stats, kind)
+            if total >= min_reads and hits / total < min_hit_rate:
+                problems.append(Finding("low_hit_rate", f"{kind}: {hits}/{total} reads "
+                                        f"hit ({100 * hits / total:.0f}%)"))
         freed = store.reader_check()
         if freed:
-            problems.append(Problem("stale_readers",
+            problems.append(Finding("stale_readers",
                                     f"{freed} reader slots of dead processes (now freed)"))
         corrupt = []
         for kind in KINDS:
@@ -170,7 +168,7 @@ def health(
             except CacheFormatError as exc:  # the kind's tree itself is damaged
                 corrupt.append(f"{kind}: {exc}")
         if corrupt:
-            problems.append(Problem("corrupt", f"{len(corrupt)} damaged records: "
+            problems.append(Finding("corrupt", f"{len(corrupt)} damaged records: "
                                     + _some(corrupt)))
     return {"ok": not problems, "problems": [p.to_dict() for p in problems]}
 
@@ -181,14 +179,13 @@ def _some(items: list[str], n: int = 5) -> str:
 
 def _check_headers(store: CacheStore, kind: str) -> Iterable[tuple[bytes, Exception | None]]:
     """Parse each record's header (cheap: no payload is read)."""
-    with store.reader() as r:
-        for key, value in r._txn.cursor(store._db(kind)):
-            try:
-                parse_header(value, f"{kind}/{bytes(key).hex()}")
-            except CacheFormatError as exc:
-                yield bytes(key), exc
-            else:
-                yield bytes(key), None
+    for key, value in store.iter_raw(kind):
+        try:
+            parse_header(value, f"{kind}/{key.hex()}")
+        except CacheFormatError as exc:
+            yield key, exc
+        else:
+            yield key, None
 
 
 def clear(
@@ -218,11 +215,7 @@ def _clear_all(path: Path, dry_run: bool) -> dict[str, Any]:
             counts = {k: store.kind_stats(k)["entries"] for k in KINDS}
             counts["index"] = len(list(store.iter_index()))
             if not dry_run:
-                def wipe(txn: Any) -> None:  # records, index and counters: one transaction
-                    for name in (*KINDS, "index", "stats"):
-                        txn.drop(store._db(name), delete=False)
-
-                store._write(wipe)
+                store.wipe()
                 store.update_header(kinds={}, build={})
         return {"dry_run": dry_run, "removed": counts}
     except CacheFormatError as exc:
@@ -239,14 +232,14 @@ def _clear_all(path: Path, dry_run: bool) -> dict[str, Any]:
 def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, dry_run: bool
                  ) -> dict[str, Any]:
     header = store.header()
-    root = Path(images_dir) if images_dir else (
-        Path(header["dataset_root"]) if header.get("dataset_root") else None)
+    root = dataset_root(header, images_dir)
     if root is None:
         raise CacheError(f"{store.path}: no dataset root recorded; pass the images directory")
     if not root.is_dir():  # a mistyped or unmounted root would make every entry "missing"
         raise CacheError(f"{root}: the images directory does not exist; nothing was removed")
     index = list(store.iter_index())
-    stale = [(s, e) for s, e in index if _source_state(root, s, e)]
+    locate = functools.partial(safe_source_path, root)
+    stale = [(s, e) for s, e in index if source_state(locate, s, e)]
     gone = {s for s, _ in stale}
     kept = [e for s, e in index if s not in gone]
     live = {key for e in kept for key in e.keys.values()} | {e.content_hash for e in kept}
@@ -301,38 +294,25 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                images_dir: str | os.PathLike[str] | None,
                annotations: str | os.PathLike[str] | None, rng: random.Random,
                corrupt: list[str]) -> list[str]:
-    from diskcache_ocr.dataset import polygons_bytes
-    from diskcache_ocr.keys import derive_key
-
-    root = Path(images_dir) if images_dir else Path(header.get("dataset_root", "."))
-    pipeline = stored_pipeline(header)
-    versions = pipeline.kind_versions()
+    root = dataset_root(header, images_dir) or Path(".")
     words = {}
     if annotations is not None:
         words = {it.file: it for it in load_annotations(root, annotations).items}
     entries = [(s, e) for s, e in store.iter_index() if e.ok]
+    chosen = rng.sample(entries, min(n, len(entries)))
+    # Sources without an annotation are checked without words (and without maps).
+    items = tuple(words.get(s) or ImageAnnotation(s, (), (), ()) for s, _ in chosen)
+    engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
+                         cache_plan("none"), None)
     mismatched = []
-    for source, entry in rng.sample(entries, min(n, len(entries))):
+    for index, (source, entry) in enumerate(chosen):
         try:
             data = safe_source_path(root, source).read_bytes()
         except (OSError, SourceError):
             continue  # a missing source is health's business, not a mismatch
         if content_hash(data) != entry.content_hash:
             continue  # changed since it was cached: stale, not wrong
-        image = pipeline.decode(data, source)
-        ann = words.get(source)
-        polys = list(ann.polygons) if ann else []
-        ignore = list(ann.ignore) if ann else []
-        t = pipeline.apply_transform(image, polys, flip=False)
-        tensor = pipeline.tensor_record(t)
-        fresh = {"images": (entry.content_hash, {"image": image}),
-                 "tensors": (derive_key("tensors", entry.content_hash,
-                                        versions["tensors"].fingerprint), tensor)}
-        if ann is not None:
-            moved = pipeline.transform_polygons(polys, tensor["matrix"])
-            fresh["maps"] = (derive_key("maps", entry.content_hash, polygons_bytes(polys, ignore),
-                                        versions["maps"].fingerprint),
-                             pipeline.maps_record(pipeline.make_maps(moved, ignore)))
+        fresh = engine.recompute(index, data, with_maps=source in words)
         for kind, (key, arrays) in fresh.items():
             try:
                 cached = store.get(kind, key)

@@ -134,7 +134,7 @@ def prebuild(
         ds = open_dataset("error")  # rank 0 already rebuilt what had to be rebuilt
     store = ds.store
     if store is None:
-        raise ValueError(f"preset {ds.preset.name!r} caches nothing: there is nothing to build")
+        raise ValueError(f"preset {ds.plan.name!r} caches nothing: there is nothing to build")
     if rank == 0:
         store.update_header(build={"clean": False, "started": time.time(), "world_size": world})
     _barrier(world)

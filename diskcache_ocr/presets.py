@@ -136,3 +136,47 @@ def load_preset(preset: str | Path | Mapping[str, Any] | Preset | None = None) -
         return Preset.from_dict(data, name=name)
     except PresetError as exc:
         raise PresetError(f"{path}: {exc}") from None
+
+
+# -- the cache plan: a preset resolved once, the only reader of its cache flags -----------
+@dataclass(frozen=True)
+class CachePlan:
+    """Which kinds a reader looks up and writes back, what a sample returns, what is warmed.
+
+    The read-through engine consults only this; no preset flag is read anywhere else.
+    """
+
+    name: str
+    cached: frozenset[str]  # kinds read from and written back to the cache
+    return_maps: bool  # samples carry the DBNet maps (computed when not cached)
+    preload: bool  # build what is missing when a dataset opens
+    warm: bool  # read-ahead on and the page cache warmed after a preload
+    reuse_batch_memory: bool
+    log_every: int  # 0 = never
+
+    def caches(self, kind: str) -> bool:
+        return kind in self.cached
+
+    @property
+    def caches_anything(self) -> bool:
+        return bool(self.cached)
+
+    @property
+    def safe_for_training(self) -> bool:
+        """Tensors and maps depend on the (random) training transform; images do not."""
+        return not ({"tensors", "maps"} & self.cached)
+
+    def build_kinds(self) -> tuple[bool, bool]:
+        """(maps, tensor): what a build must produce so every cached kind exists."""
+        return self.return_maps or self.caches("maps"), self.caches("tensors")
+
+
+def cache_plan(preset: str | Path | Mapping[str, Any] | Preset | None = None) -> CachePlan:
+    """The plan of a preset (by anything :func:`load_preset` takes)."""
+    p = load_preset(preset)
+    cached = frozenset(k for k, on in (("images", p.cache_images), ("tensors", p.cache_tensors),
+                                       ("maps", p.cache_maps)) if on)
+    return CachePlan(name=p.name, cached=cached, return_maps=p.load_maps,
+                     preload=p.preload_images or p.preload_maps, warm=p.readahead,
+                     reuse_batch_memory=p.reuse_batch_memory,
+                     log_every=p.log_statistics_every_n)

@@ -39,6 +39,7 @@ from diskcache_ocr.codec import (
     plan_record,
     verify_checksum,
 )
+from diskcache_ocr.schema import KINDS, IndexEntry, KindVersion
 from diskcache_ocr.errors import (
     CacheClosedError,
     CacheError,
@@ -49,7 +50,6 @@ from diskcache_ocr.errors import (
 
 log = logging.getLogger("diskcache_ocr.store")
 
-KINDS: tuple[str, ...] = ("images", "tensors", "maps")
 _DBS: tuple[str, ...] = ("meta", "index", *KINDS, "stats")
 STORE_FORMAT = 1
 HEADER_KEY = b"header"
@@ -84,59 +84,6 @@ def _close_before_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_close_before_fork)
-
-
-@dataclass(frozen=True)
-class KindVersion:
-    """What produced a kind's records: a version string and a parameter fingerprint."""
-
-    version: str
-    fingerprint: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"version": self.version, "fingerprint": self.fingerprint}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> KindVersion:
-        return cls(version=str(d["version"]), fingerprint=str(d["fingerprint"]))
-
-    def __str__(self) -> str:
-        return f"{self.version}/{self.fingerprint}"
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """What the cache knows of one source file."""
-
-    size: int
-    mtime_ns: int
-    content_hash: bytes
-    status: str = "ok"  # "ok" or "failed: <reason>"
-    keys: Mapping[str, bytes] = field(default_factory=dict)  # kind -> record key
-    updated_ns: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def pack(self) -> bytes:
-        d = asdict(self)
-        d["keys"] = dict(self.keys)
-        return msgpack.packb(d, use_bin_type=True)
-
-    @classmethod
-    def unpack(cls, raw: bytes, where: str) -> IndexEntry:
-        try:
-            d = msgpack.unpackb(raw, raw=False, max_map_len=16, max_array_len=16)
-            entry = cls(
-                size=int(d["size"]), mtime_ns=int(d["mtime_ns"]),
-                content_hash=bytes(d["content_hash"]), status=str(d["status"]),
-                keys={str(k): bytes(v) for k, v in d["keys"].items()},
-                updated_ns=int(d["updated_ns"]),
-            )
-        except Exception as exc:
-            raise CacheFormatError(f"index entry {where}: unreadable ({exc})") from None
-        return entry
 
 
 @dataclass(frozen=True)
@@ -704,6 +651,17 @@ class CacheStore:
         with self.reader() as r:
             return [bytes(k) for k in r._txn.cursor(self._db(kind)).iternext(values=False)]
 
+    def iter_raw(self, kind: str) -> Iterator[tuple[bytes, memoryview]]:
+        """Every record of ``kind`` as (key, encoded value), in one read transaction.
+
+        NOTE: a value is a view on the map, valid only until the next step of the iteration;
+        copy what must outlive it.
+        """
+        _check_kind(kind)
+        with self.reader() as r:
+            for key, value in r._txn.cursor(self._db(kind)):
+                yield bytes(key), value
+
     def kind_stats(self, kind: str) -> dict[str, int]:
         """Entries and value bytes of one kind (reads no payload: sizes live in the nodes)."""
         _check_kind(kind)
@@ -750,6 +708,15 @@ class CacheStore:
         """Delete every record of one kind; the others are kept."""
         with self.writer() as w:
             w.drop(kind)
+
+    def wipe(self) -> None:
+        """Delete every record, index entry and counter in one transaction (the header
+        stays)."""
+        def body(txn: lmdb.Transaction) -> None:
+            for name in (*KINDS, "index", "stats"):
+                txn.drop(self._db(name), delete=False)
+
+        self._write(body)
 
     def commit(self, batch: WriteBatch) -> None:
         if batch.ops or self._pending:

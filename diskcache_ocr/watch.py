@@ -11,6 +11,7 @@ frees their space early.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,8 @@ from watchdog.observers.polling import PollingObserver
 
 from diskcache_ocr.errors import CacheError, SourceError
 from diskcache_ocr.ocr.annotations import IMAGE_SUFFIXES, safe_source_path
-from diskcache_ocr.store import KINDS, CacheStore, WriteBatch
+from diskcache_ocr.schema import KINDS, dataset_root, source_state
+from diskcache_ocr.store import CacheStore, WriteBatch
 
 _LOG = logging.getLogger("diskcache_ocr.watch")
 # Event types that can change a file's bytes or stat; opened/closed carry no news.
@@ -94,9 +96,9 @@ class Watcher:
         self.log = log
         self.mode = ""
         self.store = CacheStore(cache_dir)
-        root = self.store.header().get("dataset_root")
+        root = dataset_root(self.store.header())
         self.store.refresh()  # see _release_snapshot
-        if root and Path(root) != self.images_dir:
+        if root is not None and root != self.images_dir:
             log.warning("%s was built from %s, but %s is watched: entries may all look stale",
                         cache_dir, root, self.images_dir)
         self._summary = WatchSummary()
@@ -119,14 +121,10 @@ class Watcher:
         """Invalidate every indexed source whose file is missing or whose stat changed."""
         self.store.refresh()  # see what other processes indexed up to now
         stale: list[str] = []
+        locate = functools.partial(safe_source_path, self.images_dir)
         try:
             for source, entry in self.store.iter_index():
-                try:
-                    st = os.stat(safe_source_path(self.images_dir, source))
-                except (OSError, SourceError):
-                    stale.append(source)
-                    continue
-                if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                if source_state(locate, source, entry):
                     stale.append(source)
         except CacheError as exc:  # a damaged index entry ends the listing; keep what we have
             self.log.error("reconcile: index listing stopped early: %s", exc)

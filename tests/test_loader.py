@@ -147,7 +147,7 @@ def test_errors_in_the_producer_reach_the_caller(data, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom in the producer")
 
-    monkeypatch.setattr(ds, "_process", broken)
+    monkeypatch.setattr(ds.engine, "process", broken)
     with pytest.raises(RuntimeError, match="boom"), BatchLoader(ds, batch_size=2) as loader:
         list(loader)
 

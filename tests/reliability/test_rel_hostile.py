@@ -120,14 +120,13 @@ def cache_copy(built, tmp_path):
 
 def _keys_of(images: Path, annotations: Path, cache: Path, index: int = 0) -> dict[str, bytes]:
     """The keys the dataset will read for one image, by kind."""
-    from diskcache_ocr.dataset import CachedOCRDataset, _Item
+    from diskcache_ocr.dataset import CachedOCRDataset
 
     ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
                           preload=False, readonly=True)
     entry = ds.store.get_index(ds.source(index))
     h = entry.content_hash
-    item = _Item(index=index, source=ds.source(index))
-    keys = {"images": h, "tensors": ds._tensor_key(h), "maps": ds._maps_key(item, h)}
+    keys = ds.engine.keys(index, h)
     ds.close()
     assert keys == dict(entry.keys)
     return keys

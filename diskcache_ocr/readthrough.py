@@ -1,0 +1,478 @@
+"""The read-through engine: look up a batch, compute the misses, write them back, fill buffers.
+
+Every face goes through :class:`ReadThrough`: the torch Dataset, the batched loader, prebuild
+and ``verify --recompute``. One batch is looked up in one read transaction (cached arrays are
+copied straight from LMDB's map into the batch buffers while it lives), the misses are computed
+by the pipeline outside it, and everything new is written in one write transaction.
+
+The pipeline stages come in as an object (:class:`~diskcache_ocr.ocr.pipeline.Pipeline`): the
+engine asks it for kind versions, decode, transform, record layouts and maps, and never
+computes anything itself. What is read, written and returned comes from a
+:class:`~diskcache_ocr.presets.CachePlan`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from torch.utils.data import get_worker_info
+
+from diskcache_ocr import batchmem
+from diskcache_ocr.errors import CacheError, CacheFullError, SourceError
+from diskcache_ocr.keys import content_hash
+from diskcache_ocr.ocr.annotations import safe_source_path
+from diskcache_ocr.ocr.maps import MAP_NAMES
+from diskcache_ocr.ocr.pipeline import Pipeline
+from diskcache_ocr.presets import CachePlan
+from diskcache_ocr.samples import (
+    GEOMETRY,
+    BatchBuffers,
+    Catalog,
+    Sample,
+    assemble,
+    empty_sample,
+    finish_batch,
+    put_image,
+)
+from diskcache_ocr.schema import (
+    KINDS,
+    IndexEntry,
+    KindVersion,
+    flat_polygons_bytes,
+    maps_key,
+    reads,
+    tensor_key,
+)
+from diskcache_ocr.store import CacheStore, ReadTxn, Record, WriteBatch
+
+log = logging.getLogger("diskcache_ocr.readthrough")
+
+Copy = tuple[Callable[..., Any], tuple[Any, ...]]
+CopyRunner = Callable[[list[Copy]], None]
+
+
+@dataclass
+class Work:
+    """One sample of a batch on its way through the engine."""
+
+    index: int
+    source: str
+    slot: int = 0  # row in the batch buffers
+    stat: os.stat_result | None = None
+    entry: IndexEntry | None = None  # the index entry, when it matches the file's stat
+    content: bytes | None = None  # file bytes, when they had to be read
+    content_hash: bytes | None = None
+    image: np.ndarray | None = None  # decoded image, when needed and available
+    geometry: dict[str, np.ndarray] | None = None  # matrix, inverse_matrix, orig_size
+    tensor: dict[str, np.ndarray] | None = None  # a computed tensors-kind record
+    maps: dict[str, np.ndarray] | None = None  # a computed maps-kind record
+    image_done: bool = False  # the image already sits in the batch buffer
+    maps_done: bool = False  # the maps were found (and, when reading, copied)
+    error: str | None = None
+    not_cached: CacheError | None = None  # why the write-back failed (the sample is fine)
+    hits: dict[str, bytes] = field(default_factory=dict)  # kind -> key found in the cache
+    writes: list[tuple[str, bytes, dict[str, np.ndarray]]] = field(default_factory=list)
+
+
+class BuildResult(NamedTuple):
+    """What building one source did: its error (None when fine), whether anything new was
+    computed."""
+
+    source: str
+    error: str | None
+    computed: bool
+
+
+class ReadThrough:
+    """Samples of a :class:`Catalog` through a cache (or none), by a plan and a pipeline.
+
+    Holds no open LMDB handle of its own: the store opens lazily in the process that reads,
+    so the engine pickles (for DataLoader workers) as its parts.
+    """
+
+    def __init__(self, catalog: Catalog, pipeline: Pipeline, plan: CachePlan,
+                 store: CacheStore | None, *, check_source: bool = True) -> None:
+        self.catalog = catalog
+        self.pipeline = pipeline
+        self.plan = plan
+        self.store = store
+        self.check_source = check_source
+        self._fingerprints = {k: v.fingerprint for k, v in pipeline.kind_versions().items()}
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self.write_seconds = 0.0  # time spent committing read-through writes, this process
+        self._served = 0
+        self._logged: set[str] = set()
+        self._paths: dict[int, Path] = {}  # index -> checked path (checking walks the path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_lock", "_served", "_logged", "write_seconds", "_paths"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    # -- public surface -----------------------------------------------------------------
+    def kind_versions(self) -> dict[str, KindVersion]:
+        """Versions of the kinds this plan caches (what the store's header must agree with)."""
+        versions = self.pipeline.kind_versions()
+        return {k: versions[k] for k in KINDS if self.plan.caches(k)}
+
+    def keys(self, index: int, content: bytes) -> dict[str, bytes]:
+        """The record key of every kind for image ``index`` whose file hashes to ``content``."""
+        return {"images": content, "tensors": self._tensor_key(content),
+                "maps": self._maps_key(index, content)}
+
+    def buffers(self, n: int, *, shared: bool = False, pin: bool = False,
+                compact: bool = False, reuse: bool | None = None) -> BatchBuffers:
+        """Buffers for ``n`` samples; ``compact`` keeps a uint8 image and uint8 binary maps
+        for :meth:`finish` to widen later (on a device)."""
+        return BatchBuffers(n, self.pipeline.transform.size, self.plan.return_maps,
+                            shared=shared, pin=pin,
+                            raw_image=compact and self.pipeline.transform.output == "compact",
+                            raw_maps=compact,
+                            reuse=self.plan.reuse_batch_memory if reuse is None else reuse)
+
+    def samples(self, indices: Sequence[int], buffers: BatchBuffers,
+                run_copies: CopyRunner | None = None) -> list[Sample]:
+        """A batch of samples over ``buffers``; ``run_copies`` runs the copies made inside
+        the read transaction (e.g. on a thread pool), in order, before it ends."""
+        work = self.process(indices, want_maps=self.plan.return_maps, buffers=buffers,
+                            run_copies=run_copies)
+        out = [self._assemble(w, buffers) for w in work]
+        self._log_progress(len(out))
+        return out
+
+    def batch(self, indices: Sequence[int], buffers: BatchBuffers,
+              run_copies: CopyRunner | None = None) -> dict[str, Any]:
+        """A batch in :func:`~diskcache_ocr.samples.collate`'s structure, over the buffers
+        (compact when they are)."""
+        return buffers.batch(self.samples(indices, buffers, run_copies))
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A compact batch as float32, exactly what the uncached path returns."""
+        return finish_batch(batch, self.pipeline)
+
+    def build(self, indices: Sequence[int]) -> list[BuildResult]:
+        """Make sure every kind the plan caches exists for ``indices``."""
+        want_maps, want_tensor = self.plan.build_kinds()
+        work = self.process(indices, want_maps=want_maps, want_tensor=want_tensor)
+        for w in work:
+            if isinstance(w.not_cached, CacheFullError):
+                raise w.not_cached  # nothing more can be stored: stop the build, cache intact
+        return [BuildResult(w.source, w.error or (f"not cached: {w.not_cached}"
+                                                  if w.not_cached else None), bool(w.writes))
+                for w in work]
+
+    def missing(self, indices: Sequence[int]) -> tuple[list[int], list[tuple[str, str]]]:
+        """Which of ``indices`` lack a cached kind (to build), and which are known to fail
+        (source unchanged since it failed: not retried). One read transaction."""
+        todo: list[int] = []
+        failed: list[tuple[str, str]] = []
+        if self.store is None:
+            return list(indices), failed
+        with self.store.reader() as txn:
+            for i in indices:
+                w = Work(index=int(i), source=self.catalog.source(int(i)))
+                self._stat(w)
+                entry = None if w.stat is None else _index_entry(txn, w.source)
+                if entry is None or w.stat is None or not self._matches(entry, w.stat):
+                    todo.append(w.index)
+                    continue
+                if not entry.ok:
+                    failed.append((w.source, entry.status))
+                    continue
+                needed = [(k, key) for k, key in self.keys(w.index, entry.content_hash).items()
+                          if self.plan.caches(k)]
+                if not all(txn.contains(kind, key) for kind, key in needed):
+                    todo.append(w.index)
+        return todo, failed
+
+    def recompute(self, index: int, data: bytes, *, with_maps: bool = True
+                  ) -> dict[str, tuple[bytes, dict[str, np.ndarray]]]:
+        """Every kind's record for image ``index`` from its bytes alone, by the same code a
+        miss runs (no cache involved): kind -> (key, arrays)."""
+        w = Work(index=index, source=self.catalog.source(index), content=data,
+                 content_hash=content_hash(data))
+        self._compute(w, want_maps=with_maps, want_tensor=True, keep=KINDS, flip=False)
+        if w.error is not None:
+            raise SourceError(w.source, w.error)
+        return {kind: (key, arrays) for kind, key, arrays in w.writes}
+
+    def process(self, indices: Sequence[int], *, want_maps: bool, want_tensor: bool = True,
+                buffers: BatchBuffers | None = None, run_copies: CopyRunner | None = None
+                ) -> list[Work]:
+        """Look up, compute and write back one batch."""
+        n = len(self.catalog)
+        work = []
+        for slot, i in enumerate(indices):
+            i = int(i)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} out of range for a dataset of {n} images")
+            work.append(Work(index=i % n, source=self.catalog.source(i % n), slot=slot))
+        for w in work:
+            self._stat(w)
+        if self.store is not None:
+            copies: list[Copy] = []
+            with self.store.reader() as txn:
+                for w in work:
+                    self._lookup(txn, w, want_maps, buffers, copies)
+                if copies:
+                    # NOTE: the copies read views on the map: they must finish inside the block.
+                    (run_copies or _run_inline)(copies)
+        keep = tuple(k for k in KINDS if self.plan.caches(k))
+        for w in work:
+            self._compute(w, want_maps, want_tensor, keep)
+        if self.store is not None and not self.store.readonly:
+            self._write_back(work)
+        return work
+
+    # -- one batch, step by step ------------------------------------------------------------
+    def _path(self, w: Work) -> Path:
+        path = self._paths.get(w.index)
+        if path is None:
+            path = self._paths[w.index] = safe_source_path(self.catalog.images_dir, w.source)
+        return path
+
+    def _stat(self, w: Work) -> None:
+        try:
+            w.stat = os.stat(self._path(w))
+        except (OSError, SourceError) as exc:
+            w.error = f"cannot read source: {exc}"
+
+    def _matches(self, entry: IndexEntry, st: os.stat_result) -> bool:
+        return not self.check_source or entry.matches(st)
+
+    def _lookup(self, txn: ReadTxn, w: Work, want_maps: bool, buffers: BatchBuffers | None,
+                copies: list[Copy]) -> None:
+        """Take what the cache holds for ``w``: queued as copies into the batch buffers,
+        run while the read transaction (and so the views) is alive."""
+        if w.error is not None:
+            return
+        assert w.stat is not None
+        entry = _index_entry(txn, w.source)
+        if entry is not None and self._matches(entry, w.stat):
+            if not entry.ok:
+                w.error = entry.status
+                return
+            w.entry = entry
+            w.content_hash = entry.content_hash
+        elif not self._read_source(w):
+            return
+        h = w.content_hash
+        assert h is not None
+        plan = self.plan
+        if plan.caches("tensors"):
+            rec = self._get(txn, "tensors", self._tensor_key(h), w)
+            if rec is not None:
+                w.geometry = {k: np.array(rec[k]) for k in GEOMETRY}
+                if buffers is not None:
+                    copies.append((put_image, (self.pipeline, rec["image"], buffers, w.slot)))
+                    w.image_done = True
+        if want_maps and plan.caches("maps"):
+            rec = self._get(txn, "maps", self._maps_key(w.index, h), w)
+            if rec is not None:
+                if buffers is not None:
+                    for name in MAP_NAMES:
+                        copies.append((np.copyto, (buffers.maps[name][w.slot], rec[name])))
+                w.maps_done = True
+        if plan.caches("images") and w.geometry is None:
+            rec = self._get(txn, "images", h, w)
+            if rec is not None:
+                w.image = np.array(rec["image"])  # the transform needs it after the block
+        elif plan.caches("images") and w.entry is None and txn.contains("images", h):
+            # Not needed now, but the new index entry must name it, or invalidating this
+            # source later would leave the image record behind.
+            w.hits["images"] = h
+
+    def _get(self, txn: ReadTxn, kind: str, key: bytes, w: Work) -> Record | None:
+        assert self.store is not None
+        try:
+            rec = txn.get(kind, key)
+        except CacheError as exc:  # a damaged record: recompute (and overwrite) it
+            log.warning("%s", exc)
+            rec = None
+        if rec is None:
+            self.store.count(kind, misses=1)
+            return None
+        self.store.count(kind, hits=1, bytes_read=rec.nbytes)
+        w.hits[kind] = key
+        return rec
+
+    def _read_source(self, w: Work) -> bool:
+        try:
+            data = self._path(w).read_bytes()
+        except (OSError, SourceError) as exc:
+            w.error = f"cannot read source: {exc}"
+            return False
+        w.content = data
+        w.content_hash = content_hash(data)
+        return True
+
+    def _tensor_key(self, h: bytes) -> bytes:
+        return tensor_key(h, self._fingerprints["tensors"])
+
+    def _maps_key(self, index: int, h: bytes) -> bytes:
+        return maps_key(h, flat_polygons_bytes(*self.catalog.flat_words(index)),
+                        self._fingerprints["maps"])
+
+    def _compute(self, w: Work, want_maps: bool, want_tensor: bool, keep: Sequence[str],
+                 flip: bool | None = None) -> None:
+        """Compute what the cache did not have; note the kinds in ``keep`` for writing."""
+        if w.error is not None:
+            return
+        need_maps = want_maps and not w.maps_done
+        need_tensor = w.geometry is None and (want_tensor or need_maps)
+        need_image = w.image is None and w.geometry is None and (need_tensor or "images" in keep)
+        p = self.pipeline
+        try:
+            if need_image:
+                if w.content is None and not self._read_source(w):
+                    return
+                assert w.content is not None and w.content_hash is not None
+                w.image = p.decode(w.content, w.source)
+                if "images" in keep:
+                    w.writes.append(("images", w.content_hash, {"image": w.image}))
+            if need_tensor:
+                assert w.image is not None and w.content_hash is not None
+                polys, _ = self.catalog.words(w.index)
+                w.tensor = p.tensor_record(p.apply_transform(w.image, polys, flip=flip))
+                w.geometry = {k: w.tensor[k] for k in GEOMETRY}
+                if "tensors" in keep:
+                    w.writes.append(("tensors", self._tensor_key(w.content_hash), w.tensor))
+            if need_maps:
+                assert w.geometry is not None and w.content_hash is not None
+                polys, ignore = self.catalog.words(w.index)
+                moved = p.transform_polygons(polys, w.geometry["matrix"])
+                w.maps = p.maps_record(p.make_maps(moved, ignore))
+                if "maps" in keep:
+                    w.writes.append(("maps", self._maps_key(w.index, w.content_hash), w.maps))
+        except SourceError as exc:
+            w.error = exc.reason
+
+    def _write_back(self, work: list[Work]) -> None:
+        assert self.store is not None
+        batch = WriteBatch()
+        for w in work:
+            for kind, key, arrays in w.writes:
+                batch.put(kind, key, arrays)
+            if w.stat is None or w.content_hash is None:
+                continue
+            if w.entry is not None and not w.writes:
+                continue  # nothing new to say about this source
+            if w.entry is None and not (w.writes or w.hits or w.error):
+                continue  # nothing cached for it (e.g. only maps cached, maps not read)
+            if not self._unchanged_since_stat(w):
+                continue  # the file changed while we read it: serve, but do not index
+            if len(w.source.encode()) > self.store.max_key_size():
+                self._log_once(f"{w.source}: name too long to index; its records are found "
+                               "by content, at the cost of reading the file on every access")
+                continue  # (one such key would fail the whole write)
+            status = "ok" if w.error is None else f"failed: {w.error}"
+            keys = dict(w.entry.keys) if w.entry is not None else {}
+            keys.update(w.hits)  # records found by content (e.g. the file was touched)
+            keys.update({kind: key for kind, key, _ in w.writes})
+            batch.put_index(w.source, IndexEntry(
+                size=w.stat.st_size, mtime_ns=w.stat.st_mtime_ns,
+                content_hash=w.content_hash, status=status, keys=keys,
+                updated_ns=time.time_ns(),
+            ))
+        if len(batch):
+            if get_worker_info() is not None:
+                batchmem.keep_freed_memory()  # a DataLoader worker that writes
+            started = time.perf_counter()
+            try:
+                self.store.commit(batch)
+            except CacheError as exc:  # e.g. disk full: the sample is still served
+                log.warning("not cached: %s", exc)
+                for w in work:
+                    w.not_cached = exc
+            self.write_seconds += time.perf_counter() - started
+
+    def _unchanged_since_stat(self, w: Work) -> bool:
+        try:
+            st = os.stat(self._path(w))
+        except (OSError, SourceError):
+            return False
+        assert w.stat is not None
+        return st.st_size == w.stat.st_size and st.st_mtime_ns == w.stat.st_mtime_ns
+
+    def _assemble(self, w: Work, buffers: BatchBuffers) -> Sample:
+        with_maps = self.plan.return_maps
+        if w.error is not None or w.geometry is None:
+            self._log_error(w)
+            return empty_sample(self.pipeline, self.catalog, w.index,
+                                w.error or "unknown error", buffers, w.slot, with_maps)
+        if not w.image_done:
+            assert w.tensor is not None
+            put_image(self.pipeline, w.tensor["image"], buffers, w.slot)
+        maps = None
+        if with_maps and not w.maps_done:
+            assert w.maps is not None
+            maps = w.maps
+        return assemble(self.pipeline, self.catalog, w.index, w.geometry, buffers, w.slot,
+                        maps, with_maps)
+
+    # -- logging ----------------------------------------------------------------------------
+    def _log_once(self, message: str) -> None:
+        with self._lock:
+            if message in self._logged:
+                return
+            self._logged.add(message)
+        log.warning("%s", message)
+
+    def _log_error(self, w: Work) -> None:
+        with self._lock:
+            if w.source in self._logged:
+                return
+            self._logged.add(w.source)
+        log.error("%s: skipped (%s)", w.source, w.error)
+
+    def _log_progress(self, n: int) -> None:
+        every = self.plan.log_every
+        if not every or self.store is None:
+            return
+        with self._lock:
+            before, self._served = self._served, self._served + n
+        if before // every != self._served // every:
+            log.info("cache after %d samples (pid %d): %s", self._served, os.getpid(),
+                     format_hit_rates(self.store.stats()))
+
+
+def _index_entry(txn: ReadTxn, source: str) -> IndexEntry | None:
+    """The source's index entry; a damaged one counts as absent (recomputed, rewritten)."""
+    try:
+        return txn.get_index(source)
+    except CacheError as exc:
+        log.warning("%s", exc)
+        return None
+
+
+def _run_inline(copies: list[Copy]) -> None:
+    for fn, args in copies:
+        fn(*args)
+
+
+def format_hit_rates(stats: Mapping[str, int]) -> str:
+    parts = []
+    for kind in KINDS:
+        hits, total = reads(stats, kind)
+        if total:
+            parts.append(f"{kind} {hits}/{total} hits ({100 * hits / total:.0f}%)")
+    return ", ".join(parts) or "no reads yet"
+
+
+__all__ = ["BuildResult", "ReadThrough", "Work", "format_hit_rates"]

@@ -1,0 +1,272 @@
+"""What a reader hands out: samples, batch buffers, collate, and the flat word index.
+
+A sample is assembled here from a computed or cached record (the read-through engine decides
+which); the arrays land in a :class:`BatchBuffers` row, so :func:`collate` hands the whole
+buffer on without copying again. This module knows how records are laid out (which maps are
+stored as uint8), so nothing above it has to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diskcache_ocr import batchmem
+from diskcache_ocr.batchmem import Spec
+from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
+from diskcache_ocr.ocr.maps import MAP_NAMES
+from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
+from diskcache_ocr.ocr.transform import finish, map_points
+
+Sample = dict[str, Any]
+GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
+
+
+class Polygons(list):  # type: ignore[type-arg]
+    """A sample's polygons: a plain list of (k, 2) float32 arrays, all views of one array.
+
+    Pickled (a DataLoader worker sending its batch) as that one array and the split points,
+    which the other side turns back into views, instead of one small array per word. A list
+    that was changed (an item replaced, added or removed) pickles as a plain list.
+    """
+
+    __slots__ = ("_flat", "_views")
+    _flat: np.ndarray
+    _views: tuple[np.ndarray, ...]
+
+    @classmethod
+    def split(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
+        out = cls(flat[a:b] for a, b in zip([0, *ends], ends, strict=False))
+        out._flat = flat
+        out._views = tuple(out)
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        views = getattr(self, "_views", None)
+        if views is None or len(views) != len(self) or any(
+                a is not b for a, b in zip(self, views, strict=True)):
+            return (list, (list(self),))
+        ends = np.cumsum([len(v) for v in views], dtype=np.int64)
+        return (_polygons_from_flat, (self._flat, ends))
+
+
+def _polygons_from_flat(flat: np.ndarray, ends: np.ndarray) -> Polygons:
+    return Polygons.split(flat, ends.tolist())
+
+
+class Catalog:
+    """The annotations as flat numpy arrays: no per-item Python objects, so DataLoader
+    workers share them instead of copying them on touch."""
+
+    def __init__(self, annotations: AnnotationSet) -> None:
+        items = annotations.items
+        self.images_dir = annotations.images_dir
+        self.problems = annotations.problems
+        self._files = np.array([it.file for it in items], dtype=np.str_)
+        counts = np.array([len(it.polygons) for it in items], dtype=np.int64)
+        self._word_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        polys = [p for it in items for p in it.polygons]
+        sizes = np.array([len(p) for p in polys], dtype=np.int64)
+        self._point_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._points = (np.concatenate(polys).astype(np.float64) if polys
+                        else np.zeros((0, 2), np.float64))
+        self._ignore = np.array([i for it in items for i in it.ignore], dtype=bool)
+        self._word_ids = np.array([w for it in items for w in it.word_ids], dtype=np.str_)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def source(self, index: int) -> str:
+        return str(self._files[index])
+
+    def words(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The annotated polygons (original coordinates) and ignore flags of one image."""
+        a, b = self._word_start[index], self._word_start[index + 1]
+        polys = [self._points[self._point_start[w]:self._point_start[w + 1]] for w in range(a, b)]
+        return polys, self._ignore[a:b]
+
+    def flat_words(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One image's words as views: all points (P, 2), points per word, ignore flags."""
+        a, b = self._word_start[index], self._word_start[index + 1]
+        starts = self._point_start[a:b + 1]
+        return self._points[starts[0]:starts[-1]], np.diff(starts), self._ignore[a:b]
+
+    def moved_polygons(self, index: int, matrix: np.ndarray) -> Polygons:
+        """The image's polygons in the transformed image's coordinates, in one pass."""
+        points, sizes, _ = self.flat_words(index)
+        return Polygons.split(map_points(points, matrix), np.cumsum(sizes).tolist())
+
+    def annotation_set(self, images_dir: Path | None = None) -> AnnotationSet:
+        items = []
+        for i in range(len(self)):
+            polys, ignore = self.words(i)
+            a, b = self._word_start[i], self._word_start[i + 1]
+            items.append(ImageAnnotation(self.source(i), tuple(polys),
+                                         tuple(bool(x) for x in ignore),
+                                         tuple(str(w) for w in self._word_ids[a:b])))
+        return AnnotationSet(images_dir or self.images_dir, tuple(items), self.problems)
+
+
+class BatchBuffers:
+    """Where one batch's arrays land: image (B,3,S,S), each map (B,1,S,S), inverse (B,3,3).
+
+    The memory is reused once nothing of its last use is alive (:mod:`batchmem`). Inside a
+    DataLoader worker it is a shared-memory slab, so sending the batch to the main process
+    moves a reference, not the bytes; the batched loader keeps a few pinned sets of its own.
+    ``raw_image`` keeps a compact record's uint8 image unfinished, and ``raw_maps`` the binary
+    maps as their stored uint8 0/1 (:func:`finish_batch` turns both into float32 later,
+    typically on a device).
+    """
+
+    def __init__(self, n: int, size: int, with_maps: bool, *, shared: bool = False,
+                 pin: bool = False, raw_image: bool = False, raw_maps: bool = False,
+                 reuse: bool = True) -> None:
+        specs = [Spec("image", (n, 3, size, size), np.dtype(np.uint8 if raw_image
+                                                           else np.float32)),
+                 Spec("inverse_matrix", (n, 3, 3), np.dtype(np.float64))]
+        specs += [Spec(name, (n, 1, size, size),
+                       np.dtype(np.uint8 if raw_maps and name in BINARY_MAPS else np.float32))
+                  for name in (MAP_NAMES if with_maps else ())]
+        block = None
+        if reuse and not pin:
+            block = batchmem.shared_block(specs) if shared else batchmem.local_block(specs)
+        if block is None:  # pinned, not reused, or every slab busy: memory of its own
+            tensors = {s.name: _new_tensor(s.shape, _TORCH_DTYPES[s.dtype], shared, pin)
+                       for s in specs}
+            arrays = {name: t.numpy() for name, t in tensors.items()}
+        else:
+            tensors, arrays = block.tensors, block.arrays
+        self.image_t = tensors["image"]
+        self.inverse_t = tensors["inverse_matrix"]
+        self.maps_t = {name: tensors[name] for name in MAP_NAMES if name in tensors}
+        self.image = arrays["image"]
+        self.inverse = arrays["inverse_matrix"]
+        self.maps = {name: arrays[name] for name in self.maps_t}
+        self.raw_image = raw_image
+
+    def batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """The first ``len(samples)`` rows as a batch, in :func:`collate`'s structure."""
+        n = len(samples)
+        out: dict[str, Any] = {"image": self.image_t[:n], "inverse_matrix": self.inverse_t[:n]}
+        for name, t in self.maps_t.items():
+            out[name] = t[:n]
+        for name in ("polygons", "ignore", "meta"):
+            out[name] = [s[name] for s in samples]
+        return out
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.float64): torch.float64}
+
+
+def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: bool = False
+                ) -> torch.Tensor:
+    if not shared:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    numel = 1
+    for d in shape:
+        numel *= d
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    out = proto.new(storage).resize_(shape)
+    batchmem.address_populate(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
+def put_image(pipeline: Pipeline, stored: np.ndarray, buffers: BatchBuffers, slot: int) -> None:
+    """Copy a stored image into its row: as-is for a compact batch, else finished."""
+    if buffers.raw_image:
+        np.copyto(buffers.image[slot], stored)
+    else:
+        pipeline.finish_into(stored, buffers.image[slot])
+
+
+def assemble(pipeline: Pipeline, catalog: Catalog, index: int, geometry: Mapping[str, Any],
+             buffers: BatchBuffers, slot: int, maps: Mapping[str, np.ndarray] | None,
+             with_maps: bool) -> Sample:
+    """One sample over its buffer row (the image already sits there); ``maps`` are copied
+    into the row unless None (already there)."""
+    np.copyto(buffers.inverse[slot], geometry["inverse_matrix"])
+    sample: Sample = {
+        "image": buffers.image_t[slot],
+        "polygons": catalog.moved_polygons(index, geometry["matrix"]),
+        "ignore": np.array(catalog.flat_words(index)[2], dtype=bool),
+        "inverse_matrix": buffers.inverse_t[slot],
+        "meta": {"index": index, "file": catalog.source(index),
+                 "orig_size": tuple(int(v) for v in geometry["orig_size"]), "error": None},
+    }
+    if with_maps:
+        for name in MAP_NAMES:
+            if maps is not None:
+                np.copyto(buffers.maps[name][slot], maps[name])
+            sample[name] = buffers.maps_t[name][slot]
+    return sample
+
+
+def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
+                 buffers: BatchBuffers, slot: int, with_maps: bool) -> Sample:
+    """What a bad source yields: the right shapes, all-zero masks, and the reason."""
+    blank = np.full(buffers.image[slot].shape, pipeline.transform.pad_value, np.uint8)
+    put_image(pipeline, blank, buffers, slot)
+    buffers.inverse[slot] = np.eye(3)
+    sample: Sample = {
+        "image": buffers.image_t[slot],
+        "polygons": [],
+        "ignore": np.zeros(0, dtype=bool),
+        "inverse_matrix": buffers.inverse_t[slot],
+        "meta": {"index": index, "file": catalog.source(index), "orig_size": (0, 0),
+                 "error": error},
+    }
+    if with_maps:
+        for name in MAP_NAMES:
+            buffers.maps[name][slot] = 0
+            sample[name] = buffers.maps_t[name][slot]
+    return sample
+
+
+def finish_batch(batch: dict[str, Any], pipeline: Pipeline) -> dict[str, Any]:
+    """A compact batch made float32 where it lives: the uint8 image normalized by the
+    pipeline's own ``finish``, the binary maps widened (exact: their values are 0 and 1)."""
+    out = dict(batch)
+    if out["image"].dtype == torch.uint8:
+        out["image"] = finish(out["image"], pipeline.transform)
+    for name in BINARY_MAPS:
+        if name in out and out[name].dtype == torch.uint8:
+            out[name] = out[name].to(torch.float32)
+    return out
+
+
+def collate(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Stack images, maps and matrices; keep polygons, ignore flags and metadata as lists."""
+    out: dict[str, Any] = {}
+    for name in ("image", *MAP_NAMES, "inverse_matrix"):
+        if name in samples[0]:
+            tensors = [s[name] for s in samples]
+            out[name] = _whole_buffer(tensors)
+            if out[name] is None:
+                out[name] = torch.stack(tensors)
+    for name in ("polygons", "ignore", "meta"):
+        out[name] = [s[name] for s in samples]
+    return out
+
+
+def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The batch buffer the tensors are consecutive rows of, if they are exactly that."""
+    base = tensors[0]._base
+    if base is None or base.dim() != tensors[0].dim() + 1 or base.shape[0] != len(tensors):
+        return None
+    if not base.is_contiguous():
+        return None
+    row = base[0].numel()
+    for i, t in enumerate(tensors):
+        if t._base is not base or t.storage_offset() != base.storage_offset() + i * row:
+            return None
+    return base
+
+
+__all__ = ["GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "assemble", "collate",
+           "empty_sample", "finish_batch", "put_image"]

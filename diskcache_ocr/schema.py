@@ -1,0 +1,145 @@
+"""What a cache holds, as rules: kind versions, key recipes, index entries, the stale rule.
+
+The bottom layer beside :mod:`keys` and :mod:`codec`: no LMDB, no torch. Every module that
+needs one of these rules imports it from here, so each is written once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from diskcache_ocr.errors import CacheFormatError, SourceError
+from diskcache_ocr.keys import derive_key
+
+KINDS: tuple[str, ...] = ("images", "tensors", "maps")
+
+
+@dataclass(frozen=True)
+class KindVersion:
+    """What produced a kind's records: a version string and a parameter fingerprint."""
+
+    version: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"version": self.version, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KindVersion:
+        return cls(version=str(d["version"]), fingerprint=str(d["fingerprint"]))
+
+    def __str__(self) -> str:
+        return f"{self.version}/{self.fingerprint}"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the cache knows of one source file."""
+
+    size: int
+    mtime_ns: int
+    content_hash: bytes
+    status: str = "ok"  # "ok" or "failed: <reason>"
+    keys: Mapping[str, bytes] = field(default_factory=dict)  # kind -> record key
+    updated_ns: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def matches(self, st: os.stat_result) -> bool:
+        """The stale rule: an entry describes a file while its size and mtime are the ones
+        recorded (content is not re-hashed on every read; the watcher catches the rest)."""
+        return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
+
+    def pack(self) -> bytes:
+        d = asdict(self)
+        d["keys"] = dict(self.keys)
+        return msgpack.packb(d, use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, raw: bytes, where: str) -> IndexEntry:
+        try:
+            d = msgpack.unpackb(raw, raw=False, max_map_len=16, max_array_len=16)
+            entry = cls(
+                size=int(d["size"]), mtime_ns=int(d["mtime_ns"]),
+                content_hash=bytes(d["content_hash"]), status=str(d["status"]),
+                keys={str(k): bytes(v) for k, v in d["keys"].items()},
+                updated_ns=int(d["updated_ns"]),
+            )
+        except Exception as exc:
+            raise CacheFormatError(f"index entry {where}: unreadable ({exc})") from None
+        return entry
+
+
+def source_state(locate: Callable[[str], Path], source: str, entry: IndexEntry) -> str | None:
+    """None while ``source`` still matches its entry, else ``"missing"`` or ``"changed"``.
+
+    ``locate`` turns the index name into a checked path (the annotations' safe resolver,
+    which lives above this layer); it raises OSError or SourceError when it cannot.
+    """
+    try:
+        st = os.stat(locate(source))
+    except (OSError, SourceError):
+        return "missing"
+    return None if entry.matches(st) else "changed"
+
+
+def dataset_root(header: Mapping[str, Any],
+                 images_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The images directory a cache's sources are relative to: the one given, else the one
+    its header records, else None."""
+    if images_dir:
+        return Path(images_dir)
+    root = header.get("dataset_root")
+    return Path(root) if root else None
+
+
+def reads(stats: Mapping[str, int], kind: str) -> tuple[int, int]:
+    """(hits, lookups) of a kind from a store's counters."""
+    hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
+    return hits, hits + misses
+
+
+# -- key recipes ------------------------------------------------------------------------
+def image_key(content: bytes) -> bytes:
+    """An ``images`` record is keyed by its source's content hash alone."""
+    return content
+
+
+def tensor_key(content: bytes, transform_fingerprint: str) -> bytes:
+    return derive_key("tensors", content, transform_fingerprint)
+
+
+def maps_key(content: bytes, words: bytes, maps_fingerprint: str) -> bytes:
+    """``words`` is :func:`flat_polygons_bytes` of the image's annotation."""
+    return derive_key("maps", content, words, maps_fingerprint)
+
+
+def flat_polygons_bytes(points: np.ndarray, sizes: np.ndarray, ignore: np.ndarray) -> bytes:
+    """Canonical bytes of a word list (all points, points per word, ignore flags), part of
+    the ``maps`` key."""
+    return b"".join([
+        len(sizes).to_bytes(4, "little"), np.ascontiguousarray(sizes, "<u4").tobytes(),
+        np.ascontiguousarray(ignore, np.uint8).tobytes(),
+        np.ascontiguousarray(points, "<f8").tobytes(),
+    ])
+
+
+def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool] | np.ndarray) -> bytes:
+    """:func:`flat_polygons_bytes` of a list of (k, 2) polygons."""
+    sizes = np.array([len(p) for p in polygons], np.int64)
+    points = (np.concatenate([np.asarray(p, np.float64) for p in polygons]) if len(polygons)
+              else np.zeros((0, 2)))
+    return flat_polygons_bytes(points, sizes, np.asarray(ignore, bool))
+
+
+__all__ = ["KINDS", "IndexEntry", "KindVersion", "dataset_root", "flat_polygons_bytes",
+           "image_key", "maps_key", "polygons_bytes", "reads", "source_state", "tensor_key"]
