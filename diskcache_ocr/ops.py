@@ -121,7 +121,8 @@ def health(
             problems.append(Finding("corrupt", "written without fsync before the last reboot: "
                                     "an OS crash may have damaged it; run verify or rebuild"))
         root = dataset_root(header, images_dir)
-        locate = functools.partial(safe_source_path, root)
+        # Without a root nothing can be called stale.
+        locate = None if root is None else functools.partial(safe_source_path, root)
         stale, failed, old = [], [], 0
         cutoff = time.time_ns() - int(max_age_days * 86400e9)
         try:
@@ -130,7 +131,7 @@ def health(
             problems.append(Finding("corrupt", str(exc)))
             index = []
         for source, entry in index:
-            state = root and source_state(locate, source, entry)
+            state = locate and source_state(locate, source, entry)
             if state:
                 stale.append(f"{source} ({state})")
             if not entry.ok:

@@ -300,14 +300,14 @@ def test_two_stores_on_one_directory_share_the_environment(tmp_path):
 
 
 def test_unsynced_writes_are_marked_with_the_boot_and_synced_at_close(tmp_path, monkeypatch):
-    import diskcache_ocr.store as store_mod
+    import diskcache_ocr.store.header as header_mod
 
     s = CacheStore(tmp_path / "c", sync=False)
     s.put("images", key(0), {"i": np.zeros(3, np.uint8)})
-    assert s.header()["unsynced_boot"] == store_mod.boot_id()
+    assert s.header()["unsynced_boot"] == header_mod.boot_id()
     assert not s.unsynced_reboot()
     s.close()
-    monkeypatch.setattr(store_mod, "boot_id", lambda: "another-boot")
+    monkeypatch.setattr(header_mod, "boot_id", lambda: "another-boot")
     with CacheStore(tmp_path / "c", readonly=True) as again:
         assert again.unsynced_reboot()  # a reboot since: an OS crash may have hit it
     with CacheStore(tmp_path / "synced") as synced:
@@ -316,11 +316,11 @@ def test_unsynced_writes_are_marked_with_the_boot_and_synced_at_close(tmp_path, 
 
 
 def test_open_survives_another_process_growing_the_map_meanwhile(tmp_path, monkeypatch):
-    import diskcache_ocr.store as store_mod
+    import diskcache_ocr.store.env as env_mod
 
     with CacheStore(tmp_path / "c") as s:
         s.put("images", key(0), {"i": np.zeros(3, np.uint8)})
-    real, calls = store_mod._check_complete, []
+    real, calls = env_mod._check_complete, []
 
     def resized_once(env, path):
         calls.append(1)
@@ -328,7 +328,7 @@ def test_open_survives_another_process_growing_the_map_meanwhile(tmp_path, monke
             raise lmdb.MapResizedError("mdb_txn_begin", -30785)
         return real(env, path)
 
-    monkeypatch.setattr(store_mod, "_check_complete", resized_once)
+    monkeypatch.setattr(env_mod, "_check_complete", resized_once)
     with CacheStore(tmp_path / "c") as again:
         assert again.get("images", key(0)) is not None
     assert len(calls) == 2
@@ -366,21 +366,22 @@ def test_a_bad_array_is_refused_at_put_not_at_commit(store):
 
 
 def test_the_encode_buffer_is_reused_then_dropped_when_idle(store, monkeypatch):
-    import diskcache_ocr.store as store_mod
+    import diskcache_ocr.store.env as env_mod
+    import diskcache_ocr.store.txn as txn_mod
 
     store.put("images", key(0), {"i": np.zeros((100, 100, 3), np.uint8)})
-    buf = store_mod._scratch.buf
+    buf = txn_mod._scratch.buf
     assert buf is not None
     store.put("images", key(1), {"i": np.ones((50, 100, 3), np.uint8)})
-    assert store_mod._scratch.buf is buf  # smaller records reuse it
-    monkeypatch.setattr(store_mod, "RENEW_AFTER_S", 0.0)
-    monkeypatch.setattr(store_mod, "_SCRATCH_IDLE_S", 0.0)
+    assert txn_mod._scratch.buf is buf  # smaller records reuse it
+    monkeypatch.setattr(env_mod, "RENEW_AFTER_S", 0.0)
+    monkeypatch.setattr(txn_mod, "_SCRATCH_IDLE_S", 0.0)
     store.get("images", key(0))
     store.get("images", key(1))  # a renewed read slot lets an idle buffer go
-    assert store_mod._scratch.buf is None
-    monkeypatch.setattr(store_mod, "_SCRATCH_MAX", 1000)
+    assert txn_mod._scratch.buf is None
+    monkeypatch.setattr(txn_mod, "_SCRATCH_MAX", 1000)
     store.put("images", key(2), {"i": np.ones((50, 100, 3), np.uint8)})
-    assert store_mod._scratch.buf is None  # a record over the cap gets its own buffer
+    assert txn_mod._scratch.buf is None  # a record over the cap gets its own buffer
     assert store.get("images", key(2))["i"].sum() == 50 * 100 * 3
 
 

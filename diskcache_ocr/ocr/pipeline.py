@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diskcache_ocr.keys import fingerprint
-from diskcache_ocr.schema import KindVersion
 from diskcache_ocr.ocr.decode import MAX_PIXELS_DEFAULT, decode_image
 from diskcache_ocr.ocr.maps import MAP_NAMES, MapConfig, make_maps
 from diskcache_ocr.ocr.transform import (
@@ -24,6 +23,7 @@ from diskcache_ocr.ocr.transform import (
     map_polygons,
     resize_pad,
 )
+from diskcache_ocr.schema import KindVersion
 
 # What decode_image does, as data: bump "version" whenever its behaviour changes.
 DECODE_PARAMS = {

@@ -106,10 +106,8 @@ def snapshot(cache: Path) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     with CacheStore(cache, readonly=True) as store:
-        with store.reader() as r:
-            for kind in KINDS:
-                out[kind] = {bytes(k).hex(): blake3.blake3(v).hexdigest()
-                             for k, v in r._txn.cursor(store._db(kind))}
+        for kind in KINDS:
+            out[kind] = {k.hex(): blake3.blake3(v).hexdigest() for k, v in store.iter_raw(kind)}
         out["index"] = {s: {"size": e.size, "content_hash": e.content_hash.hex(),
                             "status": e.status, "keys": {k: v.hex() for k, v in e.keys.items()}}
                         for s, e in store.iter_index()}

@@ -1,0 +1,494 @@
+"""CacheStore: the front of the storage layer (kinds, keys, records, index, header, counters)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.util
+import os
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from diskcache_ocr.codec import (
+    RecordPlan,
+    decode_record,
+    verify_checksum,
+)
+from diskcache_ocr.errors import (
+    CacheError,
+    CacheFormatError,
+    CacheFullError,
+    CacheVersionError,
+)
+from diskcache_ocr.schema import KINDS, IndexEntry, KindVersion
+from diskcache_ocr.store.env import (
+    _MAX_GROWS,
+    StoreOptions,
+    _is_disk_full,
+    _open_stores,
+    _SharedEnv,
+    open_environment,
+)
+from diskcache_ocr.store.header import (
+    HEADER_KEY,
+    POLICIES,
+    Policy,
+    _counter,
+    _mark_unsynced,
+    _merge_counters,
+    _pack,
+    _unpack_header,
+    written_unsynced_before_reboot,
+)
+from diskcache_ocr.store.txn import WriteBatch, _check_kind, _Reader, _scratch
+
+log = logging.getLogger("diskcache_ocr.store")
+
+STATS_FLUSH_EVERY_S = 5.0
+
+
+class CacheStore:
+    """An LMDB-backed store of records per kind, with an index, a header and counters.
+
+    >>> store = CacheStore(tmp_path / "cache")                  # doctest: +SKIP
+    >>> store.put("images", key, {"image": pixels})             # doctest: +SKIP
+    >>> with store.reader() as r:                               # doctest: +SKIP
+    ...     np.copyto(batch[0], r.get("images", key)["image"])
+    """
+
+    def __init__(self, path: str | os.PathLike[str], readonly: bool = False, **options: Any):
+        self.path = Path(path)
+        self.options = StoreOptions(readonly=readonly, **options)
+        self._init_runtime()
+
+    # -- process-local state ------------------------------------------------------------
+    def _init_runtime(self) -> None:
+        self._sh: _SharedEnv | None = None
+        self._lock = threading.RLock()  # guards this store's counters
+        self._pending: Counter[str] = Counter()
+        self._last_flush = time.monotonic()
+        self._finalizer_pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path), "options": asdict(self.options)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = Path(state["path"])
+        self.options = StoreOptions(**state["options"])
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self.options.readonly else "read-write"
+        return f"CacheStore({str(self.path)!r}, {mode})"
+
+    def __enter__(self) -> CacheStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def readonly(self) -> bool:
+        return self.options.readonly
+
+    @property
+    def is_open(self) -> bool:
+        """Whether this process holds the environment open for this store right now."""
+        sh = self._sh
+        return sh is not None and sh.env is not None and sh.pid == os.getpid()
+
+    def _shared(self) -> _SharedEnv:
+        sh = self._sh
+        if sh is not None and sh.env is not None and sh.pid == os.getpid():
+            return sh
+        # (A handle inherited from another process is never used or closed here.)
+        self._sh = _SharedEnv.acquire(self)
+        _open_stores.add(self)
+        self._ensure_finalizer(os.getpid())
+        return self._sh
+
+    def _environment(self) -> lmdb.Environment:
+        env = self._shared().env
+        assert env is not None
+        return env
+
+    def _ensure_finalizer(self, pid: int) -> None:
+        if self._finalizer_pid != pid:
+            # Runs when a multiprocessing child (a DataLoader worker) exits normally, which
+            # skips atexit: the worker's last counters are saved.
+            multiprocessing.util.Finalize(
+                self, _flush_if_alive, args=(weakref.ref(self),), exitpriority=10
+            )
+            self._finalizer_pid = pid
+
+    def _db(self, name: str) -> Any:
+        return self._shared().handles[name]
+
+    def _close_env(self) -> None:
+        sh = self._sh
+        if sh is None or sh.pid != os.getpid() or sh.env is None:
+            self._sh = None
+            return
+        try:
+            self.flush_stats()
+        except CacheError as exc:
+            log.warning("%s: counters not saved: %s", self.path, exc)
+        self._sh = None
+        sh.release()
+
+    def close(self) -> None:
+        """Save counters and let go of the environment; a later use reopens it."""
+        self.flush_stats()
+        self._close_env()
+
+    # -- reads -----------------------------------------------------------------------
+    def reader(self) -> _Reader:
+        """A read transaction whose records are zero-copy views, valid inside the block."""
+        return _Reader(self)
+
+    def refresh(self) -> None:
+        """Make this thread's next read see every write committed so far, here or elsewhere."""
+        if self._sh is not None and self._sh.pid == os.getpid():
+            self._sh.drop_slot(threading.get_ident())
+
+    def _open_env(self) -> tuple[lmdb.Environment, dict[str, Any]]:
+        return open_environment(self.path, self.options)
+
+    def get(self, kind: str, key: bytes) -> dict[str, np.ndarray] | None:
+        """Owned, writeable copies of a record's arrays, or None."""
+        _check_kind(kind)
+        with self.reader() as r:
+            rec = r.get(kind, key)
+            return None if rec is None else rec.copy()
+
+    def contains(self, kind: str, key: bytes) -> bool:
+        _check_kind(kind)
+        with self.reader() as r:
+            return r.contains(kind, key)
+
+    def get_index(self, source: str) -> IndexEntry | None:
+        with self.reader() as r:
+            return r.get_index(source)
+
+    def iter_index(self) -> Iterator[tuple[str, IndexEntry]]:
+        """Every index entry (read in one transaction, returned after it closes)."""
+        with self.reader() as r:
+            rows = [(bytes(k).decode(), bytes(v)) for k, v in r._txn.cursor(self._db("index"))]
+        for source, raw in rows:
+            yield source, IndexEntry.unpack(raw, source)
+
+    def keys(self, kind: str) -> list[bytes]:
+        _check_kind(kind)
+        with self.reader() as r:
+            return [bytes(k) for k in r._txn.cursor(self._db(kind)).iternext(values=False)]
+
+    def iter_raw(self, kind: str) -> Iterator[tuple[bytes, bytes | memoryview]]:
+        """Every record of ``kind`` as (key, encoded value), in one read transaction.
+
+        NOTE: a value is a view on the map, valid only until the next step of the iteration;
+        copy what must outlive it.
+        """
+        _check_kind(kind)
+        with self.reader() as r:
+            for key, value in r._txn.cursor(self._db(kind)):
+                yield bytes(key), value
+
+    def kind_stats(self, kind: str) -> dict[str, int]:
+        """Entries and value bytes of one kind (reads no payload: sizes live in the nodes)."""
+        _check_kind(kind)
+        entries = total = 0
+        with self.reader() as r:
+            for _, value in r._txn.cursor(self._db(kind)):
+                entries += 1
+                total += len(value)
+        return {"entries": entries, "bytes": total}
+
+    def verify(self, kind: str) -> Iterator[tuple[bytes, CacheFormatError | None]]:
+        """Every record of ``kind``, checked (header and payload checksum)."""
+        _check_kind(kind)
+        for key in self.keys(kind):
+            with self.reader() as r:
+                value = r.get_raw(kind, key)
+                if value is None:  # deleted since the listing
+                    continue
+                try:
+                    verify_checksum(value, f"{self.path} {kind}/{key.hex()}")
+                    decode_record(value)
+                except CacheFormatError as exc:
+                    yield key, exc
+                    continue
+            yield key, None
+
+    # -- writes ----------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator[WriteBatch]:
+        """Collect writes; they commit together, in one transaction, when the block ends."""
+        batch = WriteBatch()
+        yield batch
+        self.commit(batch)
+
+    def put(self, kind: str, key: bytes, arrays: Mapping[str, np.ndarray]) -> None:
+        with self.writer() as w:
+            w.put(kind, key, arrays)
+
+    def delete(self, kind: str, key: bytes) -> None:
+        with self.writer() as w:
+            w.delete(kind, key)
+
+    def drop(self, kind: str) -> None:
+        """Delete every record of one kind; the others are kept."""
+        with self.writer() as w:
+            w.drop(kind)
+
+    def wipe(self) -> None:
+        """Delete every record, index entry and counter in one transaction (the header
+        stays)."""
+        def body(txn: lmdb.Transaction) -> None:
+            for name in (*KINDS, "index", "stats"):
+                txn.drop(self._db(name), delete=False)
+
+        self._write(body)
+
+    def commit(self, batch: WriteBatch) -> None:
+        if batch.ops or self._pending:
+            self._write(lambda txn: self._apply(txn, batch))
+
+    def _apply(self, txn: lmdb.Transaction, batch: WriteBatch) -> None:
+        for op, name, key, value in batch.ops:
+            db = self._db(name)
+            if op == "put":
+                assert value is not None
+                if isinstance(value, RecordPlan):
+                    # NOTE: LMDB copies the value into the map, so the buffer is free again
+                    # as soon as put returns.
+                    value = value.write_into(_scratch.get(value.nbytes))
+                txn.put(key, value, db=db)
+            elif op == "delete":
+                txn.delete(key, db=db)
+            else:
+                txn.drop(db, delete=False)
+
+    def _write(self, body: Callable[[lmdb.Transaction], None]) -> None:
+        if self.options.readonly:
+            raise CacheError(f"{self.path}: the store is open read-only")
+        sh = self._shared()
+        env = self._environment()
+        for _ in range(_MAX_GROWS):
+            with sh.lock, self._lock:
+                pending = self._take_pending()
+                try:
+                    marking = not self.options.sync and not sh.unsynced
+                    with env.begin(write=True) as txn:
+                        body(txn)
+                        if pending:
+                            _merge_counters(txn, sh.handles["stats"], pending)
+                        if marking:
+                            _mark_unsynced(txn, sh.handles["meta"], self.path)
+                    sh.unsynced = sh.unsynced or marking
+                    sh.write_generation += 1
+                    return
+                except lmdb.MapFullError:
+                    self._pending.update(pending)
+                    sh.grow()
+                except lmdb.MapResizedError:
+                    self._pending.update(pending)
+                    sh.adopt_map_size()
+                except BaseException as exc:
+                    self._pending.update(pending)
+                    if not isinstance(exc, lmdb.Error):
+                        raise
+                    if _is_disk_full(exc, self.path):
+                        raise CacheFullError(
+                            f"{self.path}: the disk is full; nothing of this write was kept, "
+                            f"the cache is intact ({exc})"
+                        ) from None
+                    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError,
+                                        lmdb.BadTxnError)):
+                        # A damaged tree (BadTxn follows a first such error): a refusal that
+                        # `clear --all` recognises, and a fresh read snapshot next time.
+                        sh.drop_slot(threading.get_ident())
+                        raise CacheFormatError(
+                            f"{self.path}: write failed, the cache file is damaged ({exc}); "
+                            "clear it with `diskcache-ocr clear --all`"
+                        ) from None
+                    raise CacheError(f"{self.path}: write failed ({exc})") from None
+        raise CacheFullError(f"{self.path}: the map could not grow enough for this write")
+
+    # -- header and versions ---------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        with self.reader() as r:
+            raw = r._txn.get(HEADER_KEY, db=self._db("meta"))
+            return _unpack_header(bytes(raw), self.path) if raw is not None else {}
+
+    def unsynced_reboot(self) -> bool:
+        """Whether writes made without fsync predate the machine's last reboot (an OS crash
+        may then have lost or damaged them: ``verify``, or rebuild)."""
+        return written_unsynced_before_reboot(self.header())
+
+    def update_header(self, **changes: Any) -> dict[str, Any]:
+        """Merge top-level fields into the header, atomically."""
+        result: dict[str, Any] = {}
+
+        def body(txn: lmdb.Transaction) -> None:
+            raw = txn.get(HEADER_KEY, db=self._db("meta"))
+            header = _unpack_header(raw, self.path) if raw is not None else {}
+            header.update(changes)
+            txn.put(HEADER_KEY, _pack(header), db=self._db("meta"))
+            result.update(header)
+
+        self._write(body)
+        return result
+
+    def check_kinds(
+        self, expected: Mapping[str, KindVersion], policy: Policy = "error"
+    ) -> list[str]:
+        """Compare each kind's stored version with ``expected`` and apply ``policy``.
+
+        Returns the kinds that were (re)built empty. A kind seen for the first time is
+        stamped. ``error`` raises :class:`CacheVersionError`; ``rebuild`` drops that kind
+        only; ``ignore`` logs and serves what is stored.
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        stored = self.header().get("kinds", {})
+        mismatched = {}
+        for kind, want in expected.items():
+            _check_kind(kind)
+            have = stored.get(kind)
+            if have is not None and KindVersion.from_dict(have) != want:
+                mismatched[kind] = (KindVersion.from_dict(have), want)
+        fresh = [k for k in expected if k not in stored]
+        if mismatched and policy == "error":
+            kind, (have, want) = next(iter(mismatched.items()))
+            raise CacheVersionError(
+                f"{self.path}: kind {kind!r} was built by {have}, this code expects {want}; "
+                "open with on_mismatch='rebuild' or run prebuild to rebuild it"
+            )
+        if mismatched and policy == "ignore":
+            for kind, (have, want) in mismatched.items():
+                log.warning("%s: serving %s built by %s (expected %s): policy 'ignore'",
+                            self.path, kind, have, want)
+            mismatched = {}
+        if self.readonly:
+            return []
+        if mismatched or fresh:
+            rebuilt = list(mismatched)
+
+            def body(txn: lmdb.Transaction) -> None:
+                meta = self._db("meta")
+                raw = txn.get(HEADER_KEY, db=meta)
+                header = _unpack_header(raw, self.path) if raw is not None else {}
+                kinds = dict(header.get("kinds", {}))
+                for kind in rebuilt:
+                    txn.drop(self._db(kind), delete=False)
+                for kind in rebuilt + fresh:
+                    kinds[kind] = expected[kind].to_dict()
+                header["kinds"] = kinds
+                txn.put(HEADER_KEY, _pack(header), db=meta)
+
+            self._write(body)
+            for kind in rebuilt:
+                log.warning("%s: kind %s rebuilt for version %s", self.path, kind, expected[kind])
+            return rebuilt
+        return []
+
+    # -- counters --------------------------------------------------------------------
+    def count(self, kind: str, *, hits: int = 0, misses: int = 0, bytes_read: int = 0) -> None:
+        """Add to this process's counters; they are saved with the next write, or every few
+        seconds, or at exit, so counting never makes a read into a write transaction."""
+        self._ensure_finalizer(os.getpid())
+        with self._lock:
+            if hits:
+                self._pending[f"{kind}.hits"] += hits
+            if misses:
+                self._pending[f"{kind}.misses"] += misses
+            if bytes_read:
+                self._pending[f"{kind}.bytes_read"] += bytes_read
+        if not self.readonly and time.monotonic() - self._last_flush > STATS_FLUSH_EVERY_S:
+            self.flush_stats()
+
+    def _take_pending(self) -> Counter[str]:
+        pending, self._pending = self._pending, Counter()
+        self._last_flush = time.monotonic()
+        return pending
+
+    def flush_stats(self) -> None:
+        """Save this process's counters now (a no-op when there is nothing to save)."""
+        if self.readonly or not self._pending:
+            return
+        self._write(lambda txn: None)
+
+    def stats(self) -> dict[str, int]:
+        """Persisted counters plus this process's unsaved ones."""
+        with self.reader() as r:
+            saved = {bytes(k).decode("utf-8", "replace"): _counter(v)
+                     for k, v in r._txn.cursor(self._db("stats"))}
+        with self._lock:
+            for name, value in self._pending.items():
+                saved[name] = saved.get(name, 0) + value
+        return saved
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._pending.clear()
+        self._write(lambda txn: txn.drop(self._db("stats"), delete=False))
+
+    # -- maintenance -----------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        env = self._environment()
+        info, stat = env.info(), env.stat()
+        return {
+            "path": str(self.path), "map_size": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "readers": info["num_readers"], "max_readers": info["max_readers"],
+            "engine": ".".join(map(str, env.lib_version())),
+        }
+
+    def warm(self) -> None:
+        """Ask the kernel to read the data file into the page cache (shared by every
+        process, unlike a copy in Python memory)."""
+        self._environment()
+        fd = os.open(self.path / "data.mdb", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def max_key_size(self) -> int:
+        """The longest key (bytes) the engine stores: longer source names are not indexed."""
+        return int(self._environment().max_key_size())
+
+    def reader_check(self) -> int:
+        """Free reader slots left by dead processes; returns how many were freed."""
+        return int(self._environment().reader_check())
+
+    def sync(self) -> None:
+        self._environment().sync(True)
+
+    def copy_to(self, dest: str | os.PathLike[str], *, compact: bool = True) -> Path:
+        """A consistent hot copy (safe while readers and writers run)."""
+        dest = Path(dest)
+        dest.mkdir(mode=self.options.dir_mode, parents=True, exist_ok=True)
+        if (dest / "data.mdb").exists():
+            raise CacheError(f"{dest}: already holds a cache; choose an empty directory")
+        self._environment().copy(str(dest), compact=compact)
+        return dest
+
+
+def _flush_if_alive(ref: weakref.ref[CacheStore]) -> None:
+    store = ref()
+    if store is not None:
+        try:
+            store.flush_stats()
+        except CacheError as exc:
+            log.warning("%s: counters not saved at exit: %s", store.path, exc)
+

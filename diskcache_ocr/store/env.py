@@ -1,0 +1,333 @@
+"""The LMDB environment and its process rules.
+
+NOTE: LMDB refuses to open the same files twice in one process, and a forked child inherits
+the parent's "already open" record. So the environment opens lazily in the process that uses
+it (pid checked), one per process and directory shared by every store on it, and every open
+store is closed just before this process forks (``os.register_at_fork``), so DataLoader
+workers always start clean.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+
+from diskcache_ocr.errors import (
+    CacheClosedError,
+    CacheError,
+    CacheFormatError,
+)
+from diskcache_ocr.store.header import _DBS, check_header
+from diskcache_ocr.store.txn import _scratch
+
+if TYPE_CHECKING:
+    from diskcache_ocr.store.cache import CacheStore
+
+log = logging.getLogger("diskcache_ocr.store")
+
+# A large sparse reservation makes growth (and its cross-process resize dance) rare.
+DEFAULT_MAP_SIZE = 16 << 30
+
+
+# A long-lived read transaction is renewed after this long so writers can reuse pages and
+# readers see other processes' writes.
+RENEW_AFTER_S = 1.0
+
+
+_MAX_GROWS = 32
+
+
+# Free space below which an I/O error from a write is taken for a full disk.
+_NEARLY_FULL = 1 << 20
+
+
+_open_stores: weakref.WeakSet[CacheStore] = weakref.WeakSet()
+
+
+def _close_before_fork() -> None:
+    for store in list(_open_stores):
+        store._close_env()
+    for shared in list(_SharedEnv._registry.values()):
+        if shared.pid == os.getpid():
+            shared.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_before_fork)
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    readonly: bool = False
+    map_size: int = DEFAULT_MAP_SIZE
+    readahead: bool = True
+    max_readers: int = 1024
+    sync: bool = True
+    lock: bool = True
+    dir_mode: int = 0o700
+
+    def __post_init__(self) -> None:
+        if self.map_size < 1 << 16:
+            raise ValueError(f"map_size must be at least 64 KiB, got {self.map_size}")
+        if self.max_readers < 1:
+            raise ValueError(f"max_readers must be >= 1, got {self.max_readers}")
+
+
+class _Slot:
+    """A thread's long-lived read transaction and how many blocks borrow it."""
+
+    __slots__ = ("txn", "started", "borrowed", "generation")
+
+    def __init__(self, txn: lmdb.Transaction, generation: int) -> None:
+        self.txn = txn
+        self.started = time.monotonic()
+        self.borrowed = 0
+        self.generation = generation
+
+
+class _SharedEnv:
+    """One process's open environment for one cache directory, shared by every CacheStore
+    on that directory (LMDB allows one open per process), with its threads' read slots."""
+
+    _registry: dict[tuple[int, str], _SharedEnv] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: Path, env: lmdb.Environment, handles: dict[str, Any],
+                 readonly: bool, max_readers: int) -> None:
+        self.path = path
+        self.env: lmdb.Environment | None = env
+        self.handles = handles
+        self.readonly = readonly
+        self.max_readers = max_readers
+        self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.slots: dict[int, _Slot] = {}
+        self.write_generation = 0
+        self.users = 0
+        self.unsynced = False  # this process committed without fsync: sync at close
+
+    @classmethod
+    def acquire(cls, store: CacheStore) -> _SharedEnv:
+        key = (os.getpid(), os.path.realpath(store.path))
+        with cls._registry_lock:
+            sh = cls._registry.get(key)
+            if sh is None or sh.env is None:
+                env, handles = store._open_env()
+                sh = cls(store.path, env, handles, store.options.readonly,
+                         store.options.max_readers)
+                cls._registry[key] = sh
+            elif sh.readonly and not store.options.readonly:
+                raise CacheError(
+                    f"{store.path}: already open read-only in this process; open the read-write "
+                    "store first or close the read-only one"
+                )
+            sh.users += 1
+            return sh
+
+    def release(self) -> None:
+        with self._registry_lock:
+            self.users -= 1
+            if self.users <= 0:
+                self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.env is None:
+                return
+            for slot in self.slots.values():
+                slot.txn.abort()
+            self.slots = {}
+            if self.unsynced:
+                self.env.sync(True)
+            self.env.close()
+            self.env = None
+        self._registry.pop((self.pid, os.path.realpath(self.path)), None)
+
+    def acquire_slot(self) -> _Slot:
+        tid = threading.get_ident()
+        with self.lock:
+            if self.env is None:
+                raise CacheClosedError(f"{self.path}: the environment was closed")
+            slot = self.slots.get(tid)
+            if slot is not None and slot.borrowed == 0 and (
+                slot.generation != self.write_generation
+                or time.monotonic() - slot.started > RENEW_AFTER_S
+            ):
+                slot.txn.abort()
+                del self.slots[tid]
+                slot = None
+                _scratch.drop_if_idle(time.monotonic())  # (a reader that no longer writes)
+            if slot is None:
+                slot = _Slot(self._begin_read(), self.write_generation)
+                self.slots[tid] = slot
+            slot.borrowed += 1
+            return slot
+
+    def drop_slot(self, tid: int) -> None:
+        with self.lock:
+            slot = self.slots.get(tid)
+            if slot is not None and slot.borrowed == 0:
+                slot.txn.abort()
+                del self.slots[tid]
+
+    def _begin_read(self) -> lmdb.Transaction:
+        assert self.env is not None
+        try:
+            return self.env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self.adopt_map_size()
+            return self.env.begin(buffers=True)
+        except lmdb.ReadersFullError:
+            raise CacheError(
+                f"{self.path}: all {self.max_readers} reader slots are taken; run "
+                "`diskcache-ocr health` to free slots of dead processes, or raise max_readers"
+            ) from None
+
+    def _release_idle_slots(self) -> None:
+        # NOTE: resizing the map unmaps it: no view of this process may be in use then.
+        if any(s.borrowed for s in self.slots.values()):
+            raise CacheError(
+                f"{self.path}: the map must be resized while a read block is open in this "
+                "process; leave `with store.reader()` blocks before writing"
+            )
+        for slot in self.slots.values():
+            slot.txn.abort()
+        self.slots = {}
+
+    def adopt_map_size(self) -> None:
+        """Another process grew the map: adopt its size."""
+        assert self.env is not None
+        with self.lock:
+            self._release_idle_slots()
+            self.env.set_mapsize(0)
+
+    def grow(self) -> None:
+        assert self.env is not None
+        with self.lock:
+            self._release_idle_slots()
+            current = self.env.info()["map_size"]
+            log.info("%s: growing the map from %d to %d bytes", self.path, current, current * 2)
+            self.env.set_mapsize(current * 2)
+
+
+def _is_disk_full(exc: lmdb.Error, path: Path) -> bool:
+    code = getattr(exc, "code", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc):
+        return True
+    # LMDB reports a short write (the disk filled up in the middle of a page run) as EIO.
+    if code != errno.EIO and "Input/output error" not in str(exc):
+        return False
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL
+
+
+def _check_complete(env: lmdb.Environment, path: Path) -> None:
+    """Refuse a data file shorter than the pages its last commit uses (truncated, e.g. by a
+    failed copy): touching a missing page through the memory map kills the process (SIGBUS)."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = os.path.getsize(path / "data.mdb")
+    if actual < needed:
+        raise CacheFormatError(
+            f"{path}/data.mdb is truncated: {actual} bytes, its last commit uses {needed}; "
+            "clear it with `diskcache-ocr clear --all`"
+        )
+
+
+def _lock_writable(path: Path) -> bool:
+    lockfile = path / "lock.mdb"
+    return os.access(lockfile if os.path.exists(lockfile) else path, os.W_OK)
+
+
+def _readers_full(path: Path, max_readers: int) -> CacheError:
+    return CacheError(
+        f"{path}: all {max_readers} reader slots are taken; run `diskcache-ocr health` to free "
+        "slots of dead processes, or raise max_readers"
+    )
+
+
+
+def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, dict[str, Any]]:
+    """Open (creating when writable) the environment at ``path``, check it is a complete
+    cache of this format, and open its sub-databases."""
+    if not opts.readonly:
+        path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
+    elif not (path / "data.mdb").exists():
+        raise CacheError(f"{path}: no cache here (no data.mdb) to open read-only")
+    lock = opts.lock
+    if opts.readonly and lock and not _lock_writable(path):
+        # LMDB cannot register a reader in a lock file it may not write (a cache shared
+        # read-only by another user): read without one, as read-only LMDB datasets do.
+        log.warning("%s: lock.mdb is not writable by this user; reading without a lock, "
+                    "which is safe only while no process writes this cache", path)
+        lock = False
+    try:
+        env = lmdb.open(
+            str(path), map_size=opts.map_size, readonly=opts.readonly,
+            readahead=opts.readahead, max_readers=opts.max_readers, max_dbs=len(_DBS) + 2,
+            max_spare_txns=0, lock=lock, sync=opts.sync, metasync=opts.sync,
+            mode=0o600 if opts.dir_mode == 0o700 else 0o644,
+        )
+    except lmdb.ReadersFullError:
+        raise _readers_full(path, opts.max_readers) from None
+    except lmdb.InvalidError as exc:
+        raise CacheFormatError(f"{path}/data.mdb is not an LMDB file ({exc})") from None
+    except lmdb.VersionMismatchError as exc:
+        raise CacheFormatError(f"{path}: written by another LMDB engine ({exc})") from None
+    except lmdb.Error as exc:
+        raise CacheError(f"{path}: cannot open the cache ({exc})") from None
+    try:
+        for attempt in range(_MAX_GROWS):
+            try:
+                _check_complete(env, path)
+                handles = _open_dbs(env, path, opts.readonly)
+                check_header(env, handles, path, opts.readonly)
+                break
+            except lmdb.MapResizedError:
+                # Another process grew the map while this one was opening: adopt its
+                # size (no transaction is open here) and try again.
+                if attempt == _MAX_GROWS - 1:
+                    raise
+                env.set_mapsize(0)
+    except BaseException as exc:
+        env.close()
+        if isinstance(exc, lmdb.ReadersFullError):
+            raise _readers_full(path, opts.max_readers) from None
+        if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError)):
+            raise CacheFormatError(f"{path}: the cache file is damaged ({exc})") from None
+        if isinstance(exc, lmdb.Error):
+            raise CacheError(f"{path}: cannot open the cache ({exc})") from None
+        raise
+    return env, handles
+
+
+def _open_dbs(env: lmdb.Environment, path: Path, readonly: bool) -> dict[str, Any]:
+    with env.begin() as txn:
+        named = {bytes(k) for k, _ in txn.cursor()}
+    del txn  # a finished read transaction keeps its reader slot until it is freed
+    if named and b"meta" not in named:
+        raise CacheFormatError(
+            f"{path}: an LMDB environment, but not a diskcache-ocr cache (no 'meta')"
+        )
+    if readonly:
+        missing = [n for n in _DBS if n.encode() not in named]
+        if missing:
+            raise CacheFormatError(
+                f"{path}: incomplete cache, missing sub-databases {missing}"
+            )
+        # NOTE: a handle opened inside an explicit read-only transaction is not usable
+        # afterwards; let the binding open each one on its own.
+        return {n: env.open_db(n.encode(), create=False) for n in _DBS}
+    with env.begin(write=True) as txn:
+        return {n: env.open_db(n.encode(), txn=txn) for n in _DBS}

@@ -1,0 +1,226 @@
+"""Transactions and records: a read block's zero-copy views, and writes collected into one
+write transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import numpy as np
+
+from diskcache_ocr.codec import (
+    RecordPlan,
+    decode_record,
+    plan_record,
+)
+from diskcache_ocr.errors import (
+    CacheClosedError,
+    CacheError,
+    CacheFormatError,
+)
+from diskcache_ocr.schema import KINDS, IndexEntry
+
+if TYPE_CHECKING:
+    from diskcache_ocr.store.cache import CacheStore
+
+log = logging.getLogger("diskcache_ocr.store")
+
+# Records are encoded into one reused buffer per thread right before LMDB copies them into
+# the map: a fresh multi-megabyte buffer per record costs more in page faults than the copy.
+# Larger records get a buffer of their own; an unused buffer is dropped after a while.
+_SCRATCH_MAX = 64 << 20
+
+
+_SCRATCH_IDLE_S = 10.0
+
+
+class Record(Mapping[str, np.ndarray]):
+    """The arrays of one record as zero-copy, read-only views on LMDB's memory map.
+
+    NOTE: the views point into the map and are only valid while the :class:`ReadTxn` that
+    produced them is open; after that, touching them could read unmapped memory. So every
+    access goes through ``record[name]``, which checks that the transaction is still open,
+    and ``copy()`` gives owned arrays that live on.
+    """
+
+    __slots__ = ("_txn", "_arrays", "nbytes")
+
+    def __init__(self, txn: ReadTxn, arrays: dict[str, np.ndarray], nbytes: int) -> None:
+        self._txn = txn
+        self._arrays = arrays
+        self.nbytes = nbytes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        self._txn._check_open()
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def copy(self) -> dict[str, np.ndarray]:
+        """Owned, writeable copies of every array."""
+        self._txn._check_open()
+        return {name: np.array(arr, copy=True) for name, arr in self._arrays.items()}
+
+
+class ReadTxn:
+    """A read transaction handed out by :meth:`CacheStore.reader`; closes with its block."""
+
+    __slots__ = ("_store", "_txn", "_handles", "_open")
+
+    def __init__(
+        self, store: CacheStore, txn: lmdb.Transaction, handles: dict[str, Any] | None = None
+    ) -> None:
+        self._store = store
+        self._txn = txn
+        # (the sub-database handles of the environment this transaction belongs to)
+        self._handles = store._shared().handles if handles is None else handles
+        self._open = True
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise CacheClosedError(
+                f"{self._store.path}: this view's read transaction has ended; copy the arrays "
+                "inside the `with store.reader()` block, or use store.get() for owned copies"
+            )
+
+    def get(self, kind: str, key: bytes) -> Record | None:
+        """The record under ``key`` as views, or None. Raises CacheFormatError if damaged."""
+        if not self._open:
+            self._check_open()
+        value = self._txn.get(key, db=self._handles[kind])
+        if value is None:
+            return None
+        store = self._store
+        arrays = decode_record(value, lambda: f"{store.path} {kind}/{key.hex()}")
+        return Record(self, arrays, len(value))
+
+    def get_raw(self, kind: str, key: bytes) -> memoryview | None:
+        """The record's raw bytes as a view on the map (valid inside the block)."""
+        self._check_open()
+        value = self._txn.get(key, db=self._handles[kind])
+        return None if value is None else memoryview(value)
+
+    def contains(self, kind: str, key: bytes) -> bool:
+        self._check_open()
+        with self._txn.cursor(db=self._store._db(kind)) as cur:
+            return cur.set_key(key)
+
+    def get_index(self, source: str) -> IndexEntry | None:
+        self._check_open()
+        raw = self._txn.get(source.encode(), db=self._store._db("index"))
+        return None if raw is None else IndexEntry.unpack(bytes(raw), source)
+
+
+class _Reader:
+    """``with store.reader() as r``: lends this thread's read transaction for one block.
+
+    (A small class rather than a generator-based context manager: this runs once per
+    sample read, and the generator machinery costs more than the rest of it.)
+    """
+
+    __slots__ = ("_store", "_sh", "_slot", "_handle")
+
+    def __init__(self, store: CacheStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> ReadTxn:
+        sh = self._store._shared()
+        slot = sh.acquire_slot()
+        self._sh, self._slot = sh, slot
+        self._handle = ReadTxn(self._store, slot.txn, sh.handles)
+        return self._handle
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        self._handle._open = False
+        sh = self._sh
+        with sh.lock:
+            self._slot.borrowed -= 1
+        if not isinstance(exc, lmdb.Error):
+            return
+        # NOTE: LMDB has no page checksums; a damaged B-tree shows up here (and leaves the
+        # transaction unusable, so this thread's slot is dropped).
+        sh.drop_slot(threading.get_ident())
+        path = self._store.path
+        if isinstance(exc, lmdb.BadValsizeError):
+            raise CacheError(f"{path}: key too long for the cache ({exc})") from None
+        raise CacheFormatError(
+            f"{path}: read failed, the cache file is damaged ({exc}); clear it with "
+            "`diskcache-ocr clear --all`"
+        ) from None
+
+
+class _Scratch(threading.local):
+    """This thread's reusable encode buffer (see ``_SCRATCH_MAX``)."""
+
+    buf: bytearray | None = None
+    used = 0.0
+
+    def get(self, size: int) -> bytearray:
+        if size > _SCRATCH_MAX:
+            return bytearray(size)
+        if self.buf is None or len(self.buf) < size:
+            self.buf = None  # (let the old one go before the new one is touched)
+            self.buf = bytearray(-(-size // (1 << 20)) * (1 << 20))
+        self.used = time.monotonic()
+        return self.buf
+
+    def drop_if_idle(self, now: float) -> None:
+        if self.buf is not None and now - self.used > _SCRATCH_IDLE_S:
+            self.buf = None
+
+
+_scratch = _Scratch()
+
+
+Value = bytes | bytearray | memoryview | RecordPlan
+
+
+class WriteBatch:
+    """Writes collected in memory and committed in one LMDB write transaction.
+
+    ``put`` validates and lays out a record at once (a bad array raises there) but writes
+    its bytes only at commit, straight into a reused buffer: the arrays must not change
+    until the batch is committed.
+    """
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, str, bytes, Value | None]] = []
+
+    def put(self, kind: str, key: bytes,
+            arrays: Mapping[str, np.ndarray] | bytes | bytearray) -> None:
+        _check_kind(kind)
+        value = (arrays if isinstance(arrays, (bytes, bytearray, memoryview))
+                 else plan_record(arrays))
+        self.ops.append(("put", kind, key, value))
+
+    def delete(self, kind: str, key: bytes) -> None:
+        _check_kind(kind)
+        self.ops.append(("delete", kind, key, None))
+
+    def put_index(self, source: str, entry: IndexEntry) -> None:
+        self.ops.append(("put", "index", source.encode(), entry.pack()))
+
+    def delete_index(self, source: str) -> None:
+        self.ops.append(("delete", "index", source.encode(), None))
+
+    def drop(self, kind: str) -> None:
+        _check_kind(kind)
+        self.ops.append(("drop", kind, b"", None))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+
