@@ -133,23 +133,11 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_prebuild(args: argparse.Namespace) -> int:
-    from diskcache_ocr import batchmem
     from diskcache_ocr.prebuild import prebuild
 
-    # This process exists only to build (with one worker it builds itself): keep freed heap
-    # memory between commits. Measured with 1 worker: 16–17 ms of commit per image instead of
-    # 19–28, and 85 page faults instead of 1,326.
-    batchmem.keep_freed_memory()
-    initialized = _maybe_init_distributed()
-    try:
-        summary = prebuild(args.images, args.annotations, args.cache, preset=args.preset,
-                           workers=args.workers, split=args.split, progress=not args.json,
-                           allow_random_tensor_cache=args.allow_random_tensor_cache)
-    finally:
-        if initialized:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    summary = prebuild(args.images, args.annotations, args.cache, preset=args.preset,
+                       workers=args.workers, split=args.split, progress=not args.json,
+                       allow_random_tensor_cache=args.allow_random_tensor_cache, dedicated=True)
 
     def human() -> str:
         lines = [summary.line()]
@@ -162,25 +150,32 @@ def cmd_prebuild(args: argparse.Namespace) -> int:
     return 0
 
 
-def _maybe_init_distributed() -> bool:
-    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo) if nobody did."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    dist.init_process_group("gloo")
-    return True
-
-
 def cmd_watch(args: argparse.Namespace) -> int:
-    from diskcache_ocr.watch import serve
+    import signal
+    import threading
 
-    serve(args.cache, args.images, args.annotations, polling=True if args.polling else None,
-          debounce_s=args.debounce)
+    from diskcache_ocr.watch import Watcher, run
+
+    stop = threading.Event()
+
+    def say(line: str) -> None:
+        print(line, flush=True)  # a supervisor reading a pipe should see it now
+
+    def started(w: Watcher) -> None:
+        extra = f" and {w.annotations}" if w.annotations is not None else ""
+        say(f"watch: {w.mode}, watching {w.images_dir}{extra} for {w.store.path}; "
+            f"{w.summary.reconciled} stale at start; Ctrl-C to stop")
+
+    # NOTE: signal handlers can only be installed from the main thread (ValueError otherwise).
+    previous = {s: signal.signal(s, lambda *_: stop.set())
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = run(args.cache, args.images, args.annotations, stop=stop, started=started,
+                      polling=True if args.polling else None, debounce_s=args.debounce)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    say(summary.line())
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from diskcache_ocr import batchmem
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.transform import TransformConfig
@@ -110,10 +111,59 @@ def prebuild(
     progress: bool = True,
     chunk: int = DEFAULT_CHUNK,
     allow_random_tensor_cache: bool = False,
+    dedicated: bool = False,
 ) -> BuildSummary:
-    """Build every kind ``preset`` caches for every image; returns what happened."""
+    """Build every kind ``preset`` caches for every image; returns what happened.
+
+    ``dedicated``: this process exists only to build (the command line does so). It then
+    keeps freed heap memory between commits (fewer page faults per commit), and under
+    torchrun (``WORLD_SIZE`` > 1) joins the process group (gloo) for the build and leaves it
+    afterwards, so the ranks share the work.
+    """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if dedicated:
+        batchmem.keep_freed_memory()
+    joined = dedicated and _join_torchrun()
+    try:
+        return _build(images_dir, annotations, cache_dir, preset=preset, workers=workers,
+                      split=split, transform=transform, map_config=map_config,
+                      on_mismatch=on_mismatch, progress=progress, chunk=chunk,
+                      allow_random_tensor_cache=allow_random_tensor_cache)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _join_torchrun() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo) if nobody did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def _build(
+    images_dir: str | os.PathLike[str],
+    annotations: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str],
+    *,
+    preset: str | Path | Mapping[str, Any] | Preset | None,
+    workers: int,
+    split: str,
+    transform: TransformConfig | None,
+    map_config: MapConfig | None,
+    on_mismatch: Policy,
+    progress: bool,
+    chunk: int,
+    allow_random_tensor_cache: bool,
+) -> BuildSummary:
     rank, world = dist_info()
     started = time.perf_counter()
 

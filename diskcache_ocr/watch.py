@@ -14,14 +14,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -344,46 +341,32 @@ def _quiet_stop(obs: BaseObserver) -> None:
         _LOG.debug("observer stop: %s", exc)
 
 
-def serve(
+def run(
     cache_dir: str | os.PathLike[str],
     images_dir: str | os.PathLike[str],
     annotations: str | os.PathLike[str] | None = None,
     *,
+    stop: threading.Event,
     polling: bool | None = None,
     debounce_s: float = 0.5,
-    out: Callable[[str], Any] = print,
+    started: Callable[[Watcher], Any] | None = None,
 ) -> WatchSummary:
-    """Run a watcher until SIGINT or SIGTERM; print a start line and a final summary line."""
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
-
-    def say(line: str) -> None:
-        out(line)
-        if out is print:  # a supervisor reading a pipe should see it now
-            sys.stdout.flush()
-
-    # NOTE: signal handlers can only be installed from the main thread (ValueError otherwise).
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Run a watcher until ``stop`` is set; ``started`` is told once it watches. Returns
+    the summary (the command line prints it and owns the signals that set ``stop``)."""
     watcher: Watcher | None = None
     try:
         watcher = Watcher(cache_dir, images_dir, annotations, polling=polling,
                           debounce_s=debounce_s)
         watcher.start()
-        extra = f" and {watcher.annotations}" if watcher.annotations is not None else ""
-        say(f"watch: {watcher.mode}, watching {watcher.images_dir}{extra} for "
-            f"{watcher.store.path}; {watcher.summary.reconciled} stale at start; "
-            "Ctrl-C to stop")
-        while not done.wait(1.0):
+        if started is not None:
+            started(watcher)
+        # (a timed wait keeps the main thread responsive to signal handlers)
+        while not stop.wait(1.0):
             pass
     finally:
         summary = watcher.stop() if watcher is not None else None
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     assert summary is not None
-    say(summary.line())
     return summary
 
 
-__all__ = ["WatchSummary", "Watcher", "serve"]
+__all__ = ["WatchSummary", "Watcher", "run"]

@@ -225,8 +225,9 @@ def test_summary_line():
 def test_serve_stops_on_sigterm_with_a_summary(env):
     images, ann, cache, store = env
     (images / NAMES[0]).unlink()  # found by the start-up scan
-    code = ("import sys; from diskcache_ocr.watch import serve; "
-            "serve(sys.argv[1], sys.argv[2], sys.argv[3], debounce_s=0.1)")
+    code = ("import sys; from diskcache_ocr.cli import main; sys.exit(main(['watch', "
+            "'--cache', sys.argv[1], '--images', sys.argv[2], '--annotations', sys.argv[3], "
+            "'--debounce', '0.1']))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(cache), str(images), str(ann)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killer = threading.Timer(60, proc.kill)  # never hang the suite

@@ -230,7 +230,6 @@ def run_watch(cache: str, images: str, annotations: str, ready: str, kill_at: in
     """The watch service, made to SIGKILL itself inside (or right after) its first
     invalidation: ``kill_at`` ops into the write transaction, or after the commit."""
     from diskcache_ocr.store import CacheStore, WriteBatch
-    from diskcache_ocr.watch import serve
 
     apply, commit = CacheStore._apply, CacheStore.commit
 
@@ -258,23 +257,44 @@ def run_watch(cache: str, images: str, annotations: str, ready: str, kill_at: in
     CacheStore.commit = dying_commit  # type: ignore[method-assign]
 
     def out(line: str) -> None:
-        print(line, flush=True)
+        print(line, file=sys.__stdout__, flush=True)
         Path(ready).write_text(line)
 
-    serve(cache, images, annotations, debounce_s=0.05, out=out)
-    return 0
+    return _watch_command(cache, images, annotations, out)
+
+
+def _watch_command(cache: str, images: str, annotations: str,
+                   out: Callable[[str], None]) -> int:
+    """``diskcache-ocr watch`` in this process, each line it prints also handed to ``out``."""
+    import contextlib
+    import io
+
+    from diskcache_ocr import cli
+
+    class Lines(io.TextIOBase):
+        def __init__(self) -> None:
+            self.pending = ""
+
+        def write(self, text: str) -> int:
+            self.pending += text
+            *done, self.pending = self.pending.split("\n")
+            for line in done:
+                out(line)
+            return len(text)
+
+    with contextlib.redirect_stdout(Lines()):
+        return cli.main(["watch", "--cache", cache, "--images", images, "--annotations",
+                         annotations, "--debounce", "0.05"])
 
 
 def run_serve(cache: str, images: str, annotations: str, ready: str) -> int:
-    from diskcache_ocr.watch import serve
 
     def out(line: str) -> None:
-        print(line, flush=True)
+        print(line, file=sys.__stdout__, flush=True)
         with open(ready, "a") as fh:
             fh.write(line + "\n")
 
-    serve(cache, images, annotations, debounce_s=0.05, out=out)
-    return 0
+    return _watch_command(cache, images, annotations, out)
 
 
 def hold_reader(cache: str, max_readers: int, holding: str, seconds: float) -> int:
