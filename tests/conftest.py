@@ -10,6 +10,37 @@ settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+BUILT_N = 4  # images in the shared prebuilt cache
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """(dataset root, cache): a small synthetic dataset prebuilt once for the session (the
+    ``validation_optimized`` preset). Tests that change either work on ``private_copy``."""
+    from testkit import build_small
+
+    return build_small(tmp_path_factory.mktemp("built"), BUILT_N, seed=21)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A factory of synthetic datasets, each made once per session per parameter set:
+    ``synth_data(n, seed, **synthesize_options)`` -> dataset root."""
+    from diskcache_ocr.synth import synthesize
+
+    made = {}
+
+    def make(n, seed, **options):
+        key = (n, seed, tuple(sorted(options.items())))
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"data-{n}-{seed}")
+            synthesize(root, n, seed=seed, **options)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
 @pytest.fixture
 def store(tmp_path):
     from diskcache_ocr.store import CacheStore

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from testkit import build_small, command, private_copy, run_cli, snapshot
+from testkit import command, private_copy, run_cli, snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.ops import HEALTH_CODES
@@ -30,12 +30,6 @@ def run_json(capsys, *argv: object) -> tuple[int, dict]:
         return rc, json.loads(out)
     except json.JSONDecodeError:
         pytest.fail(f"not JSON (rc {rc}): {out!r} {err!r}")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    """(dataset root, cache) built once; tests that change either work on copies."""
-    return build_small(tmp_path_factory.mktemp("cli"), N, seed=21)
 
 
 @pytest.fixture

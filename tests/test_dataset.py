@@ -19,16 +19,14 @@ from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import PRESET_NAMES
 from diskcache_ocr.store import CacheStore
-from diskcache_ocr.synth import split_paths, synthesize
+from diskcache_ocr.synth import split_paths
 
 N = 6
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    synthesize(root, N, seed=3, min_words=4, max_words=14, size=(360, 480), exif_fraction=0.35)
-    return root
+def data(synth_data):
+    return synth_data(N, 3, min_words=4, max_words=14, size=(360, 480), exif_fraction=0.35)
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +154,13 @@ def test_training_flip_changes_image_and_polygons_together(data):
             assert torch.equal(s["image"][:, :, :w], p["image"][:, :, :w].flip(-1))
             for a, b in zip(s["polygons"], p["polygons"]):
                 assert np.allclose(a[:, 0], w - b[:, 0], atol=1e-4)
-            assert torch.equal(s["prob_map"][..., :w], p["prob_map"][..., :w].flip(-1)) or True
+            # The maps follow the flipped words. Not bit-equal to the mirrored plain maps
+            # (a polygon is rasterized on pixel centres, which a mirror shifts by up to a
+            # pixel), but nearly all of their text pixels coincide.
+            got, mirrored = s["prob_map"][..., :w] > 0, p["prob_map"][..., :w].flip(-1) > 0
+            union = (got | mirrored).sum().item()
+            assert union > 0 and (got & mirrored).sum().item() / union > 0.8
+            assert not torch.equal(s["prob_map"], p["prob_map"])
     assert 0 < flips < 12
 
 

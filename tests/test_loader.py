@@ -18,7 +18,7 @@ from diskcache_ocr.ocr.transform import (
     finish_numpy,
     finish_torch,
 )
-from diskcache_ocr.synth import split_paths, synthesize
+from diskcache_ocr.synth import split_paths
 
 N = 7
 COMPACT = TransformConfig(output="compact")
@@ -27,10 +27,8 @@ TENSORS = ("image", *MAP_NAMES, "inverse_matrix")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    synthesize(root, N, seed=5, min_words=3, max_words=12, size=(300, 400))
-    return split_paths(root)
+def data(synth_data):
+    return split_paths(synth_data(N, 5, min_words=3, max_words=12, size=(300, 400)))
 
 
 def stock_batches(data, sampler, transform=None, batch_size=3):

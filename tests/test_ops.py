@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from testkit import build_small, private_copy
+from testkit import private_copy
 
 from diskcache_ocr.codec import decode_record
 from diskcache_ocr.errors import CacheError
@@ -26,11 +26,6 @@ from diskcache_ocr.store import KINDS, CacheStore, IndexEntry, WriteBatch
 from diskcache_ocr.synth import split_paths
 
 N = 4
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    return build_small(tmp_path_factory.mktemp("ops"), N, seed=8)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import KINDS, CacheStore, WriteBatch
-from diskcache_ocr.synth import split_paths, synthesize
+from diskcache_ocr.synth import split_paths
 
 KILL_N = 32  # enough images that a build spans a kill or two
 SMALL_N = 6
@@ -36,17 +36,13 @@ prebuild_mod = importlib.import_module("diskcache_ocr.prebuild")
 
 # -- helpers -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def kill_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("kill-data")
-    synthesize(root, KILL_N, seed=11, min_words=3, max_words=10, size=(240, 320))
-    return root
+def kill_data(synth_data) -> Path:
+    return synth_data(KILL_N, 11, min_words=3, max_words=10, size=(240, 320))
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("small-data")
-    synthesize(root, SMALL_N, seed=5, min_words=3, max_words=10, size=(240, 320))
-    return root
+def small_data(synth_data) -> Path:
+    return synth_data(SMALL_N, 5, min_words=3, max_words=10, size=(240, 320))
 
 
 @pytest.fixture

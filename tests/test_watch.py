@@ -121,12 +121,16 @@ def test_debounce_collapses_rapid_writes(env, monkeypatch):
         for i in range(5):
             rewrite(images / NAMES[0], data + bytes(i + 1))  # trailing bytes: still a JPEG
         assert wait_until(lambda: gone(store, NAMES[0]))
-        time.sleep(1.0)  # a second, late invalidation would show up within this
+        # A fence: events arrive in order, so once a later change to another source has
+        # been handled, every event of the rewrites was too (a late one would have made a
+        # second invalidation of NAMES[0] by now).
+        rewrite(images / NAMES[1], (images / NAMES[1]).read_bytes() + b"\0")
+        assert wait_until(lambda: gone(store, NAMES[1]))
         assert w.wait_idle(WAIT_S)
     finally:
         summary = w.stop()
-    assert calls == [[NAMES[0]]]
-    assert summary.invalidated == 1 and summary.events >= 5
+    assert calls == [[NAMES[0]], [NAMES[1]]]
+    assert summary.invalidated == 2 and summary.events >= 6
 
 
 def test_reconcile_finds_changes_made_while_not_watching(env):
@@ -162,10 +166,20 @@ def test_reconcile_never_stats_outside_the_root(env, tmp_path):
     assert gone(store, "../../outside.jpg") and outside.exists()
 
 
-def test_non_images_and_annotation_edits_invalidate_nothing(env):
+def test_non_images_and_annotation_edits_invalidate_nothing(env, monkeypatch):
     images, ann, cache, store = env
     before = dict(store.iter_index())
     w = Watcher(cache, images, ann, debounce_s=0.2, polling=False)
+    counted: set[Path] = set()  # paths of the events the watcher took as relevant
+    classify = w._classify
+
+    def spy(path):
+        key = classify(path)
+        if key is not None:
+            counted.add(path)
+        return key
+
+    monkeypatch.setattr(w, "_classify", spy)
     w.start()
     try:
         (images / "notes.txt").write_text("hello")
@@ -177,14 +191,19 @@ def test_non_images_and_annotation_edits_invalidate_nothing(env):
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, ann)
         assert wait_until(lambda: w.summary.annotation_changes >= 1)
-        assert w.wait_idle(WAIT_S)
-        time.sleep(0.3)
+        # A fence: events arrive in order, so once a later change to a source has been
+        # handled, any event the files above could have caused would have been counted.
+        rewrite(images / NAMES[0], (images / NAMES[0]).read_bytes() + b"\0")
+        assert wait_until(lambda: gone(store, NAMES[0]))
         assert w.wait_idle(WAIT_S)
     finally:
         summary = w.stop()
-    # Only the rename over the annotation file counted; the other files are not sources.
-    assert (summary.events, summary.invalidated, summary.annotation_changes) == (1, 0, 1)
+    # Only the rename over the annotation file and the fence counted; the other files are
+    # not sources, and the annotation edit invalidated nothing.
+    assert counted == {ann.resolve(), (images / NAMES[0]).resolve()}
+    assert (summary.invalidated, summary.annotation_changes) == (1, 1)
     store.refresh()
+    before.pop(NAMES[0])
     assert dict(store.iter_index()) == before
 
 

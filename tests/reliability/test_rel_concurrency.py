@@ -136,7 +136,9 @@ def test_reader_slots_of_killed_readers_are_reclaimed(tmp_path):
         kids = [Child(hold_reader, str(cache), slots, str(m), 300.0, log=tmp_path / f"{m}.log")
                 for m in marks]
         for m in marks:
-            wait_for(m.exists, 60, f"{m.name} to hold its slot")
+            # (the file exists a moment before its text is written)
+            wait_for(lambda m=m: m.exists() and m.read_text() != "", 60,
+                     f"{m.name} to hold its slot")
         return kids, marks
 
     kids, marks = holders(slots - 1, "holder")
