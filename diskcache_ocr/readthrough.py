@@ -106,6 +106,9 @@ class ReadThrough:
         self.store = store
         self.check_source = check_source
         self._fingerprints = {k: v.fingerprint for k, v in pipeline.kind_versions().items()}
+        # The plan, read once into plain flags for the per-sample path.
+        self._keep = tuple(k for k in KINDS if plan.caches(k))
+        self._images, self._tensors, self._maps = (k in self._keep for k in KINDS)
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -233,9 +236,8 @@ class ReadThrough:
                 if copies:
                     # NOTE: the copies read views on the map: they must finish inside the block.
                     (run_copies or _run_inline)(copies)
-        keep = tuple(k for k in KINDS if self.plan.caches(k))
         for w in work:
-            self._compute(w, want_maps, want_tensor, keep)
+            self._compute(w, want_maps, want_tensor, self._keep)
         if self.store is not None and not self.store.readonly:
             self._write_back(work)
         return work
@@ -274,26 +276,25 @@ class ReadThrough:
             return
         h = w.content_hash
         assert h is not None
-        plan = self.plan
-        if plan.caches("tensors"):
+        if self._tensors:
             rec = self._get(txn, "tensors", self._tensor_key(h), w)
             if rec is not None:
                 w.geometry = {k: np.array(rec[k]) for k in GEOMETRY}
                 if buffers is not None:
                     copies.append((put_image, (self.pipeline, rec["image"], buffers, w.slot)))
                     w.image_done = True
-        if want_maps and plan.caches("maps"):
+        if want_maps and self._maps:
             rec = self._get(txn, "maps", self._maps_key(w.index, h), w)
             if rec is not None:
                 if buffers is not None:
                     for name in MAP_NAMES:
                         copies.append((np.copyto, (buffers.maps[name][w.slot], rec[name])))
                 w.maps_done = True
-        if plan.caches("images") and w.geometry is None:
+        if self._images and w.geometry is None:
             rec = self._get(txn, "images", h, w)
             if rec is not None:
                 w.image = np.array(rec["image"])  # the transform needs it after the block
-        elif plan.caches("images") and w.entry is None and txn.contains("images", h):
+        elif self._images and w.entry is None and txn.contains("images", h):
             # Not needed now, but the new index entry must name it, or invalidating this
             # source later would leave the image record behind.
             w.hits["images"] = h
