@@ -2,9 +2,9 @@
 
 A cached sample is a few copies of bytes (the map → a batch buffer), so the cost of *fresh*
 memory dominates it: the first write to each new page traps into the kernel, which zeroes
-the page (and, for shared memory, allocates it in tmpfs). A 91 MB batch of float32 samples
-costs ~34 ms to allocate as fresh shared memory here against ~15 ms to fill. So batch
-memory is kept and reused, with one rule: a block is handed out again only when no tensor,
+the page (and, for shared memory, allocates it in tmpfs): allocating a batch as fresh shared
+memory costs more than filling it (benchmarks/README.md has the figures). So batch memory is
+kept and reused, with one rule: a block is handed out again only when no tensor,
 array or view of its last use is alive anywhere, in any process.
 
 - **In one process** (``ds[i]``, a ``DataLoader`` without workers): a small pool of blocks

@@ -30,7 +30,7 @@ from diskcache_ocr.samples import BatchBuffers
 _DONE = object()
 
 
-class _Slot:
+class _BufferSet:
     """One set of reusable host buffers and the event that says the device is done with it."""
 
     def __init__(self, buffers: BatchBuffers) -> None:
@@ -86,7 +86,7 @@ class BatchLoader:
         self.pin_memory = cuda if pin_memory is None else (pin_memory and cuda)
         self.threads = threads
         self.n_buffers = buffers
-        self._slots: list[_Slot] = []
+        self._slots: list[_BufferSet] = []
         self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
@@ -100,7 +100,7 @@ class BatchLoader:
             # Compact bytes travel to a device and are finished there; on the CPU the
             # buffers get the finished float32 arrays directly.
             engine = self.dataset.engine
-            self._slots = [_Slot(engine.buffers(self.batch_size, pin=self.pin_memory,
+            self._slots = [_BufferSet(engine.buffers(self.batch_size, pin=self.pin_memory,
                                                 compact=self.device is not None, reuse=True))
                            for _ in range(self.n_buffers)]
 
@@ -125,11 +125,11 @@ class BatchLoader:
         for future in [self._pool.submit(fn, *args) for fn, args in copies]:
             future.result()
 
-    def _fill(self, slot: _Slot, indices: Sequence[int]) -> dict[str, Any]:
+    def _fill(self, slot: _BufferSet, indices: Sequence[int]) -> dict[str, Any]:
         slot.wait_free()
         return self.dataset.engine.batch(indices, slot.buffers, run_copies=self._run_copies)
 
-    def _to_device(self, slot: _Slot, batch: dict[str, Any]) -> dict[str, Any]:
+    def _to_device(self, slot: _BufferSet, batch: dict[str, Any]) -> dict[str, Any]:
         if self.device is None:
             return batch
         out = dict(batch)
@@ -146,7 +146,7 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._ensure_resources()
-        free: queue.Queue[_Slot] = queue.Queue()
+        free: queue.Queue[_BufferSet] = queue.Queue()
         for slot in self._slots:
             free.put(slot)
         ready: queue.Queue[Any] = queue.Queue()

@@ -157,7 +157,7 @@ def resize_pad(
 @functools.lru_cache(maxsize=16)
 def _numpy_constants(config: TransformConfig) -> tuple[np.ndarray, np.ndarray]:
     """``finish_constants`` as read-only numpy arrays, made once per config (making them
-    cost ~70 µs, a few percent of a cached sample)."""
+    costs a noticeable share of a cached sample's time)."""
     out = tuple(c.numpy() for c in config.finish_constants())
     for a in out:
         a.flags.writeable = False
@@ -194,9 +194,8 @@ def finish_numpy(image: np.ndarray, config: TransformConfig, out: np.ndarray) ->
     return out
 
 
-# Elements per block: 512 KB of float32, inside a core's L2. Measured on a 3×640×640 image
-# (benchmarks' machine): 64K-element blocks cost 0.62 ms, 128K 0.58-0.60, 256K 0.61, a whole
-# plane 0.65; the multiply taking uint8 input directly cost 0.83.
+# Elements per block: 512 KB of float32, small enough to stay inside a core's L2 between the
+# passes (benchmarks/README.md has the block sizes that were compared).
 _FINISH_BLOCK = 1 << 17
 
 
@@ -206,7 +205,7 @@ def finish(image: torch.Tensor, config: TransformConfig, out: torch.Tensor | Non
     if out is None:
         out = torch.empty(image.shape, dtype=torch.float32, device=image.device)
     if image.device.type == "cpu":
-        # The same operations in numpy: torch's uint8 → float32 copy is ~10× slower on the CPU.
+        # The same operations in numpy: torch's uint8 → float32 copy is far slower on the CPU.
         finish_numpy(image.numpy(), config, out.numpy())
         return out
     return finish_torch(image, config, out)
