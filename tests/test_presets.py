@@ -141,3 +141,33 @@ def test_hydra_group_override(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "fast" in bad.stderr
     assert Path(tmp_path / "app.py").exists()
+
+
+@pytest.mark.parametrize("name, cached, maps, preload, warm", [
+    ("none", set(), False, False, True),
+    ("minimal", set(), False, False, True),
+    ("balanced", {"images"}, False, False, True),
+    ("validation_optimized", {"images", "tensors", "maps"}, True, True, True),
+    ("memory_efficient", set(), False, False, False),
+])
+def test_each_preset_resolves_into_its_cache_plan(name, cached, maps, preload, warm):
+    from diskcache_ocr.presets import cache_plan
+
+    plan = cache_plan(name)
+    assert (plan.name, set(plan.cached), plan.return_maps, plan.preload, plan.warm) == (
+        name, cached, maps, preload, warm)
+    assert plan.caches_anything == bool(cached)
+    assert plan.safe_for_training == (not {"tensors", "maps"} & cached)
+    assert plan.build_kinds() == (maps or "maps" in cached, "tensors" in cached)
+    with pytest.raises(AttributeError):
+        plan.cached = frozenset()  # type: ignore[misc]  # frozen: resolved once
+
+
+def test_a_plan_from_a_mapping_keeps_the_flags_it_was_given():
+    from diskcache_ocr.presets import cache_plan
+
+    plan = cache_plan({"cache_config": {"cache_maps": True, "log_statistics_every_n": 0},
+                       "load_maps": False, "reuse_batch_memory": False})
+    assert plan.cached == frozenset({"maps"}) and not plan.return_maps
+    assert plan.build_kinds() == (True, False)  # the maps are built although not returned
+    assert (plan.log_every, plan.reuse_batch_memory) == (0, False)
