@@ -67,7 +67,7 @@ def _align_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 
 
-def _canonical(array: np.ndarray) -> np.ndarray:
+def _canonical_array(array: np.ndarray) -> np.ndarray:
     """C-contiguous, little-endian version of ``array`` (a copy only where needed)."""
     arr = np.asarray(array)
     if arr.dtype.byteorder == ">":
@@ -168,7 +168,7 @@ def plan_record(arrays: Arrays, *, base_mod: int = DEFAULT_BASE_MOD) -> RecordPl
     for name, value in arrays.items():
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
             raise CacheFormatError(f"array names must be non-empty str, got {name!r}")
-        arr = _canonical(value)
+        arr = _canonical_array(value)
         if arr.ndim > MAX_NDIM:
             raise CacheFormatError(f"array {name!r} has {arr.ndim} dims, at most {MAX_NDIM}")
         items.append((name, arr))

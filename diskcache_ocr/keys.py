@@ -50,7 +50,7 @@ class _Float(str):
     """A float's exact spelling, kept apart from strings that happen to look alike."""
 
 
-def _canonical(value: Any, path: str) -> Any:
+def _canonical_tree(value: Any, path: str) -> Any:
     """A JSON-like tree with a single spelling for every value (see :func:`fingerprint`)."""
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -67,10 +67,10 @@ def _canonical(value: Any, path: str) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"fingerprint: key {k!r} at {path or '<root>'} is not a str")
-            out[k] = _canonical(v, f"{path}.{k}")
+            out[k] = _canonical_tree(v, f"{path}.{k}")
         return {k: out[k] for k in sorted(out)}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_canonical_tree(v, f"{path}[{i}]") for i, v in enumerate(value)]
     raise TypeError(
         f"fingerprint: value at {path or '<root>'} has type {type(value).__name__}; expected "
         "None, bool, int, float, str, list, tuple or a str-keyed mapping"
@@ -84,7 +84,7 @@ def fingerprint(params: Mapping[str, Any]) -> str:
     >>> fingerprint({"a": 1, "b": [0.5]}) == fingerprint({"b": (0.5,), "a": 1})
     True
     """
-    canon = _canonical(params, "")
+    canon = _canonical_tree(params, "")
     return blake3.blake3(_encode(canon).encode()).hexdigest(16)
 
 
