@@ -31,9 +31,6 @@ import numpy as np
 import pyclipper
 
 _EPS = float(np.finfo(float).eps)
-# Pixels this far beyond D from an edge cannot reach the clip: the formula's error is many
-# orders of magnitude below one pixel at any canvas size this library accepts.
-_MARGIN = 1.0
 _CHUNK = 1 << 17  # (pixel, edge) pairs per pass: temporaries stay in the CPU cache
 
 
@@ -74,11 +71,7 @@ def make_origin_maps(
     thresh = np.zeros((height, width), np.float32)
     jobs: list[tuple[np.ndarray, float, int, int, int, int]] = []
     keep = 1 - config.shrink_ratio ** 2
-    for index, poly in enumerate(polygons):
-        pts = np.asarray(poly)
-        if pts.ndim != 2 or pts.shape[1] != 2:
-            raise ValueError(f"polygons[{index}]: expected shape (N, 2), got {pts.shape}")
-        pts = np.ascontiguousarray(pts.astype(np.int32))
+    for pts in _int_outlines(polygons):
         area = cv2.contourArea(pts)
         length = cv2.arcLength(pts, True)
         if area <= 0 or length <= 0:
@@ -89,21 +82,33 @@ def make_origin_maps(
         for shrunk in pco.Execute(-dist):
             cv2.fillPoly(prob, [np.asarray(shrunk, np.int32)], 1.0)
         for grown in pco.Execute(dist):
-            g = np.asarray(grown, np.int64)
-            xmin, ymin = (int(v) for v in g.min(axis=0))
-            xmax, ymax = (int(v) for v in g.max(axis=0))
+            xs, ys = [x for x, _ in grown], [y for _, y in grown]
+            xmin, xmax, ymin, ymax = min(xs), max(xs), min(ys), max(ys)
             if xmin > width - 1 or ymin > height - 1 or xmax < 0 or ymax < 0:
                 # The origin's slicing does odd things for a box wholly off the canvas;
                 # follow it literally.
                 _box_literal(thresh, pts.astype(np.int64), dist, xmin, ymin, xmax, ymax)
             else:
-                jobs.append((pts.astype(np.int64), dist, max(xmin, 0), max(ymin, 0),
+                jobs.append((pts, dist, max(xmin, 0), max(ymin, 0),
                              min(xmax, width - 1), min(ymax, height - 1)))
     if jobs:
         _border_pairs(thresh, jobs)
     thresh *= np.float32(config.thresh_max - config.thresh_min)
     thresh += np.float32(config.thresh_min)
     return prob, thresh
+
+
+def _int_outlines(polygons: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each polygon's vertices cast to int32 (truncation, as the origin's ``astype``)."""
+    arrays = [np.asarray(p) for p in polygons]
+    for index, pts in enumerate(arrays):
+        if pts.ndim != 2 or pts.shape[1] != 2:
+            raise ValueError(f"polygons[{index}]: expected shape (N, 2), got {pts.shape}")
+    if not arrays:
+        return []
+    # One cast for all; float64 first so every input dtype truncates the same way.
+    flat = np.concatenate([p.astype(np.float64, copy=False) for p in arrays]).astype(np.int32)
+    return np.split(flat, np.cumsum([len(p) for p in arrays])[:-1])
 
 
 def db_distance(xs: np.ndarray, ys: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -144,12 +149,16 @@ def _border_pairs(canvas: np.ndarray, jobs: list[tuple[np.ndarray, float, int, i
     """Merge every in-canvas dilated box into ``canvas`` (see the module docstring)."""
     h, w = canvas.shape
     sizes = np.array([len(j[0]) for j in jobs])
-    a = np.concatenate([j[0] for j in jobs])
-    b = np.concatenate([np.roll(j[0], -1, axis=0) for j in jobs])
+    a = np.concatenate([j[0] for j in jobs]).astype(np.int64)
+    nxt = np.arange(1, len(a) + 1)
+    nxt[np.cumsum(sizes) - 1] = np.cumsum(sizes) - sizes  # each outline closes on itself
+    b = a[nxt]
     job = np.repeat(np.arange(len(jobs)), sizes)
     dist = np.array([j[1] for j in jobs])[job]
     box = np.array([j[2:] for j in jobs], np.int64)[job]  # x0, y0, x1, y1 inside the canvas
-    reach = np.ceil(dist + _MARGIN).astype(np.int64)
+    # Pixels left out lie at least ceil(D) + 1 from the edge, so the formula (whose error is
+    # orders of magnitude below a pixel) clips them to 1 there: they could not lower the min.
+    reach = np.ceil(dist).astype(np.int64)
     x0 = np.maximum(np.minimum(a[:, 0], b[:, 0]) - reach, box[:, 0])
     y0 = np.maximum(np.minimum(a[:, 1], b[:, 1]) - reach, box[:, 1])
     x1 = np.minimum(np.maximum(a[:, 0], b[:, 0]) + reach, box[:, 2])
