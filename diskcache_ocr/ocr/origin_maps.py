@@ -98,6 +98,32 @@ def make_origin_maps(
     return prob, thresh
 
 
+def make_origin_maps_literal(
+    polygons: Sequence[np.ndarray], height: int, width: int,
+    config: OriginMapConfig = OriginMapConfig(),  # noqa: B008 - frozen
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same maps computed box by box as the origin's collate writes it: the slow,
+    obviously-faithful form that :func:`make_origin_maps` is checked against."""
+    prob = np.zeros((height, width), np.float32)
+    thresh = np.zeros((height, width), np.float32)
+    for pts in _int_outlines(polygons):
+        area, length = cv2.contourArea(pts), cv2.arcLength(pts, True)
+        if area <= 0 or length <= 0:
+            continue
+        dist = area * (1 - config.shrink_ratio ** 2) / (length + _EPS)
+        pco = pyclipper.PyclipperOffset()
+        pco.AddPath(pts, pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON)
+        for shrunk in pco.Execute(-dist):
+            cv2.fillPoly(prob, [np.asarray(shrunk, np.int32)], 1.0)
+        for grown in pco.Execute(dist):
+            g = np.asarray(grown, np.int64)
+            xmin, ymin = g.min(axis=0).tolist()
+            xmax, ymax = g.max(axis=0).tolist()
+            _box_literal(thresh, pts.astype(np.int64), dist, xmin, ymin, xmax, ymax)
+    thresh = thresh * (config.thresh_max - config.thresh_min) + config.thresh_min
+    return prob, thresh
+
+
 def _int_outlines(polygons: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Each polygon's vertices cast to int32 (truncation, as the origin's ``astype``)."""
     arrays = [np.asarray(p) for p in polygons]
@@ -140,8 +166,13 @@ def _box_literal(canvas: np.ndarray, poly: np.ndarray, dist: float,
     d = dmap.min(axis=0)
     x0, x1 = min(max(0, xmin), w - 1), min(max(0, xmax), w - 1)
     y0, y1 = min(max(0, ymin), h - 1), min(max(0, ymax), h - 1)
-    canvas[y0:y1 + 1, x0:x1 + 1] = np.fmax(
-        1 - d[y0 - ymin:y1 - ymax + bh, x0 - xmin:x1 - xmax + bw], canvas[y0:y1 + 1, x0:x1 + 1])
+    part = d[y0 - ymin:y1 - ymax + bh, x0 - xmin:x1 - xmax + bw]
+    target = canvas[y0:y1 + 1, x0:x1 + 1]
+    # A box wholly above or left of the canvas leaves an empty slice here, where the origin
+    # raises a broadcast error; it contributes nothing instead. (Wholly right of or below
+    # the canvas, the origin's slice picks a stray column or row; that is kept.)
+    if part.shape == target.shape:
+        canvas[y0:y1 + 1, x0:x1 + 1] = np.fmax(1 - part, target)
 
 
 def _border_pairs(canvas: np.ndarray, jobs: list[tuple[np.ndarray, float, int, int, int, int]]
