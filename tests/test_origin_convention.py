@@ -1,4 +1,4 @@
-"""The "origin" convention against the origin pipeline's own outputs (tests/data/origin-reference)."""
+"""The "origin" convention against the origin pipeline's outputs (tests/data/origin-reference)."""
 
 from __future__ import annotations
 
