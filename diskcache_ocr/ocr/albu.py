@@ -156,8 +156,14 @@ class SplitTransform:
         self.prefix = (AlbumentationsTransform(A.Compose(transforms[:prefix_len],
                                                          keypoint_params=params))
                        if prefix_len else None)
-        self.rest_compose = (A.Compose(transforms[prefix_len:], keypoint_params=params)
-                             if prefix_len < len(transforms) else None)
+        if prefix_len == 0:
+            # The user's own object: on albumentations 2 a new Compose would reseed the
+            # transforms it is given, which are shared with the user's Compose.
+            self.rest_compose = compose
+        elif prefix_len < len(transforms):
+            self.rest_compose = A.Compose(transforms[prefix_len:], keypoint_params=params)
+        else:
+            self.rest_compose = None
         self.whole = compose
         self.draws = draws
 
