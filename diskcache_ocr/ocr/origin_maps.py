@@ -80,7 +80,7 @@ def make_origin_maps(
         pco = pyclipper.PyclipperOffset()
         pco.AddPath(pts, pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON)
         for shrunk in pco.Execute(-dist):
-            cv2.fillPoly(prob, [np.asarray(shrunk, np.int32)], 1.0)
+            cv2.fillPoly(prob, [np.asarray(shrunk, np.int32)], (1.0,))
         for grown in pco.Execute(dist):
             xs, ys = [x for x, _ in grown], [y for _, y in grown]
             xmin, xmax, ymin, ymax = min(xs), max(xs), min(ys), max(ys)
@@ -114,7 +114,7 @@ def make_origin_maps_literal(
         pco = pyclipper.PyclipperOffset()
         pco.AddPath(pts, pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON)
         for shrunk in pco.Execute(-dist):
-            cv2.fillPoly(prob, [np.asarray(shrunk, np.int32)], 1.0)
+            cv2.fillPoly(prob, [np.asarray(shrunk, np.int32)], (1.0,))
         for grown in pco.Execute(dist):
             g = np.asarray(grown, np.int64)
             xmin, ymin = g.min(axis=0).tolist()
