@@ -9,6 +9,7 @@ albumentations version. Works with albumentations 1.3.x and 2.x.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -145,34 +146,37 @@ class SplitTransform:
     """A Compose cut into a deterministic, cacheable ``prefix`` and a live ``rest``.
 
     ``run_rest(prefix_output)`` gives what the whole Compose gives under the same random
-    state, bit for bit: albumentations 1.3 draws one ``random.random()`` per transform (and
-    per Compose) even when ``p=1``, so the rest first consumes the draws the prefix would have.
+    state, bit for bit. albumentations 1.x draws from the global ``random`` once per transform
+    (and per Compose) even when ``p=1``, so the rest first consumes the draws the prefix would
+    have. albumentations 2.x keeps generators in each transform; the rest runs the user's own
+    transform objects, so seeding the whole Compose (``set_random_seed``) seeds the rest too.
     """
 
     def __init__(self, compose: Any, prefix_len: int, draws: int) -> None:
         A = _albumentations()
         params = _keypoint_params(compose)
         transforms = list(compose.transforms)
-        self.prefix = (AlbumentationsTransform(A.Compose(transforms[:prefix_len],
-                                                         keypoint_params=params))
+        self.prefix = (AlbumentationsTransform(_new_compose(A, transforms[:prefix_len], params))
                        if prefix_len else None)
         if prefix_len == 0:
-            # The user's own object: on albumentations 2 a new Compose would reseed the
-            # transforms it is given, which are shared with the user's Compose.
             self.rest_compose = compose
         elif prefix_len < len(transforms):
-            self.rest_compose = A.Compose(transforms[prefix_len:], keypoint_params=params)
+            # The rest shares the user's transform objects, hence (on albumentations 2,
+            # where each transform owns its generators) their random state.
+            self.rest_compose = _new_compose(A, transforms[prefix_len:], params)
         else:
             self.rest_compose = None
         self.whole = compose
         self.draws = draws
+        self.global_draws = not _owns_generators(compose)
 
     def run_rest(self, prefix_output: TransformResult) -> TransformResult:
         image, polygons, inverse = prefix_output
         for _ in range(self.draws):
             random.random()
         if self.rest_compose is None:
-            random.random()  # the whole Compose's own draw
+            if self.global_draws:
+                random.random()  # the whole Compose's own draw
             return image, list(polygons), inverse
         out_image, out_polys, rest_inverse = run_compose(self.rest_compose, image, polygons)
         return out_image, out_polys, inverse @ rest_inverse
@@ -191,22 +195,40 @@ class SplitTransform:
 def split_deterministic_prefix(compose: Any, trials: int = 8) -> SplitTransform:
     """Cut ``compose`` after its longest prefix of transforms that the probe finds
     deterministic (``p == 1`` or always applied, same output under different seeds, and no
-    use of numpy's global generator); an empty prefix when none is, when the Compose itself
-    has ``p < 1``, or on albumentations 2.x (its Compose owns its generators)."""
+    use of numpy's global generator); an empty prefix when none is or when the Compose itself
+    has ``p < 1``."""
     A = _albumentations()
     params = _keypoint_params(compose)
     transforms = list(compose.transforms)
-    if compose.p < 1 or hasattr(compose, "random_generator"):
+    if compose.p < 1:
         return SplitTransform(compose, 0, 0)
     n = 0
     while n < len(transforms) and _transform_deterministic(A, transforms[n], params, trials):
         n += 1
     if n == 0:
         return SplitTransform(compose, 0, 0)
-    draws = _draws_of(A.Compose(transforms[:n], keypoint_params=params))
+    if _owns_generators(compose):
+        return SplitTransform(compose, n, 0)
+    draws = _draws_of(_new_compose(A, transforms[:n], params))
     if draws is None:
         return SplitTransform(compose, 0, 0)
     return SplitTransform(compose, n, draws - 1)  # minus the prefix Compose's own draw
+
+
+def _owns_generators(compose: Any) -> bool:
+    """albumentations 2.x: the Compose and its transforms carry their own generators."""
+    return hasattr(compose, "random_generator") and hasattr(compose, "py_random")
+
+
+def _new_compose(A: Any, transforms: list[Any], params: Any) -> Any:
+    """A Compose of (some of) the user's transforms that leaves their random state alone
+    (albumentations 2's Compose reseeds the transforms it is given)."""
+    saved = [(t, t.random_generator, t.py_random) for t in transforms
+             if hasattr(t, "random_generator") and hasattr(t, "py_random")]
+    out = A.Compose(transforms, keypoint_params=params)
+    for t, generator, py_random in saved:
+        t.set_random_state(generator, py_random)
+    return out
 
 
 def _probe_input() -> tuple[np.ndarray, list[np.ndarray]]:
@@ -220,7 +242,7 @@ def _transform_deterministic(A: Any, t: Any, params: Any, trials: int) -> bool:
         return False
     if isinstance(t, A.BaseCompose):
         return False  # nested Compose/OneOf: treat as random
-    single = A.Compose([t], keypoint_params=params)
+    single = A.Compose([copy.deepcopy(t)], keypoint_params=params)
     image, polygons = _probe_input()
     saved = random.getstate(), np.random.get_state()
     try:
@@ -228,6 +250,8 @@ def _transform_deterministic(A: Any, t: Any, params: Any, trials: int) -> bool:
         for seed in range(trials):
             random.seed(seed)
             np.random.seed(seed)
+            if hasattr(single, "set_random_seed"):
+                single.set_random_seed(seed)
             before = np.random.get_state()
             try:
                 out = run_compose(single, image, polygons)
