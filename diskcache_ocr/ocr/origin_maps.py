@@ -197,6 +197,8 @@ def _border_pairs(canvas: np.ndarray, jobs: list[tuple[np.ndarray, float, int, i
     ncol = np.maximum(x1 - x0 + 1, 0)
     nrow = np.where(ncol > 0, np.maximum(y1 - y0 + 1, 0), 0)
     count = nrow * ncol
+    ax, ay, bx, by = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    seg = ((ax - bx) ** 2 + (ay - by) ** 2).astype(np.float64)  # exact squared lengths
     flat = canvas.reshape(-1)
     # Chunks end on job boundaries, so a NaN's effect on its own job stays inside one chunk.
     job_ends = np.cumsum(np.bincount(job, weights=count, minlength=len(jobs))).astype(np.int64)
@@ -209,34 +211,42 @@ def _border_pairs(canvas: np.ndarray, jobs: list[tuple[np.ndarray, float, int, i
         start = int(edge_ends[first_job - 1]) if first_job else 0
         stop = int(edge_ends[last_job - 1])
         first_job = last_job
-        cnt = count[start:stop]
-        if not cnt.sum():
+        rows = nrow[start:stop]
+        if not count[start:stop].any():
             continue
-        e = np.repeat(np.arange(start, stop), cnt)
-        k = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        yy = y0[e] + k // ncol[e]
-        xx = x0[e] + k % ncol[e]
+        # Two levels: (edge, row) entries first, then their pixels, so that everything that
+        # depends on the row only is computed once a row.
+        ent = np.repeat(np.arange(start, stop), rows)
+        yy = y0[ent] + (np.arange(len(ent)) - np.repeat(np.cumsum(rows) - rows, rows))
+        dy1, dy2 = (yy - ay[ent]).astype(np.float64), (yy - by[ent]).astype(np.float64)
+        cols = ncol[ent]
+        t = np.arange(int(cols.sum())) - np.repeat(np.cumsum(cols) - cols, cols)
         # Integer differences: the same exact values the origin's box-relative floats hold.
-        dx1, dy1 = (xx - a[e, 0]).astype(np.float64), (yy - a[e, 1]).astype(np.float64)
-        dx2, dy2 = (xx - b[e, 0]).astype(np.float64), (yy - b[e, 1]).astype(np.float64)
-        sd1 = dx1 * dx1 + dy1 * dy1
-        sd2 = dx2 * dx2 + dy2 * dy2
-        ex, ey = (a[e, 0] - b[e, 0]).astype(np.float64), (a[e, 1] - b[e, 1]).astype(np.float64)
-        sd = ex * ex + ey * ey
+        dx1 = np.repeat((x0[ent] - ax[ent]).astype(np.float64), cols) + t
+        dx2 = np.repeat((x0[ent] - bx[ent]).astype(np.float64), cols) + t
+        sd1 = dx1 * dx1
+        sd1 += np.repeat(dy1 * dy1, cols)
+        sd2 = dx2 * dx2
+        sd2 += np.repeat(dy2 * dy2, cols)
+        sd = np.repeat(seg[ent], cols)
         prod = sd1 * sd2
         with np.errstate(divide="ignore", invalid="ignore"):
-            cosin = (sd - sd1 - sd2) / (2 * np.sqrt(prod))
-            square_sin = np.nan_to_num(1 - np.square(cosin))
-            d = np.sqrt(prod * square_sin / sd)
+            cosin = sd - sd1
+            cosin -= sd2
+            cosin /= 2 * np.sqrt(prod)
+            square_sin = np.nan_to_num(1 - np.square(cosin), copy=False)
+            d = prod * square_sin
+            d /= sd
+            np.sqrt(d, out=d)
         behind = cosin < 0
         d[behind] = np.sqrt(np.fmin(sd1, sd2)[behind])
-        d /= dist[e]
+        d /= np.repeat(dist[ent], cols)
         val = np.float32(1) - np.clip(d, 0, 1).astype(np.float32)
-        pix = yy * w + xx
+        pix = np.repeat(yy * w + x0[ent], cols) + t
         nan = np.isnan(val)
         if nan.any():
             # A NaN in a polygon's minimum hides that pixel from the whole polygon.
-            key = job[e] * (h * w) + pix
+            key = np.repeat(job[ent], cols) * (h * w) + pix
             keep = ~np.isin(key, key[nan])
             pix, val = pix[keep], val[keep]
         np.maximum.at(flat, pix, val)
