@@ -1,0 +1,299 @@
+"""albumentations ``Compose`` as a transform stage, and its cacheable deterministic prefix.
+
+Polygons travel as ``xy`` keypoints, the way DBNet codebases feed them, and are split back
+into polygons afterwards. The inverse matrix comes from four probe keypoints transformed with
+them (three fix an affine map, the fourth checks it); a transform that is not affine gets an
+all-NaN matrix. The fingerprint is albumentations' own serialization (``A.to_dict``) plus the
+albumentations version. Works with albumentations 1.3.x and 2.x.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from diskcache_ocr.ocr.origin import TransformResult
+from diskcache_ocr.ocr.stages import (
+    TransformStage,
+    _not_cacheable,
+    _to_numpy,
+    plain_version,
+)
+
+
+def _albumentations() -> Any:
+    try:
+        import albumentations
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("an albumentations transform needs the albumentations package: "
+                          "pip install 'diskcache-ocr[albumentations]'") from e
+    return albumentations
+
+
+def is_compose(obj: object) -> bool:
+    """True for an ``albumentations.Compose`` (without importing albumentations otherwise)."""
+    module = type(obj).__module__ or ""
+    if not module.startswith("albumentations"):
+        return False
+    return isinstance(obj, _albumentations().Compose)
+
+
+def _keypoint_params(compose: Any) -> Any:
+    proc = getattr(compose, "processors", {}).get("keypoints")
+    if proc is None:
+        raise ValueError("the albumentations Compose needs keypoint_params="
+                         "A.KeypointParams(format='xy') so polygons can travel with the image")
+    if proc.params.format != "xy":
+        raise ValueError(f"the Compose's KeypointParams format must be 'xy', got "
+                         f"{proc.params.format!r}")
+    return proc.params
+
+
+class AlbumentationsTransform(TransformStage):
+    """An ``albumentations.Compose`` with ``KeypointParams(format="xy")``."""
+
+    def __init__(self, compose: Any, version: object = None) -> None:
+        A = _albumentations()
+        if not isinstance(compose, A.Compose):
+            raise TypeError(f"expected an albumentations.Compose, got {type(compose).__name__}")
+        _keypoint_params(compose)
+        self.compose = compose
+        self.version = None if version is None else plain_version(version, "transform_version")
+        try:
+            self.serialized: dict[str, Any] | None = A.to_dict(compose)
+        except (NotImplementedError, ValueError, TypeError):
+            # e.g. A.Lambda: not serializable, so only an explicit version can name it.
+            self.serialized = None
+        self.cacheable = self.serialized is not None or self.version is not None
+        if not self.cacheable:
+            _not_cacheable("albumentations transform (not serializable by A.to_dict)")
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        if not self.cacheable:
+            return None
+        return {"stage": "albumentations", "albumentations": _albumentations().__version__,
+                "serialized": self.serialized, "version": self.version}
+
+    def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
+        return run_compose(self.compose, image, polygons)
+
+
+def _probes(width: int, height: int) -> np.ndarray:
+    # Inside the image (so remove_invisible keeps them under crops of the centre as long as
+    # possible), not collinear; the fourth checks the affine fit.
+    x0, x1 = (width - 1) * 0.25, (width - 1) * 0.75
+    y0, y1 = (height - 1) * 0.25, (height - 1) * 0.75
+    if x1 == x0:
+        x0, x1 = 0.0, 0.5
+    if y1 == y0:
+        y0, y1 = 0.0, 0.5
+    return np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]])
+
+
+def run_compose(compose: Any, image: np.ndarray, polygons: Sequence[np.ndarray]
+                ) -> TransformResult:
+    """Run ``compose`` on the image with the polygons (and four probes) as keypoints."""
+    polys = [np.asarray(p, np.float64).reshape(-1, 2) for p in polygons]
+    sizes = [len(p) for p in polys]
+    probes = _probes(image.shape[1], image.shape[0])
+    points = np.concatenate(polys + [probes]) if polys else probes
+    out = compose(image=image, keypoints=[(float(x), float(y)) for x, y in points.tolist()])
+    got = out["keypoints"]
+    if len(got) != len(points):
+        raise ValueError(f"the transform returned {len(got)} keypoints for {len(points)}: it "
+                         "dropped some (KeypointParams(remove_invisible=True) with a point "
+                         "outside the output?), so polygons cannot be rebuilt")
+    moved = np.array([tuple(k)[:2] for k in got], np.float64).reshape(-1, 2)
+    moved_polys = list(np.split(moved[:-4], np.cumsum(sizes)[:-1])) if polys else []
+    return _to_numpy(out["image"]), moved_polys, _inverse_from_probes(probes, moved[-4:])
+
+
+def _inverse_from_probes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Inverse of the affine map the probes went through (all NaN if it is not affine).
+
+    The probes are the corners of an axis-aligned rectangle, so the map's columns are plain
+    differences; closed forms keep an exact scale-and-shift exact (no solver noise).
+    """
+    (x0, y0), (x1, _), (_, y1) = src[:3]
+    col_x = (dst[1] - dst[0]) / (x1 - x0)
+    col_y = (dst[2] - dst[0]) / (y1 - y0)
+    shift = dst[0] - col_x * x0 - col_y * y0
+    predicted = col_x * src[3, 0] + col_y * src[3, 1] + shift
+    scale = max(1.0, float(np.abs(dst).max()))
+    if not np.allclose(predicted, dst[3], rtol=0, atol=1e-6 * scale):
+        return np.full((3, 3), np.nan)
+    a, b, c, d = col_x[0], col_y[0], col_x[1], col_y[1]
+    if b == 0 and c == 0 and a != 0 and d != 0:
+        inv = np.array([[1.0 / a, 0.0], [0.0, 1.0 / d]])
+    else:
+        det = a * d - b * c
+        if det == 0:
+            return np.full((3, 3), np.nan)
+        inv = np.array([[d, -b], [-c, a]]) / det
+    out = np.eye(3)
+    out[:2, :2] = inv
+    out[:2, 2] = 0.0 - inv @ shift  # (0.0 - : no negative zeros)
+    return out
+
+
+# ------------------------------------------------------------------ deterministic prefix
+
+class SplitTransform:
+    """A Compose cut into a deterministic, cacheable ``prefix`` and a live ``rest``.
+
+    ``run_rest(prefix_output)`` gives what the whole Compose gives under the same random
+    state, bit for bit. albumentations 1.x draws from the global ``random`` once per transform
+    (and per Compose) even when ``p=1``, so the rest first consumes the draws the prefix would
+    have. albumentations 2.x keeps generators in each transform; the rest runs the user's own
+    transform objects, so seeding the whole Compose (``set_random_seed``) seeds the rest too.
+    """
+
+    def __init__(self, compose: Any, prefix_len: int, draws: int) -> None:
+        A = _albumentations()
+        params = _keypoint_params(compose)
+        transforms = list(compose.transforms)
+        self.prefix = (AlbumentationsTransform(_new_compose(A, transforms[:prefix_len], params))
+                       if prefix_len else None)
+        if prefix_len == 0:
+            self.rest_compose = compose
+        elif prefix_len < len(transforms):
+            # The rest shares the user's transform objects, hence (on albumentations 2,
+            # where each transform owns its generators) their random state.
+            self.rest_compose = _new_compose(A, transforms[prefix_len:], params)
+        else:
+            self.rest_compose = None
+        self.whole = compose
+        self.draws = draws
+        self.global_draws = not _owns_generators(compose)
+
+    def run_rest(self, prefix_output: TransformResult) -> TransformResult:
+        image, polygons, inverse = prefix_output
+        for _ in range(self.draws):
+            random.random()
+        if self.rest_compose is None:
+            if self.global_draws:
+                random.random()  # the whole Compose's own draw
+            return image, list(polygons), inverse
+        out_image, out_polys, rest_inverse = run_compose(self.rest_compose, image, polygons)
+        return out_image, out_polys, inverse @ rest_inverse
+
+    def run_prefix(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
+        """The cacheable part; leaves the global random state as it found it."""
+        if self.prefix is None:
+            raise ValueError("this transform has no deterministic prefix")
+        state = random.getstate()
+        try:
+            return self.prefix(image, polygons)
+        finally:
+            random.setstate(state)
+
+
+def split_deterministic_prefix(compose: Any, trials: int = 8) -> SplitTransform:
+    """Cut ``compose`` after its longest prefix of transforms that the probe finds
+    deterministic (``p == 1`` or always applied, same output under different seeds, and no
+    use of numpy's global generator); an empty prefix when none is or when the Compose itself
+    has ``p < 1``."""
+    A = _albumentations()
+    params = _keypoint_params(compose)
+    transforms = list(compose.transforms)
+    if compose.p < 1:
+        return SplitTransform(compose, 0, 0)
+    n = 0
+    while n < len(transforms) and _transform_deterministic(A, transforms[n], params, trials):
+        n += 1
+    if n == 0:
+        return SplitTransform(compose, 0, 0)
+    if _owns_generators(compose):
+        return SplitTransform(compose, n, 0)
+    draws = _draws_of(_new_compose(A, transforms[:n], params))
+    if draws is None:
+        return SplitTransform(compose, 0, 0)
+    return SplitTransform(compose, n, draws - 1)  # minus the prefix Compose's own draw
+
+
+def _owns_generators(compose: Any) -> bool:
+    """albumentations 2.x: the Compose and its transforms carry their own generators."""
+    return hasattr(compose, "random_generator") and hasattr(compose, "py_random")
+
+
+def _new_compose(A: Any, transforms: list[Any], params: Any) -> Any:
+    """A Compose of (some of) the user's transforms that leaves their random state alone
+    (albumentations 2's Compose reseeds the transforms it is given)."""
+    saved = [(t, t.random_generator, t.py_random) for t in transforms
+             if hasattr(t, "random_generator") and hasattr(t, "py_random")]
+    out = A.Compose(transforms, keypoint_params=params)
+    for t, generator, py_random in saved:
+        t.set_random_state(generator, py_random)
+    return out
+
+
+def _probe_input() -> tuple[np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    return image, [np.array([[10.0, 12.0], [80.0, 12.0], [80.0, 40.0], [10.0, 40.0]])]
+
+
+def _transform_deterministic(A: Any, t: Any, params: Any, trials: int) -> bool:
+    if getattr(t, "p", 1.0) < 1.0 and not getattr(t, "always_apply", False):
+        return False
+    if isinstance(t, A.BaseCompose):
+        return False  # nested Compose/OneOf: treat as random
+    single = A.Compose([copy.deepcopy(t)], keypoint_params=params)
+    image, polygons = _probe_input()
+    saved = random.getstate(), np.random.get_state()
+    try:
+        first = None
+        for seed in range(trials):
+            random.seed(seed)
+            np.random.seed(seed)
+            if hasattr(single, "set_random_seed"):
+                single.set_random_seed(seed)
+            before = np.random.get_state()
+            try:
+                out = run_compose(single, image, polygons)
+            except Exception:  # noqa: BLE001 - a transform that fails on the probe is not
+                return False  # known to be deterministic
+            if not _same_np_state(before, np.random.get_state()):
+                return False
+            if first is None:
+                first = out
+            elif not (np.array_equal(first[0], out[0])
+                      and all(np.array_equal(p, q) for p, q in zip(first[1], out[1],
+                                                                    strict=True))):
+                return False
+        return True
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+
+
+def _same_np_state(a: Any, b: Any) -> bool:
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+
+
+def _draws_of(prefix: Any, limit: int = 256) -> int | None:
+    """How many ``random.random()`` calls running ``prefix`` amounts to (None if it is not a
+    whole number of them)."""
+    image, polygons = _probe_input()
+    saved = random.getstate()
+    try:
+        random.seed(12345)
+        start = random.getstate()
+        run_compose(prefix, image, polygons)
+        after = random.getstate()
+        random.setstate(start)
+        for k in range(limit + 1):
+            if random.getstate() == after:
+                return k
+            random.random()
+        return None
+    finally:
+        random.setstate(saved)
+
+
+__all__ = ["AlbumentationsTransform", "SplitTransform", "is_compose", "run_compose",
+           "split_deterministic_prefix"]

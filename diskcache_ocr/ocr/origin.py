@@ -1,0 +1,261 @@
+"""Conventions by name: the origin project's pipeline ("origin") and the reference DBNet one ("db").
+
+A convention bundles four rules, each with a fingerprint dict:
+
+* how annotation points are loaded (the origin rounds them to int32);
+* in which frame annotations of an EXIF-rotated image live ("upright": as displayed, or
+  "raw": as stored, so they are rotated with the image);
+* the built-in transform (image HWC uint8 + polygons -> float32 CHW image, moved polygons,
+  inverse matrix mapping output pixels back to the upright source);
+* the built-in DBNet map maker.
+
+The origin's transform is its ``val_transform`` as albumentations 1.3.1 computes it:
+``LongestMaxSize(640, cv2.INTER_LINEAR)``, centred ``PadIfNeeded(640, 640, value 0)``,
+``Normalize(mean 0.5602, std 0.2539, max_pixel_value 255)``, to CHW. It is reimplemented here
+(albumentations is optional) with the same arithmetic, so its output is the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from diskcache_ocr.ocr.maps import MapConfig, make_maps
+from diskcache_ocr.ocr.origin_maps import OriginMapConfig, make_origin_maps
+from diskcache_ocr.ocr.transform import TransformConfig, finish_numpy, resize_pad
+
+Frame = Literal["upright", "raw"]
+TransformResult = tuple[np.ndarray, list[np.ndarray], np.ndarray]
+
+
+def round_points(points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """The origin's annotation rule: points rounded to the nearest int (halves to even), int32."""
+    return np.round(np.asarray(points, np.float64)).astype(np.int32)
+
+
+def upright_size(raw_width: int, raw_height: int, orientation: int) -> tuple[int, int]:
+    """(width, height) of the image once its EXIF orientation is applied."""
+    _check_orientation(orientation)
+    return (raw_height, raw_width) if orientation >= 5 else (raw_width, raw_height)
+
+
+def raw_to_upright(points: np.ndarray, orientation: int, raw_width: int, raw_height: int
+                   ) -> np.ndarray:
+    """Map (N, 2) points from the stored (raw) frame to the upright frame, as
+    ``PIL.ImageOps.exif_transpose`` moves the pixels: pixel (x, y) of the raw image lands on
+    the returned coordinates (pixel-index convention, so ``W - 1 - x`` for a mirror).
+    Returns float64; orientation 1 returns the points unchanged.
+    """
+    _check_orientation(orientation)
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    x, y = p[:, 0], p[:, 1]
+    xm, ym = (raw_width - 1) - x, (raw_height - 1) - y
+    out = {
+        1: (x, y), 2: (xm, y), 3: (xm, ym), 4: (x, ym),
+        5: (y, x),  # transpose
+        6: (ym, x),  # rotate 90° clockwise
+        7: (ym, xm),  # transverse
+        8: (y, xm),  # rotate 90° counter-clockwise
+    }[orientation]
+    return np.stack(out, axis=1)
+
+
+def _check_orientation(orientation: int) -> None:
+    if orientation not in range(1, 9):
+        raise ValueError(f"EXIF orientation must be 1..8, got {orientation!r}")
+
+
+def _py3round(value: float) -> int:
+    """albumentations 1.3's rounding of a resized side (halves to even, as Python 3 does)."""
+    if abs(value - int(value)) == 0.5:
+        return int(2.0 * round(value / 2.0))
+    return int(round(value))
+
+
+@dataclass(frozen=True)
+class OriginTransform:
+    """The origin's validation transform (see the module docstring). Picklable, pure."""
+
+    size: int = 640
+    mean: tuple[float, float, float] = (0.5602, 0.5602, 0.5602)
+    std: tuple[float, float, float] = (0.2539, 0.2539, 0.2539)
+    max_pixel_value: float = 255.0
+    pad_value: int = 0
+    version: str = "1"
+    _luts: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if not 1 <= self.size <= 16384:
+            raise ValueError(f"size must be in 1..16384, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std need 3 values, std > 0; got {self.mean}, {self.std}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value must be in 0..255, got {self.pad_value}")
+        # Normalize as albumentations 1.3 does it, in float32: (v - mean * max) * (1 / (std *
+        # max)). A uint8 input has 256 values per channel, so a table holds every result.
+        mean = np.array(self.mean, np.float32)
+        mean *= self.max_pixel_value
+        std = np.array(self.std, np.float32)
+        std *= self.max_pixel_value
+        denominator = np.reciprocal(std, dtype=np.float32)
+        values = np.arange(256, dtype=np.float32)[None, :]
+        luts = (values - mean[:, None]) * denominator[:, None]
+        luts.flags.writeable = False
+        object.__setattr__(self, "_luts", luts)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"transform": "origin-val", "size": self.size, "mean": list(self.mean),
+                "std": list(self.std), "max_pixel_value": self.max_pixel_value,
+                "pad_value": self.pad_value, "interpolation": "cv2.INTER_LINEAR",
+                "padding": "centred", "version": self.version}
+
+    def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an H×W×3 uint8 image, got {image.shape} {image.dtype}")
+        height, width = image.shape[:2]
+        scale = self.size / float(max(width, height))
+        resized = image
+        if scale != 1.0:
+            new_h, new_w = _py3round(height * scale), _py3round(width * scale)
+            if (new_h, new_w) != (height, width):
+                resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        rh, rw = resized.shape[:2]
+        top = max(self.size - rh, 0) // 2
+        left = max(self.size - rw, 0) // 2
+        out_h, out_w = max(self.size, rh), max(self.size, rw)
+        out = np.empty((3, out_h, out_w), np.float32)
+        for c in range(3):
+            lut = self._luts[c]
+            out[c].fill(lut[self.pad_value])
+            out[c, top:top + rh, left:left + rw] = lut[resized[:, :, c]]
+        moved = [self._move(p, scale, left, top) for p in polygons]
+        # Closed form of the inverse of "scale, then shift by the padding".
+        inverse = np.array([[1.0 / scale, 0.0, -left / scale],
+                            [0.0, 1.0 / scale, -top / scale],
+                            [0.0, 0.0, 1.0]])
+        return out, moved, inverse
+
+    @staticmethod
+    def _move(points: np.ndarray, scale: float, left: int, top: int) -> np.ndarray:
+        p = np.asarray(points, np.float64).reshape(-1, 2)
+        # Keypoints are scaled by the one factor, then shifted (albumentations 1.3's order).
+        return np.stack([p[:, 0] * scale + left, p[:, 1] * scale + top], axis=1)
+
+
+@dataclass(frozen=True)
+class OriginMaps:
+    """The origin collate's maps: ``{"prob_map", "thresh_map"}``, each (H, W) float32."""
+
+    config: OriginMapConfig = OriginMapConfig()
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def __call__(self, polygons: Sequence[np.ndarray], height: int, width: int,
+                 ignore: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
+        # The origin has no don't-care words: ``ignore`` is accepted and not used.
+        prob, thresh = make_origin_maps(polygons, height, width, self.config)
+        return {"prob_map": prob, "thresh_map": thresh}
+
+
+@dataclass(frozen=True)
+class DbTransform:
+    """The reference DBNet convention's transform (``transform.resize_pad`` + ``finish``)."""
+
+    config: TransformConfig = TransformConfig(hflip_prob=0.0)
+
+    def __post_init__(self) -> None:
+        if self.config.hflip_prob:
+            raise ValueError("DbTransform is the deterministic transform; hflip_prob must be 0")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"transform": "db-resize-pad", **self.config.to_dict()}
+
+    def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
+        t = resize_pad(image, polygons, self.config, flip=False)
+        out = finish_numpy(t.image, self.config, np.empty(t.image.shape, np.float32))
+        return out, [np.asarray(p, np.float64) for p in t.polygons], t.inverse_matrix
+
+
+@dataclass(frozen=True)
+class DbMaps:
+    """The reference DBNet maps (masks, ``min_text_size``, don't-care words), (1, H, W)."""
+
+    config: MapConfig = MapConfig()
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"maker": "db-reference", **self.config.to_dict()}
+
+    def __call__(self, polygons: Sequence[np.ndarray], height: int, width: int,
+                 ignore: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
+        flags = np.zeros(len(polygons), bool) if ignore is None else np.asarray(ignore, bool)
+        return make_maps(polygons, flags, height, width, self.config)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One named set of rules; ``fingerprint()`` covers all of them."""
+
+    name: str
+    round_points: bool
+    annotation_frame: Frame
+    transform: OriginTransform | DbTransform
+    maps: OriginMaps | DbMaps
+
+    def load_points(self, points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """An annotation's points as this convention loads them."""
+        if self.round_points:
+            return round_points(points)
+        return np.asarray(points, np.float64)
+
+    def upright_polygons(self, polygons: Sequence[np.ndarray], orientation: int,
+                         raw_size: tuple[int, int]) -> list[np.ndarray]:
+        """Polygons in the upright frame; ``raw_size`` is the stored (width, height)."""
+        if self.annotation_frame == "upright" or orientation == 1:
+            _check_orientation(orientation)
+            return [np.asarray(p) for p in polygons]
+        w, h = raw_size
+        return [raw_to_upright(p, orientation, w, h) for p in polygons]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "convention": self.name,
+            "annotations": {"round_points": self.round_points},
+            "exif": {"annotation_frame": self.annotation_frame},
+            "transform": self.transform.fingerprint(),
+            "maps": self.maps.fingerprint(),
+        }
+
+
+# The origin's reference outputs keep annotations of EXIF-rotated images where the JSON puts
+# them, on the upright image (the words line up with the upright pixels), so its frame is
+# "upright"; "raw" stays available for datasets annotated on the stored pixels.
+_CONVENTIONS = {
+    "origin": Convention("origin", True, "upright", OriginTransform(), OriginMaps()),
+    "db": Convention("db", False, "upright", DbTransform(), DbMaps()),
+}
+
+
+def get_convention(name: str) -> Convention:
+    """The convention called ``name``: ``"origin"`` or ``"db"``."""
+    try:
+        return _CONVENTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown convention {name!r}; expected one of "
+                         f"{sorted(_CONVENTIONS)}") from None
+
+
+def conventions() -> tuple[str, ...]:
+    return tuple(sorted(_CONVENTIONS))
+
+
+__all__ = [
+    "Convention", "DbMaps", "DbTransform", "OriginMaps", "OriginTransform", "conventions",
+    "get_convention", "raw_to_upright", "round_points", "upright_size",
+]
