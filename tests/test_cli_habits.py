@@ -273,3 +273,37 @@ def test_cache_manager_script_runs_from_a_checkout(built, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "preset" not in done.stderr, done.stderr
     assert "images directory does not exist" in one_error_line(done.stderr)
+
+
+# -- the README's cache_manager lines ---------------------------------------------------------
+def readme_commands() -> list[tuple[list[str], str]]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Coming from the origin project\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n")[2].split("```", 1)[0]
+    out = []
+    for line in block.splitlines():
+        command_text, _, comment = line.partition("#")
+        words = command_text.split()
+        assert words[:2] == ["python", "scripts/cache_manager.py"], line
+        out.append((words[2:], comment.strip()))
+    return out
+
+
+def test_the_readme_cache_manager_lines(mine, tmp_path, monkeypatch, capsys):
+    _, cache = mine
+    lines = readme_commands()
+    assert [argv[0] if not argv[0].startswith("-") else argv[-1] for argv, _ in lines] == [
+        "status", "health", "clear", "validate", "export", "status", "clear"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISKCACHE_OCR_DIR", str(tmp_path / "no-cache-yet"))
+    for argv, comment in lines[:2]:
+        assert comment.startswith("no cache yet")
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 0 and "empty" in out, (argv, out, err)
+    monkeypatch.setenv("DISKCACHE_OCR_DIR", str(cache))
+    for argv, _ in lines[2:]:
+        argv = [str(cache) if a == "DIR" else a for a in argv]
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 0, (argv, err)
+    assert json.loads((tmp_path / "stats.json").read_text())["status"]["path"] == str(cache)
+    assert not cache.exists()  # the last line: clear --all

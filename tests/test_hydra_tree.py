@@ -37,11 +37,28 @@ TABLE = {
     "custom": (1, 0, 1, 0, 0, 1),  # the README's custom.yaml
 }
 SPLITS = ("train", "val", "test", "predict")
-VAL_TARGET = "diskcache_ocr.origin.ValidatedOCRDataset"  # the line that changes
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _dataset(split: str, data_root: Path, target: str) -> str:
+def readme_blocks(title: str, lang: str) -> list[str]:
+    """The ``lang`` code blocks of one README section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return [b.split("```", 1)[0] for b in section.split(f"```{lang}\n")[1:]]
+
+
+def the_two_lines() -> dict:
+    """What the README tells an origin user to change in the val dataset's entry."""
+    import yaml
+
+    return yaml.safe_load(readme_blocks("Coming from the origin project", "yaml")[0])
+
+
+def _dataset(split: str, data_root: Path, changed: dict) -> str:
     images, annotations = split_paths(data_root, split)
+    target = changed.get("_target_", "their.Dataset")
+    transform = changed.get("transform", "${transforms.val_transform}")
+    transform = "null" if transform is None else transform
     return textwrap.dedent(f"""\
       {split}_dataset:
         _target_: {target}
@@ -56,7 +73,7 @@ def _dataset(split: str, data_root: Path, target: str) -> str:
             cache_transformed_tensors: false
             cache_maps: false
             log_statistics_every_n: null
-        transform: ${{transforms.val_transform}}
+        transform: {transform}
     """)
 
 
@@ -69,8 +86,8 @@ def write_tree(root: Path, data_root: Path) -> Path:
         "defaults:\n  - data: base\n  - data/performance_preset: none\n  - _self_\n"
         "transforms:\n  val_transform: null\n")
     datasets = "".join(
-        textwrap.indent(_dataset(s, data_root, VAL_TARGET if s == "val" else "their.Dataset"),
-                        "  ") for s in SPLITS)
+        textwrap.indent(_dataset(s, data_root, the_two_lines() if s == "val" else {}), "  ")
+        for s in SPLITS)
     (conf / "data" / "base.yaml").write_text(
         "# @package _global_\ndatasets:\n" + datasets
         + "collate_fn:\n  _target_: their.DBCollateFN\n  shrink_ratio: 0.4\n"
@@ -323,3 +340,15 @@ def test_their_app_without_preset_files(tmp_path, data_root):
     assert {n: tuple(r["flags"]) for n, r in results.items()} == {
         n: TABLE[n] for n in PRESET_NAMES}
     assert all(r["name"] == n for n, r in results.items())
+
+
+def test_the_readme_lines_are_the_tested_ones():
+    lines = the_two_lines()
+    assert lines == {"_target_": "diskcache_ocr.origin.ValidatedOCRDataset", "transform": None}
+    override = readme_blocks("Coming from the origin project", "bash")[0].split()
+    assert override[-1] == "data/performance_preset=validation_optimized"
+    presets = "".join(readme_blocks("Presets", "python"))
+    for call in ('register_presets()', 'register_presets(package="_global_.datasets.'
+                 'val_dataset.config")', 'register_presets("data/train_performance_preset", '
+                 'package="_global_.datasets.train_dataset.config")'):
+        assert call in presets, call
