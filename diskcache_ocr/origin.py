@@ -28,16 +28,22 @@ _SPLITS = ("train", "val", "test", "predict")
 _PRESET_GROUP = "data/performance_preset"
 
 
-def _plain(value: Any) -> Any:
+_MAX_DEPTH = 4  # config -> cache_config -> values: deeper objects are passed as they are
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
     """Mappings, OmegaConf nodes and attribute objects (pydantic models, namespaces) as
-    plain dicts, recursively; everything else as it is."""
+    plain dicts, a few levels down; everything else as it is."""
+    if depth >= _MAX_DEPTH:
+        return value
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
     dump = getattr(value, "model_dump", None)  # a pydantic v2 model
-    if callable(dump):
-        return _plain(dump())
+    if callable(dump) and not isinstance(value, type):
+        return _plain(dump(), depth)
     if hasattr(value, "__dict__") and not isinstance(value, (str, bytes, os.PathLike, type)):
-        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+        return {k: _plain(v, depth + 1) for k, v in vars(value).items()
+                if not k.startswith("_")}
     return value
 
 

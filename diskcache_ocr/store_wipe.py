@@ -9,8 +9,12 @@ mapped, and a writer starting after the delete would begin a second cache beside
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +22,13 @@ import lmdb
 import msgpack
 
 from diskcache_ocr.errors import CacheError
-from diskcache_ocr.store import _DBS, HEADER_KEY, KINDS
+from diskcache_ocr.store import _DBS, HEADER_KEY, KINDS, _open_stores
 
 CACHE_FILES = ("data.mdb", "lock.mdb")
 # How long to wait for a writer (a prebuild, a watch service, a dataset filling misses) to
 # finish its transaction before giving up with nothing removed.
 WRITER_WAIT_S = 2.0
+_CHILD_START_S = 30.0
 
 
 def has_cache(cache_dir: str | os.PathLike[str]) -> bool:
@@ -39,7 +44,7 @@ def _disk_bytes(path: Path) -> int:
     return getattr(st, "st_blocks", 0) * 512 or st.st_size
 
 
-def _attached_pids(env: lmdb.Environment) -> list[int]:
+def _attached_pids(env: lmdb.Environment, also_ignore: int | None = None) -> list[int]:
     """Processes other than this one with a reader slot in the lock file."""
     env.reader_check()  # frees the slots of dead processes first
     pids = set()
@@ -48,6 +53,7 @@ def _attached_pids(env: lmdb.Environment) -> list[int]:
         if first and first[0].isdigit():
             pids.add(int(first[0]))
     pids.discard(os.getpid())
+    pids.discard(also_ignore)
     return sorted(pids)
 
 
@@ -77,30 +83,61 @@ def _contents(env: lmdb.Environment, path: Path) -> dict[str, int]:
     return counts
 
 
-def _hold_writer(env: lmdb.Environment, wait_s: float) -> lmdb.Transaction | None:
-    """A write transaction (LMDB's writer lock), or None when another writer keeps it past
-    ``wait_s``; an abandoned attempt aborts its transaction as soon as it gets one."""
-    got: dict[str, Any] = {}
-    ready = threading.Event()
-    lock = threading.Lock()
+def _child() -> None:
+    """Run in a child process: take LMDB's writer lock, check no reader came, delete."""
+    path = Path(sys.argv[1])
+    env = lmdb.open(str(path), readonly=False, create=False, lock=True, max_dbs=len(_DBS) + 2,
+                    max_spare_txns=0, map_size=1 << 20)
+    print("opened", flush=True)
+    txn = env.begin(write=True)  # waits for a writer in progress (the parent's timeout)
+    try:
+        readers = _attached_pids(env, also_ignore=os.getppid())
+        if readers:
+            print(json.dumps({"readers": readers}), flush=True)
+            return
+        for name in CACHE_FILES:
+            (path / name).unlink(missing_ok=True)
+        print(json.dumps({"removed": True}), flush=True)
+    finally:
+        txn.abort()
+        env.close()
 
-    def take() -> None:
-        txn = env.begin(write=True)
-        with lock:
-            if got.get("abandoned"):
-                txn.abort()
-                env.close()
-                return
-            got["txn"] = txn
-        ready.set()
 
-    threading.Thread(target=take, name="diskcache-ocr-wipe", daemon=True).start()
-    ready.wait(wait_s)
-    with lock:
-        if "txn" in got:
-            return got["txn"]
-        got["abandoned"] = True
-    return None
+def _remove_under_writer_lock(path: Path, wait_s: float) -> None:
+    """Delete the two files while holding the writer lock, from a child process: one that
+    still waits when the time is up is killed, and nothing of it stays in this process (a
+    thread left waiting here would keep the environment open in this process)."""
+    code = "from diskcache_ocr.store_wipe import _child; _child()"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(child.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + _CHILD_START_S  # its imports, on a busy machine
+        while "opened\n" not in lines and child.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(child.args, _CHILD_START_S)
+            time.sleep(0.01)
+        child.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        raise CacheError(f"{path}: a writer holds the cache (a prebuild, watch service or "
+                         f"dataset filling misses) for over {wait_s:g}s; nothing removed"
+                         ) from None
+    reader.join(5)
+    results = [json.loads(line) for line in lines if line.startswith("{")]
+    if child.returncode != 0 or not results:
+        err = (child.stderr.read() if child.stderr else "").strip().splitlines()
+        raise CacheError(f"{path}: could not delete the cache ({err[-1] if err else 'exit '}"
+                         f"{'' if err else child.returncode}); nothing removed")
+    if "readers" in results[0]:
+        pids = results[0]["readers"]
+        raise CacheError(f"{path}: {len(pids)} other process(es) opened the cache (pids "
+                         f"{', '.join(map(str, pids))}); nothing removed")
 
 
 def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
@@ -130,6 +167,10 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
         if not dry_run:
             _remove(path, files)
         return result
+    if any(s.is_open and s.path.resolve() == path.resolve() for s in list(_open_stores)):
+        # A second handle on the same environment in one process would break LMDB's locks.
+        raise CacheError(f"{path}: this process has the cache open (close its dataset or "
+                         "store first); nothing removed")
     try:
         env = lmdb.open(str(path), readonly=False, create=False, lock=True, max_dbs=len(_DBS) + 2,
                         max_spare_txns=0, map_size=1 << 20)
@@ -141,36 +182,21 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
         return result
     except lmdb.Error as exc:
         raise CacheError(f"{path}: cannot open the cache ({exc}); nothing removed") from None
-    keep_env = False
     try:
         try:
             result["removed"] = _contents(env, path)
         except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
             result["reason"] = f"the cache file is damaged ({exc})"
         readers = _attached_pids(env)
-        if readers:
-            raise CacheError(f"{path}: {len(readers)} other process(es) have the cache open "
-                             f"(pids {', '.join(map(str, readers))}); stop them and run "
-                             "again; nothing removed")
-        if dry_run:
-            return result
-        txn = _hold_writer(env, writer_wait_s)
-        if txn is None:
-            keep_env = True  # the waiting thread closes it once it gets the lock
-            raise CacheError(f"{path}: a writer holds the cache (a prebuild, watch service or "
-                             f"dataset filling misses) for over {writer_wait_s:g}s; nothing "
-                             "removed")
-        try:
-            readers = _attached_pids(env)  # anyone who opened it while we waited
-            if readers:
-                raise CacheError(f"{path}: {len(readers)} other process(es) opened the cache "
-                                 f"(pids {', '.join(map(str, readers))}); nothing removed")
-            _remove(path, files)
-        finally:
-            txn.abort()
     finally:
-        if not keep_env:
-            env.close()
+        env.close()
+    if readers:
+        raise CacheError(f"{path}: {len(readers)} other process(es) have the cache open "
+                         f"(pids {', '.join(map(str, readers))}); stop them and run "
+                         "again; nothing removed")
+    if not dry_run:
+        _remove_under_writer_lock(path, writer_wait_s)
+        _remove(path, [])
     return result
 
 

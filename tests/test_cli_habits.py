@@ -307,3 +307,17 @@ def test_the_readme_cache_manager_lines(mine, tmp_path, monkeypatch, capsys):
         assert rc == 0, (argv, err)
     assert json.loads((tmp_path / "stats.json").read_text())["status"]["path"] == str(cache)
     assert not cache.exists()  # the last line: clear --all
+
+
+def test_clear_all_refuses_a_cache_this_process_has_open(mine, capsys):
+    from diskcache_ocr.store import CacheStore
+
+    _, cache = mine
+    store = CacheStore(cache, readonly=True)
+    try:
+        store.header()  # opens the environment
+        rc, _, err = run_cli(capsys, "clear", "--all", "--cache", cache)
+        assert rc == 2 and "this process has the cache open" in one_error_line(err)
+    finally:
+        store.close()
+    assert (cache / "data.mdb").exists()

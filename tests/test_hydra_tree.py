@@ -136,6 +136,7 @@ def write_their_presets(conf: Path) -> None:
     for name in PRESET_NAMES:
         (group / f"{name}.yaml").write_text(origin_preset_file(name))
     (group / "custom.yaml").write_text(CUSTOM)
+    (group / "fast_val.yaml").write_text(CUSTOM)  # another copy: named after its file
 
 
 @pytest.fixture(scope="module")
@@ -318,15 +319,15 @@ def _run_app(root: Path, register: str, names: list[str]) -> tuple[dict[str, dic
 def test_their_app_with_their_files_and_the_changed_target(tmp_path, data_root):
     conf = write_tree(tmp_path, data_root)
     write_their_presets(conf)
-    names = [*PRESET_NAMES, "custom"]
+    names = [*PRESET_NAMES, "custom", "fast_val"]
     # register_presets() as a user who follows our README would also call it: it steps aside.
     results, stderr = _run_app(tmp_path, "register_presets()", names)
     assert "deprecated" not in stderr and "schema" not in stderr, stderr[-2000:]
     assert sorted(results) == sorted(names)
     for name, r in results.items():
-        assert tuple(r["flags"]) == TABLE[name], name
+        assert tuple(r["flags"]) == TABLE[name.replace("fast_val", "custom")], name
         assert r["name"] == name and r["len"] == 2
-        caches = any(TABLE[name][:3])
+        caches = any(TABLE[name.replace("fast_val", "custom")][:3])
         assert r["header"] == (name if caches else None)
     assert (tmp_path / "cache" / "data.mdb").exists()  # $DISKCACHE_OCR_DIR, as the CLI uses
 
