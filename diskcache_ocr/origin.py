@@ -20,7 +20,7 @@ from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.ops import default_cache_dir
-from diskcache_ocr.presets import Preset, preset_keys
+from diskcache_ocr.presets import Preset, load_preset, preset_keys
 
 __all__ = ["ValidatedOCRDataset", "default_cache_dir", "config_mapping", "preset_from_config"]
 
@@ -81,7 +81,7 @@ def preset_from_config(config: Any) -> Preset:
     origin's presets never reach), else ``custom``."""
     data = config_mapping(config)
     name = data.get("preset_name") or (None if _split(data) == "train" else _hydra_choice())
-    return Preset.from_dict(preset_keys(data), name=str(name or "custom"))
+    return load_preset(preset_keys(data), name=str(name or "custom"))
 
 
 def _accepts_user_transform() -> bool:

@@ -73,9 +73,12 @@ def test_their_config_in_each_shape(data_root, tmp_path, shape):
     _same_samples(ds, fresh)
 
 
-def test_preset_name_from_the_config(data_root, tmp_path):
-    ds = ValidatedOCRDataset(_config(data_root, cache_dir=str(tmp_path / "c"),
-                                     preset_name="validation_optimized"))
+def test_preset_name_from_the_config(data_root, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="diskcache_ocr.presets"):
+        ds = ValidatedOCRDataset(_config(data_root, cache_dir=str(tmp_path / "c"),
+                                         preset_name="validation_optimized"))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "'validation_optimized': use_turbojpeg has no effect here" in said
     assert ds.preset.name == "validation_optimized"
     assert ds.store.header()["preset"] == "validation_optimized"
 
