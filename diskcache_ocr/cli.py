@@ -3,6 +3,11 @@
 Each command parses its arguments, makes one library call, and prints a table for people or
 JSON (``--json``) for machines. A ``CacheError`` becomes one readable line and exit code 2
 (``--debug`` shows the traceback); ``health`` exits 1 when it finds problems.
+
+The origin project's ``scripts/cache_manager.py`` habits work too: ``--cache`` before or after
+the command, ``-v``, ``validate`` for ``verify``, ``clear --type tensor`` for ``--kind``,
+``export PATH``, and ``status`` / ``health`` on a directory with no cache yet (an empty,
+healthy report, exit 0, nothing created).
 """
 
 from __future__ import annotations
@@ -10,14 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.store import KINDS
+from diskcache_ocr.store_wipe import has_cache
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -45,13 +52,35 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], st
 
 
 # -- commands -------------------------------------------------------------------------------
-def cmd_status(args: argparse.Namespace) -> int:
-    from diskcache_ocr.dataset import format_hit_rates
+def _empty_status(path: Path) -> dict[str, Any]:
+    """What ``status`` reports where no cache was written yet (the same shape, all zero)."""
+    from diskcache_ocr.ops import stored_pipeline
+
+    current = stored_pipeline({}).kind_versions()
+    return {
+        "path": str(path), "empty": True, "header": {},
+        "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
+                      "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
+        "index": {"sources": 0, "failed": 0},
+        "map": {"used_bytes": 0, "map_size": 0, "readers": 0, "max_readers": 0},
+        "stats": {},
+    }
+
+
+def _status_data(cache: Path) -> dict[str, Any]:
     from diskcache_ocr.ops import status
 
-    data = status(args.cache)
+    return status(cache) if has_cache(cache) else _empty_status(cache)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from diskcache_ocr.dataset import format_hit_rates
+
+    data = _status_data(args.cache)
 
     def human() -> str:
+        if data.get("empty"):
+            return f"cache {data['path']}: empty (no cache written here yet)"
         rows = [(k, v["entries"], _human_bytes(v["bytes"]), v["stored_version"] or "-",
                  v["current_version"], "yes" if v["up_to_date"] else "NO")
                 for k, v in data["kinds"].items()]
@@ -76,9 +105,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import health
 
-    data = health(args.cache, images_dir=args.images, max_age_days=args.max_age_days)
+    if has_cache(args.cache):
+        data = health(args.cache, images_dir=args.images, max_age_days=args.max_age_days)
+    else:
+        data = {"ok": True, "empty": True, "problems": []}
 
     def human() -> str:
+        if data.get("empty"):
+            return f"healthy: {args.cache} (empty: no cache written here yet)"
         if data["ok"]:
             return f"healthy: {args.cache}"
         return "\n".join([f"problems in {args.cache}:",
@@ -91,15 +125,23 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_clear(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import clear
+    from diskcache_ocr.store_wipe import wipe
 
-    data = clear(args.cache, all=args.all, kind=args.kind, stale=args.stale,
-                 dry_run=args.dry_run, images_dir=args.images)
+    if args.all:  # the origin's meaning: the cache goes, and its disk space with it
+        data = wipe(args.cache, dry_run=args.dry_run)
+    else:
+        data = clear(args.cache, kind=args.kind, stale=args.stale, dry_run=args.dry_run,
+                     images_dir=args.images)
 
     def human() -> str:
         verb = "would remove" if data["dry_run"] else "removed"
         parts = [f"{v if not isinstance(v, list) else len(v)} {k}"
                  for k, v in data["removed"].items()]
-        return f"{verb}: {', '.join(parts) or 'nothing'}"
+        if data.get("files"):
+            parts.append(f"{len(data['files'])} files ({_human_bytes(data['freed_bytes'])} "
+                         f"{'to free' if data['dry_run'] else 'freed'})")
+        where = f" at {args.cache}" if args.all else ""
+        return f"{verb}: {', '.join(parts) or 'nothing'}{where}"
 
     _emit(args, data, human)
     return 0
@@ -121,6 +163,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return EXIT_PROBLEMS if data["corrupt"] or data["mismatched"] else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from diskcache_ocr.dataset import format_hit_rates
+
+    data = _status_data(args.cache)
+    stats = data["stats"]
+    rates = {}
+    for kind in KINDS:
+        hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
+        rates[kind] = {"hits": hits, "misses": misses,
+                       "hit_rate": hits / (hits + misses) if hits + misses else None}
+    out = {"status": data, "statistics": {"per_kind": rates, "counters": stats,
+                                          "summary": format_hit_rates(stats)}}
+    Path(args.path).write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+    _emit(args, {"path": str(args.path)}, lambda: f"wrote status and statistics to {args.path}")
+    return 0
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -199,37 +258,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (what was wrong, with the value) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _TopParser(_Parser):
+    """Fills the cache directory's default after parsing: a default set by the command's own
+    parser would replace a ``--cache`` given before the command."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        from diskcache_ocr.ops import default_cache_dir
+
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "uses_cache", False) and ns.cache is None:
+            ns.cache = default_cache_dir()
+        return ns, rest
+
+
+def _finite_at_least_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _kind_name(text: str) -> str:
+    """``images|tensors|maps``; the origin's singular ``image|tensor|map`` too."""
+    return text if text in KINDS or text + "s" not in KINDS else text + "s"
+
+
+def _preset_arg(text: str) -> str:
+    """A preset checked where it is given, so a bad file is one error line before any work
+    (the command loads it again once logging is set up, to report what it ignores)."""
+    from diskcache_ocr.presets import load_preset
+
+    try:
+        load_preset(text)
+    except CacheError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+_CACHE_HELP = "cache directory (default: $DISKCACHE_OCR_DIR or ~/.cache/diskcache-ocr)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diskcache_ocr import __version__
-    from diskcache_ocr.ops import default_cache_dir
 
-    parser = argparse.ArgumentParser(
+    parser = _TopParser(
         prog="diskcache-ocr",
         description="A persistent, crash-safe LMDB disk cache for OCR text-detection datasets.",
     )
     parser.add_argument("--version", action="version", version=f"diskcache-ocr {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show progress logs")
+    parser.add_argument("--cache", type=Path, default=None, help=_CACHE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
-            cache: bool = True, json_flag: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+            cache: bool = True, json_flag: bool = True, aliases: Sequence[str] = ()
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, aliases=list(aliases))
         if cache:
-            p.add_argument("--cache", type=Path, default=default_cache_dir(),
-                           help="cache directory (default: $DISKCACHE_OCR_DIR or "
-                                "~/.cache/diskcache-ocr)")
+            # SUPPRESS: a --cache given before the command stays unless repeated after it.
+            p.add_argument("--cache", type=Path, default=argparse.SUPPRESS, help=_CACHE_HELP)
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON for machines")
-        # Also accepted after the command; SUPPRESS keeps a --debug given before it.
+        # Also accepted after the command; SUPPRESS keeps a flag given before it.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks and debug logs")
-        p.set_defaults(func=func)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show progress logs")
+        p.set_defaults(func=func, uses_cache=cache)
         return p
 
     p = add("prebuild", cmd_prebuild, "build the cache for a split, in parallel, resumable")
     p.add_argument("--images", type=Path, required=True, help="directory of the split's images")
     p.add_argument("--annotations", type=Path, help="JSON file or ICDAR-2015 gt directory")
-    p.add_argument("--preset", default="validation_optimized",
+    p.add_argument("--preset", default="validation_optimized", type=_preset_arg,
                    help="preset name or YAML path (default: validation_optimized)")
     p.add_argument("--workers", type=int, default=1, help="build processes (default: 1)")
     p.add_argument("--split", default="val", help="split name; 'train' uses the training "
@@ -240,24 +353,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "entries and bytes per kind, header, versions, map usage")
     p = add("health", cmd_health, "find problems; exit 1 when there are any")
     p.add_argument("--images", type=Path, help="images directory (default: from the header)")
-    p.add_argument("--max-age-days", type=float, default=7.0,
+    p.add_argument("--max-age-days", type=_finite_at_least_zero, default=7.0,
                    help="entries older than this are reported (default: 7)")
 
     p = add("clear", cmd_clear, "remove cached data")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--all", action="store_true", help="everything (also a damaged cache)")
-    what.add_argument("--kind", choices=KINDS, help="one kind of record")
+    what.add_argument("--kind", "--type", dest="kind", type=_kind_name, choices=KINDS,
+                      help="one kind of record (--type and image|tensor|map also accepted)")
     what.add_argument("--stale", action="store_true",
                       help="entries whose source changed or vanished, and unreferenced records")
     p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     p.add_argument("--images", type=Path, help="images directory (default: from the header)")
 
-    p = add("verify", cmd_verify, "decode and checksum every record; optionally recompute")
+    p = add("verify", cmd_verify, "decode and checksum every record; optionally recompute",
+            aliases=["validate"])
     p.add_argument("--sample", type=int, help="check only this many records per kind")
     p.add_argument("--recompute", type=int, default=0,
                    help="compare this many sources with a fresh computation")
     p.add_argument("--images", type=Path, help="images directory (default: from the header)")
     p.add_argument("--annotations", type=Path, help="annotations, to recompute maps too")
+
+    p = add("export", cmd_export, "write the status and read statistics to a JSON file")
+    p.add_argument("path", type=Path, help="JSON file to write")
 
     p = add("copy", cmd_copy, "compact hot copy of a cache (safe while it is in use)")
     p.add_argument("dest", type=Path, help="empty destination directory")
@@ -267,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="directory of the images")
     p.add_argument("--annotations", type=Path, help="annotation file or directory")
     p.add_argument("--polling", action="store_true", help="poll instead of inotify")
-    p.add_argument("--debounce", type=float, default=0.5,
+    p.add_argument("--debounce", type=_finite_at_least_zero, default=0.5,
                    help="seconds of quiet before an event is applied (default: 0.5)")
 
     p = add("synth", cmd_synth, "write a synthetic OCR dataset (receipts) for demos and tests",
@@ -289,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except (CacheError, ValueError, OSError) as exc:

@@ -4,14 +4,23 @@
     python scripts/cache_manager.py status
     python scripts/cache_manager.py health
     python scripts/cache_manager.py clear --all
+    python scripts/cache_manager.py clear --type tensors
+    python scripts/cache_manager.py validate
+    python scripts/cache_manager.py export stats.json
 
-The cache directory comes from --cache, else $DISKCACHE_OCR_DIR, else ~/.cache/diskcache-ocr.
-Every other command and flag of `diskcache-ocr` works here too.
+The cache directory comes from --cache (before or after the command), else $DISKCACHE_OCR_DIR,
+else ~/.cache/diskcache-ocr. Every other command and flag of `diskcache-ocr` works here too.
+Run from a checkout without installing, it uses the package beside it.
 """
 
 import sys
+from pathlib import Path
 
-from diskcache_ocr.cli import main
+try:
+    from diskcache_ocr.cli import main
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from diskcache_ocr.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,11 +30,104 @@ def test_each_preset_matches_the_table(name):
     assert p.name == name
 
 
-def test_files_use_the_origin_keys():
-    data = yaml.safe_load(preset_path("balanced").read_text())
-    assert set(data["cache_config"]) == {"cache_images", "cache_tensors", "cache_maps",
-                                         "log_statistics_every_n"}
-    assert {"preload_images", "preload_maps", "load_maps"} <= set(data)
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_files_use_the_origin_keys(name):
+    data = yaml.safe_load(preset_path(name).read_text())
+    assert set(data["cache_config"]) == {"cache_images", "cache_transformed_tensors",
+                                         "cache_maps", "log_statistics_every_n"}
+    assert {"preload_images", "preload_maps", "prenormalize_images", "load_maps"} <= set(data)
+    assert set(data["image_loading_config"]) == {"use_turbojpeg", "turbojpeg_fallback"}
+
+
+# An origin preset file, written from the keys and values its users have.
+ORIGIN_FILE = """\
+# @package _global_.datasets.val_dataset.config
+preload_images: true
+preload_maps: true
+prenormalize_images: false
+load_maps: true
+cache_config:
+  cache_images: true
+  cache_maps: true
+  cache_transformed_tensors: true
+  log_statistics_every_n: 100
+image_loading_config:
+  use_turbojpeg: true
+  turbojpeg_fallback: true
+"""
+
+
+def test_an_origin_file_loads_as_it_is(tmp_path, caplog):
+    path = tmp_path / "validation_optimized.yaml"
+    path.write_text(ORIGIN_FILE)
+    with caplog.at_level("INFO", logger="diskcache_ocr.presets"):
+        p = load_preset(path)
+    assert p == Preset(name="validation_optimized", cache_images=True, cache_tensors=True,
+                       cache_maps=True, preload_images=True, preload_maps=True, load_maps=True,
+                       use_turbojpeg=True, turbojpeg_fallback=True)
+    assert set(p.no_effect()) == {"use_turbojpeg", "turbojpeg_fallback"}
+    reported = [r.getMessage() for r in caplog.records]
+    assert any("use_turbojpeg has no effect here" in m for m in reported), reported
+    assert load_preset("validation_optimized").no_effect() == {}
+
+
+def test_origin_and_our_spelling_of_tensor_caching(tmp_path):
+    assert load_preset({"cache_config": {"cache_transformed_tensors": True}}).cache_tensors
+    assert load_preset({"cache_config": {"cache_tensors": True}}).cache_tensors
+    both = {"cache_config": {"cache_tensors": True, "cache_transformed_tensors": True}}
+    assert load_preset(both).cache_tensors
+    bad = tmp_path / "two.yaml"
+    bad.write_text("cache_config:\n  cache_tensors: true\n  cache_transformed_tensors: false\n")
+    with pytest.raises(PresetError, match="two.yaml.*same setting and disagree"):
+        load_preset(bad)
+
+
+def test_null_statistics_interval_means_never(tmp_path):
+    f = tmp_path / "quiet.yaml"
+    f.write_text("cache_config:\n  cache_images: true\n  log_statistics_every_n: null\n")
+    p = load_preset(f)
+    assert p.log_statistics_every_n == 0 and p.name == "quiet"
+    assert p.to_dict()["cache_config"]["log_statistics_every_n"] == 0
+
+
+@pytest.mark.parametrize("text, match", [
+    ("image_loading_config:\n  use_libjpeg: true\n", "image_loading_config.use_libjpeg"),
+    ("image_loading_config: true\n", "image_loading_config must be a mapping"),
+    ("image_loading_config:\n  use_turbojpeg: 1\n", "use_turbojpeg must be true or false"),
+    ("prenormalize_images: maybe\n", "prenormalize_images must be true or false"),
+    ("prenormalise_images: true\n", "'prenormalise_images'"),
+])
+def test_origin_keys_are_still_checked(tmp_path, text, match):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(PresetError, match=match):
+        load_preset(f)
+
+
+def test_a_preset_nested_too_deeply_is_one_clear_error(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("cache_config: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(PresetError, match="deep.yaml: cannot read preset"):
+        load_preset(deep)
+
+
+def test_a_mapping_preset_takes_a_name():
+    p = load_preset({"cache_config": {"cache_images": True}}, name="mine")
+    assert p.name == "mine"
+    assert load_preset({}).name == "custom"
+
+
+def test_built_in_presets_load_from_a_source_tree(monkeypatch):
+    """Without the installed ``diskcache_ocr.preset_files`` the repository's presets/ serve."""
+    import importlib.resources
+
+    def not_installed(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib.resources, "files", not_installed)
+    path = preset_path("balanced")
+    assert path == Path(__file__).resolve().parents[1] / "presets" / "balanced.yaml"
+    assert load_preset("balanced").cache_images
 
 
 def test_memory_efficient_turns_read_ahead_off():
@@ -47,6 +140,9 @@ def test_custom_copy_loads(tmp_path):
     custom.write_text(text)
     p = load_preset(custom)
     assert p.name == "custom" and p.cache_maps and p.cache_images and not p.cache_tensors
+    other = tmp_path / "my_fast_val.yaml"
+    other.write_text(text)
+    assert load_preset(other).name == "my_fast_val"
     assert load_preset(str(custom)) == p
 
 
