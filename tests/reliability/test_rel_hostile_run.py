@@ -1,0 +1,196 @@
+"""Issue 16, a hostile run: reproductions of what careless and hostile users found.
+
+Each test asserts the behaviour the issue asks for through the public API only (the dataset,
+BatchLoader, CacheStore, the command line). A test still marked ``xfail(strict=True)`` fails
+on today's code for the reason in its docstring; fixing its cause makes it pass (and the
+strict mark then fails, to be removed). Tests whose body could kill the interpreter run it
+in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from relhelp import part_digests, sample_digest
+
+from diskcache_ocr import BatchLoader, CachedOCRDataset, CacheError, CacheFormatError, CacheStore
+
+WORD = [[20, 20], [120, 20], [120, 60], [20, 60]]
+
+
+def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def _ann(path: Path, *names: str) -> Path:
+    path.write_text(json.dumps({"images": {n: {"words": {"1": {"points": WORD}}}
+                                           for n in names}}))
+    return path
+
+
+def _fresh(images: Path, annotations: Path | None, index: int = 0) -> dict:
+    """A sample computed without any cache, by the user's own pipeline."""
+    ds = CachedOCRDataset(images, annotations, None, preset={"load_maps": True})
+    return ds[index]
+
+
+def _run_py(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter (a crash there is a return code here)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# -- 1. two splits sharing one cache ----------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 1")
+def test_item1_splits_sharing_a_cache_never_get_each_others_pixels(tmp_path):
+    """train/img_1.bmp and val/img_1.bmp: same name, size and mtime, other pixels. Today the
+    index is keyed by the name relative to the images directory and a (size, mtime) match
+    trusts the stored content hash: train is served val's image."""
+    train = _png(tmp_path / "train" / "img_1.bmp", (64, 48), (255, 0, 0))
+    val = _png(tmp_path / "val" / "img_1.bmp", (64, 48), (0, 0, 255))
+    assert train.stat().st_size == val.stat().st_size
+    os.utime(train, ns=(val.stat().st_atime_ns, val.stat().st_mtime_ns))
+    cache = tmp_path / "cache"
+    CachedOCRDataset(val.parent, None, cache, preset="balanced")[0]
+    got = CachedOCRDataset(train.parent, None, cache, preset="balanced")[0]
+    want = _fresh(train.parent, None)
+    assert got["meta"]["error"] is None
+    assert part_digests(got)["image"] == part_digests(want)["image"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 1")
+def test_item1_clear_stale_keeps_the_other_splits_entries(tmp_path, capsys):
+    """`clear --stale` without --images judges every entry against one dataset root: the
+    other split's entries are counted stale. Asserted through the dry run's report."""
+    from testkit import run_cli
+
+    for split, colour in (("train", (255, 0, 0)), ("val", (0, 0, 255))):
+        _png(tmp_path / split / f"{split}_1.png", (64, 48), colour)
+    cache = tmp_path / "cache"
+    for split in ("train", "val"):
+        CachedOCRDataset(tmp_path / split, None, cache, preset="balanced")[0]
+    rc, out, err = run_cli(capsys, "clear", "--stale", "--dry-run", "--json", "--cache", cache)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["stale_sources"] == [], report
+    assert set(report["removed"].values()) == {0}, report
+
+
+# -- 2. torn samples ----------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 2")
+def test_item2_one_sample_comes_from_one_content(tmp_path, monkeypatch):
+    """Only maps cached; a.png (400×300) is atomically replaced by another size (200×500)
+    right after the batch's stat. Today the stat matches the index entry, so the maps come
+    from the old content's hash while the image is decoded from the new file: a torn sample.
+    Every part of a sample must come from one content (old or new)."""
+    images = tmp_path / "img"
+    old = _png(tmp_path / "old" / "a.png", (400, 300), (200, 30, 30))
+    new = _png(tmp_path / "new" / "a.png", (200, 500), (30, 30, 200))
+    ann = _ann(tmp_path / "a.json", "a.png")
+    want = {}
+    for version, src in (("old", old), ("new", new)):
+        want[version] = part_digests(_fresh(src.parent, ann))
+    target = images / "a.png"
+    images.mkdir()
+    target.write_bytes(old.read_bytes())
+    preset = {"cache_config": {"cache_maps": True}, "load_maps": True}
+    cache = tmp_path / "cache"
+    CachedOCRDataset(images, ann, cache, preset=preset)[0]  # maps of the old content cached
+    staged = images / ".a.png.tmp"  # no image suffix: never listed
+    staged.write_bytes(new.read_bytes())
+    ds = CachedOCRDataset(images, ann, cache, preset=preset)
+    fired = []
+    real_stat, real_fstat = os.stat, os.fstat
+    old_file = (target.stat().st_dev, target.stat().st_ino)
+
+    def replace_once() -> None:
+        if not fired:
+            fired.append(True)
+            os.replace(staged, target)
+
+    def stat(path, *a, follow_symlinks=True, **kw):
+        result = real_stat(path, *a, follow_symlinks=follow_symlinks, **kw)
+        # (an lstat is a step of the name's resolution, not the content's stat)
+        if follow_symlinks and os.fspath(path) == os.fspath(target):
+            replace_once()
+        return result
+
+    def fstat(fd):
+        result = real_fstat(fd)
+        if (result.st_dev, result.st_ino) == old_file:
+            replace_once()
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "fstat", fstat)
+    got = part_digests(ds[0])
+    monkeypatch.undo()
+    assert fired, "the source was never stat'ed: the race was not exercised"
+    assert got in (want["old"], want["new"]), (got, want)
+
+
+# -- 3. a retargeted symlink --------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 3")
+@pytest.mark.parametrize("preset", ["none", "balanced", "validation_optimized"])
+def test_item3_retargeted_symlink_is_never_served_stale(tmp_path, preset):
+    """a.png -> store/x.png (400×300), then re-pointed to store/y.png (200×500). Today the
+    dataset keeps each source's resolved path for its lifetime and serves x.png's content."""
+    images = tmp_path / "img"
+    _png(images / "store" / "x.png", (400, 300), (200, 30, 30))
+    _png(images / "store" / "y.png", (200, 500), (30, 30, 200))
+    link = images / "a.png"
+    link.symlink_to("store/x.png")
+    ds = CachedOCRDataset(images, None, tmp_path / "cache", preset=preset)
+    assert ds[0]["meta"]["orig_size"] == (300, 400)
+    staged = images / ".a.tmp"
+    staged.symlink_to("store/y.png")
+    os.replace(staged, link)
+    got = ds[0]
+    assert got["meta"]["orig_size"] == (500, 200)
+    assert sample_digest(got) == sample_digest(_fresh(images, None))
+
+
+# -- 4. BatchLoader batches kept by the consumer ----------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 4")
+def test_item4_batches_kept_by_the_consumer_stay_intact(tiny):
+    """Without a device, BatchLoader reuses its `buffers` host buffers as soon as the next
+    batch is asked for, whoever still holds them: a consumer that keeps batches (Lightning
+    prefetches one; a list) finds other batches' pixels under its batch's meta."""
+    ds = CachedOCRDataset(tiny.images, tiny.annotations, None, preset={"load_maps": True})
+    fresh = {i: part_digests(ds[i]) for i in range(len(ds))}
+    kept = list(BatchLoader(ds, batch_size=2, threads=2))
+    assert len(kept) == len(ds) // 2
+    wrong = []
+    for batch in kept:
+        for j, meta in enumerate(batch["meta"]):
+            got = {name: part_digests({name: batch[name][j]})[name]
+                   for name in ("image", "prob_map", "prob_mask", "thresh_map", "thresh_mask")}
+            if got != fresh[meta["index"]]:
+                wrong.append(meta["file"])
+    assert wrong == []
+
+
+# -- 16. any batch sampler -------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 16")
+def test_item16_batch_sampler_with_batches_larger_than_batch_size(tiny):
+    """A batch sampler yielding 20 indices with the default batch_size of 16: today an
+    IndexError (the host buffers are sized by batch_size)."""
+    ds = CachedOCRDataset(tiny.images, tiny.annotations, None)
+    order = [i % len(ds) for i in range(20)]
+    (batch,) = list(BatchLoader(ds, batch_sampler=[order], threads=2, device="cpu"))
+    assert [m["index"] for m in batch["meta"]] == order
+    assert batch["image"].shape[0] == 20
+    for j in (0, 8, 19):
+        assert part_digests({"image": batch["image"][j]}) == part_digests(
+            {"image": ds[order[j]]["image"]})
