@@ -194,3 +194,73 @@ def test_item16_batch_sampler_with_batches_larger_than_batch_size(tiny):
     for j in (0, 8, 19):
         assert part_digests({"image": batch["image"][j]}) == part_digests(
             {"image": ds[order[j]]["image"]})
+
+
+# -- 5. on_mismatch="ignore" ----------------------------------------------------------------------
+def _keys(cache: Path) -> dict[str, set[bytes]]:
+    with CacheStore(cache, readonly=True) as store:
+        return {kind: set(store.keys(kind)) for kind in ("images", "tensors", "maps")}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 5")
+def test_item5_ignore_serves_what_is_stored_and_writes_nothing_under_a_stale_stamp(tiny,
+                                                                                   tmp_path):
+    """A cache built with the default map parameters, opened with other ones and
+    on_mismatch="ignore". Tensor and map keys include the fingerprint, so today nothing
+    stored is found: fresh records are computed and written into kinds still stamped with
+    the old version. Stored maps must be served (the README's promise), and nothing may be
+    written under the old stamp."""
+    from diskcache_ocr.ocr.maps import MapConfig
+
+    cache = tmp_path / "cache"
+    built = CachedOCRDataset(tiny.images, tiny.annotations, cache, preset="validation_optimized")
+    stored_maps = {i: part_digests(built[i]) for i in range(len(built))}
+    built.close()
+    before = _keys(cache)
+    ds = CachedOCRDataset(tiny.images, tiny.annotations, cache, preset="validation_optimized",
+                          map_config=MapConfig(shrink_ratio=0.5), on_mismatch="ignore",
+                          preload=False)
+    served = {i: part_digests(ds[i]) for i in range(len(ds))}
+    ds.close()
+    after = _keys(cache)
+    assert {k: len(after[k] ^ before[k]) for k in after} == {k: 0 for k in after}
+    assert served == stored_maps
+
+
+# -- 6. symlinked cache files -----------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 6")
+@pytest.mark.parametrize("name", ["lock.mdb", "data.mdb"])
+def test_item6_symlinked_cache_files_are_refused(tmp_path, tiny, name):
+    """A planted `lock.mdb` -> notes.txt, or `data.mdb` -> an empty file elsewhere: today
+    LMDB follows the link and writes its lock table / a whole cache into the target. The
+    cache must refuse to open (a CacheError naming the file) and leave the target as it was."""
+    cache = tmp_path / "cache"
+    CachedOCRDataset(tiny.images, tiny.annotations, cache, preset="balanced")[0]
+    notes = tmp_path / "elsewhere" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_bytes(b"" if name == "data.mdb" else b"my notes\n")
+    before = notes.read_bytes()
+    (cache / name).unlink()
+    (cache / name).symlink_to(notes)
+    for readonly in (True, False):
+        with pytest.raises(CacheError, match=name):
+            CacheStore(cache, readonly=readonly).header()
+    with pytest.raises(CacheError, match=name):
+        CachedOCRDataset(tiny.images, tiny.annotations, cache, preset="balanced")[0]
+    assert notes.read_bytes() == before
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 6")
+def test_item6_status_and_health_refuse_a_symlinked_lock_file(tmp_path, tiny, capsys):
+    from testkit import run_cli
+
+    cache = tmp_path / "cache"
+    CachedOCRDataset(tiny.images, tiny.annotations, cache, preset="balanced")[0]
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"my notes\n")
+    (cache / "lock.mdb").unlink()
+    (cache / "lock.mdb").symlink_to(notes)
+    for command in ("status", "health"):
+        rc, _, err = run_cli(capsys, command, "--cache", cache)
+        assert rc == 2 and "lock.mdb" in err, (command, rc, err)
+    assert notes.read_bytes() == b"my notes\n"
