@@ -264,3 +264,163 @@ def test_item6_status_and_health_refuse_a_symlinked_lock_file(tmp_path, tiny, ca
         rc, _, err = run_cli(capsys, command, "--cache", cache)
         assert rc == 2 and "lock.mdb" in err, (command, rc, err)
     assert notes.read_bytes() == b"my notes\n"
+
+
+# -- 9. a file name that is not UTF-8 -------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 9")
+def test_item9_non_utf8_file_name_is_served_and_cached(tmp_path):
+    """`caf\\xe9.png` (Latin-1 bytes) listed from the directory: today `source.encode()`
+    raises UnicodeEncodeError (the index key, `store.get_index`) and the epoch stops. It must be served,
+    indexed (by a lossless byte form of its name) and then read from the cache."""
+    images = tmp_path / "img"
+    images.mkdir()
+    raw = os.path.join(os.fsencode(images), b"caf\xe9.png")
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(os.fsdecode(raw))
+    cache = tmp_path / "cache"
+    want = _fresh(images, None)
+    assert want["meta"]["error"] is None
+    first = CachedOCRDataset(images, None, cache, preset="validation_optimized", preload=False)[0]
+    assert first["meta"]["error"] is None
+    assert sample_digest(first) == sample_digest(want)
+    ds = CachedOCRDataset(images, None, cache, preset="validation_optimized", preload=False)
+    again = ds[0]
+    assert sample_digest(again) == sample_digest(want)
+    assert ds.stats().get("tensors.hits", 0) >= 1
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 9")
+def test_item9_prebuild_builds_a_non_utf8_name(tmp_path, capsys):
+    from testkit import run_cli
+
+    images = tmp_path / "img"
+    images.mkdir()
+    Image.new("RGB", (64, 48)).save(os.fsdecode(os.path.join(os.fsencode(images), b"caf\xe9.png")))
+    Image.new("RGB", (64, 48)).save(images / "plain.png")
+    rc, out, err = run_cli(capsys, "prebuild", "--images", images, "--cache", tmp_path / "c")
+    assert rc == 0, err
+    with CacheStore(tmp_path / "c", readonly=True) as store:
+        assert len(list(store.iter_index())) == 2
+
+
+# -- 13. well-formed but wrong values read from the cache -------------------------------------------
+@pytest.fixture
+def built(tiny, tmp_path):
+    """A cache of ``tiny`` built by validation_optimized (all kinds)."""
+    cache = tmp_path / "cache"
+    CachedOCRDataset(tiny.images, tiny.annotations, cache, preset="validation_optimized").close()
+    return cache
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 13")
+def test_item13_index_entry_with_an_empty_content_hash_is_damage(tiny, built, references,
+                                                                 capsys):
+    """Today every read of that source fails with MDB_BAD_VALSIZE (the empty hash is used as
+    a key), `prebuild` aborts, and `health` says nothing."""
+    from dataclasses import replace
+
+    from testkit import run_cli
+
+    from diskcache_ocr import ops
+
+    victim = tiny.names[3]
+    with CacheStore(built) as store:
+        entry = store.get_index(victim)
+        with store.writer() as batch:
+            batch.put_index(victim, replace(entry, content_hash=b""))
+    ds = CachedOCRDataset(tiny.images, tiny.annotations, built, preset="validation_optimized",
+                          preload=False)
+    i = [ds.source(k) for k in range(len(ds))].index(victim)
+    sample = ds[i]
+    assert sample["meta"]["error"] is None
+    assert sample_digest(sample) == references[victim]
+    ds.close()
+    with CacheStore(built) as store:  # the bad entry was rewritten by that read
+        assert len(store.get_index(victim).content_hash) == 32
+        entry = store.get_index(victim)
+        with store.writer() as batch:
+            batch.put_index(victim, replace(entry, content_hash=b""))
+    report = ops.health(built, images_dir=tiny.images)
+    corrupt = [p["detail"] for p in report["problems"] if p["code"] == "corrupt"]
+    assert any(victim in d for d in corrupt), report
+    rc, _, err = run_cli(capsys, "prebuild", "--images", tiny.images, "--annotations",
+                         tiny.annotations, "--cache", built)
+    assert rc == 0, err
+
+
+BAD_HEADERS = {
+    "kinds is a string": {"kinds": {"images": "garbage"}},
+    "fingerprint missing": {"kinds": {"images": {"version": "1"}}},
+    "kinds not a map": {"kinds": ["images"]},
+}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 13")
+@pytest.mark.parametrize("change", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
+def test_item13_header_fields_of_the_wrong_type_are_named_damage(tiny, built, capsys, change):
+    """Today: TypeError / KeyError / AttributeError out of the dataset, tracebacks from
+    `status` and `health`. Each must be a CacheFormatError naming the header field; `status`
+    exits 2 with one line, `health` reports the damage (exit 1) without a traceback."""
+    from testkit import run_cli
+
+    with CacheStore(built) as store:
+        store.update_header(**change)
+    with pytest.raises(CacheFormatError, match="kinds"):
+        CachedOCRDataset(tiny.images, tiny.annotations, built, preset="validation_optimized")
+    rc, out, err = run_cli(capsys, "status", "--cache", built)
+    assert rc == 2 and "kinds" in err and "Traceback" not in err, (rc, err)
+    rc, out, err = run_cli(capsys, "health", "--json", "--cache", built)
+    assert rc == 1, (rc, err)
+    codes = {p["code"] for p in json.loads(out)["problems"]}
+    assert "corrupt" in codes, out
+
+
+# -- 14. command-line edge values ----------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="issue 16 item 14")
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e300"])
+def test_item14_health_max_age_days_out_of_range_is_a_usage_error(built, capsys, value):
+    """Today `--max-age-days inf` escapes as an OverflowError traceback."""
+    from testkit import run_cli
+
+    try:
+        rc, _, err = run_cli(capsys, "health", "--cache", built, "--max-age-days", value)
+    except SystemExit as exc:  # argparse's own refusal (exit 2) is fine too
+        rc, err = exc.code, capsys.readouterr().err
+    assert rc == 2 and "max-age-days" in err, (rc, err)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 14")
+def test_item14_deeply_nested_preset_is_a_preset_error(tiny, tmp_path, capsys):
+    """A preset file nested 100 000 levels deep: today a RecursionError traceback."""
+    from testkit import run_cli
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("cache_config: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    rc, _, err = run_cli(capsys, "prebuild", "--images", tiny.images, "--cache",
+                         tmp_path / "cache", "--preset", deep)
+    assert rc == 2 and "deep.yaml" in err and "Traceback" not in err, (rc, err[-500:])
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 14")
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_item14_watch_debounce_out_of_range_is_refused_at_start(tiny, built, value):
+    """Today `watch --debounce inf` starts; its flush thread dies (OverflowError: timestamp
+    out of range) and the service keeps running, invalidating nothing. It must refuse the
+    value at the edge: exit 2 naming --debounce, before its start line."""
+    from testkit import command
+
+    proc = subprocess.Popen([*command(), "watch", "--images", str(tiny.images), "--cache",
+                             str(built), "--polling", "--debounce", value],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first: list[str] = []
+    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(120)  # a deadline for a hang, not a timing: either outcome comes in seconds
+    try:
+        assert first and not first[0].startswith("watch:"), f"started serving: {first}"
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate()
+    assert proc.returncode == 2 and "debounce" in err, (proc.returncode, err[-500:])
