@@ -524,3 +524,78 @@ def test_item15_foreign_lmdb_with_a_plain_meta_key(tiny, tmp_path, capsys):
     assert rc == 0, err
     ds = CachedOCRDataset(tiny.images, tiny.annotations, cache, preset="balanced")
     assert ds[0]["meta"]["error"] is None
+
+
+# -- 7, 8. a fork or a close while another thread reads ---------------------------------------------
+_READER = """
+    import json, os, sys, threading
+    sys.path.insert(0, {helpers!r})
+    from relhelp import sample_digest
+    from diskcache_ocr import BatchLoader, CachedOCRDataset, CacheClosedError
+    from relhelp import unbatch
+    want = json.loads({references!r})
+    ds = CachedOCRDataset({images!r}, {annotations!r}, {cache!r},
+                          preset="validation_optimized", preload=False)
+    ds[0]
+    stop, started, problems, reads = threading.Event(), threading.Event(), [], [0]
+
+    loader = BatchLoader(ds, batch_size=4, threads=2, device="cpu")
+
+    def samples():
+        if {batches}:
+            for batch in loader:
+                yield from unbatch(batch)
+        else:
+            for i in range(len(ds)):
+                yield ds[i]
+
+    def read():
+        while not stop.is_set():
+            try:
+                for s in samples():
+                    f = s["meta"]["file"]
+                    if s["meta"]["error"] is not None or sample_digest(s) != want[f]:
+                        problems.append(f"wrong sample {{f}}: {{s['meta']['error']}}")
+                    reads[0] += 1
+                    started.set()
+            except CacheClosedError:
+                continue  # refused while closing: allowed
+            except Exception as exc:
+                problems.append(repr(exc))
+
+    t = threading.Thread(target=read)
+    t.start()
+    started.wait()
+    while reads[0] < {reads} and t.is_alive():
+        {action}
+    stop.set()
+    t.join()
+    print("reads", reads[0], "problems", problems[:3], len(problems))
+    sys.exit(1 if problems else 0)
+"""
+
+
+def _reader_script(tiny, built, references, action: str, reads: int, batches: bool) -> str:
+    return _READER.format(helpers=str(Path(__file__).parent), references=json.dumps(references),
+                          images=str(tiny.images), annotations=str(tiny.annotations),
+                          cache=str(built), action=action, reads=reads, batches=batches)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 7")
+def test_item7_fork_while_another_thread_reads(tiny, built, references):
+    """The at-fork hook aborts every transaction and closes every environment in the parent,
+    other threads' read slots included: the reading thread then uses an unmapped view
+    (SIGSEGV), or is told that the cache file is damaged (CacheFormatError advising
+    `clear --all` on a healthy cache). The parent must keep reading correct samples."""
+    action = "pid = os.fork()\n        os._exit(0) if pid == 0 else os.waitpid(pid, 0)"
+    res = _run_py(_reader_script(tiny, built, references, action, reads=120, batches=True))
+    assert res.returncode == 0, (res.returncode, res.stdout[-600:], res.stderr[-600:])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16 item 8")
+def test_item8_close_while_another_thread_reads(tiny, built, references):
+    """`ds.close()` unmaps the environment under a reader in flight: SIGSEGV. Close must
+    wait for (or refuse) readers in flight; a read after it reopens or is a CacheClosedError."""
+    res = _run_py(_reader_script(tiny, built, references, "ds.close()", reads=120,
+                                batches=False))
+    assert res.returncode == 0, (res.returncode, res.stdout[-600:], res.stderr[-600:])
