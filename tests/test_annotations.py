@@ -431,3 +431,37 @@ def test_fuzz_json_parser(tmp_path: Path, doc: Any) -> None:
         for poly in item.polygons:
             assert poly.dtype == np.float64 and poly.shape[0] >= 4 and not poly.flags.writeable
             assert np.isfinite(poly).all() and (poly >= 0).all()
+
+
+# -- bounded work per polygon -------------------------------------------------------------
+
+
+def zigzag(n: int) -> list[list[float]]:
+    """A simple, non-convex outline of `n` points (a comb), so no fast path applies."""
+    top = [[float(i), 10.0 + (i % 2) * 5.0] for i in range(n - 2)]
+    return [*top, [float(n - 3), 0.0], [0.0, 0.0]]
+
+
+def test_word_with_too_many_points_is_a_named_problem(tmp_path: Path) -> None:
+    from diskcache_ocr.ocr.annotations import MAX_POLYGON_POINTS
+
+    images = make_images(tmp_path / "img", "a.jpg")
+    too_many = zigzag(MAX_POLYGON_POINTS + 1)
+    ann = load_annotations(images, write_json(tmp_path / "a.json", {
+        "a.jpg": {"words": {"big": {"points": too_many}, "ok": {"points": SQUARE}}}}))
+    p = only_problem(ann)
+    assert (p.source, p.image, p.word) == (str(tmp_path / "a.json"), "a.jpg", "big")
+    limit = MAX_POLYGON_POINTS
+    assert p.reason == f"has {limit + 1} points; at most {limit} are allowed"
+    assert by_file(ann)["a.jpg"].word_ids == ("ok",)
+
+
+def test_word_at_the_point_limit_is_kept_and_checked(tmp_path: Path) -> None:
+    from diskcache_ocr.ocr.annotations import MAX_POLYGON_POINTS
+
+    images = make_images(tmp_path / "img", "a.jpg")
+    ann = load_annotations(images, write_json(tmp_path / "a.json", {
+        "a.jpg": {"words": {"comb": {"points": zigzag(MAX_POLYGON_POINTS)}}}}))
+    assert ann.problems == ()
+    (poly,) = by_file(ann)["a.jpg"].polygons
+    assert poly.shape == (MAX_POLYGON_POINTS, 2)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +295,135 @@ def test_rejects_non_bytes_and_bad_limit() -> None:
         decode_image("not bytes", "s")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         decode_image(b"x", "s", max_pixels=0)
+
+
+# -- bounded memory, regular files only ----------------------------------------------------
+
+
+def test_memory_estimate_refuses_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An RGBA image within the pixel limit but over the memory bound is refused from its
+    header: Pillow never decodes a pixel of it."""
+    from diskcache_ocr.ocr.decode import decode_bytes_estimate
+
+    data = encode(Image.new("RGBA", (100, 100)), "PNG")
+    loaded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loaded.append(self))
+    need = decode_bytes_estimate("RGBA", 100, 100)
+    assert need == 100 * 100 * (4 + 3)
+    with pytest.raises(ImageDecodeError, match=r"^a\.png: decoding this RGBA image of 100×100 "
+                                               rf"needs about {need} bytes, over the limit"):
+        decode_image(data, "a.png", max_bytes=need - 1)
+    assert loaded == []
+
+
+def test_rgba_peak_memory_is_bounded_by_the_estimate(tmp_path: Path) -> None:
+    """A 6000×6000 RGBA PNG (a few kB on disk): the decode's peak allocation stays within
+    the mode × size estimate, not several times the image as a whole-image uint32
+    composite needs."""
+    import tracemalloc
+
+    data = encode(Image.new("RGBA", (6000, 6000), (10, 20, 30, 128)), "PNG")
+    tracemalloc.start()
+    try:
+        out = decode_image(data, "big.png")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (6000, 6000, 3)
+    assert tuple(out[0, 0]) == ((10 * 128 + 255 * 127 + 127) // 255,
+                                (20 * 128 + 255 * 127 + 127) // 255,
+                                (30 * 128 + 255 * 127 + 127) // 255)
+    # tracemalloc sees numpy's and Python's buffers, not Pillow's own: the 3-byte result
+    # plus one strip's temporaries, whose size does not grow with the image.
+    assert peak <= 6000 * 6000 * 3 + (64 << 20)
+    from diskcache_ocr.ocr.decode import decode_bytes_estimate
+
+    # With Pillow's 4-byte image, that is the estimate (plus the strip).
+    assert peak + 6000 * 6000 * 4 <= decode_bytes_estimate("RGBA", 6000, 6000) + (64 << 20)
+
+
+def test_strips_equal_whole_image_conversion() -> None:
+    """Row strips change nothing: a tall RGBA image with varied alpha, exact."""
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, size=(3000, 700, 4), dtype=np.uint8)
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), "t.png")
+    a = rgba[..., 3:].astype(np.uint32)
+    want = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255
+    np.testing.assert_array_equal(out, want.astype(np.uint8))
+
+
+def test_read_image_file_regular(tmp_path: Path) -> None:
+    from diskcache_ocr.ocr.decode import read_image_file
+
+    data = encode(Image.fromarray(blocks_image(4)), "PNG")
+    (tmp_path / "a.png").write_bytes(data)
+    assert read_image_file(tmp_path / "a.png", "a.png") == data
+
+
+def test_read_image_file_fifo_fails_at_once(tmp_path: Path) -> None:
+    """A FIFO in a source's place: a named error, without waiting for a writer (a blocking
+    open would hang this test forever, so the open runs in a thread released at the end)."""
+    import threading
+
+    from diskcache_ocr.errors import SourceError
+    from diskcache_ocr.ocr.decode import read_image_file
+
+    fifo = tmp_path / "a.png"
+    os.mkfifo(fifo)
+    result: list[BaseException | bytes] = []
+    worker = threading.Thread(target=lambda: result.append(_call(read_image_file, fifo)),
+                              daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # release the blocked open, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+    assert len(result) == 1 and isinstance(result[0], SourceError), result
+    assert str(result[0]) == "a.png: not a regular file (a FIFO)"
+
+
+def _call(read: object, path: Path) -> BaseException | bytes:
+    try:
+        return read(path, "a.png")  # type: ignore[operator]
+    except BaseException as e:  # noqa: BLE001 - the test inspects it
+        return e
+
+
+def test_read_image_file_directory_and_missing(tmp_path: Path) -> None:
+    from diskcache_ocr.errors import SourceError
+    from diskcache_ocr.ocr.decode import read_image_file
+
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(SourceError, match=r"^d\.png: "):
+        read_image_file(tmp_path / "d.png", "d.png")
+    with pytest.raises(SourceError, match=r"^m\.png: cannot open: No such file"):
+        read_image_file(tmp_path / "m.png", "m.png")
+
+
+def test_huge_sparse_file_is_refused_before_reading(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 GiB sparse files: one not an image by its first bytes, one starting like a JPEG
+    but larger than any image in the pixel limit. Neither is read beyond its first bytes."""
+    from diskcache_ocr.ocr.decode import max_file_bytes, read_image_file
+
+    zeros, jpeg = tmp_path / "zeros.jpg", tmp_path / "big.jpg"
+    with open(zeros, "wb") as fh:
+        fh.truncate(4 << 30)
+    with open(jpeg, "wb") as fh:
+        fh.write(b"\xff\xd8\xff\xe0")
+        fh.truncate(4 << 30)
+    read_sizes: list[int] = []
+    real_read, real_pread = os.read, os.pread
+    monkeypatch.setattr(os, "read", lambda fd, n: read_sizes.append(n) or real_read(fd, n))
+    monkeypatch.setattr(os, "pread", lambda fd, n, o: read_sizes.append(n) or real_pread(fd, n, o))
+    with pytest.raises(ImageDecodeError, match=r"^zeros\.jpg: not a recognised image format$"):
+        read_image_file(zeros, "zeros.jpg")
+    with pytest.raises(ImageDecodeError, match=rf"^big\.jpg: file of {4 << 30} bytes exceeds "
+                                               rf"the {max_file_bytes()} bytes"):
+        read_image_file(jpeg, "big.jpg")
+    assert read_sizes and max(read_sizes) <= 64
+
+
+def test_garbage_is_refused_by_its_first_bytes() -> None:
+    with pytest.raises(ImageDecodeError, match=r"^g\.png: not a recognised image format$"):
+        decode_image(b"\x00" * 4096, "g.png")

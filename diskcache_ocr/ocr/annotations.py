@@ -27,6 +27,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _MAX_SYMLINK_HOPS = 40  # same bound the OS uses before ELOOP
 # Far outside any image; larger values overflow float32 once transformed (inf polygons).
 MAX_COORDINATE = float(2**31)
+# The simplicity check compares every pair of edges (quadratic time and memory); a word
+# outline of more points than this is no real annotation, and refusing it bounds that work.
+MAX_POLYGON_POINTS = 1000
 _BAD_NAMES = (
     (lambda r: "\0" in r, "contains a NUL character"),
     (lambda r: "\\" in r, "contains a backslash; use '/' separators"),
@@ -212,6 +215,8 @@ def _polygon(points: Any) -> np.ndarray | str:
     """Validate raw points; return a (k, 2) array or the reason they are unusable."""
     if not isinstance(points, (list, tuple)):
         return f"points must be a list of [x, y] pairs, got {type(points).__name__}"
+    if len(points) > MAX_POLYGON_POINTS:
+        return f"has {len(points)} points; at most {MAX_POLYGON_POINTS} are allowed"
     coords: list[float] = []
     for i, pt in enumerate(points):
         if not isinstance(pt, (list, tuple)) or len(pt) != 2:
