@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.store import KINDS
-from diskcache_ocr.store_wipe import has_cache
+from diskcache_ocr.store.wipe import has_cache
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -125,7 +125,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_clear(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import clear
-    from diskcache_ocr.store_wipe import wipe
+    from diskcache_ocr.store.wipe import wipe
 
     if args.all:  # the origin's meaning: the cache goes, and its disk space with it
         data = wipe(args.cache, dry_run=args.dry_run)

@@ -22,7 +22,9 @@ import lmdb
 import msgpack
 
 from diskcache_ocr.errors import CacheError
-from diskcache_ocr.store import _DBS, HEADER_KEY, KINDS, _open_stores
+from diskcache_ocr.schema import KINDS
+from diskcache_ocr.store.env import _open_stores
+from diskcache_ocr.store.header import _DBS, HEADER_KEY
 
 CACHE_FILES = ("data.mdb", "lock.mdb")
 # How long to wait for a writer (a prebuild, a watch service, a dataset filling misses) to
@@ -107,7 +109,7 @@ def _remove_under_writer_lock(path: Path, wait_s: float) -> None:
     """Delete the two files while holding the writer lock, from a child process: one that
     still waits when the time is up is killed, and nothing of it stays in this process (a
     thread left waiting here would keep the environment open in this process)."""
-    code = "from diskcache_ocr.store_wipe import _child; _child()"
+    code = "from diskcache_ocr.store.wipe import _child; _child()"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
