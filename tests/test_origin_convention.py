@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from diskcache_ocr.ocr.decode import decode_image
-from diskcache_ocr.ocr.origin import (
+from diskcache_ocr.ocr.conventions import (
     OriginTransform,
     get_convention,
     raw_to_upright,

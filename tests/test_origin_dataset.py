@@ -68,8 +68,8 @@ def test_their_config_in_each_shape(data_root, tmp_path, shape):
     assert p.use_turbojpeg and set(p.no_effect()) == {"use_turbojpeg", "turbojpeg_fallback"}
     assert ds.store is not None and ds.store.path == tmp_path / "c"
     assert ds.store.header()["preset"] == "custom"
-    fresh = CachedOCRDataset(*split_paths(data_root), preset="minimal")
-    fresh.load_maps = True  # same samples, computed without the cache
+    # the same samples, computed without the cache
+    fresh = CachedOCRDataset(*split_paths(data_root), preset={"load_maps": True})
     _same_samples(ds, fresh)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diskcache_ocr.keys import fingerprint
-from diskcache_ocr.ocr.origin import get_convention
+from diskcache_ocr.ocr.conventions import get_convention
 from diskcache_ocr.ocr.stages import (
     CallableTransform,
     MapsStage,

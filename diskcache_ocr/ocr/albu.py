@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from diskcache_ocr.ocr.origin import TransformResult
+from diskcache_ocr.ocr.conventions import TransformResult
 from diskcache_ocr.ocr.stages import (
     TransformStage,
     _not_cacheable,

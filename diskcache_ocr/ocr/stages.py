@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from diskcache_ocr.ocr.origin import TransformResult, get_convention
+from diskcache_ocr.ocr.conventions import TransformResult, get_convention
 
 MapsResult = dict[str, np.ndarray]
 
