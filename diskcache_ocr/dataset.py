@@ -12,6 +12,7 @@ process that reads (DataLoader workers included) and is closed before any fork.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -26,10 +27,19 @@ from diskcache_ocr.errors import CacheError, TrainingSafetyError
 from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
+from diskcache_ocr.ocr.staged import StagePipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
-from diskcache_ocr.presets import Preset, cache_plan, load_preset
+from diskcache_ocr.paths import default_cache_dir
+from diskcache_ocr.presets import CachePlan, Preset, cache_plan, load_preset
 from diskcache_ocr.readthrough import ReadThrough, format_hit_rates
-from diskcache_ocr.samples import BatchBuffers, Catalog, Polygons, Sample, collate
+from diskcache_ocr.samples import (
+    BatchBuffers,
+    Catalog,
+    Polygons,
+    Sample,
+    collate,
+    collate_fn,
+)
 from diskcache_ocr.schema import flat_polygons_bytes, polygons_bytes
 from diskcache_ocr.store import CacheStore, Policy
 
@@ -42,6 +52,18 @@ class CachedOCRDataset(Dataset[Sample]):
     >>> ds = CachedOCRDataset("data/images/val", "data/jsons/val.json", "cache/",
     ...                       preset="validation_optimized", split="val")   # doctest: +SKIP
     >>> sample = ds[0]   # image, polygons, ignore, prob_map ... inverse_matrix, meta
+
+    Your own pipeline: ``convention`` ("db", the reference DBNet rules, or "origin", the
+    origin project's), ``transform`` (an ``albumentations.Compose`` with
+    ``KeypointParams(format="xy")``, or a callable ``(image, polygons) -> (image, polygons,
+    inverse_matrix)`` with ``transform_version``), ``maps`` (a callable ``(polygons, h, w,
+    ignore=None) -> dict`` with ``maps_version``). Each stage's fingerprint versions the kind
+    that holds its output; an unversioned callable is computed live, never cached. A random
+    albumentations transform caches its deterministic prefix and runs the rest live, maps
+    live after it. ``item_keys`` ("db" or "origin"; default: the convention's) names a
+    sample's keys; ``collate_fn(item_keys)`` batches them. ``cache_dir`` defaults to
+    ``$DISKCACHE_OCR_DIR``, else ``~/.cache/diskcache-ocr``. ``load_maps`` overrides the
+    preset's (e.g. ``balanced`` + ``load_maps=True`` trains a DBNet: maps made live).
     """
 
     def __init__(
@@ -52,8 +74,14 @@ class CachedOCRDataset(Dataset[Sample]):
         *,
         preset: str | Path | Mapping[str, Any] | Preset | None = None,
         split: str = "val",
-        transform: TransformConfig | None = None,
+        transform: Any = None,
         map_config: MapConfig | None = None,
+        convention: str | None = None,
+        transform_version: Any = None,
+        maps: Any = None,
+        maps_version: Any = None,
+        item_keys: str | None = None,
+        load_maps: bool | None = None,
         on_mismatch: Policy = "error",
         allow_random_tensor_cache: bool = False,
         readonly: bool = False,
@@ -62,42 +90,69 @@ class CachedOCRDataset(Dataset[Sample]):
         preload: bool | None = None,
     ) -> None:
         self.preset = load_preset(preset)
-        self.plan = plan = cache_plan(self.preset)
+        plan = cache_plan(self.preset)
+        if load_maps is not None:
+            plan = dataclasses.replace(plan, return_maps=bool(load_maps))
         self.split = split
-        if transform is None:
-            transform = TRAINING if split == "train" else VALIDATION
-        pipeline = Pipeline(transform=transform, maps=map_config or MapConfig())
+        staged = (convention not in (None, "db") or maps is not None
+                  or not (transform is None or isinstance(transform, TransformConfig)))
+        pipeline: Pipeline | StagePipeline
+        if staged:
+            pipeline = StagePipeline(
+                convention=convention or "db", transform=transform,
+                transform_version=transform_version, maps=maps, maps_version=maps_version,
+                map_params=_map_params(map_config, convention or "db", maps))
+            plan = _stage_plan(plan, pipeline, split, allow_random_tensor_cache)
+        else:
+            if transform_version is not None or maps_version is not None:
+                raise CacheError("transform_version/maps_version are for a transform or maps "
+                                 "callable you pass")
+            if transform is None:
+                transform = TRAINING if split == "train" else VALIDATION
+            pipeline = Pipeline(transform=transform, maps=map_config or MapConfig())
+        item_keys = item_keys or (convention if convention == "origin" else "db")
+        if item_keys not in ("db", "origin"):
+            raise CacheError(f"item_keys must be 'db' or 'origin', got {item_keys!r}")
+        self.item_keys = item_keys
+        self.plan = plan
         self.catalog = Catalog(load_annotations(images_dir, annotations))
         self.images_dir = self.catalog.images_dir
         self.problems = self.catalog.problems  # what was skipped while loading, and why
         store = None
         if plan.caches_anything:
             if cache_dir is None:
-                raise CacheError(f"preset {plan.name!r} caches data but no cache_dir was given")
-            _check_training_safety(plan.safe_for_training or pipeline.is_deterministic(),
-                                   plan.name, split, allow_random_tensor_cache)
+                cache_dir = default_cache_dir()
+            if not staged:  # (a stage plan was checked by _stage_plan)
+                _check_training_safety(plan.safe_for_training or pipeline.is_deterministic(),
+                                       plan.name, split, allow_random_tensor_cache)
             # NOTE: read-through commits skip fsync (a killed process loses nothing; the
             # header's boot id flags an OS crash since); one fsync at close.
             options = {"readahead": plan.warm, "sync": False, **(store_options or {})}
             store = CacheStore(cache_dir, readonly=readonly, **options)
-        self.engine = ReadThrough(self.catalog, pipeline, plan, store, check_source=check_source)
+        self.engine = ReadThrough(self.catalog, pipeline, plan, store, check_source=check_source,
+                                  item_keys=item_keys)
         if store is not None:
             store.check_kinds(self.engine.kind_versions(), on_mismatch)
             if store.unsynced_reboot():
                 log.warning("%s: written without fsync before the last reboot; if the machine "
                             "crashed, run `diskcache-ocr verify` (or rebuild)", cache_dir)
             if not readonly:
-                store.update_header(
-                    dataset_root=str(self.images_dir), preset=plan.name,
-                    pipeline={"transform": pipeline.transform.to_dict(),
+                described = (pipeline.describe() if isinstance(pipeline, StagePipeline) else
+                             {"transform": pipeline.transform.to_dict(),
                               "maps": pipeline.maps.to_dict()})
+                store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
+                                    pipeline=described)
             if plan.preload if preload is None else preload:
                 self.preload()
             store.close()  # workers open their own; nothing stays open across a fork
 
     # -- what the engine holds, by its old names -------------------------------------------
+    def collate_fn(self) -> Any:
+        """The collate function for this dataset's item keys (a DataLoader ``collate_fn``)."""
+        return collate_fn(self.item_keys)
+
     @property
-    def pipeline(self) -> Pipeline:
+    def pipeline(self) -> Pipeline | StagePipeline:
         return self.engine.pipeline
 
     @property
@@ -177,6 +232,33 @@ class CachedOCRDataset(Dataset[Sample]):
             self.store.close()
 
 
+def _map_params(config: MapConfig | None, convention: str, maps: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if maps is not None or convention != "db":
+        raise CacheError("map_config is the reference DBNet maker's; with convention="
+                         f"{convention!r} or your own maps, pass maps=... instead")
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _stage_plan(plan: CachePlan, pipeline: StagePipeline, split: str, allow: bool
+                ) -> CachePlan:
+    """The plan a stage pipeline can honour. A random transform never has its maps (or its
+    whole output) cached: asking for that is refused as for the built-in pipeline. A random
+    albumentations transform with a deterministic prefix caches the prefix's output as the
+    ``tensors`` kind in place of the decoded image (it is what the image becomes next)."""
+    if pipeline.deterministic:
+        return plan
+    if plan.caches("maps") or (plan.caches("tensors") and pipeline.split is None):
+        _check_training_safety(False, plan.name, split, allow)
+    cached = set(plan.cached) - {"maps"}
+    if pipeline.split is not None and cached & {"images", "tensors"}:
+        cached = (cached - {"images"}) | {"tensors"}
+    elif pipeline.split is None:
+        cached.discard("tensors")
+    return dataclasses.replace(plan, cached=frozenset(cached))
+
+
 def _check_training_safety(safe: bool, preset: str, split: str, allow: bool) -> None:
     if safe:
         return
@@ -191,5 +273,6 @@ def _check_training_safety(safe: bool, preset: str, split: str, allow: bool) -> 
     warnings.warn(message, stacklevel=3)
 
 
-__all__ = ["BatchBuffers", "CachedOCRDataset", "Polygons", "collate", "flat_polygons_bytes",
+__all__ = ["BatchBuffers", "CachedOCRDataset", "Polygons", "collate", "collate_fn",
+           "default_cache_dir", "flat_polygons_bytes",
            "format_hit_rates", "polygons_bytes"]

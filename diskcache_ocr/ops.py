@@ -29,6 +29,7 @@ from diskcache_ocr.ocr.annotations import (
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
+from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import cache_plan
 from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import Catalog
@@ -37,15 +38,6 @@ from diskcache_ocr.store import CacheStore, WriteBatch
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
                 "failed_sources", "stale_readers", "corrupt")
-
-
-def default_cache_dir() -> Path:
-    """``$DISKCACHE_OCR_DIR``, else ``$XDG_CACHE_HOME/diskcache-ocr`` (``~/.cache/...``)."""
-    env = os.environ.get("DISKCACHE_OCR_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "diskcache-ocr"
 
 
 def _existing(cache_dir: str | os.PathLike[str]) -> Path:

@@ -10,7 +10,6 @@ OmegaConf node, or an object with attributes (such as their pydantic ``DatasetCo
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import Any
 
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
-from diskcache_ocr.ocr.transform import TransformConfig
-from diskcache_ocr.ops import default_cache_dir
+from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import Preset, load_preset, preset_keys
 
 __all__ = ["ValidatedOCRDataset", "default_cache_dir", "config_mapping", "preset_from_config"]
@@ -84,16 +82,6 @@ def preset_from_config(config: Any) -> Preset:
     return load_preset(preset_keys(data), name=str(name or "custom"))
 
 
-def _accepts_user_transform() -> bool:
-    """Whether CachedOCRDataset takes a user's transform callable (not only our config)."""
-    param = inspect.signature(CachedOCRDataset.__init__).parameters.get("transform")
-    if param is None:
-        return False
-    annotation = str(param.annotation)
-    return annotation not in ("TransformConfig | None", "Optional[TransformConfig]",
-                              str(TransformConfig | None))
-
-
 class ValidatedOCRDataset(CachedOCRDataset):
     """A CachedOCRDataset built from the origin project's ``config`` and ``transform``.
 
@@ -116,13 +104,9 @@ class ValidatedOCRDataset(CachedOCRDataset):
         cache_dir = data.get("cache_dir") or default_cache_dir()
         self.origin_config = data
         self.user_transform = transform
-        if transform is not None and not isinstance(transform, TransformConfig):
-            if not _accepts_user_transform():
-                raise CacheError(
-                    f"dataset config for {image_path}: a custom transform "
-                    f"({type(transform).__name__}) needs the newer CachedOCRDataset that takes "
-                    "user transform stages; leave `transform` out to use the built-in one")
         if transform is not None:
             options["transform"] = transform
+        # Their pipeline's rules and item keys, unless the caller says otherwise.
+        options.setdefault("convention", "origin")
         super().__init__(image_path, annotations, cache_dir, preset=preset_from_config(data),
                          split=options.pop("split", _split(data)), **options)

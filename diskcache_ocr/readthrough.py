@@ -31,14 +31,18 @@ from diskcache_ocr.keys import content_hash
 from diskcache_ocr.ocr.annotations import safe_source_path
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import Pipeline
+from diskcache_ocr.ocr.staged import StagePipeline, image_header
 from diskcache_ocr.presets import CachePlan
 from diskcache_ocr.samples import (
     GEOMETRY,
     BatchBuffers,
     Catalog,
     Sample,
+    StageBuffers,
     assemble,
+    assemble_staged,
     empty_sample,
+    empty_staged,
     finish_batch,
     put_image,
 )
@@ -98,16 +102,21 @@ class ReadThrough:
     so the engine pickles (for DataLoader workers) as its parts.
     """
 
-    def __init__(self, catalog: Catalog, pipeline: Pipeline, plan: CachePlan,
-                 store: CacheStore | None, *, check_source: bool = True) -> None:
+    def __init__(self, catalog: Catalog, pipeline: Pipeline | StagePipeline, plan: CachePlan,
+                 store: CacheStore | None, *, check_source: bool = True,
+                 item_keys: str = "db") -> None:
         self.catalog = catalog
         self.pipeline = pipeline
         self.plan = plan
         self.store = store
         self.check_source = check_source
+        self.item_keys = item_keys
+        # A stage pipeline's records are whole stage outputs: no zero-copy buffer layout.
+        self._staged = isinstance(pipeline, StagePipeline)
         self._fingerprints = {k: v.fingerprint for k, v in pipeline.kind_versions().items()}
-        # The plan, read once into plain flags for the per-sample path.
-        self._keep = tuple(k for k in KINDS if plan.caches(k))
+        # The plan, read once into plain flags for the per-sample path; a kind the
+        # pipeline cannot version (an unversioned stage, a random transform) is never kept.
+        self._keep = tuple(k for k in KINDS if plan.caches(k) and k in self._fingerprints)
         self._images, self._tensors, self._maps = (k in self._keep for k in KINDS)
         self._init_runtime()
 
@@ -132,17 +141,23 @@ class ReadThrough:
     def kind_versions(self) -> dict[str, KindVersion]:
         """Versions of the kinds this plan caches (what the store's header must agree with)."""
         versions = self.pipeline.kind_versions()
-        return {k: versions[k] for k in KINDS if self.plan.caches(k)}
+        return {k: versions[k] for k in self._keep}
 
     def keys(self, index: int, content: bytes) -> dict[str, bytes]:
         """The record key of every kind for image ``index`` whose file hashes to ``content``."""
-        return {"images": content, "tensors": self._tensor_key(content),
-                "maps": self._maps_key(index, content)}
+        out = {"images": content}
+        if "tensors" in self._fingerprints:
+            out["tensors"] = self._tensor_key(index, content)
+        if "maps" in self._fingerprints:
+            out["maps"] = self._maps_key(index, content)
+        return out
 
     def buffers(self, n: int, *, shared: bool = False, pin: bool = False,
                 compact: bool = False, reuse: bool | None = None) -> BatchBuffers:
         """Buffers for ``n`` samples; ``compact`` keeps a uint8 image and uint8 binary maps
         for :meth:`finish` to widen later (on a device)."""
+        if self._staged:  # stage outputs have the stage's shapes: each sample owns its arrays
+            return StageBuffers(self.item_keys)  # type: ignore[return-value]
         return BatchBuffers(n, self.pipeline.transform.size, self.plan.return_maps,
                             shared=shared, pin=pin,
                             raw_image=compact and self.pipeline.transform.output == "compact",
@@ -199,7 +214,7 @@ class ReadThrough:
                     failed.append((w.source, entry.status))
                     continue
                 needed = [(k, key) for k, key in self.keys(w.index, entry.content_hash).items()
-                          if self.plan.caches(k)]
+                          if k in self._keep]
                 if not all(txn.contains(kind, key) for kind, key in needed):
                     todo.append(w.index)
         return todo, failed
@@ -277,15 +292,21 @@ class ReadThrough:
         h = w.content_hash
         assert h is not None
         if self._tensors:
-            rec = self._get(txn, "tensors", self._tensor_key(h), w)
-            if rec is not None:
+            rec = self._get(txn, "tensors", self._tensor_key(w.index, h), w)
+            if rec is not None and self._staged:
+                w.tensor = {k: np.array(v) for k, v in rec.items()}
+                w.geometry = {}
+            elif rec is not None:
                 w.geometry = {k: np.array(rec[k]) for k in GEOMETRY}
                 if buffers is not None:
                     copies.append((put_image, (self.pipeline, rec["image"], buffers, w.slot)))
                     w.image_done = True
         if want_maps and self._maps:
             rec = self._get(txn, "maps", self._maps_key(w.index, h), w)
-            if rec is not None:
+            if rec is not None and self._staged:
+                w.maps = {k: np.array(v) for k, v in rec.items()}
+                w.maps_done = True
+            elif rec is not None:
                 if buffers is not None:
                     for name in MAP_NAMES:
                         copies.append((np.copyto, (buffers.maps[name][w.slot], rec[name])))
@@ -323,7 +344,10 @@ class ReadThrough:
         w.content_hash = content_hash(data)
         return True
 
-    def _tensor_key(self, h: bytes) -> bytes:
+    def _tensor_key(self, index: int, h: bytes) -> bytes:
+        if self._staged:  # the record holds the moved polygons: the annotation is in the key
+            return maps_key(h, flat_polygons_bytes(*self.catalog.flat_words(index)),
+                            self._fingerprints["tensors"])
         return tensor_key(h, self._fingerprints["tensors"])
 
     def _maps_key(self, index: int, h: bytes) -> bytes:
@@ -334,6 +358,9 @@ class ReadThrough:
                  flip: bool | None = None) -> None:
         """Compute what the cache did not have; note the kinds in ``keep`` for writing."""
         if w.error is not None:
+            return
+        if self._staged:
+            self._compute_staged(w, want_maps, want_tensor, keep)
             return
         need_maps = want_maps and not w.maps_done
         need_tensor = w.geometry is None and (want_tensor or need_maps)
@@ -353,12 +380,48 @@ class ReadThrough:
                 w.tensor = p.tensor_record(p.apply_transform(w.image, polys, flip=flip))
                 w.geometry = {k: w.tensor[k] for k in GEOMETRY}
                 if "tensors" in keep:
-                    w.writes.append(("tensors", self._tensor_key(w.content_hash), w.tensor))
+                    w.writes.append(("tensors", self._tensor_key(w.index, w.content_hash),
+                                     w.tensor))
             if need_maps:
                 assert w.geometry is not None and w.content_hash is not None
                 polys, ignore = self.catalog.words(w.index)
                 moved = p.transform_polygons(polys, w.geometry["matrix"])
                 w.maps = p.maps_record(p.make_maps(moved, ignore))
+                if "maps" in keep:
+                    w.writes.append(("maps", self._maps_key(w.index, w.content_hash), w.maps))
+        except SourceError as exc:
+            w.error = exc.reason
+
+    def _compute_staged(self, w: Work, want_maps: bool, want_tensor: bool,
+                        keep: Sequence[str]) -> None:
+        """The stage pipeline's compute: the ``tensors`` record (the transform's output, or its
+        deterministic prefix's) and, for a deterministic transform, the maps from it. Maps of
+        a random transform are made live in :meth:`_assemble`, after the random rest."""
+        p = self.pipeline
+        assert isinstance(p, StagePipeline)
+        keep = [k for k in keep if k in self._fingerprints]
+        cache_maps = "maps" in self._fingerprints
+        need_maps = want_maps and cache_maps and not w.maps_done
+        try:
+            if w.tensor is None:
+                if w.content is None and not self._read_source(w):
+                    return
+                assert w.content is not None and w.content_hash is not None
+                if w.image is None:
+                    w.image = p.decode(w.content, w.source)
+                    if "images" in keep:
+                        w.writes.append(("images", w.content_hash, {"image": w.image}))
+                raw_size, orientation = image_header(w.content)
+                polys, _ = self.catalog.words(w.index)
+                w.tensor = p.front(w.image, polys, raw_size, orientation)
+                w.geometry = {}
+                if "tensors" in keep:
+                    w.writes.append(("tensors", self._tensor_key(w.index, w.content_hash),
+                                     w.tensor))
+            if need_maps:
+                assert w.content_hash is not None
+                image, moved, _ = p.finish_sample(w.tensor)
+                w.maps = p.make_maps(moved, image, self.catalog.words(w.index)[1])
                 if "maps" in keep:
                     w.writes.append(("maps", self._maps_key(w.index, w.content_hash), w.maps))
         except SourceError as exc:
@@ -413,6 +476,14 @@ class ReadThrough:
 
     def _assemble(self, w: Work, buffers: BatchBuffers) -> Sample:
         with_maps = self.plan.return_maps
+        if self._staged:
+            assert isinstance(self.pipeline, StagePipeline)
+            if w.error is not None or w.tensor is None:
+                self._log_error(w)
+                return empty_staged(self.pipeline, self.catalog, w.index,
+                                    w.error or "unknown error", with_maps, self.item_keys)
+            return assemble_staged(self.pipeline, self.catalog, w.index, w.tensor,
+                                   w.maps if with_maps else None, with_maps, self.item_keys)
         if w.error is not None or w.geometry is None:
             self._log_error(w)
             return empty_sample(self.pipeline, self.catalog, w.index,

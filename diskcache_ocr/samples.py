@@ -8,6 +8,7 @@ stored as uint8), so nothing above it has to.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from diskcache_ocr import batchmem
 from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
 from diskcache_ocr.ocr.maps import MAP_NAMES
+from diskcache_ocr.ocr.conventions import upright_size
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
+from diskcache_ocr.ocr.staged import StagePipeline
 from diskcache_ocr.ocr.transform import finish, map_points
 
 Sample = dict[str, Any]
@@ -228,6 +231,71 @@ def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
     return sample
 
 
+class StageBuffers:
+    """The batch "buffers" of a stage pipeline: each sample owns arrays of the stage's shapes,
+    and :meth:`batch` is :func:`collate` under the dataset's item keys."""
+
+    raw_image = False
+
+    def __init__(self, keys: str = "db") -> None:
+        self.keys = keys
+
+    def batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        return collate(samples, keys=self.keys)
+
+
+def assemble_staged(pipeline: StagePipeline, catalog: Catalog, index: int,
+                    record: Mapping[str, np.ndarray], maps: Mapping[str, np.ndarray] | None,
+                    with_maps: bool, keys: str) -> Sample:
+    """One sample of a stage pipeline: the transform's output from its record (the random
+    rest run here, when there is one), maps from ``maps`` or made live."""
+    image, polygons, inverse = pipeline.finish_sample(dict(record))
+    ignore = np.array(catalog.flat_words(index)[2], dtype=bool)
+    if with_maps and maps is None:
+        maps = pipeline.make_maps(polygons, image, ignore)
+    raw = tuple(int(v) for v in record["raw_size"])
+    return _staged_sample(catalog, index, image, polygons, ignore, inverse,
+                          maps if with_maps else None, raw, int(record["orientation"][0]),
+                          None, keys)
+
+
+def empty_staged(pipeline: StagePipeline, catalog: Catalog, index: int, error: str,
+                 with_maps: bool, keys: str) -> Sample:
+    """A bad source under a stage pipeline: a blank image's shapes, no words, the reason."""
+    image, _, _ = pipeline.blank()
+    maps = pipeline.make_maps([], image, []) if with_maps else None
+    return _staged_sample(catalog, index, np.zeros_like(image), [], np.zeros(0, bool),
+                          np.eye(3), maps, (0, 0), 1, error, keys)
+
+
+def _staged_sample(catalog: Catalog, index: int, image: np.ndarray,
+                   polygons: Sequence[np.ndarray], ignore: np.ndarray, inverse: np.ndarray,
+                   maps: Mapping[str, np.ndarray] | None, raw_size: tuple[int, ...],
+                   orientation: int, error: str | None, keys: str) -> Sample:
+    file = catalog.source(index)
+    if keys == "origin":  # the origin dataset's item: numpy beside a tensor image
+        sample: Sample = {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "polygons": list(polygons), "inverse_matrix": np.asarray(inverse),
+            "metadata": {"filename": file, "path": str(catalog.images_dir / file),
+                         "raw_size": raw_size, "orientation": orientation, "error": error},
+        }
+        for name, arr in (maps or {}).items():
+            sample[name] = np.asarray(arr)
+        return sample
+    upright = upright_size(*raw_size, orientation) if error is None else (0, 0)
+    sample = {
+        "image": torch.from_numpy(np.ascontiguousarray(image)),
+        "polygons": list(polygons), "ignore": ignore,
+        "inverse_matrix": torch.from_numpy(np.asarray(inverse, np.float64)),
+        "meta": {"index": index, "file": file, "orig_size": upright, "raw_size": raw_size,
+                 "orientation": orientation, "error": error},
+    }
+    for name, arr in (maps or {}).items():
+        sample[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    return sample
+
+
 def finish_batch(batch: dict[str, Any], pipeline: Pipeline) -> dict[str, Any]:
     """A compact batch made float32 where it lives: the uint8 image normalized by the
     pipeline's own ``finish``, the binary maps widened (exact: their values are 0 and 1)."""
@@ -240,8 +308,17 @@ def finish_batch(batch: dict[str, Any], pipeline: Pipeline) -> dict[str, Any]:
     return out
 
 
-def collate(samples: Sequence[Sample]) -> dict[str, Any]:
-    """Stack images, maps and matrices; keep polygons, ignore flags and metadata as lists."""
+def collate(samples: Sequence[Sample], keys: str = "db") -> dict[str, Any]:
+    """Stack images, maps and matrices; keep polygons, ignore flags and metadata as lists.
+
+    ``keys="origin"`` names the batch the origin project's way (``images``, ``polygons``,
+    ``prob_maps``, ``thresh_maps``, ``inverse_matrix``, ``image_filename``, ``image_path``,
+    ``raw_size``, ``orientation``, ``metadata``) from samples with the origin's item keys.
+    """
+    if keys == "origin":
+        return _collate_origin(samples)
+    if keys != "db":
+        raise ValueError(f"collate: keys must be 'db' or 'origin', got {keys!r}")
     out: dict[str, Any] = {}
     for name in ("image", *MAP_NAMES, "inverse_matrix"):
         if name in samples[0]:
@@ -251,6 +328,37 @@ def collate(samples: Sequence[Sample]) -> dict[str, Any]:
                 out[name] = torch.stack(tensors)
     for name in ("polygons", "ignore", "meta"):
         out[name] = [s[name] for s in samples]
+    return out
+
+
+def collate_fn(keys: str = "db") -> Any:
+    """A DataLoader ``collate_fn`` naming its batch keys by ``keys`` ("db" or "origin")."""
+    if keys not in ("db", "origin"):
+        raise ValueError(f"collate_fn: keys must be 'db' or 'origin', got {keys!r}")
+    return functools.partial(collate, keys=keys)
+
+
+def _stack(values: Sequence[Any]) -> torch.Tensor:
+    return torch.stack([v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+                        for v in values])
+
+
+def _collate_origin(samples: Sequence[Sample]) -> dict[str, Any]:
+    if samples and "metadata" not in samples[0]:
+        raise ValueError("collate(keys='origin') needs samples with the origin's item keys "
+                         "(CachedOCRDataset(..., item_keys='origin'))")
+    out: dict[str, Any] = {"images": _stack([s["image"] for s in samples]),
+                           "polygons": [s["polygons"] for s in samples],
+                           "inverse_matrix": _stack([s["inverse_matrix"] for s in samples])}
+    for name, batch_name in (("prob_map", "prob_maps"), ("thresh_map", "thresh_maps")):
+        if samples and name in samples[0]:
+            out[batch_name] = _stack([s[name] for s in samples])
+    meta = [s["metadata"] for s in samples]
+    out["image_filename"] = [m["filename"] for m in meta]
+    out["image_path"] = [m["path"] for m in meta]
+    out["raw_size"] = [m["raw_size"] for m in meta]
+    out["orientation"] = [m["orientation"] for m in meta]
+    out["metadata"] = meta
     return out
 
 
@@ -268,5 +376,5 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
-__all__ = ["GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "assemble", "collate",
-           "empty_sample", "finish_batch", "put_image"]
+__all__ = ["GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "StageBuffers", "assemble",
+           "assemble_staged", "collate", "collate_fn", "empty_sample", "empty_staged", "finish_batch", "put_image"]

@@ -1,0 +1,200 @@
+"""The user's own pipeline through the cache against the same pipeline uncached.
+
+Validation, origin-style: the origin's albumentations val transform + origin-convention maps;
+a cached epoch (2 DataLoader workers, every kind prebuilt) against the plain uncached
+pipeline (PIL decode, the Compose, the maps) in the same loader. Training, origin-style: the
+train transform (deterministic LongestMaxSize + PadIfNeeded prefix, then random flips and
+colour) with maps made live after it; the prefix's output cached, against the whole thing
+uncached. Per-sample costs of decode, prefix, rest and maps are timed in-process. Each epoch
+is checked equal to the uncached pipeline's first. Writes results/pipeline.json and .md.
+
+    python benchmarks/bench_pipeline.py [--quick] [--images 48] [--workers 2] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from diskcache_ocr import CachedOCRDataset  # noqa: E402
+from diskcache_ocr.ocr.albu import split_deterministic_prefix  # noqa: E402
+from diskcache_ocr.ocr.conventions import get_convention  # noqa: E402
+from diskcache_ocr.ocr.decode import decode_image  # noqa: E402
+
+MEAN, STD = (0.5602,) * 3, (0.2539,) * 3
+SIZE = 640
+VAL_PRESET = {"cache_images": False, "cache_tensors": True, "cache_maps": True,
+              "load_maps": True}
+TRAIN_PRESET = {"cache_images": True, "load_maps": True}
+
+
+def _head(size: int) -> list:
+    return [A.LongestMaxSize(size, interpolation=cv2.INTER_LINEAR),
+            A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, value=0)]
+
+
+def val_transform(size: int = SIZE) -> A.Compose:
+    return A.Compose([*_head(size), A.Normalize(MEAN, STD), ToTensorV2()],
+                     keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
+
+
+def train_transform(size: int = SIZE) -> A.Compose:
+    return A.Compose([*_head(size), A.HorizontalFlip(p=0.5),
+                      A.RandomBrightnessContrast(p=0.5), A.Normalize(MEAN, STD), ToTensorV2()],
+                     keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
+
+
+class Uncached(Dataset):
+    """The same pipeline without a cache, as a user writes it: PIL, the Compose, the maps."""
+
+    def __init__(self, ds: CachedOCRDataset, transform: A.Compose) -> None:
+        self.files = [str(ds.images_dir / ds.source(i)) for i in range(len(ds))]
+        self.words = [ds.words(i)[0] for i in range(len(ds))]
+        self.transform = transform
+        self.maps = get_convention("origin").maps
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        with Image.open(self.files[i]) as im:
+            image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        polys = [np.round(p).astype(np.int32) for p in self.words[i]]
+        out = self.transform(image=image, keypoints=[tuple(map(float, xy)) for p in polys
+                                                     for xy in p])
+        pts = np.array([k[:2] for k in out["keypoints"]], np.float64).reshape(-1, 2)
+        moved = np.split(pts, np.cumsum([len(p) for p in polys])[:-1]) if polys else []
+        img = out["image"]
+        maps = self.maps(moved, img.shape[1], img.shape[2])
+        return {"image": img, **maps}
+
+
+class Seeded(Dataset):
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        random.seed(i)
+        np.random.seed(i)
+        s = self.ds[i]
+        return {"index": i, "image": s["image"], "prob_map": s["prob_map"],
+                "thresh_map": s["thresh_map"]}
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def epoch(ds: Dataset, workers: int, check: dict | None = None) -> tuple[float, dict]:
+    loader = DataLoader(Seeded(ds), batch_size=8, num_workers=workers, collate_fn=_as_list,
+                        persistent_workers=False)
+    started = time.perf_counter()
+    seen = {}
+    for batch in loader:
+        for s in batch:
+            seen[s["index"]] = s
+    seconds = time.perf_counter() - started
+    if check is not None:
+        for i, s in seen.items():
+            ref = check[i]
+            assert torch.equal(torch.as_tensor(s["image"]), torch.as_tensor(ref["image"])), i
+            assert np.array_equal(np.asarray(s["prob_map"]), np.asarray(ref["prob_map"])), i
+            assert np.array_equal(np.asarray(s["thresh_map"]), np.asarray(ref["thresh_map"])), i
+    return seconds, seen
+
+
+def stage_times(ds: CachedOCRDataset, compose: A.Compose, n: int) -> dict[str, float]:
+    """Per-sample seconds of decode, transform prefix, rest and maps (in-process)."""
+    split = split_deterministic_prefix(compose)
+    maps = get_convention("origin").maps
+    t = {"decode": 0.0, "prefix": 0.0, "rest": 0.0, "maps": 0.0}
+    for i in range(n):
+        data = (ds.images_dir / ds.source(i)).read_bytes()
+        a = time.perf_counter()
+        image = decode_image(data, ds.source(i))
+        b = time.perf_counter()
+        polys = [np.round(p).astype(np.int32) for p in ds.words(i)[0]]
+        pre = split.run_prefix(image, polys)
+        c = time.perf_counter()
+        img, moved, _ = split.run_rest(pre)
+        d = time.perf_counter()
+        maps(moved, img.shape[1], img.shape[2])
+        e = time.perf_counter()
+        for k, v in zip(t, (b - a, c - b, d - c, e - d), strict=True):
+            t[k] += v
+    return {k: v / n for k, v in t.items()}
+
+
+def main() -> int:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    common.configure(args)
+    n = common.n_images(args)
+    _, images, ann = common.dataset_root(n)
+    workers = args.workers
+    out: dict = {"images": n, "workers": workers, "size": SIZE}
+    rows = []
+    for mode in ("validation", "training"):
+        scratch = common.scratch_dir(f"pipeline-{mode}-")
+        try:
+            if mode == "validation":
+                ds = CachedOCRDataset(images, ann, scratch, preset=VAL_PRESET,
+                                      convention="origin", transform=val_transform())
+            else:
+                ds = CachedOCRDataset(images, ann, scratch, preset=TRAIN_PRESET, split="train",
+                                      convention="origin", transform=train_transform())
+            plain = Uncached(ds, val_transform() if mode == "validation"
+                             else train_transform())
+            _, reference = epoch(plain, 0)
+            ds.preload()  # every kind the plan caches (validation: all; training: the prefix)
+            cached_s, uncached_s = [], []
+            for _ in range(common.reps(args)):  # interleaved: machine load hits both alike
+                uncached_s.append(epoch(plain, workers, reference)[0])
+                cached_s.append(epoch(ds, workers, reference)[0])
+            cached, uncached = common.summary(cached_s), common.summary(uncached_s)
+            speedup = common.ratio(uncached, cached)
+            target = 10.0 if mode == "validation" else 3.0
+            out[mode] = {"cached_epoch": cached, "uncached_epoch": uncached,
+                         "speedup": speedup, "target": target,
+                         "bit_for_bit": True, "kinds_cached": sorted(ds.plan.cached)}
+            if mode == "training":
+                out[mode]["per_sample_s"] = stage_times(ds, train_transform(), min(n, 16))
+            rows.append(f"| {mode} | {common.fmt_s(uncached)} | {common.fmt_s(cached)} | "
+                        f"{common.fmt_x(speedup)} | ≥ {target:g}× |")
+            ds.close()
+        finally:
+            common.remove(scratch)
+    per = out["training"]["per_sample_s"]
+    table = "\n".join([
+        f"{n} images, {SIZE}², {workers} DataLoader workers; every epoch checked equal to "
+        "the uncached pipeline's, bit for bit.", "",
+        "| pipeline | uncached epoch | cached epoch | speed-up | target |",
+        "|---|---|---|---|---|", *rows, "",
+        "Training, per sample (in-process): " + ", ".join(
+            f"{k} {1000 * v:.1f} ms" for k, v in per.items()),
+    ])
+    common.write_result("pipeline", out, table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

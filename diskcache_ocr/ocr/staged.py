@@ -1,0 +1,196 @@
+"""A pipeline of pluggable stages: a convention's rules plus the user's transform and maps.
+
+:class:`StagePipeline` is what the engine runs when a dataset is given ``convention=``,
+``transform=`` (an albumentations ``Compose`` or a callable) or ``maps=``: decode → the
+convention's annotation rules → transform → maps, each stage versioned by its fingerprint.
+The ``tensors`` kind holds the transform's output as the stage returned it (image, moved
+polygons, inverse matrix, plus the source's raw size and EXIF orientation for the sample's
+metadata), so a cached sample is the stage's own bits. For a random albumentations transform
+it holds the output of the Compose's deterministic prefix instead, and the rest runs live
+(:meth:`StagePipeline.finish_sample`); maps of a random transform are always computed live.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from diskcache_ocr.keys import fingerprint
+from diskcache_ocr.ocr.conventions import Convention, TransformResult, get_convention
+from diskcache_ocr.ocr.decode import MAX_PIXELS_DEFAULT, decode_image
+from diskcache_ocr.ocr.pipeline import DECODE_PARAMS
+from diskcache_ocr.ocr.stages import MapsStage, TransformStage, maps_stage, transform_stage
+from diskcache_ocr.schema import KindVersion
+
+# Record layout of the ``tensors`` kind under a stage pipeline (version of the layout itself).
+STAGE_RECORD = "stage-record-v1"
+
+
+def image_header(data: bytes) -> tuple[tuple[int, int], int]:
+    """(raw width, raw height) and the EXIF orientation (1 when absent), from the header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            size = (int(im.size[0]), int(im.size[1]))
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:  # noqa: BLE001 - a damaged EXIF block: decode applies none
+                orientation = 1
+    return size, orientation if orientation in range(1, 9) else 1
+
+
+@dataclass
+class StagePipeline:
+    """decode → annotation rules → transform → maps, with user stages.
+
+    ``transform`` / ``maps`` are what :func:`transform_stage` / :func:`maps_stage` take.
+    ``map_params`` override the built-in maker's parameters.
+    """
+
+    convention: str = "db"
+    transform: Any = None
+    transform_version: Any = None
+    maps: Any = None
+    maps_version: Any = None
+    map_params: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = MAX_PIXELS_DEFAULT
+
+    def __post_init__(self) -> None:
+        self.conv: Convention = get_convention(self.convention)
+        self.stage: TransformStage = transform_stage(
+            self.transform, version=self.transform_version, convention=self.convention)
+        self.maps_stage: MapsStage = maps_stage(
+            self.maps, version=self.maps_version, convention=self.convention,
+            **self.map_params)
+        self.deterministic = self.stage.is_deterministic()
+        self.split = None  # a random Compose cut into a cached prefix and a live rest
+        if not self.deterministic:
+            from diskcache_ocr.ocr import albu
+
+            if albu.is_compose(self.transform):
+                split = albu.split_deterministic_prefix(self.transform)
+                if split.prefix is not None and split.prefix.cacheable:
+                    self.split = split
+        self._blank: TransformResult | None = None
+
+    # -- what is cached, and under which versions ------------------------------------------
+    def _front_stage(self) -> TransformStage | None:
+        """The stage whose output the ``tensors`` kind holds (None: nothing cacheable)."""
+        if self.deterministic:
+            return self.stage if self.stage.cacheable else None
+        return None if self.split is None else self.split.prefix
+
+    def cacheable_kinds(self) -> frozenset[str]:
+        kinds = {"images"}
+        if self._front_stage() is not None:
+            kinds.add("tensors")
+            if self.deterministic and self.maps_stage.cacheable:
+                kinds.add("maps")
+        return frozenset(kinds)
+
+    def kind_versions(self) -> dict[str, KindVersion]:
+        decode = dict(DECODE_PARAMS)
+        conv = self.conv.fingerprint()
+        rules = {"annotations": conv["annotations"], "exif": conv["exif"]}
+        out = {"images": KindVersion(str(decode["version"]), fingerprint({"decode": decode}))}
+        front = self._front_stage()
+        if front is None:
+            return out
+        tensors = {"decode": decode, "rules": rules, "transform": front.fingerprint(),
+                   "prefix_of_random": not self.deterministic, "record": STAGE_RECORD}
+        out["tensors"] = KindVersion("stage", fingerprint(tensors))
+        if "maps" in self.cacheable_kinds():
+            out["maps"] = KindVersion("stage", fingerprint(
+                {**tensors, "maps": self.maps_stage.fingerprint()}))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What the store's header records about this pipeline (plain data)."""
+        front = self._front_stage()
+        return {"convention": self.convention,
+                "transform": self.stage.fingerprint(),
+                "cached_transform": None if front is None else front.fingerprint(),
+                "maps": self.maps_stage.fingerprint()}
+
+    # -- computing ------------------------------------------------------------------------------
+    def decode(self, data: bytes, source: str) -> np.ndarray:
+        return decode_image(data, source, max_pixels=self.max_pixels)
+
+    def load_polygons(self, polygons: Sequence[np.ndarray], raw_size: tuple[int, int],
+                      orientation: int) -> list[np.ndarray]:
+        """Annotation points as the convention loads them, in the upright frame."""
+        loaded = [self.conv.load_points(p) for p in polygons]
+        return self.conv.upright_polygons(loaded, orientation, raw_size)
+
+    def front(self, image: np.ndarray, polygons: Sequence[np.ndarray],
+              raw_size: tuple[int, int], orientation: int) -> dict[str, np.ndarray]:
+        """The ``tensors`` record: the transform's output (the prefix's, when random)."""
+        polys = self.load_polygons(polygons, raw_size, orientation)
+        if self.split is not None:
+            out_image, moved, inverse = self.split.run_prefix(image, polys)
+        elif self.deterministic:
+            out_image, moved, inverse = self.stage(image, polys)
+        else:  # random, nothing cacheable in front: the record carries the loaded input
+            out_image, moved, inverse = image, polys, np.eye(3)
+        return self._record(out_image, moved, inverse, raw_size, orientation)
+
+    @staticmethod
+    def _record(image: np.ndarray, polygons: Sequence[np.ndarray], inverse: np.ndarray,
+                raw_size: tuple[int, int], orientation: int) -> dict[str, np.ndarray]:
+        polys = [np.asarray(p) for p in polygons]
+        dtype = np.result_type(*[p.dtype for p in polys]) if polys else np.dtype(np.float64)
+        flat = (np.concatenate([p.reshape(-1, 2) for p in polys]).astype(dtype, copy=False)
+                if polys else np.zeros((0, 2), dtype))
+        return {"image": np.ascontiguousarray(image), "points": np.ascontiguousarray(flat),
+                "sizes": np.array([len(p) for p in polys], np.int64),
+                "inverse_matrix": np.asarray(inverse, np.float64),
+                "raw_size": np.array(raw_size, np.int64),
+                "orientation": np.array([orientation], np.int64)}
+
+    def finish_sample(self, record: dict[str, np.ndarray]) -> TransformResult:
+        """The transform's output from a (cached or computed) record: as it is when the whole
+        transform is cached; the random rest run on the prefix output; the whole random
+        transform run live otherwise."""
+        points, sizes = record["points"], record["sizes"]
+        polys = list(np.split(points, np.cumsum(sizes)[:-1])) if len(sizes) else []
+        image, inverse = record["image"], record["inverse_matrix"]
+        if self.deterministic and self.stage.cacheable:
+            return image, polys, inverse
+        if self.split is not None:
+            return self.split.run_rest((image, polys, inverse))
+        return self.stage(image, polys)
+
+    def make_maps(self, polygons: Sequence[np.ndarray], image: np.ndarray,
+                  ignore: Sequence[bool] | None) -> dict[str, np.ndarray]:
+        height, width = self.output_hw(image)
+        return self.maps_stage(polygons, height, width, ignore=ignore)
+
+    @staticmethod
+    def output_hw(image: np.ndarray) -> tuple[int, int]:
+        """(H, W) of a transformed image: CHW when its first axis is 1 or 3 and its last is
+        not, else HWC (or HW)."""
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] not in (1, 3):
+            return int(image.shape[1]), int(image.shape[2])
+        return int(image.shape[0]), int(image.shape[1])
+
+    def blank(self) -> TransformResult:
+        """What the transform makes of a blank image (the shape of a bad source's sample)."""
+        if self._blank is None:
+            side = 64
+            self._blank = self.finish_sample(self.front(
+                np.zeros((side, side, 3), np.uint8), [], (side, side), 1))
+        return self._blank
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_blank"] = None
+        return state
+
+
+__all__ = ["StagePipeline", "image_header"]
