@@ -26,7 +26,6 @@ import common  # noqa: E402
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import torch  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
@@ -37,9 +36,9 @@ from diskcache_ocr.ocr.decode import decode_image  # noqa: E402
 
 MEAN, STD = (0.5602,) * 3, (0.2539,) * 3
 SIZE = 640
-VAL_PRESET = {"cache_images": False, "cache_tensors": True, "cache_maps": True,
-              "load_maps": True}
-TRAIN_PRESET = {"cache_images": True, "load_maps": True}
+VAL_PRESET = {"load_maps": True, "cache_config": {
+    "cache_images": False, "cache_transformed_tensors": True, "cache_maps": True}}
+TRAIN_PRESET = {"load_maps": True, "cache_config": {"cache_images": True}}
 
 
 def _head(size: int) -> list:
@@ -48,13 +47,13 @@ def _head(size: int) -> list:
 
 
 def val_transform(size: int = SIZE) -> A.Compose:
-    return A.Compose([*_head(size), A.Normalize(MEAN, STD), ToTensorV2()],
+    return A.Compose([*_head(size), A.Normalize(MEAN, STD)],
                      keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
 
 
 def train_transform(size: int = SIZE) -> A.Compose:
     return A.Compose([*_head(size), A.HorizontalFlip(p=0.5),
-                      A.RandomBrightnessContrast(p=0.5), A.Normalize(MEAN, STD), ToTensorV2()],
+                      A.RandomBrightnessContrast(p=0.5), A.Normalize(MEAN, STD)],
                      keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
 
 
@@ -79,7 +78,7 @@ class Uncached(Dataset):
         pts = np.array([k[:2] for k in out["keypoints"]], np.float64).reshape(-1, 2)
         moved = np.split(pts, np.cumsum([len(p) for p in polys])[:-1]) if polys else []
         img = out["image"]
-        maps = self.maps(moved, img.shape[1], img.shape[2])
+        maps = self.maps(moved, img.shape[0], img.shape[1])
         return {"image": img, **maps}
 
 
@@ -135,7 +134,7 @@ def stage_times(ds: CachedOCRDataset, compose: A.Compose, n: int) -> dict[str, f
         c = time.perf_counter()
         img, moved, _ = split.run_rest(pre)
         d = time.perf_counter()
-        maps(moved, img.shape[1], img.shape[2])
+        maps(moved, img.shape[0], img.shape[1])
         e = time.perf_counter()
         for k, v in zip(t, (b - a, c - b, d - c, e - d), strict=True):
             t[k] += v

@@ -134,9 +134,9 @@ class StagePipeline:
         polys = self.load_polygons(polygons, raw_size, orientation)
         if self.split is not None:
             out_image, moved, inverse = self.split.run_prefix(image, polys)
-        elif self.deterministic:
+        elif self.deterministic and self.stage.cacheable:
             out_image, moved, inverse = self.stage(image, polys)
-        else:  # random, nothing cacheable in front: the record carries the loaded input
+        else:  # nothing cacheable in front: the record carries the loaded input
             out_image, moved, inverse = image, polys, np.eye(3)
         return self._record(out_image, moved, inverse, raw_size, orientation)
 
