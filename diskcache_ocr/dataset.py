@@ -97,6 +97,10 @@ class CachedOCRDataset(Dataset[Sample]):
         staged = (convention not in (None, "db") or maps is not None
                   or not (transform is None or isinstance(transform, TransformConfig)))
         pipeline: Pipeline | StagePipeline
+        if staged and isinstance(transform, TransformConfig):
+            raise CacheError(f"{images_dir}: a TransformConfig is the built-in transform of the "
+                             f"'db' convention; with convention={convention!r} leave transform "
+                             "out (the convention's own) or pass your own transform")
         if staged:
             pipeline = StagePipeline(
                 convention=convention or "db", transform=transform,

@@ -29,7 +29,7 @@ from diskcache_ocr.ocr.annotations import (
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
-from diskcache_ocr.paths import default_cache_dir
+from diskcache_ocr.paths import default_cache_dir  # noqa: F401 - its home before paths.py
 from diskcache_ocr.presets import cache_plan
 from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import Catalog

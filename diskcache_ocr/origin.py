@@ -17,6 +17,7 @@ from typing import Any
 
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
+from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import Preset, load_preset, preset_keys
 
@@ -106,7 +107,9 @@ class ValidatedOCRDataset(CachedOCRDataset):
         self.user_transform = transform
         if transform is not None:
             options["transform"] = transform
-        # Their pipeline's rules and item keys, unless the caller says otherwise.
-        options.setdefault("convention", "origin")
+        # Their pipeline's rules and item keys, unless the caller says otherwise (our own
+        # TransformConfig asks for our built-in pipeline, which is the "db" convention's).
+        if not isinstance(transform, TransformConfig):
+            options.setdefault("convention", "origin")
         super().__init__(image_path, annotations, cache_dir, preset=preset_from_config(data),
                          split=options.pop("split", _split(data)), **options)

@@ -19,8 +19,8 @@ import torch
 from diskcache_ocr import batchmem
 from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
-from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.conventions import upright_size
+from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
 from diskcache_ocr.ocr.transform import finish, map_points
@@ -376,5 +376,6 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
-__all__ = ["GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "StageBuffers", "assemble",
-           "assemble_staged", "collate", "collate_fn", "empty_sample", "empty_staged", "finish_batch", "put_image"]
+__all__ = ["GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "StageBuffers",
+           "assemble", "assemble_staged", "collate", "collate_fn", "empty_sample",
+           "empty_staged", "finish_batch", "put_image"]

@@ -3,6 +3,7 @@ rule shared with the command line, a test split without annotations, and transfo
 
 from __future__ import annotations
 
+import random
 import types
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from diskcache_ocr import cli
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError, PresetError, TrainingSafetyError
+from diskcache_ocr.ocr.stages import NotCacheableWarning
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.ops import default_cache_dir
 from diskcache_ocr.origin import ValidatedOCRDataset, config_mapping, preset_from_config
@@ -47,7 +49,7 @@ def _same_samples(a, b) -> None:
     for i in range(len(a)):
         x, y = a[i], b[i]
         assert torch.equal(x["image"], y["image"])
-        assert torch.equal(x["prob_map"], y["prob_map"])
+        assert np.array_equal(np.asarray(x["prob_map"]), np.asarray(y["prob_map"]))
         assert np.array_equal(np.asarray(x["inverse_matrix"]), np.asarray(y["inverse_matrix"]))
 
 
@@ -68,8 +70,10 @@ def test_their_config_in_each_shape(data_root, tmp_path, shape):
     assert p.use_turbojpeg and set(p.no_effect()) == {"use_turbojpeg", "turbojpeg_fallback"}
     assert ds.store is not None and ds.store.path == tmp_path / "c"
     assert ds.store.header()["preset"] == "custom"
+    assert ds.item_keys == "origin"  # the drop-in follows the origin's rules by default
     # the same samples, computed without the cache
-    fresh = CachedOCRDataset(*split_paths(data_root), preset={"load_maps": True})
+    fresh = CachedOCRDataset(*split_paths(data_root), preset={"load_maps": True},
+                             convention="origin")
     _same_samples(ds, fresh)
 
 
@@ -117,9 +121,17 @@ def test_split_comes_from_the_image_folder(data_root, tmp_path):
     config["image_path"] = str(data_root / "images" / "train")
     assert preset_from_config(config).cache_tensors
     (data_root / "images" / "train").mkdir(exist_ok=True)
-    # the training split is refused tensor caching by the dataset's own safety rule
-    with pytest.raises(TrainingSafetyError):
-        ValidatedOCRDataset(config)
+    # a random training transform is refused map caching by the dataset's own safety rule
+    with pytest.raises(TrainingSafetyError), pytest.warns(NotCacheableWarning):
+        ValidatedOCRDataset(config, transform=_random_flip)
+
+
+def _random_flip(image, polygons):
+    if random.random() < 0.5:
+        return image, polygons, np.eye(3)
+    w = image.shape[1]
+    flipped = [np.column_stack([w - 1 - p[:, 0], p[:, 1]]) for p in polygons]
+    return image[:, ::-1], flipped, np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]])
 
 
 def test_bad_configs_name_the_problem(data_root, tmp_path):
@@ -135,19 +147,15 @@ def test_bad_configs_name_the_problem(data_root, tmp_path):
 
 def test_transforms(data_root, tmp_path):
     config = _config(data_root, cache_dir=str(tmp_path / "c"))
-    ds = ValidatedOCRDataset(config, transform=TransformConfig())
-    assert ds.pipeline.transform == TransformConfig()
+    ds = ValidatedOCRDataset(config, transform=TransformConfig())  # our built-in, asked for
+    assert ds.pipeline.transform == TransformConfig() and ds.item_keys == "db"
 
-    def their_transform(**kwargs):
-        return kwargs
+    def their_transform(image, polygons):  # a plain callable without a version
+        return image, polygons, np.eye(3)
 
-    import inspect
-
-    annotation = str(inspect.signature(CachedOCRDataset.__init__).parameters["transform"]
-                     .annotation)
-    if "TransformConfig" in annotation and "Callable" not in annotation:
-        with pytest.raises(CacheError, match="custom transform.*newer CachedOCRDataset"):
-            ValidatedOCRDataset(config, transform=their_transform)
-    else:  # the dataset takes user transforms: it is handed over as it is
+    with pytest.warns(NotCacheableWarning):
         ds = ValidatedOCRDataset(config, transform=their_transform)
-        assert ds.user_transform is their_transform
+    assert ds.user_transform is their_transform
+    sample = ds[0]
+    assert sample["image"].shape[2] == 3  # their output, as it is: computed live
+    assert not ds.engine.kind_versions().keys() & {"tensors", "maps"}

@@ -255,7 +255,8 @@ def test_balanced_with_maps_trains(data, tmp_path):
 def test_the_origin_convention_through_the_dataset(tmp_path):
     ds = CachedOCRDataset(REF / "images", REF / "val.json", tmp_path / "c",
                           preset={"load_maps": True, "cache_config": {
-                              "cache_transformed_tensors": True, "cache_maps": True}}, convention="origin")
+                              "cache_transformed_tensors": True, "cache_maps": True}},
+                          convention="origin")
     assert ds.item_keys == "origin"
     for _pass in range(2):  # computed, then cached
         for i in range(len(ds)):
