@@ -254,9 +254,12 @@ def test_index_is_held_in_numpy_arrays_and_pickles_small(data, tmp_path):
     assert torch.equal(clone[1]["image"], ds[1]["image"])
 
 
-def test_caching_preset_needs_a_cache_dir(data):
-    with pytest.raises(CacheError, match="no cache_dir"):
-        CachedOCRDataset(*split_paths(data), None, preset="balanced")
+def test_an_omitted_cache_dir_is_the_command_lines_default(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISKCACHE_OCR_DIR", str(tmp_path / "env"))
+    ds = CachedOCRDataset(*split_paths(data), None, preset="balanced")
+    assert ds.store is not None and ds.store.path == tmp_path / "env"
+    _ = ds[0]
+    assert (tmp_path / "env" / "data.mdb").exists()
 
 
 def test_readonly_dataset_reads_without_writing(data, reference, tmp_path):
