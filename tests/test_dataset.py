@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from diskcache_ocr.dataset import CachedOCRDataset, collate
-from diskcache_ocr.errors import CacheError, CacheVersionError, TrainingSafetyError
+from diskcache_ocr.errors import CacheVersionError, TrainingSafetyError
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import PRESET_NAMES
