@@ -141,11 +141,14 @@ class CachedOCRDataset(Dataset[Sample]):
                 log.warning("%s: written without fsync before the last reboot; if the machine "
                             "crashed, run `diskcache-ocr verify` (or rebuild)", cache_dir)
             if not readonly:
-                described = (pipeline.describe() if isinstance(pipeline, StagePipeline) else
-                             {"transform": pipeline.transform.to_dict(),
-                              "maps": pipeline.maps.to_dict()})
+                if isinstance(pipeline, StagePipeline):  # (``pipeline`` is the built-in's)
+                    described = {"stage_pipeline": pipeline.describe()}
+                else:
+                    described = {"stage_pipeline": None,
+                                 "pipeline": {"transform": pipeline.transform.to_dict(),
+                                              "maps": pipeline.maps.to_dict()}}
                 store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
-                                    pipeline=described)
+                                    **described)
             if plan.preload if preload is None else preload:
                 self.preload()
             store.close()  # workers open their own; nothing stays open across a fork

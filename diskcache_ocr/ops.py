@@ -57,6 +57,10 @@ def stored_pipeline(header: dict[str, Any]) -> Pipeline:
 
 def _versions(header: dict[str, Any]) -> tuple[dict[str, KindVersion], dict[str, KindVersion]]:
     stored = {k: KindVersion.from_dict(v) for k, v in header.get("kinds", {}).items()}
+    if header.get("stage_pipeline"):
+        # Built by a user's stages: only that pipeline knows its versions (the dataset
+        # checks them when it opens); the command line takes the stored ones as current.
+        return stored, dict(stored)
     return stored, stored_pipeline(header).kind_versions()
 
 
@@ -287,6 +291,10 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                images_dir: str | os.PathLike[str] | None,
                annotations: str | os.PathLike[str] | None, rng: random.Random,
                corrupt: list[str]) -> list[str]:
+    if header.get("stage_pipeline"):
+        raise CacheError(f"{store.path}: built by a user pipeline (convention/transform/maps "
+                         "stages) that the command line cannot rebuild; recompute it through "
+                         "the dataset (verify without --recompute checks every record)")
     root = dataset_root(header, images_dir) or Path(".")
     words = {}
     if annotations is not None:

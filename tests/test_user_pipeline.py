@@ -343,3 +343,18 @@ def test_their_collate_takes_the_cached_maps_and_ours_names_keys_their_way(data,
     again = theirs(bare)
     assert theirs.made == N and torch.equal(again["prob_maps"], ours["prob_maps"])
     assert torch.equal(again["thresh_maps"], ours["thresh_maps"])
+
+
+def test_the_command_line_on_a_cache_built_by_user_stages(data, tmp_path, capsys):
+    from testkit import run_cli
+
+    ds = make(data, tmp_path / "c", "val")
+    _ = [ds[i] for i in range(N)]
+    ds.close()
+    rc, out, _ = run_cli(capsys, "status", "--cache", tmp_path / "c")
+    assert rc == 0 and "tensors" in out
+    rc, _, _ = run_cli(capsys, "verify", "--cache", tmp_path / "c")
+    assert rc == 0  # every record's checksum
+    rc, out, err = run_cli(capsys, "verify", "--cache", tmp_path / "c", "--recompute", "1",
+                           "--annotations", split_paths(data)[1])
+    assert rc != 0 and "user pipeline" in out + err
