@@ -17,7 +17,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset, get_worker_info
@@ -42,6 +42,12 @@ class CachedOCRDataset(Dataset[Sample]):
     >>> ds = CachedOCRDataset("data/images/val", "data/jsons/val.json", "cache/",
     ...                       preset="validation_optimized", split="val")   # doctest: +SKIP
     >>> sample = ds[0]   # image, polygons, ignore, prob_map ... inverse_matrix, meta
+
+    ``output="compact"`` (or a preset's ``output: compact``) returns the stored forms instead:
+    the uint8 resized, padded image, the binary maps as uint8 0/1, the float32 threshold map,
+    and a ``"finish"`` entry (plain data) saying how to make them float32;
+    :func:`~diskcache_ocr.finish_batch` does that to a collated batch, bit for bit what the
+    default ``"float32"`` output returns, on whatever device the batch is on.
     """
 
     def __init__(
@@ -60,9 +66,15 @@ class CachedOCRDataset(Dataset[Sample]):
         check_source: bool = True,
         store_options: Mapping[str, Any] | None = None,
         preload: bool | None = None,
+        output: Literal["float32", "compact"] | None = None,
     ) -> None:
         self.preset = load_preset(preset)
         self.plan = plan = cache_plan(self.preset)
+        # "compact": samples hold the stored uint8 image and binary maps; finish_batch makes
+        # a batch of them float32 later, where it is cheap (typically on the GPU).
+        self.output = plan.output if output is None else output
+        if self.output not in ("float32", "compact"):
+            raise ValueError(f"output must be 'float32' or 'compact', got {self.output!r}")
         self.split = split
         if transform is None:
             transform = TRAINING if split == "train" else VALIDATION
@@ -147,7 +159,8 @@ class CachedOCRDataset(Dataset[Sample]):
         shared memory inside a DataLoader worker); :func:`collate` hands that buffer on
         without copying again.
         """
-        buffers = self.engine.buffers(len(indices), shared=get_worker_info() is not None)
+        buffers = self.engine.buffers(len(indices), shared=get_worker_info() is not None,
+                                      compact=self.output == "compact")
         return self.engine.samples(indices, buffers)
 
     # -- maintenance ------------------------------------------------------------------------

@@ -167,7 +167,7 @@ class ReadThrough:
 
     def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A compact batch as float32, exactly what the uncached path returns."""
-        return finish_batch(batch, self.pipeline)
+        return finish_batch(batch)
 
     def build(self, indices: Sequence[int]) -> list[BuildResult]:
         """Make sure every kind the plan caches exists for ``indices``."""

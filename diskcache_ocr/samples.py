@@ -8,6 +8,7 @@ stored as uint8), so nothing above it has to.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
-from diskcache_ocr.ocr.transform import finish, map_points
+from diskcache_ocr.ocr.transform import TransformConfig, finish, map_points
 
 Sample = dict[str, Any]
 GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
@@ -147,6 +148,7 @@ class BatchBuffers:
         self.inverse = arrays["inverse_matrix"]
         self.maps = {name: arrays[name] for name in self.maps_t}
         self.raw_image = raw_image
+        self.compact = raw_image or raw_maps
 
     def batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """The first ``len(samples)`` rows as a batch, in :func:`collate`'s structure."""
@@ -156,6 +158,8 @@ class BatchBuffers:
             out[name] = t[:n]
         for name in ("polygons", "ignore", "meta"):
             out[name] = [s[name] for s in samples]
+        if samples and FINISH in samples[0]:
+            out[FINISH] = samples[0][FINISH]
         return out
 
 
@@ -175,6 +179,17 @@ def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: b
     out = proto.new(storage).resize_(shape)
     batchmem.address_populate(out.data_ptr(), out.numel() * out.element_size())
     return out
+
+
+FINISH = "finish"  # the key of a compact sample's (and batch's) finishing spec
+
+
+def finish_spec(transform: TransformConfig) -> dict[str, Any]:
+    """How a compact sample becomes float32, as plain data (no callables), so it survives
+    pickling to and from DataLoader workers and ``pin_memory``: the normalization constants
+    of the image and which maps are stored as uint8 0/1."""
+    return {"mean": list(transform.mean), "std": list(transform.std),
+            "binary_maps": list(BINARY_MAPS)}
 
 
 def put_image(pipeline: Pipeline, stored: np.ndarray, buffers: BatchBuffers, slot: int) -> None:
@@ -199,6 +214,8 @@ def assemble(pipeline: Pipeline, catalog: Catalog, index: int, geometry: Mapping
         "meta": {"index": index, "file": catalog.source(index),
                  "orig_size": tuple(int(v) for v in geometry["orig_size"]), "error": None},
     }
+    if buffers.compact:
+        sample[FINISH] = finish_spec(pipeline.transform)
     if with_maps:
         for name in MAP_NAMES:
             if maps is not None:
@@ -221,6 +238,8 @@ def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
         "meta": {"index": index, "file": catalog.source(index), "orig_size": (0, 0),
                  "error": error},
     }
+    if buffers.compact:
+        sample[FINISH] = finish_spec(pipeline.transform)
     if with_maps:
         for name in MAP_NAMES:
             buffers.maps[name][slot] = 0
@@ -228,16 +247,40 @@ def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
     return sample
 
 
-def finish_batch(batch: dict[str, Any], pipeline: Pipeline) -> dict[str, Any]:
-    """A compact batch made float32 where it lives: the uint8 image normalized by the
-    pipeline's own ``finish``, the binary maps widened (exact: their values are 0 and 1)."""
+def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
+                 ) -> dict[str, Any]:
+    """A compact batch as exactly the float32 batch the default output returns, bit for bit.
+
+    With ``device``, the tensors move there first (asynchronously from pinned memory), so
+    the widening happens on the device; without, where they live. The uint8 image is
+    normalized by the same ``finish`` the uncached path uses, the uint8 0/1 binary maps are
+    widened (exact). The batch's ``"finish"`` spec says how and is dropped from the result,
+    so a finished (or a float32) batch comes back unchanged: calling it twice is harmless.
+    """
     out = dict(batch)
-    if out["image"].dtype == torch.uint8:
-        out["image"] = finish(out["image"], pipeline.transform)
-    for name in BINARY_MAPS:
-        if name in out and out[name].dtype == torch.uint8:
-            out[name] = out[name].to(torch.float32)
+    spec = out.pop(FINISH, None)
+    if device is not None:
+        device = torch.device(device)
+        for name, value in out.items():
+            if isinstance(value, torch.Tensor):
+                out[name] = value.to(device, non_blocking=value.is_pinned())
+    if spec is None:
+        return out
+    image = out.get("image")
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        config = _finish_config(tuple(spec["mean"]), tuple(spec["std"]))
+        out["image"] = finish(image, config)
+    for name in spec.get("binary_maps", ()):
+        value = out.get(name)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+            out[name] = value.to(torch.float32)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _finish_config(mean: tuple[float, ...], std: tuple[float, ...]) -> TransformConfig:
+    # Only mean and std enter ``finish``; one config per spec keeps its constants cached.
+    return TransformConfig(mean=mean, std=std)  # type: ignore[arg-type]
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, Any]:
@@ -251,6 +294,8 @@ def collate(samples: Sequence[Sample]) -> dict[str, Any]:
                 out[name] = torch.stack(tensors)
     for name in ("polygons", "ignore", "meta"):
         out[name] = [s[name] for s in samples]
+    if FINISH in samples[0]:  # compact samples: the batch says how to finish them
+        out[FINISH] = samples[0][FINISH]
     return out
 
 
@@ -268,5 +313,5 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
-__all__ = ["GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "assemble", "collate",
-           "empty_sample", "finish_batch", "put_image"]
+__all__ = ["FINISH", "GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "assemble",
+           "collate", "empty_sample", "finish_batch", "finish_spec", "put_image"]
