@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         "--configs", "none + load_maps,validation_optimized,dict cache (origin),npz maps"]),
     "scaling": ("scaling", ["--workers", "1,2"], ["--workers", "1,2"]),
     "loader": ("bench_loader", [], ["--n", "16", "--workers", "0,2"]),
+    "compact": ("bench_compact", ["--images", "80"], []),
 }
 
 

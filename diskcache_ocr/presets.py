@@ -283,6 +283,20 @@ class CachePlan:
         """Tensors and maps depend on the (random) training transform; images do not."""
         return not ({"tensors", "maps"} & self.cached)
 
+    @property
+    def serve_writes(self) -> tuple[str, ...]:
+        """The kinds a read-through pass (serving samples) writes back for a miss.
+
+        The decoded image is left out when the tensors are cached too: a served image is
+        then read again only if the tensors are lost (e.g. the transform changed), while it
+        is the largest record and the bulk of what the first epoch writes. A build (prebuild,
+        preload) still writes every cached kind, and an image record already there is used.
+        """
+        kinds = tuple(k for k in ("images", "tensors", "maps") if k in self.cached)
+        if "tensors" in self.cached:
+            kinds = tuple(k for k in kinds if k != "images")
+        return kinds
+
     def build_kinds(self) -> tuple[bool, bool]:
         """(maps, tensor): what a build must produce so every cached kind exists."""
         return self.return_maps or self.caches("maps"), self.caches("tensors")

@@ -266,14 +266,29 @@ def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
                 out[name] = value.to(device, non_blocking=value.is_pinned())
     if spec is None:
         return out
-    image = out.get("image")
-    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
-        config = _finish_config(tuple(spec["mean"]), tuple(spec["std"]))
-        out["image"] = finish(image, config)
-    for name in spec.get("binary_maps", ()):
-        value = out.get(name)
-        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-            out[name] = value.to(torch.float32)
+    todo = [name for name in ("image", *spec.get("binary_maps", ()))
+            if isinstance(out.get(name), torch.Tensor) and out[name].dtype == torch.uint8]
+    if not todo:
+        return out
+    into: dict[str, torch.Tensor] = {}
+    if all(out[name].device.type == "cpu" for name in todo):
+        # Fresh memory is what costs most on the CPU: reuse a block once nothing of the
+        # batch finished into it before is alive (the same rule as the batch buffers).
+        block = batchmem.local_block([Spec(name, tuple(out[name].shape), np.dtype(np.float32))
+                                      for name in todo])
+        into = block.tensors
+    for name in todo:
+        value = out[name]
+        target = into.get(name)
+        if name == "image":
+            config = _finish_config(tuple(spec["mean"]), tuple(spec["std"]))
+            out[name] = finish(value, config) if target is None else finish(value, config,
+                                                                              target)
+        elif target is None:
+            out[name] = value.to(torch.float32)  # 0/1: exact
+        else:
+            np.copyto(target.numpy(), value.numpy())  # numpy's widening is the fast one here
+            out[name] = target
     return out
 
 

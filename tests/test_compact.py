@@ -107,6 +107,22 @@ def test_finish_batch_is_idempotent_and_leaves_float32_batches_alone(data, plain
     assert_batch_equals(finish_batch(float32), plain[0], [1])
 
 
+def test_finished_memory_is_reused_only_once_the_last_batch_is_gone(data, plain, tmp_path):
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
+                          output="compact")
+    first = finish_batch(collate(ds.__getitems__([0, 1])))
+    kept = first["image"].clone()
+    second = finish_batch(collate(ds.__getitems__([2, 3])))
+    assert first["image"].data_ptr() != second["image"].data_ptr()  # first is still alive
+    assert torch.equal(first["image"], kept)
+    assert_batch_equals(first, plain[1], [0, 1])
+    address = second["image"].data_ptr()
+    del second
+    third = finish_batch(collate(ds.__getitems__([4, 0])))
+    assert third["image"].data_ptr() == address  # reused, and still exact
+    assert_batch_equals(third, plain[1], [4, 0])
+
+
 def test_finish_batch_moves_to_a_device_first(data, plain, tmp_path):
     ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                           output="compact")
@@ -123,9 +139,10 @@ def test_finish_batch_with_the_device_code_path_equals_the_cpu_one(data, plain, 
 
     calls = []
 
-    def finish_via_torch(image, config):
+    def finish_via_torch(image, config, out=None):
         calls.append(image.dtype)
-        return finish_torch(image, config, torch.empty(image.shape, dtype=torch.float32))
+        out = torch.empty(image.shape, dtype=torch.float32) if out is None else out
+        return finish_torch(image, config, out)
 
     monkeypatch.setattr("diskcache_ocr.samples.finish", finish_via_torch)
     ds = CachedOCRDataset(*split_paths(data), preset="none", output="compact")
