@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 NAME = "compact"
+MODULE = "bench_compact"
 BATCH = 8
 WORKERS = 2
 UNCACHED = {"load_maps": True}  # the uncached pipeline returning what validation_optimized does
@@ -115,16 +116,16 @@ def main(argv: list[str] | None = None) -> dict:
     run = C.run_isolated if C.ISOLATE else (lambda m, f, **kw: globals()[f](**kw))
     s, i = str(images), str(ann)
 
-    samples = [run(NAME, "per_sample", images=s, ann=i, cache=str(cache),
+    samples = [run(MODULE, "per_sample", images=s, ann=i, cache=str(cache),
                    rounds=1 if args.quick else 3) for _ in range(reps)]
     epochs: dict[str, list[dict[str, Any]]] = {"uncached": [], "float32": [], "compact": []}
     for _ in range(reps):
-        epochs["uncached"].append(run(NAME, "loader_epoch", images=s, ann=i, cache=None,
+        epochs["uncached"].append(run(MODULE, "loader_epoch", images=s, ann=i, cache=None,
                                       preset=UNCACHED, output="float32", finish=False))
-        epochs["float32"].append(run(NAME, "loader_epoch", images=s, ann=i, cache=str(cache),
+        epochs["float32"].append(run(MODULE, "loader_epoch", images=s, ann=i, cache=str(cache),
                                      preset="validation_optimized", output="float32",
                                      finish=False))
-        epochs["compact"].append(run(NAME, "loader_epoch", images=s, ann=i, cache=str(cache),
+        epochs["compact"].append(run(MODULE, "loader_epoch", images=s, ann=i, cache=str(cache),
                                      preset="validation_optimized", output="compact",
                                      finish=True))
     first: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         for label in first:
             scratch = C.scratch_dir("compact-e0-")
             try:
-                first[label].append(run(NAME, "epoch0", images=s, ann=i,
+                first[label].append(run(MODULE, "epoch0", images=s, ann=i,
                                         cache=str(scratch / "cache"), before=label == "before"))
             finally:
                 C.remove(scratch)
