@@ -189,3 +189,22 @@ def test_output_from_a_preset_file_and_its_errors(data, plain, tmp_path):
         load_preset(path)
     with pytest.raises(ValueError, match="output must be"):
         CachedOCRDataset(*split_paths(data), preset="none", output="half")
+
+
+def test_batch_loader_yields_compact_batches_of_a_compact_dataset(data, plain, tmp_path):
+    from diskcache_ocr import BatchLoader
+
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
+                          output="compact")
+    with BatchLoader(ds, batch_size=2, threads=2) as loader:
+        seen = []
+        for batch in loader:
+            assert batch["image"].dtype == torch.uint8 and "finish" in batch
+            rows = [m["index"] for m in batch["meta"]]
+            seen += rows
+            assert_batch_equals(finish_batch(batch), plain[1], rows)
+        assert sorted(seen) == list(range(N))
+    with BatchLoader(ds, batch_size=3, threads=2, device="cpu") as loader:
+        for batch in loader:  # with a device: finished there
+            rows = [m["index"] for m in batch["meta"]]
+            assert_batch_equals(batch, plain[1], rows)
