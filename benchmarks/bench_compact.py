@@ -8,7 +8,8 @@
 * bytes per sample through the DataLoader (the tensors of one sample) float32 vs compact;
 * epoch 0 with read-through (fresh cache, ``preload=False``, 2 workers) ÷ an uncached 2-worker
   epoch, as shipped (the decoded image is not written when tensors are cached) and as before
-  (every cached kind written on a miss), with the bytes each kind adds per image.
+  (every cached kind written on a miss), with the bytes each kind adds per image, and epoch 0
+  and epoch 1 with one kind cached at a time (what each costs first and saves later).
 
 Targets (issue 15): compact sample ≥ 30× uncached; compact 2-worker epoch + finish ≥ 15×
 uncached; epoch 0 ÷ uncached ≤ 1.3×.
@@ -105,6 +106,20 @@ def epoch0(images: str, ann: str, cache: str, before: bool) -> dict[str, Any]:
     return {"epoch0": r["epoch0"], "bytes_by_kind": per_kind}
 
 
+KIND_PRESETS = {"images": (True, False, False), "tensors": (False, True, False),
+                "maps": (False, False, True)}
+
+
+def one_kind(images: str, ann: str, cache: str, kind: str) -> dict[str, Any]:
+    """Epoch 0 (read-through) and epoch 1 with only ``kind`` cached, maps returned."""
+    cache_images, cache_tensors, cache_maps = KIND_PRESETS[kind]
+    preset = {"load_maps": True, "cache_config": {
+        "cache_images": cache_images, "cache_transformed_tensors": cache_tensors,
+        "cache_maps": cache_maps}}
+    r = loader_epoch(images, ann, cache, preset, "float32", False)
+    return {"epoch0": r["epoch0"], "epoch1": r["epoch1"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = C.base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
@@ -138,6 +153,16 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 C.remove(scratch)
 
+    by_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in KIND_PRESETS}
+    for _ in range(reps):
+        for kind in KIND_PRESETS:
+            scratch = C.scratch_dir("compact-kind-")
+            try:
+                by_kind[kind].append(run(MODULE, "one_kind", images=s, ann=i,
+                                         cache=str(scratch / "cache"), kind=kind))
+            finally:
+                C.remove(scratch)
+
     per = {k: C.summary([r[k] for r in samples]) for k in samples[0]}
     ep = {k: C.summary([r["epoch1"] for r in v]) for k, v in epochs.items()}
     uncached_e = C.summary([r["epoch1"] for r in epochs["uncached"]]
@@ -163,7 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
         "epoch 0 ÷ uncached ≤ 1.3×": C.verdict(ratios["epoch 0 read-through ÷ uncached, after"],
                                                1.3),
     }
+    kind_cost = {k: {"epoch0_vs_uncached": C.ratio(C.summary([r["epoch0"] for r in v]),
+                                                   uncached_e),
+                     "epoch1_vs_uncached": C.ratio(C.summary([r["epoch1"] for r in v]),
+                                                   uncached_e)}
+                 for k, v in by_kind.items()}
     rows = [[k, C.fmt_x(v)] for k, v in ratios.items()]
+    rows += [[f"only {k} cached: epoch 0 / epoch 1 ÷ uncached",
+              f"{C.fmt_x(v['epoch0_vs_uncached'])} / {C.fmt_x(v['epoch1_vs_uncached'])}"]
+             for k, v in kind_cost.items()]
     rows += [[f"ms per sample, {k}", f"{v['median'] * 1e3:.2f}"] for k, v in per.items()]
     rows += [[f"bytes per sample, {k}", f"{v / 1e6:.2f} MB"] for k, v in nbytes.items()]
     rows += [[f"epoch 0 bytes written per image, {k}",
@@ -174,8 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
                        title=f"Compact samples ({n} images, {reps} reps, medians)")
     payload = {"images": n, "reps": reps, "per_sample_s": per, "epoch1_2_workers_s": ep,
                "uncached_epoch_s": uncached_e, "epoch0_s": e0, "bytes_per_sample": nbytes,
-               "epoch0_bytes_per_image_by_kind": kinds, "ratios": ratios, "targets": targets,
-               "raw": {"per_sample": samples, "epochs": epochs, "epoch0": first}}
+               "epoch0_bytes_per_image_by_kind": kinds, "ratios": ratios,
+               "one_kind_cached": kind_cost, "targets": targets,
+               "raw": {"per_sample": samples, "epochs": epochs, "epoch0": first,
+                       "one_kind": by_kind}}
     C.write_result(NAME, payload, table)
     return payload
 
