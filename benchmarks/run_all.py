@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "loader": ("bench_loader", [], ["--n", "16", "--workers", "0,2"]),
     "maps": ("bench_maps", [], []),
     "pipeline": ("bench_pipeline", ["--images", "48"], ["--images", "8"]),
+    "compact": ("bench_compact", ["--images", "80"], []),
 }
 
 

@@ -17,6 +17,7 @@ from diskcache_ocr.errors import (
 from diskcache_ocr.loader import BatchLoader  # noqa: E402
 from diskcache_ocr.prebuild import prebuild  # noqa: E402
 from diskcache_ocr.presets import Preset, load_preset  # noqa: E402
+from diskcache_ocr.samples import finish_batch
 from diskcache_ocr.schema import IndexEntry, KindVersion
 from diskcache_ocr.store import CacheStore
 
@@ -25,6 +26,7 @@ __all__ = [
     "CachedOCRDataset",
     "Preset",
     "collate",
+    "finish_batch",
     "load_preset",
     "prebuild",
     "AnnotationError",

@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset, get_worker_info
@@ -64,6 +64,12 @@ class CachedOCRDataset(Dataset[Sample]):
     sample's keys; ``collate_fn(item_keys)`` batches them. ``cache_dir`` defaults to
     ``$DISKCACHE_OCR_DIR``, else ``~/.cache/diskcache-ocr``. ``load_maps`` overrides the
     preset's (e.g. ``balanced`` + ``load_maps=True`` trains a DBNet: maps made live).
+
+    ``output="compact"`` (or a preset's ``output: compact``) returns the stored forms instead:
+    the uint8 resized, padded image, the binary maps as uint8 0/1, the float32 threshold map,
+    and a ``"finish"`` entry (plain data) saying how to make them float32;
+    :func:`~diskcache_ocr.finish_batch` does that to a collated batch, bit for bit what the
+    default ``"float32"`` output returns, on whatever device the batch is on.
     """
 
     def __init__(
@@ -88,11 +94,17 @@ class CachedOCRDataset(Dataset[Sample]):
         check_source: bool = True,
         store_options: Mapping[str, Any] | None = None,
         preload: bool | None = None,
+        output: Literal["float32", "compact"] | None = None,
     ) -> None:
         self.preset = load_preset(preset)
         plan = cache_plan(self.preset)
         if load_maps is not None:
             plan = dataclasses.replace(plan, return_maps=bool(load_maps))
+        # "compact": samples hold the stored uint8 image and binary maps; finish_batch makes
+        # a batch of them float32 later, where it is cheap (typically on the GPU).
+        self.output = plan.output if output is None else output
+        if self.output not in ("float32", "compact"):
+            raise ValueError(f"output must be 'float32' or 'compact', got {self.output!r}")
         self.split = split
         staged = (convention not in (None, "db") or maps is not None
                   or not (transform is None or isinstance(transform, TransformConfig)))
@@ -107,6 +119,12 @@ class CachedOCRDataset(Dataset[Sample]):
                 transform_version=transform_version, maps=maps, maps_version=maps_version,
                 map_params=_map_params(map_config, convention or "db", maps))
             plan = _stage_plan(plan, pipeline, split, allow_random_tensor_cache)
+            if self.output == "compact":
+                # A user's transform returns its own final form; there is no stored compact
+                # form to finish later, so samples are what the transform returns.
+                log.info("%s: output='compact' applies to the built-in transforms; with your "
+                         "own transform samples are what it returns", images_dir)
+                self.output = "float32"
         else:
             if transform_version is not None or maps_version is not None:
                 raise CacheError("transform_version/maps_version are for a transform or maps "
@@ -209,7 +227,8 @@ class CachedOCRDataset(Dataset[Sample]):
         shared memory inside a DataLoader worker); :func:`collate` hands that buffer on
         without copying again.
         """
-        buffers = self.engine.buffers(len(indices), shared=get_worker_info() is not None)
+        buffers = self.engine.buffers(len(indices), shared=get_worker_info() is not None,
+                                      compact=self.output == "compact")
         return self.engine.samples(indices, buffers)
 
     # -- maintenance ------------------------------------------------------------------------

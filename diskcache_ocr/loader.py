@@ -52,7 +52,8 @@ class BatchLoader:
 
     Without a device, the yielded tensors are the loader's reusable host buffers: a batch is
     valid until the next one is requested; ``clone()`` what you keep longer. With a device
-    (``"cpu"`` included) every batch is the caller's own.
+    (``"cpu"`` included) every batch is the caller's own, finished there. Without a device,
+    a dataset made with ``output="compact"`` yields compact batches (``finish_batch``).
     """
 
     def __init__(
@@ -97,11 +98,13 @@ class BatchLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="diskcache-copy")
         if not self._slots:
-            # Compact bytes travel to a device and are finished there; on the CPU the
-            # buffers get the finished float32 arrays directly.
+            # Compact bytes travel to a device and are finished there; without a device the
+            # buffers get finished float32 arrays, unless the dataset's output is compact
+            # (the caller finishes them: diskcache_ocr.finish_batch).
             engine = self.dataset.engine
+            compact = self.device is not None or self.dataset.output == "compact"
             self._slots = [_BufferSet(engine.buffers(self.batch_size, pin=self.pin_memory,
-                                                compact=self.device is not None, reuse=True))
+                                                compact=compact, reuse=True))
                            for _ in range(self.n_buffers)]
 
     def close(self) -> None:

@@ -17,6 +17,9 @@ A preset file uses the origin project's keys, so its own preset files load uncha
     readahead: bool             # optional, this library's addition (default true)
     reuse_batch_memory: bool    # optional, this library's addition (default true): keep batch
                                 # buffers (shared-memory slabs in DataLoader workers) for reuse
+    output: float32 | compact   # optional, this library's addition (default float32): what a
+                                # sample holds; compact = the stored uint8 image and binary
+                                # maps, made float32 by ``finish_batch`` (e.g. on the GPU)
 
 Unknown keys are an error that names the key, so a typo never silently disables caching.
 A preset is named after its file (``custom.yaml`` -> ``custom``), and that name goes into the
@@ -47,7 +50,8 @@ _TENSORS_KEYS = ("cache_transformed_tensors", "cache_tensors")
 _CACHE_KEYS = ("cache_images", "cache_transformed_tensors", "cache_maps",
                "log_statistics_every_n")
 _TOP_KEYS = ("preload_images", "preload_maps", "prenormalize_images", "load_maps", "readahead",
-             "reuse_batch_memory")
+             "reuse_batch_memory", "output")
+OUTPUTS = ("float32", "compact")
 _IMAGE_LOADING_KEYS = ("use_turbojpeg", "turbojpeg_fallback")
 # Origin settings this library accepts but does not act on, and why. This is the one place
 # that says so: ``Preset.no_effect()`` reads it, ``load_preset`` logs it.
@@ -76,6 +80,7 @@ class Preset:
     load_maps: bool = False
     readahead: bool = True
     reuse_batch_memory: bool = True
+    output: str = "float32"
     prenormalize_images: bool = False
     use_turbojpeg: bool = False
     turbojpeg_fallback: bool = False
@@ -88,6 +93,9 @@ class Preset:
             if f.type == "bool" and not isinstance(value, bool):
                 raise PresetError(f"preset {self.name!r}: {f.name} must be true or false, "
                                   f"got {value!r}")
+        if self.output not in OUTPUTS:
+            raise PresetError(f"preset {self.name!r}: output must be one of "
+                              f"{', '.join(OUTPUTS)}, got {self.output!r}")
         n = self.log_statistics_every_n
         if n is None:
             object.__setattr__(self, "log_statistics_every_n", 0)
@@ -261,6 +269,7 @@ class CachePlan:
     warm: bool  # read-ahead on and the page cache warmed after a preload
     reuse_batch_memory: bool
     log_every: int  # 0 = never
+    output: str = "float32"  # what samples hold: "float32", or "compact" (finish_batch later)
 
     def caches(self, kind: str) -> bool:
         return kind in self.cached
@@ -273,6 +282,20 @@ class CachePlan:
     def safe_for_training(self) -> bool:
         """Tensors and maps depend on the (random) training transform; images do not."""
         return not ({"tensors", "maps"} & self.cached)
+
+    @property
+    def serve_writes(self) -> tuple[str, ...]:
+        """The kinds a read-through pass (serving samples) writes back for a miss.
+
+        The decoded image is left out when the tensors are cached too: a served image is
+        then read again only if the tensors are lost (e.g. the transform changed), while it
+        is the largest record and the bulk of what the first epoch writes. A build (prebuild,
+        preload) still writes every cached kind, and an image record already there is used.
+        """
+        kinds = tuple(k for k in ("images", "tensors", "maps") if k in self.cached)
+        if "tensors" in self.cached:
+            kinds = tuple(k for k in kinds if k != "images")
+        return kinds
 
     def build_kinds(self) -> tuple[bool, bool]:
         """(maps, tensor): what a build must produce so every cached kind exists."""
@@ -287,4 +310,4 @@ def cache_plan(preset: str | Path | Mapping[str, Any] | Preset | None = None) ->
     return CachePlan(name=p.name, cached=cached, return_maps=p.load_maps,
                      preload=p.preload_images or p.preload_maps, warm=p.readahead,
                      reuse_batch_memory=p.reuse_batch_memory,
-                     log_every=p.log_statistics_every_n)
+                     log_every=p.log_statistics_every_n, output=p.output)

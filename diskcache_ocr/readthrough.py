@@ -169,7 +169,7 @@ class ReadThrough:
         """A batch of samples over ``buffers``; ``run_copies`` runs the copies made inside
         the read transaction (e.g. on a thread pool), in order, before it ends."""
         work = self.process(indices, want_maps=self.plan.return_maps, buffers=buffers,
-                            run_copies=run_copies)
+                            run_copies=run_copies, keep=self.plan.serve_writes)
         out = [self._assemble(w, buffers) for w in work]
         self._log_progress(len(out))
         return out
@@ -182,7 +182,7 @@ class ReadThrough:
 
     def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A compact batch as float32, exactly what the uncached path returns."""
-        return finish_batch(batch, self.pipeline)
+        return finish_batch(batch)
 
     def build(self, indices: Sequence[int]) -> list[BuildResult]:
         """Make sure every kind the plan caches exists for ``indices``."""
@@ -231,9 +231,10 @@ class ReadThrough:
         return {kind: (key, arrays) for kind, key, arrays in w.writes}
 
     def process(self, indices: Sequence[int], *, want_maps: bool, want_tensor: bool = True,
-                buffers: BatchBuffers | None = None, run_copies: CopyRunner | None = None
-                ) -> list[Work]:
-        """Look up, compute and write back one batch."""
+                buffers: BatchBuffers | None = None, run_copies: CopyRunner | None = None,
+                keep: Sequence[str] | None = None) -> list[Work]:
+        """Look up, compute and write back one batch (``keep``: the kinds to write back,
+        default every cached kind)."""
         n = len(self.catalog)
         work = []
         for slot, i in enumerate(indices):
@@ -252,7 +253,7 @@ class ReadThrough:
                     # NOTE: the copies read views on the map: they must finish inside the block.
                     (run_copies or _run_inline)(copies)
         for w in work:
-            self._compute(w, want_maps, want_tensor, self._keep)
+            self._compute(w, want_maps, want_tensor, self._keep if keep is None else keep)
         if self.store is not None and not self.store.readonly:
             self._write_back(work)
         return work

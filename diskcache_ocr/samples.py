@@ -23,7 +23,7 @@ from diskcache_ocr.ocr.conventions import upright_size
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
-from diskcache_ocr.ocr.transform import finish, map_points
+from diskcache_ocr.ocr.transform import TransformConfig, finish, map_points
 
 Sample = dict[str, Any]
 GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
@@ -150,6 +150,7 @@ class BatchBuffers:
         self.inverse = arrays["inverse_matrix"]
         self.maps = {name: arrays[name] for name in self.maps_t}
         self.raw_image = raw_image
+        self.compact = raw_image or raw_maps
 
     def batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """The first ``len(samples)`` rows as a batch, in :func:`collate`'s structure."""
@@ -159,6 +160,8 @@ class BatchBuffers:
             out[name] = t[:n]
         for name in ("polygons", "ignore", "meta"):
             out[name] = [s[name] for s in samples]
+        if samples and FINISH in samples[0]:
+            out[FINISH] = samples[0][FINISH]
         return out
 
 
@@ -178,6 +181,17 @@ def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: b
     out = proto.new(storage).resize_(shape)
     batchmem.address_populate(out.data_ptr(), out.numel() * out.element_size())
     return out
+
+
+FINISH = "finish"  # the key of a compact sample's (and batch's) finishing spec
+
+
+def finish_spec(transform: TransformConfig) -> dict[str, Any]:
+    """How a compact sample becomes float32, as plain data (no callables), so it survives
+    pickling to and from DataLoader workers and ``pin_memory``: the normalization constants
+    of the image and which maps are stored as uint8 0/1."""
+    return {"mean": list(transform.mean), "std": list(transform.std),
+            "binary_maps": list(BINARY_MAPS)}
 
 
 def put_image(pipeline: Pipeline, stored: np.ndarray, buffers: BatchBuffers, slot: int) -> None:
@@ -202,6 +216,8 @@ def assemble(pipeline: Pipeline, catalog: Catalog, index: int, geometry: Mapping
         "meta": {"index": index, "file": catalog.source(index),
                  "orig_size": tuple(int(v) for v in geometry["orig_size"]), "error": None},
     }
+    if buffers.compact:
+        sample[FINISH] = finish_spec(pipeline.transform)
     if with_maps:
         for name in MAP_NAMES:
             if maps is not None:
@@ -224,6 +240,8 @@ def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
         "meta": {"index": index, "file": catalog.source(index), "orig_size": (0, 0),
                  "error": error},
     }
+    if buffers.compact:
+        sample[FINISH] = finish_spec(pipeline.transform)
     if with_maps:
         for name in MAP_NAMES:
             buffers.maps[name][slot] = 0
@@ -296,16 +314,55 @@ def _staged_sample(catalog: Catalog, index: int, image: np.ndarray,
     return sample
 
 
-def finish_batch(batch: dict[str, Any], pipeline: Pipeline) -> dict[str, Any]:
-    """A compact batch made float32 where it lives: the uint8 image normalized by the
-    pipeline's own ``finish``, the binary maps widened (exact: their values are 0 and 1)."""
+def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
+                 ) -> dict[str, Any]:
+    """A compact batch as exactly the float32 batch the default output returns, bit for bit.
+
+    With ``device``, the tensors move there first (asynchronously from pinned memory), so
+    the widening happens on the device; without, where they live. The uint8 image is
+    normalized by the same ``finish`` the uncached path uses, the uint8 0/1 binary maps are
+    widened (exact). The batch's ``"finish"`` spec says how and is dropped from the result,
+    so a finished (or a float32) batch comes back unchanged: calling it twice is harmless.
+    """
     out = dict(batch)
-    if out["image"].dtype == torch.uint8:
-        out["image"] = finish(out["image"], pipeline.transform)
-    for name in BINARY_MAPS:
-        if name in out and out[name].dtype == torch.uint8:
-            out[name] = out[name].to(torch.float32)
+    spec = out.pop(FINISH, None)
+    if device is not None:
+        device = torch.device(device)
+        for name, value in out.items():
+            if isinstance(value, torch.Tensor):
+                out[name] = value.to(device, non_blocking=value.is_pinned())
+    if spec is None:
+        return out
+    todo = [name for name in ("image", *spec.get("binary_maps", ()))
+            if isinstance(out.get(name), torch.Tensor) and out[name].dtype == torch.uint8]
+    if not todo:
+        return out
+    into: dict[str, torch.Tensor] = {}
+    if all(out[name].device.type == "cpu" for name in todo):
+        # Fresh memory is what costs most on the CPU: reuse a block once nothing of the
+        # batch finished into it before is alive (the same rule as the batch buffers).
+        block = batchmem.local_block([Spec(name, tuple(out[name].shape), np.dtype(np.float32))
+                                      for name in todo])
+        into = block.tensors
+    for name in todo:
+        value = out[name]
+        target = into.get(name)
+        if name == "image":
+            config = _finish_config(tuple(spec["mean"]), tuple(spec["std"]))
+            out[name] = finish(value, config) if target is None else finish(value, config,
+                                                                              target)
+        elif target is None:
+            out[name] = value.to(torch.float32)  # 0/1: exact
+        else:
+            np.copyto(target.numpy(), value.numpy())  # numpy's widening is the fast one here
+            out[name] = target
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _finish_config(mean: tuple[float, ...], std: tuple[float, ...]) -> TransformConfig:
+    # Only mean and std enter ``finish``; one config per spec keeps its constants cached.
+    return TransformConfig(mean=mean, std=std)  # type: ignore[arg-type]
 
 
 def collate(samples: Sequence[Sample], keys: str = "db") -> dict[str, Any]:
@@ -328,6 +385,8 @@ def collate(samples: Sequence[Sample], keys: str = "db") -> dict[str, Any]:
                 out[name] = torch.stack(tensors)
     for name in ("polygons", "ignore", "meta"):
         out[name] = [s[name] for s in samples]
+    if FINISH in samples[0]:  # compact samples: the batch says how to finish them
+        out[FINISH] = samples[0][FINISH]
     return out
 
 
@@ -376,6 +435,6 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
-__all__ = ["GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "StageBuffers",
+__all__ = ["FINISH", "GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "StageBuffers",
            "assemble", "assemble_staged", "collate", "collate_fn", "empty_sample",
-           "empty_staged", "finish_batch", "put_image"]
+           "empty_staged", "finish_batch", "finish_spec", "put_image"]

@@ -19,7 +19,7 @@ LAYER = {
     "samples": 4, "hydra": 4,
     "readthrough": 5,
     "dataset": 6, "ops": 6, "watch": 6,
-    "loader": 7, "prebuild": 7, "origin": 7,
+    "loader": 7, "prebuild": 7, "origin": 7, "lightning": 7,
     "demo": 8,
     "cli": 9,
 }
