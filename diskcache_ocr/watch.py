@@ -11,7 +11,6 @@ frees their space early.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -27,8 +26,8 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from diskcache_ocr.errors import CacheError, SourceError
-from diskcache_ocr.ocr.annotations import IMAGE_SUFFIXES, safe_source_path
-from diskcache_ocr.schema import KINDS, dataset_root, source_state
+from diskcache_ocr.ocr.annotations import IMAGE_SUFFIXES
+from diskcache_ocr.schema import KINDS, dataset_root, source_id, source_state
 from diskcache_ocr.store import CacheStore, WriteBatch
 
 _LOG = logging.getLogger("diskcache_ocr.watch")
@@ -118,10 +117,10 @@ class Watcher:
         """Invalidate every indexed source whose file is missing or whose stat changed."""
         self.store.refresh()  # see what other processes indexed up to now
         stale: list[str] = []
-        locate = functools.partial(safe_source_path, self.images_dir)
         try:
             for source, entry in self.store.iter_index():
-                if source_state(locate, source, entry):
+                # (by its own path: sources of other datasets sharing the cache too)
+                if source_state(None, source, entry):
                     stale.append(source)
         except CacheError as exc:  # a damaged index entry ends the listing; keep what we have
             self.log.error("reconcile: index listing stopped early: %s", exc)
@@ -134,12 +133,13 @@ class Watcher:
 
     def invalidate(self, sources: Iterable[str]) -> int:
         """Delete the index entries of ``sources`` and the records they name, in one write
-        transaction; returns how many sources had an entry.
+        transaction; returns how many sources had an entry. A source is its path or its
+        name under the watched directory.
 
         NOTE: records are content-addressed, so another source with identical bytes may share
         a record deleted here; that source then recomputes it on its next read, nothing more.
         """
-        names = sorted(set(sources))
+        names = sorted({source_id(self.images_dir, s) for s in sources})
         batch, count = WriteBatch(), 0
         self.store.refresh()
         with self.store.reader() as r:
@@ -203,9 +203,10 @@ class Watcher:
         # NOTE: a source reached through a symlink inside the root changes under another
         # name; the dataset's stat check and the next reconcile cover it.
         try:
-            return path.relative_to(self.images_dir).as_posix()
+            path.relative_to(self.images_dir)
         except ValueError:  # an image beside the annotation file, outside the root
             return None
+        return str(path)  # its index identity (schema.source_id), the root being resolved
 
     def _flush_loop(self) -> None:
         """Background thread: apply debounced invalidations in batches."""
