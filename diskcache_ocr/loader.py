@@ -198,10 +198,10 @@ class BatchLoader:
                     free.put(slot)  # reused only after its copy finished (slot.wait_free)
                     yield out
                 else:
-                    free.put(slot)  # (only a place in the queue: the memory is the batch's)
                     del got
-                    yield batch
+                    yield batch  # the caller's: its memory is reused once nothing holds it
                     del batch
+                    free.put(slot)  # (only a place in the queue of batches in flight)
         finally:
             stop.set()
             producer.join()

@@ -138,6 +138,8 @@ def source_state(locate: Callable[[str], Path] | None, source: str, entry: Index
     above this layer); it raises OSError or SourceError when it cannot. Without it the id,
     an absolute path, is stat'ed as it is.
     """
+    if not os.path.isabs(source):
+        return "missing"  # not an identity this format writes (nothing is stat'ed for it)
     try:
         st = os.stat(source if locate is None else locate(source))
     except (OSError, SourceError):
