@@ -51,7 +51,6 @@ from diskcache_ocr.schema import (
     index_key,
     maps_key,
     reads,
-    source_id,
     tensor_key,
 )
 from diskcache_ocr.store import CacheStore, ReadTxn, Record, WriteBatch
@@ -113,6 +112,7 @@ class ReadThrough:
         # The plan, read once into plain flags for the per-sample path.
         self._keep = tuple(k for k in KINDS if plan.caches(k))
         self._images, self._tensors, self._maps = (k in self._keep for k in KINDS)
+        self._frozen: frozenset[str] = frozenset()  # kinds served as stored, never written
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -138,6 +138,20 @@ class ReadThrough:
         """Versions of the kinds this plan caches (what the store's header must agree with)."""
         versions = self.pipeline.kind_versions()
         return {k: versions[k] for k in KINDS if self.plan.caches(k)}
+
+    def serve_stored(self, stored: Mapping[str, Any]) -> list[str]:
+        """``on_mismatch="ignore"``: each kind whose stored version (``stored``, the
+        header's ``kinds``) differs from this pipeline's is looked up by the stored version's
+        keys, so what is stored is served, and nothing of it is written: its stamp stays
+        true of every record under it. Returns those kinds."""
+        frozen = []
+        for kind, want in self.kind_versions().items():
+            have = stored.get(kind)
+            if have is not None and KindVersion.from_dict(have) != want:
+                self._fingerprints[kind] = KindVersion.from_dict(have).fingerprint
+                frozen.append(kind)
+        self._frozen = frozenset(frozen)
+        return frozen
 
     def keys(self, index: int, content: bytes) -> dict[str, bytes]:
         """The record key of every kind for image ``index`` whose file hashes to ``content``."""
@@ -395,6 +409,8 @@ class ReadThrough:
         assert self.store is not None
         batch = WriteBatch()
         for w in work:
+            if self._frozen:
+                w.writes = [wr for wr in w.writes if wr[0] not in self._frozen]
             for kind, key, arrays in w.writes:
                 batch.put(kind, key, arrays)
             if w.stat is None or w.content_hash is None:

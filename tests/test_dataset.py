@@ -16,9 +16,9 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from diskcache_ocr.dataset import CachedOCRDataset, collate
 from diskcache_ocr.errors import CacheError, CacheVersionError, TrainingSafetyError
 from diskcache_ocr.ocr.maps import MAP_NAMES
-from diskcache_ocr.schema import source_id
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import PRESET_NAMES
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.store import CacheStore
 from diskcache_ocr.synth import split_paths
 

@@ -22,10 +22,10 @@ from testkit import command, run_cli, snapshot
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheVersionError
 from diskcache_ocr.ocr.maps import MapConfig
-from diskcache_ocr.schema import source_id
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.prebuild import prebuild
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.store import KINDS, CacheStore, WriteBatch
 from diskcache_ocr.synth import split_paths
 

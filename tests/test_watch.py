@@ -21,9 +21,9 @@ from watchdog.observers.inotify import InotifyObserver
 
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.store import CacheStore, IndexEntry
 from diskcache_ocr.synth import split_paths, synthesize
-from diskcache_ocr.schema import source_id
 from diskcache_ocr.watch import Watcher, WatchSummary
 
 NAMES = [f"receipt_{i:05d}.jpg" for i in range(5)]

@@ -197,7 +197,6 @@ def _keys(cache: Path) -> dict[str, set[bytes]]:
         return {kind: set(store.keys(kind)) for kind in ("images", "tensors", "maps")}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 5")
 def test_item5_ignore_serves_what_is_stored_and_writes_nothing_under_a_stale_stamp(tiny,
                                                                                    tmp_path):
     """A cache built with the default map parameters, opened with other ones and
@@ -444,7 +443,6 @@ def _fill(disk: Path) -> None:
             assert exc.errno == errno.ENOSPC
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 15")
 def test_item15_preload_on_a_full_disk_degrades_to_computed_samples(tiny, small_disk,
                                                                    references, caplog):
     """validation_optimized preloads in its constructor; on a full disk today that raises
