@@ -130,12 +130,13 @@ def check_after_crash(cache: Path) -> dict[str, Any]:
     records present (index and records commit together). Returns health's report."""
     from diskcache_ocr import ops
     from diskcache_ocr.store import CacheStore
+    from diskcache_ocr.store.header import STORE_FORMAT
 
     if not (cache / "data.mdb").exists():
         return {"ok": True, "problems": []}  # killed before it created anything
     with CacheStore(cache) as store:
         header = store.header()
-        assert header.get("format") == 1, header
+        assert header.get("format") == STORE_FORMAT, header
         entries = list(store.iter_index())
         for source, entry in entries:
             for kind, key in entry.keys.items():

@@ -173,6 +173,7 @@ def test_a_touched_source_keeps_every_record_named_in_the_index(tiny, tmp_path):
     import os
 
     from diskcache_ocr.dataset import CachedOCRDataset
+    from diskcache_ocr.schema import source_id
     from diskcache_ocr.store import CacheStore
     from diskcache_ocr.watch import Watcher
 
@@ -187,7 +188,8 @@ def test_a_touched_source_keeps_every_record_named_in_the_index(tiny, tmp_path):
     ds[0]
     ds.close()
     with CacheStore(cache) as store:
-        assert set(store.get_index(name).keys) == {"images", "tensors", "maps"}
+        assert set(store.get_index(source_id(images, name)).keys) == {"images", "tensors",
+                                                                       "maps"}
     watcher = Watcher(cache, images, tiny.annotations)
     assert watcher.invalidate([name]) == 1
     watcher.stop()
