@@ -29,6 +29,7 @@ from diskcache_ocr.errors import (
     CacheClosedError,
     CacheError,
     CacheFormatError,
+    CacheFullError,
 )
 from diskcache_ocr.store.header import _DBS, check_header
 from diskcache_ocr.store.txn import _scratch
@@ -379,6 +380,38 @@ def check_cache_files(path: Path) -> None:
                              "points to")
 
 
+def _lock_table_bytes(max_readers: int) -> int:
+    # LMDB 0.9's lock file: a two-cache-line header and one cache line per reader slot.
+    return 192 + 64 * (max_readers - 1)
+
+
+def _reserve_lock_file(path: Path, opts: StoreOptions) -> None:
+    """Give the lock file its pages before LMDB maps it.
+
+    NOTE: LMDB sizes the lock file with ftruncate and writes its table through the map; on
+    a full tmpfs a page that cannot be backed is a SIGBUS on that write. Allocating first
+    turns that into ENOSPC here.
+    """
+    lockfile = path / "lock.mdb"
+    created = not lockfile.exists()
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(lockfile, flags, 0o600 if opts.dir_mode == 0o700 else 0o644)
+    except OSError:
+        return  # not writable by this user: LMDB's own open says what is wrong
+    try:
+        os.posix_fallocate(fd, 0, _lock_table_bytes(opts.max_readers))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if created:
+                lockfile.unlink(missing_ok=True)  # (leave nothing behind)
+            raise CacheFullError(f"{path}: the disk is full; the cache cannot be opened "
+                                 f"(its lock file needs room: {exc.strerror})") from None
+        # (EOPNOTSUPP and the like: a file system without it allocates on write)
+    finally:
+        os.close(fd)
+
+
 def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, dict[str, Any]]:
     """Open (creating when writable) the environment at ``path``, check it is a complete
     cache of this format, and open its sub-databases."""
@@ -389,6 +422,8 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
     elif not (path / "data.mdb").exists():
         raise CacheError(f"{path}: no cache here (no data.mdb) to open read-only")
     lock = opts.lock
+    if lock and (not opts.readonly or _lock_writable(path)):
+        _reserve_lock_file(path, opts)
     if opts.readonly and lock and not _lock_writable(path):
         # LMDB cannot register a reader in a lock file it may not write (a cache shared
         # read-only by another user): read without one, as read-only LMDB datasets do.

@@ -463,8 +463,6 @@ def test_item15_preload_on_a_full_disk_degrades_to_computed_samples(tiny, small_
         keeper.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 15 (found here: SIGBUS opening a cache "
-                                       "on a full tmpfs)")
 def test_item15_opening_a_cache_on_a_full_tmpfs_is_a_cache_full_error(small_disk):
     """A closed cache on a tmpfs that then fills up: LMDB re-initialises its lock table
     when it is the first opener, and writing the lock file's unbacked pages of a full tmpfs
