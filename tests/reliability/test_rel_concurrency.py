@@ -129,7 +129,9 @@ def test_reader_slots_of_killed_readers_are_reclaimed(tmp_path):
     slots, cache = 4, tmp_path / "cache"
     store = CacheStore(cache, max_readers=slots)  # the first opener fixes the table size
     store.put("images", b"k" * 32, {"image": np.zeros((2, 2, 3), np.uint8)})
-    assert store.get("images", b"k" * 32) is not None  # this process holds one slot now
+    # This process holds one slot while a read block is open (an idle reader holds none).
+    held = store.reader()
+    assert held.__enter__().get("images", b"k" * 32) is not None
 
     def holders(n: int, tag: str) -> tuple[list[Child], list[Path]]:
         marks = [tmp_path / f"{tag}-{i}" for i in range(n)]
@@ -164,6 +166,7 @@ def test_reader_slots_of_killed_readers_are_reclaimed(tmp_path):
         kid.kill()
         kid.join(60)
     assert store.reader_check() == slots - 1
+    held.__exit__(None, None, None)
     store.close()
 
 

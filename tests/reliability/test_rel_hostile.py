@@ -359,11 +359,11 @@ def test_a_cache_of_another_format_version_is_refused(tiny, cache_copy, tmp_path
     meta = env.open_db(b"meta")
     with env.begin(write=True) as txn:
         header = msgpack.unpackb(txn.get(b"header", db=meta), raw=False)
-        header["format"] = 2
+        header["format"] = 99  # a format of a later release
         txn.put(b"header", msgpack.packb(header, use_bin_type=True), db=meta)
     env.close()
-    results = _damage_and_check(tiny, images, cache, tmp_path, "format-2")
-    assert results["dataset"][0] == "CacheFormatError" and "format 2" in results["dataset"][1]
+    results = _damage_and_check(tiny, images, cache, tmp_path, "format-99")
+    assert results["dataset"][0] == "CacheFormatError" and "format 99" in results["dataset"][1]
     assert "corrupt" in results["health"][1]
 
 
