@@ -178,7 +178,7 @@ class BatchLoader:
             except BaseException as exc:  # handed to the consumer, raised there
                 ready.put(exc)
             finally:
-                # This thread's long-lived read transaction must not outlive the epoch.
+                # (no read snapshot of this thread may outlive the epoch)
                 if self.dataset.store is not None:
                     self.dataset.store.refresh()
                 ready.put(_DONE)

@@ -50,8 +50,16 @@ def private_copy(data: Path, cache: Path, dest: Path) -> tuple[Path, Path]:
     """
     shutil.copytree(data, dest / "data")
     shutil.copytree(cache, dest / "cache")
-    old, new = os.path.realpath(data), os.path.realpath(dest / "data")
-    with CacheStore(dest / "cache") as store:
+    rebase_index(dest / "cache", data, dest / "data")
+    return dest / "data", dest / "cache"
+
+
+def rebase_index(cache: Path, old_root: Path, new_root: Path) -> None:
+    """Move a cache's index entries from the sources under ``old_root`` to their copies
+    (stat-identical but for inode and ctime) under ``new_root``, as a build there would
+    have written them."""
+    old, new = os.path.realpath(old_root), os.path.realpath(new_root)
+    with CacheStore(cache) as store:
         entries = list(store.iter_index())
         header = store.header()
         with store.writer() as batch:
@@ -63,7 +71,6 @@ def private_copy(data: Path, cache: Path, dest: Path) -> tuple[Path, Path]:
         root = header.get("dataset_root")
         if root and os.path.realpath(root).startswith(old):
             store.update_header(dataset_root=new + os.path.realpath(root)[len(old):])
-    return dest / "data", dest / "cache"
 
 
 def snapshot(cache: Path) -> dict:

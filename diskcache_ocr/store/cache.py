@@ -301,7 +301,6 @@ class CacheStore:
                         if marking:
                             _mark_unsynced(txn, sh.handles["meta"], self.path)
                     sh.unsynced = sh.unsynced or marking
-                    sh.write_generation += 1
                     return
                 except lmdb.MapFullError:
                     self._pending.update(pending)

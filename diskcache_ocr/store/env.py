@@ -43,11 +43,6 @@ log = logging.getLogger("diskcache_ocr.store")
 DEFAULT_MAP_SIZE = 16 << 30
 
 
-# A long-lived read transaction is renewed after this long so writers can reuse pages and
-# readers see other processes' writes.
-RENEW_AFTER_S = 1.0
-
-
 _MAX_GROWS = 32
 
 
@@ -129,15 +124,14 @@ class StoreOptions:
 
 
 class _Slot:
-    """A thread's long-lived read transaction and how many blocks borrow it."""
+    """A thread's read transaction and how many (nested) blocks borrow it; it ends with the
+    last of them (see ``end_block``)."""
 
-    __slots__ = ("txn", "started", "borrowed", "generation")
+    __slots__ = ("txn", "borrowed")
 
-    def __init__(self, txn: lmdb.Transaction, generation: int) -> None:
+    def __init__(self, txn: lmdb.Transaction) -> None:
         self.txn = txn
-        self.started = time.monotonic()
         self.borrowed = 0
-        self.generation = generation
 
 
 class _SharedEnv:
@@ -160,7 +154,6 @@ class _SharedEnv:
         self.closing = False
         self.quiet = False  # no transaction was alive when this process forked
         self.slots: dict[int, _Slot] = {}
-        self.write_generation = 0
         self.users = 0
         self.unsynced = False  # this process committed without fsync: sync at close
 
@@ -237,16 +230,8 @@ class _SharedEnv:
             if self.env is None or self.closing:
                 raise CacheClosedError(f"{self.path}: the environment was closed")
             slot = self.slots.get(tid)
-            if slot is not None and slot.borrowed == 0 and (
-                slot.generation != self.write_generation
-                or time.monotonic() - slot.started > RENEW_AFTER_S
-            ):
-                slot.txn.abort()
-                del self.slots[tid]
-                slot = None
-                _scratch.drop_if_idle(time.monotonic())  # (a reader that no longer writes)
             if slot is None:
-                slot = _Slot(self._begin_read(), self.write_generation)
+                slot = _Slot(self._begin_read())
                 self.slots[tid] = slot
             slot.borrowed += 1
             return slot

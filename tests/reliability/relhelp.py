@@ -108,9 +108,13 @@ def snapshot(cache: Path) -> dict[str, Any]:
     with CacheStore(cache, readonly=True) as store:
         for kind in KINDS:
             out[kind] = {k.hex(): blake3.blake3(v).hexdigest() for k, v in store.iter_raw(kind)}
-        out["index"] = {s: {"size": e.size, "content_hash": e.content_hash.hex(),
-                            "status": e.status, "keys": {k: v.hex() for k, v in e.keys.items()}}
-                        for s, e in store.iter_index()}
+        # Sources by their name under the dataset's root (the index knows them by path).
+        root = os.path.realpath(store.header().get("dataset_root") or "/")
+        out["index"] = {
+            os.path.relpath(s, root): {
+                "size": e.size, "content_hash": e.content_hash.hex(), "status": e.status,
+                "keys": {k: v.hex() for k, v in e.keys.items()}}
+            for s, e in store.iter_index()}
     return out
 
 
