@@ -294,12 +294,17 @@ class CacheStore:
                 pending = self._take_pending()
                 try:
                     marking = not self.options.sync and not sh.unsynced
-                    with env.begin(write=True) as txn:
+                    txn = env.begin(write=True)
+                    try:
                         body(txn)
                         if pending:
                             _merge_counters(txn, sh.handles["stats"], pending)
                         if marking:
                             _mark_unsynced(txn, sh.handles["meta"], self.path)
+                    except BaseException:
+                        txn.abort()  # (explicitly: a failed write must not keep the lock)
+                        raise
+                    txn.commit()
                     sh.unsynced = sh.unsynced or marking
                     return
                 except lmdb.MapFullError:
