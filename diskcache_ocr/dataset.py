@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import Dataset, get_worker_info
 
-from diskcache_ocr.errors import CacheError, TrainingSafetyError
+from diskcache_ocr.errors import CacheError, CacheFullError, TrainingSafetyError
 from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
@@ -154,21 +154,35 @@ class CachedOCRDataset(Dataset[Sample]):
         self.engine = ReadThrough(self.catalog, pipeline, plan, store, check_source=check_source,
                                   item_keys=item_keys)
         if store is not None:
-            store.check_kinds(self.engine.kind_versions(), on_mismatch)
-            if store.unsynced_reboot():
-                log.warning("%s: written without fsync before the last reboot; if the machine "
-                            "crashed, run `diskcache-ocr verify` (or rebuild)", cache_dir)
-            if not readonly:
-                if isinstance(pipeline, StagePipeline):  # (``pipeline`` is the built-in's)
-                    described = {"stage_pipeline": pipeline.describe()}
-                else:
-                    described = {"stage_pipeline": None,
-                                 "pipeline": {"transform": pipeline.transform.to_dict(),
-                                              "maps": pipeline.maps.to_dict()}}
-                store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
-                                    **described)
-            if plan.preload if preload is None else preload:
-                self.preload()
+            try:
+                store.check_kinds(self.engine.kind_versions(), on_mismatch)
+                frozen = (self.engine.serve_stored(store.header().get("kinds", {}))
+                          if on_mismatch == "ignore" else [])
+                if store.unsynced_reboot():
+                    log.warning("%s: written without fsync before the last reboot; if the "
+                                "machine crashed, run `diskcache-ocr verify` (or rebuild)",
+                                cache_dir)
+                if not readonly:
+                    # (the pipeline recorded is the one the stored records were made by)
+                    described: dict[str, Any] = {}
+                    if frozen:
+                        pass
+                    elif isinstance(pipeline, StagePipeline):
+                        described = {"stage_pipeline": pipeline.describe()}
+                    else:
+                        described = {"stage_pipeline": None,
+                                     "pipeline": {"transform": pipeline.transform.to_dict(),
+                                                  "maps": pipeline.maps.to_dict()}}
+                    store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
+                                        **described)
+                if plan.preload if preload is None else preload:
+                    self.preload()
+            except CacheFullError as exc:
+                # Nothing can be stamped or stored: serve computed samples, as a cache that
+                # fills up while reading does.
+                log.warning("%s: the disk is full; samples are computed, not cached (%s)",
+                            cache_dir, exc)
+                self.engine.store = None
             store.close()  # workers open their own; nothing stays open across a fork
 
     # -- what the engine holds, by its old names -------------------------------------------
@@ -245,8 +259,15 @@ class CachedOCRDataset(Dataset[Sample]):
     def preload(self, batch_size: int = 8) -> None:
         """Build whatever is missing for every item, then warm the page cache."""
         todo, _failed = self.missing(range(len(self)))
-        for start in range(0, len(todo), batch_size):
-            self.build(todo[start:start + batch_size])
+        try:
+            for start in range(0, len(todo), batch_size):
+                self.build(todo[start:start + batch_size])
+        except CacheFullError as exc:
+            # As without preload: what is not cached is computed on read (and cached later,
+            # once there is room).
+            log.warning("preload stopped, the disk is full: samples not cached are computed "
+                        "on read (%s)", exc)
+            return
         if self.store is not None and self.plan.warm:
             self.store.warm()
 

@@ -31,10 +31,12 @@ _DONE = object()
 
 
 class _BufferSet:
-    """One set of reusable host buffers and the event that says the device is done with it."""
+    """One set of reusable host buffers and the event that says the device is done with it
+    (without a device, only a place in the queue of batches in flight)."""
 
-    def __init__(self, buffers: BatchBuffers) -> None:
+    def __init__(self, buffers: BatchBuffers | None, rows: int) -> None:
         self.buffers = buffers
+        self.rows = rows  # how many samples the buffers hold
         self.event: Any = None  # torch.cuda.Event once a device copy was issued
 
     def wait_free(self) -> None:
@@ -50,10 +52,12 @@ class BatchLoader:
     >>> for batch in loader:                                                  # doctest: +SKIP
     ...     loss = model(batch["image"], batch["prob_map"])
 
-    Without a device, the yielded tensors are the loader's reusable host buffers: a batch is
-    valid until the next one is requested; ``clone()`` what you keep longer. With a device
-    (``"cpu"`` included) every batch is the caller's own, finished there. Without a device,
-    a dataset made with ``output="compact"`` yields compact batches (``finish_batch``).
+    Every batch is the caller's own, to keep as long as it likes: without a device its host
+    memory is reused only once nothing refers to it any more (as in a DataLoader worker);
+    with one (``"cpu"`` included) the device tensors are fresh. A batch sampler may yield
+    batches of any size.
+    A dataset made with ``output="compact"`` yields compact batches without a device
+    (``diskcache_ocr.finish_batch`` finishes them); with one they arrive finished.
     """
 
     def __init__(
@@ -98,14 +102,9 @@ class BatchLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="diskcache-copy")
         if not self._slots:
-            # Compact bytes travel to a device and are finished there; without a device the
-            # buffers get finished float32 arrays, unless the dataset's output is compact
-            # (the caller finishes them: diskcache_ocr.finish_batch).
-            engine = self.dataset.engine
-            compact = self.device is not None or self.dataset.output == "compact"
-            self._slots = [_BufferSet(engine.buffers(self.batch_size, pin=self.pin_memory,
-                                                compact=compact, reuse=True))
-                           for _ in range(self.n_buffers)]
+            # Compact bytes travel to a device and are finished there; on the CPU the
+            # buffers get the finished float32 arrays directly.
+            self._slots = [_BufferSet(None, 0) for _ in range(self.n_buffers)]
 
     def close(self) -> None:
         """Release the thread pool and the buffers (a later iteration makes new ones)."""
@@ -130,7 +129,19 @@ class BatchLoader:
 
     def _fill(self, slot: _BufferSet, indices: Sequence[int]) -> dict[str, Any]:
         slot.wait_free()
-        return self.dataset.engine.batch(indices, slot.buffers, run_copies=self._run_copies)
+        engine = self.dataset.engine
+        if self.device is None:
+            # The batch itself goes to the caller, who may keep it (a prefetching trainer,
+            # a list): memory that anything still refers to is never refilled.
+            buffers = engine.buffers(len(indices), pin=self.pin_memory,
+                                     compact=self.dataset.output == "compact", reuse=True)
+        else:
+            if slot.buffers is None or slot.rows < len(indices):
+                slot.rows = max(self.batch_size, len(indices))
+                slot.buffers = engine.buffers(slot.rows, pin=self.pin_memory, compact=True,
+                                              reuse=True)
+            buffers = slot.buffers
+        return engine.batch(indices, buffers, run_copies=self._run_copies)
 
     def _to_device(self, slot: _BufferSet, batch: dict[str, Any]) -> dict[str, Any]:
         if self.device is None:
@@ -170,7 +181,7 @@ class BatchLoader:
             except BaseException as exc:  # handed to the consumer, raised there
                 ready.put(exc)
             finally:
-                # This thread's long-lived read transaction must not outlive the epoch.
+                # (no read snapshot of this thread may outlive the epoch)
                 if self.dataset.store is not None:
                     self.dataset.store.refresh()
                 ready.put(_DONE)
@@ -190,8 +201,10 @@ class BatchLoader:
                     free.put(slot)  # reused only after its copy finished (slot.wait_free)
                     yield out
                 else:
-                    yield batch  # the host buffers themselves: valid until the next batch
-                    free.put(slot)
+                    del got
+                    yield batch  # the caller's: its memory is reused once nothing holds it
+                    del batch
+                    free.put(slot)  # (only a place in the queue of batches in flight)
         finally:
             stop.set()
             producer.join()

@@ -6,7 +6,6 @@ findings are values, never prints.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import time
@@ -24,8 +23,8 @@ from diskcache_ocr.ocr.annotations import (
     AnnotationSet,
     ImageAnnotation,
     load_annotations,
-    safe_source_path,
 )
+from diskcache_ocr.ocr.decode import read_image_file
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
@@ -33,7 +32,14 @@ from diskcache_ocr.paths import default_cache_dir  # noqa: F401 - its home befor
 from diskcache_ocr.presets import cache_plan
 from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import Catalog
-from diskcache_ocr.schema import KINDS, KindVersion, dataset_root, reads, source_state
+from diskcache_ocr.schema import (
+    KINDS,
+    KindVersion,
+    dataset_root,
+    reads,
+    source_id,
+    source_state,
+)
 from diskcache_ocr.store import CacheStore, WriteBatch
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
@@ -116,9 +122,6 @@ def health(
         if store.unsynced_reboot():
             problems.append(Finding("corrupt", "written without fsync before the last reboot: "
                                     "an OS crash may have damaged it; run verify or rebuild"))
-        root = dataset_root(header, images_dir)
-        # Without a root nothing can be called stale.
-        locate = None if root is None else functools.partial(safe_source_path, root)
         stale, failed, old = [], [], 0
         cutoff = time.time_ns() - int(max_age_days * 86400e9)
         try:
@@ -127,7 +130,8 @@ def health(
             problems.append(Finding("corrupt", str(exc)))
             index = []
         for source, entry in index:
-            state = locate and source_state(locate, source, entry)
+            # (each source is known by its own path: every dataset sharing the cache is judged)
+            state = source_state(None, source, entry)
             if state:
                 stale.append(f"{source} ({state})")
             if not entry.ok:
@@ -235,8 +239,9 @@ def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, d
     if not root.is_dir():  # a mistyped or unmounted root would make every entry "missing"
         raise CacheError(f"{root}: the images directory does not exist; nothing was removed")
     index = list(store.iter_index())
-    locate = functools.partial(safe_source_path, root)
-    stale = [(s, e) for s, e in index if source_state(locate, s, e)]
+    # Each source is judged by its own path; with an images directory, only its sources.
+    under = os.path.join(os.path.realpath(images_dir), "") if images_dir else ""
+    stale = [(s, e) for s, e in index if s.startswith(under) and source_state(None, s, e)]
     gone = {s for s, _ in stale}
     kept = [e for s, e in index if s not in gone]
     live = {key for e in kept for key in e.keys.values()} | {e.content_hash for e in kept}
@@ -298,17 +303,18 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
     root = dataset_root(header, images_dir) or Path(".")
     words = {}
     if annotations is not None:
-        words = {it.file: it for it in load_annotations(root, annotations).items}
+        words = {source_id(root, it.file): it for it in load_annotations(root, annotations).items}
     entries = [(s, e) for s, e in store.iter_index() if e.ok]
     chosen = rng.sample(entries, min(n, len(entries)))
     # Sources without an annotation are checked without words (and without maps).
-    items = tuple(words.get(s) or ImageAnnotation(s, (), (), ()) for s, _ in chosen)
+    items = tuple(words.get(s) or ImageAnnotation(os.path.basename(s), (), (), ())
+                  for s, _ in chosen)
     engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
                          cache_plan("none"), None)
     mismatched = []
     for index, (source, entry) in enumerate(chosen):
         try:
-            data = safe_source_path(root, source).read_bytes()
+            data = read_image_file(source, source)
         except (OSError, SourceError):
             continue  # a missing source is health's business, not a mismatch
         if content_hash(data) != entry.content_hash:

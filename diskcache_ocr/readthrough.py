@@ -26,9 +26,10 @@ import numpy as np
 from torch.utils.data import get_worker_info
 
 from diskcache_ocr import batchmem
-from diskcache_ocr.errors import CacheError, CacheFullError, SourceError
-from diskcache_ocr.keys import content_hash
+from diskcache_ocr.errors import CacheError, CacheFullError, ImageDecodeError, SourceError
+from diskcache_ocr.keys import content_hash, derive_key
 from diskcache_ocr.ocr.annotations import safe_source_path
+from diskcache_ocr.ocr.decode import read_image_file
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline, image_header
@@ -51,6 +52,7 @@ from diskcache_ocr.schema import (
     IndexEntry,
     KindVersion,
     flat_polygons_bytes,
+    index_key,
     maps_key,
     reads,
     tensor_key,
@@ -70,6 +72,7 @@ class Work:
     index: int
     source: str
     slot: int = 0  # row in the batch buffers
+    path: Path | None = None  # the checked path, resolved afresh for every batch
     stat: os.stat_result | None = None
     entry: IndexEntry | None = None  # the index entry, when it matches the file's stat
     content: bytes | None = None  # file bytes, when they had to be read
@@ -118,6 +121,7 @@ class ReadThrough:
         # pipeline cannot version (an unversioned stage, a random transform) is never kept.
         self._keep = tuple(k for k in KINDS if plan.caches(k) and k in self._fingerprints)
         self._images, self._tensors, self._maps = (k in self._keep for k in KINDS)
+        self._frozen: frozenset[str] = frozenset()  # kinds served as stored, never written
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -125,11 +129,12 @@ class ReadThrough:
         self.write_seconds = 0.0  # time spent committing read-through writes, this process
         self._served = 0
         self._logged: set[str] = set()
-        self._paths: dict[int, Path] = {}  # index -> checked path (checking walks the path)
+        # The index knows a source by its path under the resolved root (see schema.source_id).
+        self._root = os.path.realpath(self.catalog.images_dir)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_lock", "_served", "_logged", "write_seconds", "_paths"):
+        for name in ("_lock", "_served", "_logged", "write_seconds", "_root"):
             state.pop(name, None)
         return state
 
@@ -142,6 +147,20 @@ class ReadThrough:
         """Versions of the kinds this plan caches (what the store's header must agree with)."""
         versions = self.pipeline.kind_versions()
         return {k: versions[k] for k in self._keep}
+
+    def serve_stored(self, stored: Mapping[str, Any]) -> list[str]:
+        """``on_mismatch="ignore"``: each kind whose stored version (``stored``, the
+        header's ``kinds``) differs from this pipeline's is looked up by the stored version's
+        keys, so what is stored is served, and nothing of it is written: its stamp stays
+        true of every record under it. Returns those kinds."""
+        frozen = []
+        for kind, want in self.kind_versions().items():
+            have = stored.get(kind)
+            if have is not None and KindVersion.from_dict(have) != want:
+                self._fingerprints[kind] = KindVersion.from_dict(have).fingerprint
+                frozen.append(kind)
+        self._frozen = frozenset(frozen)
+        return frozen
 
     def keys(self, index: int, content: bytes) -> dict[str, bytes]:
         """The record key of every kind for image ``index`` whose file hashes to ``content``."""
@@ -206,7 +225,7 @@ class ReadThrough:
             for i in indices:
                 w = Work(index=int(i), source=self.catalog.source(int(i)))
                 self._stat(w)
-                entry = None if w.stat is None else _index_entry(txn, w.source)
+                entry = None if w.stat is None else _index_entry(txn, self._id(w))
                 if entry is None or w.stat is None or not self._matches(entry, w.stat):
                     todo.append(w.index)
                     continue
@@ -260,10 +279,13 @@ class ReadThrough:
 
     # -- one batch, step by step ------------------------------------------------------------
     def _path(self, w: Work) -> Path:
-        path = self._paths.get(w.index)
-        if path is None:
-            path = self._paths[w.index] = safe_source_path(self.catalog.images_dir, w.source)
-        return path
+        # NOTE: never kept beyond one batch: a symlink may be re-pointed at any time.
+        if w.path is None:
+            w.path = safe_source_path(self.catalog.images_dir, w.source)
+        return w.path
+
+    def _id(self, w: Work) -> str:
+        return os.path.join(self._root, w.source)
 
     def _stat(self, w: Work) -> None:
         try:
@@ -281,7 +303,7 @@ class ReadThrough:
         if w.error is not None:
             return
         assert w.stat is not None
-        entry = _index_entry(txn, w.source)
+        entry = _index_entry(txn, self._id(w))
         if entry is not None and self._matches(entry, w.stat):
             if not entry.ok:
                 w.error = entry.status
@@ -337,13 +359,31 @@ class ReadThrough:
 
     def _read_source(self, w: Work) -> bool:
         try:
-            data = self._path(w).read_bytes()
+            data = read_image_file(self._path(w), w.source, max_pixels=self.pipeline.max_pixels)
+        except ImageDecodeError as exc:
+            # Refused from its first bytes or its size, unread: the failure is indexed
+            # under a hash of the refusal (it is never a record key), so the unchanged file
+            # is not retried.
+            w.error = exc.reason
+            w.content_hash = derive_key("refused", exc.reason)
+            return False
         except (OSError, SourceError) as exc:
             w.error = f"cannot read source: {exc}"
             return False
+        h = content_hash(data)
+        if w.content_hash is not None and h != w.content_hash:
+            # The file was replaced after its stat matched the index: what was taken from
+            # the cache belongs to the old content. Every part comes from these bytes.
+            self._forget_cached(w)
         w.content = data
-        w.content_hash = content_hash(data)
+        w.content_hash = h
         return True
+
+    @staticmethod
+    def _forget_cached(w: Work) -> None:
+        w.entry, w.geometry, w.image = None, None, None
+        w.image_done = w.maps_done = False
+        w.hits.clear()
 
     def _tensor_key(self, index: int, h: bytes) -> bytes:
         if self._staged:  # the record holds the moved polygons: the annotation is in the key
@@ -371,6 +411,7 @@ class ReadThrough:
             if need_image:
                 if w.content is None and not self._read_source(w):
                     return
+                need_maps = want_maps and not w.maps_done  # (a replaced file: see _read_source)
                 assert w.content is not None and w.content_hash is not None
                 w.image = p.decode(w.content, w.source)
                 if "images" in keep:
@@ -432,6 +473,8 @@ class ReadThrough:
         assert self.store is not None
         batch = WriteBatch()
         for w in work:
+            if self._frozen:
+                w.writes = [wr for wr in w.writes if wr[0] not in self._frozen]
             for kind, key, arrays in w.writes:
                 batch.put(kind, key, arrays)
             if w.stat is None or w.content_hash is None:
@@ -442,7 +485,7 @@ class ReadThrough:
                 continue  # nothing cached for it (e.g. only maps cached, maps not read)
             if not self._unchanged_since_stat(w):
                 continue  # the file changed while we read it: serve, but do not index
-            if len(w.source.encode()) > self.store.max_key_size():
+            if len(index_key(self._id(w))) > self.store.max_key_size():
                 self._log_once(f"{w.source}: name too long to index; its records are found "
                                "by content, at the cost of reading the file on every access")
                 continue  # (one such key would fail the whole write)
@@ -450,11 +493,8 @@ class ReadThrough:
             keys = dict(w.entry.keys) if w.entry is not None else {}
             keys.update(w.hits)  # records found by content (e.g. the file was touched)
             keys.update({kind: key for kind, key, _ in w.writes})
-            batch.put_index(w.source, IndexEntry(
-                size=w.stat.st_size, mtime_ns=w.stat.st_mtime_ns,
-                content_hash=w.content_hash, status=status, keys=keys,
-                updated_ns=time.time_ns(),
-            ))
+            batch.put_index(self._id(w), IndexEntry.of_stat(
+                w.stat, w.content_hash, status=status, keys=keys, updated_ns=time.time_ns()))
         if len(batch):
             if get_worker_info() is not None:
                 batchmem.keep_freed_memory()  # a DataLoader worker that writes
@@ -473,7 +513,7 @@ class ReadThrough:
         except (OSError, SourceError):
             return False
         assert w.stat is not None
-        return st.st_size == w.stat.st_size and st.st_mtime_ns == w.stat.st_mtime_ns
+        return IndexEntry.of_stat(w.stat, b"").matches(st)
 
     def _assemble(self, w: Work, buffers: BatchBuffers) -> Sample:
         with_maps = self.plan.return_maps

@@ -49,15 +49,27 @@ class IndexEntry:
     status: str = "ok"  # "ok" or "failed: <reason>"
     keys: Mapping[str, bytes] = field(default_factory=dict)  # kind -> record key
     updated_ns: int = 0
+    # A file put in the source's place keeps neither its inode nor its ctime, whatever its
+    # size and mtime (a copy with preserved times, an atomic replace, a retargeted symlink).
+    ino: int = 0
+    ctime_ns: int = 0
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     def matches(self, st: os.stat_result) -> bool:
-        """The stale rule: an entry describes a file while its size and mtime are the ones
-        recorded (content is not re-hashed on every read; the watcher catches the rest)."""
-        return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
+        """The stale rule: an entry describes a file while its size, mtime, inode and ctime
+        are the ones recorded (content is not re-hashed on every read). The ctime cannot be
+        set by a user, so another file at this path never matches."""
+        return (self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
+                and self.ino == st.st_ino and self.ctime_ns == st.st_ctime_ns)
+
+    @classmethod
+    def of_stat(cls, st: os.stat_result, content_hash: bytes, **fields: Any) -> IndexEntry:
+        """An entry describing the file ``st`` was taken of."""
+        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino,
+                   ctime_ns=st.st_ctime_ns, content_hash=content_hash, **fields)
 
     def pack(self) -> bytes:
         d = asdict(self)
@@ -69,24 +81,67 @@ class IndexEntry:
         try:
             d = msgpack.unpackb(raw, raw=False, max_map_len=16, max_array_len=16)
             entry = cls(
-                size=int(d["size"]), mtime_ns=int(d["mtime_ns"]),
-                content_hash=bytes(d["content_hash"]), status=str(d["status"]),
-                keys={str(k): bytes(v) for k, v in d["keys"].items()},
-                updated_ns=int(d["updated_ns"]),
+                size=_int(d["size"]), mtime_ns=_int(d["mtime_ns"]),
+                content_hash=_bytes(d["content_hash"], HASH_BYTES), status=_str(d["status"]),
+                keys={_str(k): _bytes(v) for k, v in d["keys"].items()},
+                updated_ns=_int(d["updated_ns"]), ino=_int(d.get("ino", 0)),
+                ctime_ns=_int(d.get("ctime_ns", 0)),
             )
         except Exception as exc:
             raise CacheFormatError(f"index entry {where}: unreadable ({exc})") from None
         return entry
 
 
-def source_state(locate: Callable[[str], Path], source: str, entry: IndexEntry) -> str | None:
-    """None while ``source`` still matches its entry, else ``"missing"`` or ``"changed"``.
+HASH_BYTES = 32  # a content hash (blake3)
 
-    ``locate`` turns the index name into a checked path (the annotations' safe resolver,
-    which lives above this layer); it raises OSError or SourceError when it cannot.
+
+def _int(v: Any) -> int:
+    if type(v) is not int:
+        raise TypeError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _bytes(v: Any, length: int | None = None) -> bytes:
+    if not isinstance(v, bytes) or not v or (length is not None and len(v) != length):
+        raise TypeError(f"expected {length or 'non-empty'} bytes, got {v!r:.40}")
+    return v
+
+
+def source_id(images_dir: str | os.PathLike[str], source: str) -> str:
+    """A source's identity in the index: its name under the resolved images directory.
+
+    Two datasets sharing a cache (train and val) may both hold ``img_1.png``: the root tells
+    them apart. The name's last components are not resolved, so a retargeted symlink is the
+    same source (its stat then tells that the content changed).
     """
+    return os.path.join(os.path.realpath(images_dir), source)
+
+
+def index_key(source: str) -> bytes:
+    """The index key of a source id: its bytes as the file system has them (lossless for
+    names that are not UTF-8)."""
+    return os.fsencode(source)
+
+
+def source_state(locate: Callable[[str], Path] | None, source: str, entry: IndexEntry
+                 ) -> str | None:
+    """None while ``source`` (a :func:`source_id`) still matches its entry, else
+    ``"missing"`` or ``"changed"``.
+
+    ``locate`` turns the id into a checked path (the annotations' safe resolver, which lives
+    above this layer); it raises OSError or SourceError when it cannot. Without it the id,
+    an absolute path, is stat'ed as it is.
+    """
+    if not os.path.isabs(source):
+        return "missing"  # not an identity this format writes (nothing is stat'ed for it)
     try:
-        st = os.stat(locate(source))
+        st = os.stat(source if locate is None else locate(source))
     except (OSError, SourceError):
         return "missing"
     return None if entry.matches(st) else "changed"
@@ -142,4 +197,5 @@ def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool] | np.n
 
 
 __all__ = ["KINDS", "IndexEntry", "KindVersion", "dataset_root", "flat_polygons_bytes",
-           "image_key", "maps_key", "polygons_bytes", "reads", "source_state", "tensor_key"]
+           "image_key", "index_key", "maps_key", "polygons_bytes", "reads", "source_id",
+           "source_state", "tensor_key"]

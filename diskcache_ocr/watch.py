@@ -11,7 +11,6 @@ frees their space early.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -28,7 +27,7 @@ from watchdog.observers.polling import PollingObserver
 
 from diskcache_ocr.errors import CacheError, SourceError
 from diskcache_ocr.ocr.annotations import IMAGE_SUFFIXES, safe_source_path
-from diskcache_ocr.schema import KINDS, dataset_root, source_state
+from diskcache_ocr.schema import KINDS, dataset_root, source_id, source_state
 from diskcache_ocr.store import CacheStore, WriteBatch
 
 _LOG = logging.getLogger("diskcache_ocr.watch")
@@ -105,6 +104,7 @@ class Watcher:
         self._stopping = False
         self._observer: BaseObserver | None = None
         self._flusher: threading.Thread | None = None
+        self._died = ""  # why a service thread stopped, once one has
 
     def __enter__(self) -> Watcher:
         self.start()
@@ -118,14 +118,18 @@ class Watcher:
         """Invalidate every indexed source whose file is missing or whose stat changed."""
         self.store.refresh()  # see what other processes indexed up to now
         stale: list[str] = []
-        locate = functools.partial(safe_source_path, self.images_dir)
+        under = os.path.join(str(self.images_dir), "")
         try:
             for source, entry in self.store.iter_index():
-                if source_state(locate, source, entry):
+                # Sources of other datasets sharing the cache are theirs to judge; nothing
+                # outside the root is stat'ed (a symlink leading out counts as missing).
+                if not source.startswith(under) and os.path.isabs(source):
+                    continue
+                if source_state(self._locate, source, entry):
                     stale.append(source)
         except CacheError as exc:  # a damaged index entry ends the listing; keep what we have
             self.log.error("reconcile: index listing stopped early: %s", exc)
-        n = self.invalidate(stale)
+        n = self._invalidate_ids(stale)
         self._release_snapshot()
         with self._cond:
             self._summary.reconciled += n
@@ -134,12 +138,19 @@ class Watcher:
 
     def invalidate(self, sources: Iterable[str]) -> int:
         """Delete the index entries of ``sources`` and the records they name, in one write
-        transaction; returns how many sources had an entry.
+        transaction; returns how many sources had an entry. A source is its path or its
+        name under the watched directory.
 
         NOTE: records are content-addressed, so another source with identical bytes may share
         a record deleted here; that source then recomputes it on its next read, nothing more.
         """
-        names = sorted(set(sources))
+        return self._invalidate_ids({source_id(self.images_dir, s) for s in sources})
+
+    def _locate(self, source: str) -> Path:
+        return safe_source_path(self.images_dir, os.path.relpath(source, self.images_dir))
+
+    def _invalidate_ids(self, ids: Iterable[str]) -> int:
+        names = sorted(set(ids))
         batch, count = WriteBatch(), 0
         self.store.refresh()
         with self.store.reader() as r:
@@ -203,12 +214,30 @@ class Watcher:
         # NOTE: a source reached through a symlink inside the root changes under another
         # name; the dataset's stat check and the next reconcile cover it.
         try:
-            return path.relative_to(self.images_dir).as_posix()
+            path.relative_to(self.images_dir)
         except ValueError:  # an image beside the annotation file, outside the root
             return None
+        return str(path)  # its index identity (schema.source_id), the root being resolved
 
     def _flush_loop(self) -> None:
-        """Background thread: apply debounced invalidations in batches."""
+        """Background thread: apply debounced invalidations in batches. If it dies, the
+        service must not go on looking healthy while it invalidates nothing: ``check``
+        (called by ``run``) raises."""
+        try:
+            self._flush_until_stopped()
+        except BaseException as exc:
+            self._died = f"the invalidation thread stopped ({type(exc).__name__}: {exc})"
+            self.log.critical("watch: %s", self._died)
+
+    def check(self) -> None:
+        """Raise CacheError when a service thread has died (the watch is then useless)."""
+        if self._died:
+            raise CacheError(f"watch stopped: {self._died}")
+        obs = self._observer
+        if obs is not None and not obs.is_alive():
+            raise CacheError("watch stopped: the file-system observer thread died")
+
+    def _flush_until_stopped(self) -> None:
         while True:
             with self._cond:
                 now = time.monotonic()
@@ -362,7 +391,7 @@ def run(
             started(watcher)
         # (a timed wait keeps the main thread responsive to signal handlers)
         while not stop.wait(1.0):
-            pass
+            watcher.check()
     finally:
         summary = watcher.stop() if watcher is not None else None
     assert summary is not None

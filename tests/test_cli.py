@@ -16,6 +16,7 @@ from testkit import command, private_copy, run_cli, snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.ops import HEALTH_CODES
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.store import KINDS, CacheStore
 from diskcache_ocr.synth import split_paths
 
@@ -263,21 +264,22 @@ def test_clear_stale_after_deleting_a_source(mine, capsys):
     data_dir, cache = mine
     images, _ = split_paths(data_dir)
     victim = sorted(images.iterdir())[2]
+    vid = source_id(images, victim.name)  # the index knows a source by its path
     before = snapshot(cache)
-    victim_keys = before["index"][victim.name][4]
+    victim_keys = before["index"][vid][4]
     victim.unlink()
 
     rc, data = run_json(capsys, "clear", "--cache", cache, "--stale", "--images", images,
                         "--dry-run")
-    assert rc == 0 and data["stale_sources"] == [victim.name]
+    assert rc == 0 and data["stale_sources"] == [vid]
     assert snapshot(cache) == before
 
     rc, data = run_json(capsys, "clear", "--cache", cache, "--stale", "--images", images)
     assert rc == 0
-    assert data["stale_sources"] == [victim.name]
+    assert data["stale_sources"] == [vid]
     assert data["removed"] == {"index": 1, "images": 1, "tensors": 1, "maps": 1}
     after = snapshot(cache)
-    assert set(after["index"]) == set(before["index"]) - {victim.name}
+    assert set(after["index"]) == set(before["index"]) - {vid}
     for kind in KINDS:
         assert set(after[kind]) == set(before[kind]) - {victim_keys[kind]}, kind
         assert all(after[kind][k] == before[kind][k] for k in after[kind])
@@ -289,11 +291,12 @@ def test_clear_stale_after_changing_a_source_drops_its_old_records(mine, capsys)
     data_dir, cache = mine
     images, annotations = split_paths(data_dir)
     files = sorted(images.iterdir())
+    first = source_id(images, files[0].name)  # the index knows a source by its path
     before = snapshot(cache)
-    old_keys = before["index"][files[0].name][4]
+    old_keys = before["index"][first][4]
     files[0].write_bytes(files[1].read_bytes())  # same pixels as another source now
     rc, data = run_json(capsys, "clear", "--cache", cache, "--stale", "--images", images)
-    assert rc == 0 and data["stale_sources"] == [files[0].name]
+    assert rc == 0 and data["stale_sources"] == [first]
     after = snapshot(cache)
     for kind in KINDS:
         assert old_keys[kind] not in after[kind]

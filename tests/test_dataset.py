@@ -18,6 +18,7 @@ from diskcache_ocr.errors import CacheVersionError, TrainingSafetyError
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import PRESET_NAMES
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.store import CacheStore
 from diskcache_ocr.synth import split_paths
 
@@ -230,7 +231,7 @@ def test_bad_images_and_annotations_are_skipped_with_a_reason(data, tmp_path, ca
     assert [m["file"] for m in bad] == [names[2]]
     assert "cannot" in bad[0]["error"] or "decode" in bad[0]["error"]
     assert any(names[2] in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
-    entry = ds.store.get_index(names[2])
+    entry = ds.store.get_index(source_id(images, names[2]))
     assert entry is not None and entry.status.startswith("failed:")
     assert len(ds[3]["polygons"]) == len(words) - 1
 

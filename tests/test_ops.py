@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from diskcache_ocr.codec import decode_record
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.ops import clear, copy, health, status, verify
 from diskcache_ocr.prebuild import prebuild
-from diskcache_ocr.store import KINDS, CacheStore, IndexEntry, WriteBatch
+from diskcache_ocr.store import KINDS, CacheStore, WriteBatch
 from diskcache_ocr.synth import split_paths
 
 N = 4
@@ -98,9 +99,7 @@ def test_health_finds_old_entries(case):
         source, entry = next(iter(store.iter_index()))
         batch = WriteBatch()
         month_ago = time.time_ns() - 30 * 86400 * 10**9
-        batch.put_index(source, IndexEntry(
-            size=entry.size, mtime_ns=entry.mtime_ns, content_hash=entry.content_hash,
-            status=entry.status, keys=dict(entry.keys), updated_ns=month_ago))
+        batch.put_index(source, replace(entry, updated_ns=month_ago))
         store.commit(batch)
     found = codes(health(cache, images_dir=images))  # default: 7 days
     assert set(found) == {"old_entries"}

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diskcache_ocr.ocr.decode import decode_image
 from diskcache_ocr.ocr.conventions import (
     OriginTransform,
     get_convention,
@@ -19,6 +18,7 @@ from diskcache_ocr.ocr.conventions import (
     round_points,
     upright_size,
 )
+from diskcache_ocr.ocr.decode import decode_image
 from diskcache_ocr.ocr.origin_maps import (
     OriginMapConfig,
     make_origin_maps,

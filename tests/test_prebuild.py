@@ -25,6 +25,7 @@ from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.prebuild import prebuild
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.store import KINDS, CacheStore, WriteBatch
 from diskcache_ocr.synth import split_paths
 
@@ -254,13 +255,14 @@ def test_each_rank_builds_its_share(small_data, tmp_path, monkeypatch):
         assert len(store.keys("maps")) == 3
         assert store.header()["build"]["clean"] is True  # rank 0 marks the end
     ds = CachedOCRDataset(images, annotations, None)
-    assert indexed == sorted(ds.source(i) for i in range(0, SMALL_N, 2))
+    assert indexed == sorted(source_id(images, ds.source(i)) for i in range(0, SMALL_N, 2))
 
     monkeypatch.setattr(prebuild_mod, "dist_info", lambda: (1, 2))
     s1 = prebuild(images, annotations, cache, workers=1, progress=False)
     assert (s1.rank, s1.total, s1.built, s1.skipped) == (1, 3, 3, 0)
     with CacheStore(cache, readonly=True) as store:
-        assert sorted(s for s, _ in store.iter_index()) == sources
+        assert sorted(s for s, _ in store.iter_index()) == [source_id(images, s)
+                                                             for s in sources]
         assert all(len(store.keys(kind)) == SMALL_N for kind in KINDS)
 
 
@@ -286,8 +288,8 @@ def test_corrupt_images_are_recorded_reported_and_not_retried(data_copy, tmp_pat
     with CacheStore(cache, readonly=True) as store:
         assert all(len(store.keys(kind)) == SMALL_N - 2 for kind in KINDS)
         status = {s: e.status for s, e in store.iter_index()}
-    assert status[garbage.name].startswith("failed: ")
-    assert status[truncated.name].startswith("failed: ")
+    assert status[source_id(images, garbage.name)].startswith("failed: ")
+    assert status[source_id(images, truncated.name)].startswith("failed: ")
 
     rc, out, _ = run_cli(capsys, "health", "--cache", cache, "--json")
     assert rc == 1

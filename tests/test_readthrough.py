@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diskcache_ocr.dataset import CachedOCRDataset
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.synth import split_paths
 
 
@@ -21,7 +22,7 @@ def prebuilt(synth_data, tmp_path_factory):
 def test_keys_name_the_records_the_index_points_to(prebuilt):
     _, _, _, ds = prebuilt
     for i in range(len(ds)):
-        entry = ds.store.get_index(ds.source(i))
+        entry = ds.store.get_index(source_id(ds.images_dir, ds.source(i)))
         assert ds.engine.keys(i, entry.content_hash) == dict(entry.keys)
 
 

@@ -21,12 +21,18 @@ from watchdog.observers.inotify import InotifyObserver
 
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
+from diskcache_ocr.schema import source_id
 from diskcache_ocr.store import CacheStore, IndexEntry
 from diskcache_ocr.synth import split_paths, synthesize
 from diskcache_ocr.watch import Watcher, WatchSummary
 
 NAMES = [f"receipt_{i:05d}.jpg" for i in range(5)]
 WAIT_S = 10.0
+
+
+def ids(images: Path, names: list[str]) -> list[str]:
+    """The index knows a source by its path under the resolved images directory."""
+    return [source_id(images, n) for n in names]
 
 
 @pytest.fixture
@@ -36,7 +42,7 @@ def env(tmp_path):
     (images, ann), cache = split_paths(tmp_path), tmp_path / "cache"
     CachedOCRDataset(images, ann, cache, preset="validation_optimized").close()
     store = CacheStore(cache)
-    assert [s for s, _ in store.iter_index()] == NAMES
+    assert [s for s, _ in store.iter_index()] == ids(images, NAMES)
     yield images, ann, cache, store
     store.close()
 
@@ -70,7 +76,7 @@ def assert_same(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
 def test_changes_invalidate_entries_and_reads_see_new_data(env, polling):
     images, ann, cache, store = env
-    old = {s: store.get_index(s) for s in NAMES}
+    old = {s: store.get_index(source_id(images, s)) for s in NAMES}
     # Built before the changes: the cached one preloads now, while everything is unchanged.
     cached = CachedOCRDataset(images, ann, cache, preset="validation_optimized")
     fresh = CachedOCRDataset(images, ann, None, preset={"load_maps": True})
@@ -82,13 +88,14 @@ def test_changes_invalidate_entries_and_reads_see_new_data(env, polling):
         (images / NAMES[1]).unlink()
         (images / NAMES[2]).rename(images / "renamed.jpg")
         changed = NAMES[:3]
-        assert wait_until(lambda: all(gone(store, s) for s in changed)), "not invalidated"
+        assert wait_until(lambda: all(gone(store, source_id(images, s)) for s in changed)), \
+            "not invalidated"
         assert w.wait_idle(WAIT_S)
         for s in changed:
             for kind, key in old[s].keys.items():
                 assert not store.contains(kind, key), (s, kind)
         for s in NAMES[3:]:  # untouched sources keep their entries and records
-            assert store.get_index(s) == old[s]
+            assert store.get_index(source_id(images, s)) == old[s]
             assert all(store.contains(k, key) for k, key in old[s].keys.items())
         summary = w.summary
         assert summary.invalidated == 3 and summary.reconciled == 0 and summary.events >= 3
@@ -120,16 +127,16 @@ def test_debounce_collapses_rapid_writes(env, monkeypatch):
         data = (images / NAMES[0]).read_bytes()
         for i in range(5):
             rewrite(images / NAMES[0], data + bytes(i + 1))  # trailing bytes: still a JPEG
-        assert wait_until(lambda: gone(store, NAMES[0]))
+        assert wait_until(lambda: gone(store, source_id(images, NAMES[0])))
         # A fence: events arrive in order, so once a later change to another source has
         # been handled, every event of the rewrites was too (a late one would have made a
         # second invalidation of NAMES[0] by now).
         rewrite(images / NAMES[1], (images / NAMES[1]).read_bytes() + b"\0")
-        assert wait_until(lambda: gone(store, NAMES[1]))
+        assert wait_until(lambda: gone(store, source_id(images, NAMES[1])))
         assert w.wait_idle(WAIT_S)
     finally:
         summary = w.stop()
-    assert calls == [[NAMES[0]], [NAMES[1]]]
+    assert calls == [ids(images, NAMES[:1]), ids(images, NAMES[1:2])]
     assert summary.invalidated == 2 and summary.events >= 6
 
 
@@ -143,7 +150,7 @@ def test_reconcile_finds_changes_made_while_not_watching(env):
     try:
         assert w.reconcile() == 3
         store.refresh()
-        assert [s for s, _ in store.iter_index()] == NAMES[3:]
+        assert [s for s, _ in store.iter_index()] == ids(images, NAMES[3:])
         assert w.reconcile() == 0
     finally:
         summary = w.stop()
@@ -155,7 +162,7 @@ def test_reconcile_never_stats_outside_the_root(env, tmp_path):
     outside = tmp_path / "outside.jpg"  # images/val/../../outside.jpg
     outside.write_bytes(b"x")
     st = outside.stat()
-    entry = IndexEntry(size=st.st_size, mtime_ns=st.st_mtime_ns, content_hash=b"h")
+    entry = IndexEntry(size=st.st_size, mtime_ns=st.st_mtime_ns, content_hash=b"h" * 32)
     with store.writer() as b:  # would look fresh if the watcher followed the name out
         b.put_index("../../outside.jpg", entry)
     w = Watcher(cache, images, ann)
@@ -194,7 +201,7 @@ def test_non_images_and_annotation_edits_invalidate_nothing(env, monkeypatch):
         # A fence: events arrive in order, so once a later change to a source has been
         # handled, any event the files above could have caused would have been counted.
         rewrite(images / NAMES[0], (images / NAMES[0]).read_bytes() + b"\0")
-        assert wait_until(lambda: gone(store, NAMES[0]))
+        assert wait_until(lambda: gone(store, source_id(images, NAMES[0])))
         assert w.wait_idle(WAIT_S)
     finally:
         summary = w.stop()
@@ -203,7 +210,7 @@ def test_non_images_and_annotation_edits_invalidate_nothing(env, monkeypatch):
     assert counted == {ann.resolve(), (images / NAMES[0]).resolve()}
     assert (summary.invalidated, summary.annotation_changes) == (1, 1)
     store.refresh()
-    before.pop(NAMES[0])
+    before.pop(source_id(images, NAMES[0]))
     assert dict(store.iter_index()) == before
 
 
@@ -223,7 +230,7 @@ def test_falls_back_to_polling_when_inotify_cannot_start(env, monkeypatch, caplo
         assert w.mode == "polling"
         assert any("falling back to polling" in r.getMessage() for r in caplog.records)
         (images / NAMES[4]).unlink()
-        assert wait_until(lambda: gone(store, NAMES[4]))
+        assert wait_until(lambda: gone(store, source_id(images, NAMES[4])))
     finally:
         summary = w.stop()
     assert summary.mode == "polling" and summary.invalidated == 1
@@ -255,7 +262,7 @@ def test_serve_stops_on_sigterm_with_a_summary(env):
         start = proc.stdout.readline()
         assert re.match(r"watch: (inotify|polling), watching .*1 stale at start", start), start
         (images / NAMES[1]).unlink()
-        assert wait_until(lambda: gone(store, NAMES[1]))
+        assert wait_until(lambda: gone(store, source_id(images, NAMES[1])))
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -266,6 +273,25 @@ def test_serve_stops_on_sigterm_with_a_summary(env):
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"watch: \d+ events?, 2 sources invalidated \(1 at start\), "
                         r"(inotify|polling)", last), last
+
+
+def test_a_dead_service_thread_takes_the_service_down(env, monkeypatch):
+    """Issue 16 item 14: a flush thread that dies (it did on `--debounce inf`) must stop
+    the service with a message, not leave it running and invalidating nothing."""
+    from diskcache_ocr import watch
+
+    images, ann, cache, store = env
+
+    def dies(self):
+        raise OverflowError("timestamp out of range")
+
+    monkeypatch.setattr(Watcher, "_flush_until_stopped", dies)
+    stop = threading.Event()
+    try:
+        with pytest.raises(CacheError, match="invalidation thread stopped.*OverflowError"):
+            watch.run(cache, images, ann, stop=stop, polling=True)
+    finally:
+        stop.set()
 
 
 def test_no_error_escapes_the_observer_thread(env, caplog):
@@ -283,4 +309,4 @@ def test_no_error_escapes_the_observer_thread(env, caplog):
         assert wait_until(lambda: w.summary.events >= 2)
     finally:
         w.stop()
-    assert np.all([not gone(store, s) for s in (NAMES[2], NAMES[3])])
+    assert np.all([not gone(store, source_id(images, s)) for s in (NAMES[2], NAMES[3])])

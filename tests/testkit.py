@@ -5,8 +5,10 @@ caches."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from diskcache_ocr import cli
@@ -39,10 +41,36 @@ def build_small(root: Path, n: int, seed: int) -> tuple[Path, Path]:
 
 
 def private_copy(data: Path, cache: Path, dest: Path) -> tuple[Path, Path]:
-    """A stat-identical copy of a dataset and of its cache under ``dest``."""
+    """A copy of a dataset and of its cache under ``dest``, the copy's index as a build of
+    the copied dataset would have written it.
+
+    The index knows a source by its path and its file's stat (inode and ctime included), so
+    the copied entries are moved to the copied paths and stats. Records are keyed by content
+    and need no change.
+    """
     shutil.copytree(data, dest / "data")
     shutil.copytree(cache, dest / "cache")
+    rebase_index(dest / "cache", data, dest / "data")
     return dest / "data", dest / "cache"
+
+
+def rebase_index(cache: Path, old_root: Path, new_root: Path) -> None:
+    """Move a cache's index entries from the sources under ``old_root`` to their copies
+    (stat-identical but for inode and ctime) under ``new_root``, as a build there would
+    have written them."""
+    old, new = os.path.realpath(old_root), os.path.realpath(new_root)
+    with CacheStore(cache) as store:
+        entries = list(store.iter_index())
+        header = store.header()
+        with store.writer() as batch:
+            for source, entry in entries:
+                batch.delete_index(source)
+                moved = new + source[len(old):]
+                st = os.stat(moved)
+                batch.put_index(moved, replace(entry, ino=st.st_ino, ctime_ns=st.st_ctime_ns))
+        root = header.get("dataset_root")
+        if root and os.path.realpath(root).startswith(old):
+            store.update_header(dataset_root=new + os.path.realpath(root)[len(old):])
 
 
 def snapshot(cache: Path) -> dict:

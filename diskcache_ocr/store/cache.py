@@ -145,6 +145,12 @@ class CacheStore:
         self._sh = None
         sh.release()
 
+    def _forget_after_fork(self) -> None:
+        # (in a forked child: the parent's environment, locks and counters are not its own)
+        self._sh = None
+        self._lock = threading.RLock()
+        self._pending = Counter()
+
     def close(self) -> None:
         """Save counters and let go of the environment; a later use reopens it."""
         self.flush_stats()
@@ -182,14 +188,15 @@ class CacheStore:
     def iter_index(self) -> Iterator[tuple[str, IndexEntry]]:
         """Every index entry (read in one transaction, returned after it closes)."""
         with self.reader() as r:
-            rows = [(bytes(k).decode(), bytes(v)) for k, v in r._txn.cursor(self._db("index"))]
+            rows = [(os.fsdecode(bytes(k)), bytes(v))
+                    for k, v in r._txn.cursor(r._handles["index"])]
         for source, raw in rows:
             yield source, IndexEntry.unpack(raw, source)
 
     def keys(self, kind: str) -> list[bytes]:
         _check_kind(kind)
         with self.reader() as r:
-            return [bytes(k) for k in r._txn.cursor(self._db(kind)).iternext(values=False)]
+            return [bytes(k) for k in r._txn.cursor(r._handles[kind]).iternext(values=False)]
 
     def iter_raw(self, kind: str) -> Iterator[tuple[bytes, bytes | memoryview]]:
         """Every record of ``kind`` as (key, encoded value), in one read transaction.
@@ -199,7 +206,7 @@ class CacheStore:
         """
         _check_kind(kind)
         with self.reader() as r:
-            for key, value in r._txn.cursor(self._db(kind)):
+            for key, value in r._txn.cursor(r._handles[kind]):
                 yield bytes(key), value
 
     def kind_stats(self, kind: str) -> dict[str, int]:
@@ -207,7 +214,7 @@ class CacheStore:
         _check_kind(kind)
         entries = total = 0
         with self.reader() as r:
-            for _, value in r._txn.cursor(self._db(kind)):
+            for _, value in r._txn.cursor(r._handles[kind]):
                 entries += 1
                 total += len(value)
         return {"entries": entries, "bytes": total}
@@ -287,14 +294,18 @@ class CacheStore:
                 pending = self._take_pending()
                 try:
                     marking = not self.options.sync and not sh.unsynced
-                    with env.begin(write=True) as txn:
+                    txn = env.begin(write=True)
+                    try:
                         body(txn)
                         if pending:
                             _merge_counters(txn, sh.handles["stats"], pending)
                         if marking:
                             _mark_unsynced(txn, sh.handles["meta"], self.path)
+                    except BaseException:
+                        txn.abort()  # (explicitly: a failed write must not keep the lock)
+                        raise
+                    txn.commit()
                     sh.unsynced = sh.unsynced or marking
-                    sh.write_generation += 1
                     return
                 except lmdb.MapFullError:
                     self._pending.update(pending)
@@ -326,7 +337,7 @@ class CacheStore:
     # -- header and versions ---------------------------------------------------------
     def header(self) -> dict[str, Any]:
         with self.reader() as r:
-            raw = r._txn.get(HEADER_KEY, db=self._db("meta"))
+            raw = r._txn.get(HEADER_KEY, db=r._handles["meta"])
             return _unpack_header(bytes(raw), self.path) if raw is not None else {}
 
     def unsynced_reboot(self) -> bool:
@@ -431,7 +442,7 @@ class CacheStore:
         """Persisted counters plus this process's unsaved ones."""
         with self.reader() as r:
             saved = {bytes(k).decode("utf-8", "replace"): _counter(v)
-                     for k, v in r._txn.cursor(self._db("stats"))}
+                     for k, v in r._txn.cursor(r._handles["stats"])}
         with self._lock:
             for name, value in self._pending.items():
                 saved[name] = saved.get(name, 0) + value

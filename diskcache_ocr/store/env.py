@@ -2,9 +2,12 @@
 
 NOTE: LMDB refuses to open the same files twice in one process, and a forked child inherits
 the parent's "already open" record. So the environment opens lazily in the process that uses
-it (pid checked), one per process and directory shared by every store on it, and every open
-store is closed just before this process forks (``os.register_at_fork``), so DataLoader
-workers always start clean.
+it (pid checked), one per process and directory shared by every store on it. Around a fork
+(``os.register_at_fork``) the parent waits for its read blocks in flight, ends its idle read
+transactions and holds new ones back until the fork is done; it keeps its environment open.
+The child, which has no transaction then, closes its inherited copy (that only forgets it:
+closing a live transaction there would free the parent's reader slot in the shared lock
+table), so DataLoader workers always start clean and the parent's threads read on.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 import weakref
@@ -25,6 +29,7 @@ from diskcache_ocr.errors import (
     CacheClosedError,
     CacheError,
     CacheFormatError,
+    CacheFullError,
 )
 from diskcache_ocr.store.header import _DBS, check_header
 from diskcache_ocr.store.txn import _scratch
@@ -38,11 +43,6 @@ log = logging.getLogger("diskcache_ocr.store")
 DEFAULT_MAP_SIZE = 16 << 30
 
 
-# A long-lived read transaction is renewed after this long so writers can reuse pages and
-# readers see other processes' writes.
-RENEW_AFTER_S = 1.0
-
-
 _MAX_GROWS = 32
 
 
@@ -50,19 +50,60 @@ _MAX_GROWS = 32
 _NEARLY_FULL = 1 << 20
 
 
+# How long a fork or a close waits for other threads' read blocks to end. A block is one
+# batch's lookup; only a block left open on purpose (an unfinished iter_raw) lasts longer.
+_DRAIN_S = 60.0
+
+
 _open_stores: weakref.WeakSet[CacheStore] = weakref.WeakSet()
 
 
-def _close_before_fork() -> None:
+_forking: list[_SharedEnv] = []  # environments held quiet across this process's fork
+
+
+def _before_fork() -> None:
     for store in list(_open_stores):
-        store._close_env()
+        try:
+            store.flush_stats()  # (the child starts with no counters of its own)
+        except CacheError as exc:
+            log.warning("%s: counters not saved before a fork: %s", store.path, exc)
+    _SharedEnv._registry_lock.acquire()
     for shared in list(_SharedEnv._registry.values()):
-        if shared.pid == os.getpid():
-            shared.close()
+        if shared.pid == os.getpid() and shared.env is not None:
+            shared.lock.acquire()
+            shared.quiet = shared.drain("fork")
+            _forking.append(shared)
+
+
+def _after_fork_in_parent() -> None:
+    for shared in _forking:
+        shared.lock.release()
+    _forking.clear()
+    _SharedEnv._registry_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    _SharedEnv._registry_lock = threading.Lock()
+    _SharedEnv._registry = {}
+    for shared in _forking:
+        env, shared.env, shared.slots = shared.env, None, {}
+        shared.lock = threading.RLock()
+        shared.cond = threading.Condition(shared.lock)
+        if env is not None and shared.quiet:
+            env.close()  # no transaction is left: this only forgets the parent's open
+        elif env is not None:
+            _inherited.append(env)  # never closed here (see drain)
+    _forking.clear()
+    for store in list(_open_stores):
+        store._forget_after_fork()
+
+
+_inherited: list[lmdb.Environment] = []
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_close_before_fork)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True)
@@ -83,15 +124,14 @@ class StoreOptions:
 
 
 class _Slot:
-    """A thread's long-lived read transaction and how many blocks borrow it."""
+    """A thread's read transaction and how many (nested) blocks borrow it; it ends with the
+    last of them (see ``end_block``)."""
 
-    __slots__ = ("txn", "started", "borrowed", "generation")
+    __slots__ = ("txn", "borrowed")
 
-    def __init__(self, txn: lmdb.Transaction, generation: int) -> None:
+    def __init__(self, txn: lmdb.Transaction) -> None:
         self.txn = txn
-        self.started = time.monotonic()
         self.borrowed = 0
-        self.generation = generation
 
 
 class _SharedEnv:
@@ -110,14 +150,17 @@ class _SharedEnv:
         self.max_readers = max_readers
         self.pid = os.getpid()
         self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)  # a read block ended
+        self.closing = False
+        self.quiet = False  # no transaction was alive when this process forked
         self.slots: dict[int, _Slot] = {}
-        self.write_generation = 0
         self.users = 0
         self.unsynced = False  # this process committed without fsync: sync at close
 
     @classmethod
     def acquire(cls, store: CacheStore) -> _SharedEnv:
         key = (os.getpid(), os.path.realpath(store.path))
+        check_cache_files(store.path)  # (also when open here: a file replaced since)
         with cls._registry_lock:
             sh = cls._registry.get(key)
             if sh is None or sh.env is None:
@@ -136,38 +179,59 @@ class _SharedEnv:
     def release(self) -> None:
         with self._registry_lock:
             self.users -= 1
-            if self.users <= 0:
-                self.close()
+            last = self.users <= 0
+        if last:  # (outside the registry lock: closing waits for read blocks to end)
+            self.close()
+
+    def drain(self, why: str) -> bool:
+        """Wait (lock held) until no other thread is inside a read block, then end every
+        read transaction; False when that cannot be done (this thread is inside one, or
+        another stays inside one too long), and then nothing is ended."""
+        me = threading.get_ident()
+        mine = self.slots.get(me)
+        if mine is not None and mine.borrowed:
+            log.warning("%s: %s inside a read block of this thread: its environment is not "
+                        "handed on", self.path, why)
+            return False
+        busy = lambda: any(s.borrowed for t, s in self.slots.items() if t != me)  # noqa: E731
+        if busy() and not self.cond.wait_for(lambda: not busy(), _DRAIN_S):
+            log.warning("%s: %s: a read block of another thread stayed open for %.0f s",
+                        self.path, why, _DRAIN_S)
+            return False
+        for slot in self.slots.values():
+            slot.txn.abort()
+        self.slots = {}
+        return True
 
     def close(self) -> None:
         with self.lock:
             if self.env is None:
                 return
-            for slot in self.slots.values():
-                slot.txn.abort()
-            self.slots = {}
+            # NOTE: closing unmaps the file: a thread still copying from a view would crash.
+            # New blocks are refused (CacheClosedError) while the ones in flight end.
+            self.closing = True
+            try:
+                if not self.drain("close"):
+                    raise CacheError(f"{self.path}: cannot close while a read block is open")
+            finally:
+                self.closing = False
             if self.unsynced:
                 self.env.sync(True)
             self.env.close()
             self.env = None
-        self._registry.pop((self.pid, os.path.realpath(self.path)), None)
+        with self._registry_lock:
+            key = (self.pid, os.path.realpath(self.path))
+            if self._registry.get(key) is self:
+                del self._registry[key]
 
     def acquire_slot(self) -> _Slot:
         tid = threading.get_ident()
         with self.lock:
-            if self.env is None:
+            if self.env is None or self.closing:
                 raise CacheClosedError(f"{self.path}: the environment was closed")
             slot = self.slots.get(tid)
-            if slot is not None and slot.borrowed == 0 and (
-                slot.generation != self.write_generation
-                or time.monotonic() - slot.started > RENEW_AFTER_S
-            ):
-                slot.txn.abort()
-                del self.slots[tid]
-                slot = None
-                _scratch.drop_if_idle(time.monotonic())  # (a reader that no longer writes)
             if slot is None:
-                slot = _Slot(self._begin_read(), self.write_generation)
+                slot = _Slot(self._begin_read())
                 self.slots[tid] = slot
             slot.borrowed += 1
             return slot
@@ -178,6 +242,20 @@ class _SharedEnv:
             if slot is not None and slot.borrowed == 0:
                 slot.txn.abort()
                 del self.slots[tid]
+
+    def end_block(self, slot: _Slot) -> None:
+        """A read block ended. The thread's last one ends its transaction: an idle reader
+        (a worker between epochs) holding a snapshot would keep every page freed after it
+        from being reused, and the file would grow by each rebuild."""
+        with self.lock:
+            slot.borrowed -= 1
+            if slot.borrowed == 0:
+                tid = threading.get_ident()
+                if self.slots.get(tid) is slot:
+                    del self.slots[tid]
+                    slot.txn.abort()
+                self.cond.notify_all()
+        _scratch.drop_if_idle(time.monotonic())  # (a reader that no longer writes)
 
     def _begin_read(self) -> lmdb.Transaction:
         assert self.env is not None
@@ -194,14 +272,11 @@ class _SharedEnv:
 
     def _release_idle_slots(self) -> None:
         # NOTE: resizing the map unmaps it: no view of this process may be in use then.
-        if any(s.borrowed for s in self.slots.values()):
+        if not self.drain("resizing the map"):
             raise CacheError(
                 f"{self.path}: the map must be resized while a read block is open in this "
                 "process; leave `with store.reader()` blocks before writing"
             )
-        for slot in self.slots.values():
-            slot.txn.abort()
-        self.slots = {}
 
     def adopt_map_size(self) -> None:
         """Another process grew the map: adopt its size."""
@@ -258,14 +333,82 @@ def _readers_full(path: Path, max_readers: int) -> CacheError:
 
 
 
+CACHE_FILES = ("data.mdb", "lock.mdb")
+
+
+def check_cache_files(path: Path) -> None:
+    """Refuse a cache directory whose files are symlinks or not regular files.
+
+    NOTE: LMDB follows a symlink: a planted ``lock.mdb`` -> somebody's file would have its
+    lock table written into that file, a ``data.mdb`` -> elsewhere the whole cache.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot use the cache directory ({exc.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"{path}: the cache path exists and is not a directory")
+    for name in CACHE_FILES:
+        try:
+            mode = os.lstat(path / name).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise CacheError(f"{path / name}: cannot check the cache file ({exc.strerror})"
+                             ) from None
+        if not stat.S_ISREG(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            raise CacheError(f"{path / name}: the cache file is {kind}; refused (LMDB would "
+                             "write through it). Remove that entry itself, not what it "
+                             "points to")
+
+
+def _lock_table_bytes(max_readers: int) -> int:
+    # LMDB 0.9's lock file: a two-cache-line header and one cache line per reader slot.
+    return 192 + 64 * (max_readers - 1)
+
+
+def _reserve_lock_file(path: Path, opts: StoreOptions) -> None:
+    """Give the lock file its pages before LMDB maps it.
+
+    NOTE: LMDB sizes the lock file with ftruncate and writes its table through the map; on
+    a full tmpfs a page that cannot be backed is a SIGBUS on that write. Allocating first
+    turns that into ENOSPC here.
+    """
+    lockfile = path / "lock.mdb"
+    created = not lockfile.exists()
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(lockfile, flags, 0o600 if opts.dir_mode == 0o700 else 0o644)
+    except OSError:
+        return  # not writable by this user: LMDB's own open says what is wrong
+    try:
+        os.posix_fallocate(fd, 0, _lock_table_bytes(opts.max_readers))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if created:
+                lockfile.unlink(missing_ok=True)  # (leave nothing behind)
+            raise CacheFullError(f"{path}: the disk is full; the cache cannot be opened "
+                                 f"(its lock file needs room: {exc.strerror})") from None
+        # (EOPNOTSUPP and the like: a file system without it allocates on write)
+    finally:
+        os.close(fd)
+
+
 def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, dict[str, Any]]:
     """Open (creating when writable) the environment at ``path``, check it is a complete
     cache of this format, and open its sub-databases."""
+    check_cache_files(path)
     if not opts.readonly:
         path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
+        check_cache_files(path)  # (planted between the check and the mkdir)
     elif not (path / "data.mdb").exists():
         raise CacheError(f"{path}: no cache here (no data.mdb) to open read-only")
     lock = opts.lock
+    if lock and (not opts.readonly or _lock_writable(path)):
+        _reserve_lock_file(path, opts)
     if opts.readonly and lock and not _lock_writable(path):
         # LMDB cannot register a reader in a lock file it may not write (a cache shared
         # read-only by another user): read without one, as read-only LMDB datasets do.
@@ -306,6 +449,10 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
             raise _readers_full(path, opts.max_readers) from None
         if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError)):
             raise CacheFormatError(f"{path}: the cache file is damaged ({exc})") from None
+        if isinstance(exc, lmdb.IncompatibleError):
+            raise CacheFormatError(
+                f"{path}: an LMDB environment, but not a diskcache-ocr cache ({exc}); clear "
+                "it with `diskcache-ocr clear --all`") from None
         if isinstance(exc, lmdb.Error):
             raise CacheError(f"{path}: cannot open the cache ({exc})") from None
         raise
@@ -329,5 +476,13 @@ def _open_dbs(env: lmdb.Environment, path: Path, readonly: bool) -> dict[str, An
         # NOTE: a handle opened inside an explicit read-only transaction is not usable
         # afterwards; let the binding open each one on its own.
         return {n: env.open_db(n.encode(), create=False) for n in _DBS}
-    with env.begin(write=True) as txn:
-        return {n: env.open_db(n.encode(), txn=txn) for n in _DBS}
+    txn = env.begin(write=True)
+    try:
+        handles = {n: env.open_db(n.encode(), txn=txn) for n in _DBS}
+    except BaseException:
+        # NOTE: explicitly: a failed open (a plain 'meta' key) must not leave the writer
+        # lock held by this process.
+        txn.abort()
+        raise
+    txn.commit()
+    return handles

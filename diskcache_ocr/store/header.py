@@ -20,7 +20,14 @@ from diskcache_ocr.schema import KINDS
 
 log = logging.getLogger("diskcache_ocr.store")
 
-STORE_FORMAT = 1
+# 2: index keyed by each source's path under its resolved images directory (format 1 keyed
+# it by the name relative to the directory, so two datasets sharing a cache collided).
+STORE_FORMAT = 2
+
+
+# Formats whose records this library still reads: opening one read-write drops its index
+# (records are keyed by content, so they are found again after one re-hash per source).
+_UPGRADABLE = (1,)
 
 
 HEADER_KEY = b"header"
@@ -74,7 +81,24 @@ def _unpack_header(raw: bytes | memoryview, path: Path) -> dict[str, Any]:
         raise CacheFormatError(f"{path}: unreadable cache header ({exc})") from None
     if not isinstance(header, dict):
         raise CacheFormatError(f"{path}: cache header is not a map")
+    _check_kinds_field(header.get("kinds", {}), path)
     return header
+
+
+def _check_kinds_field(kinds: Any, path: Path) -> None:
+    """``kinds`` maps a kind to its {version, fingerprint} strings; anything else is damage."""
+    if not isinstance(kinds, dict):
+        raise CacheFormatError(f"{path}: damaged cache header: 'kinds' is not a map "
+                               f"({type(kinds).__name__}); clear it with "
+                               "`diskcache-ocr clear --all`")
+    for kind, version in kinds.items():
+        if not (kind in KINDS and isinstance(version, dict)
+                and all(isinstance(version.get(f), str) for f in ("version", "fingerprint"))):
+            raise CacheFormatError(
+                f"{path}: damaged cache header: 'kinds' entry {kind!r} is {version!r:.60} "
+                "(expected version and fingerprint strings); clear it with "
+                "`diskcache-ocr clear --all`"
+            )
 
 
 def _merge_counters(txn: lmdb.Transaction, db: Any, pending: Mapping[str, int]) -> None:
@@ -112,6 +136,20 @@ def check_header(env: lmdb.Environment, handles: dict[str, Any], path: Path, rea
             txn.put(HEADER_KEY, _pack(header), db=handles["meta"])
         return
     header = _unpack_header(raw, path)
+    if header.get("format") in _UPGRADABLE:
+        if readonly:
+            raise CacheFormatError(
+                f"{path}: cache format {header['format']}, this library reads format "
+                f"{STORE_FORMAT}; open it read-write once (a dataset or `diskcache-ocr "
+                "prebuild`) to upgrade it, keeping its records"
+            )
+        old, header["format"] = header["format"], STORE_FORMAT
+        with env.begin(write=True) as txn:
+            txn.drop(handles["index"], delete=False)
+            txn.put(HEADER_KEY, _pack(header), db=handles["meta"])
+        log.warning("%s: upgraded from cache format %s to %d: the index is rebuilt as "
+                    "sources are read (records are kept)", path, old, STORE_FORMAT)
+        return
     if header.get("format") != STORE_FORMAT:
         raise CacheFormatError(
             f"{path}: cache format {header.get('format')!r}, this library reads "

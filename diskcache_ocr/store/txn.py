@@ -22,7 +22,7 @@ from diskcache_ocr.errors import (
     CacheError,
     CacheFormatError,
 )
-from diskcache_ocr.schema import KINDS, IndexEntry
+from diskcache_ocr.schema import KINDS, IndexEntry, index_key
 
 if TYPE_CHECKING:
     from diskcache_ocr.store.cache import CacheStore
@@ -110,12 +110,12 @@ class ReadTxn:
 
     def contains(self, kind: str, key: bytes) -> bool:
         self._check_open()
-        with self._txn.cursor(db=self._store._db(kind)) as cur:
+        with self._txn.cursor(db=self._handles[kind]) as cur:
             return cur.set_key(key)
 
     def get_index(self, source: str) -> IndexEntry | None:
         self._check_open()
-        raw = self._txn.get(source.encode(), db=self._store._db("index"))
+        raw = self._txn.get(index_key(source), db=self._handles["index"])
         return None if raw is None else IndexEntry.unpack(bytes(raw), source)
 
 
@@ -142,8 +142,7 @@ class _Reader:
                  tb: Any) -> None:
         self._handle._open = False
         sh = self._sh
-        with sh.lock:
-            self._slot.borrowed -= 1
+        sh.end_block(self._slot)
         if not isinstance(exc, lmdb.Error):
             return
         # NOTE: LMDB has no page checksums; a damaged B-tree shows up here (and leaves the
@@ -207,10 +206,10 @@ class WriteBatch:
         self.ops.append(("delete", kind, key, None))
 
     def put_index(self, source: str, entry: IndexEntry) -> None:
-        self.ops.append(("put", "index", source.encode(), entry.pack()))
+        self.ops.append(("put", "index", index_key(source), entry.pack()))
 
     def delete_index(self, source: str) -> None:
-        self.ops.append(("delete", "index", source.encode(), None))
+        self.ops.append(("delete", "index", index_key(source), None))
 
     def drop(self, kind: str) -> None:
         _check_kind(kind)

@@ -23,7 +23,7 @@ import msgpack
 
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.schema import KINDS
-from diskcache_ocr.store.env import _open_stores
+from diskcache_ocr.store.env import _open_stores, check_cache_files
 from diskcache_ocr.store.header import _DBS, HEADER_KEY
 
 CACHE_FILES = ("data.mdb", "lock.mdb")
@@ -67,7 +67,10 @@ def _contents(env: lmdb.Environment, path: Path) -> dict[str, int]:
         if b"meta" not in named:
             raise CacheError(f"{path}: an LMDB environment, but not a diskcache-ocr cache "
                              "(no 'meta'); nothing removed")
-        meta = env.open_db(b"meta", txn=txn, create=False)
+        try:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+        except lmdb.IncompatibleError:  # a plain 'meta' key: a stranger's, or damage
+            return {}
         raw = txn.get(HEADER_KEY, db=meta)
         try:
             header = msgpack.unpackb(bytes(raw), raw=False) if raw is not None else None
@@ -157,6 +160,7 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
         return {"dry_run": dry_run, "removed": {}, "files": [], "freed_bytes": 0}
     if not path.is_dir():
         raise CacheError(f"{path}: not a directory; nothing removed")
+    check_cache_files(path)  # (opening it below would write through a planted symlink)
     others = sorted(p.name for p in path.iterdir() if p.name not in CACHE_FILES)
     if others:
         raise CacheError(f"{path}: holds files that are not a cache's ({', '.join(others[:5])}"

@@ -108,9 +108,13 @@ def snapshot(cache: Path) -> dict[str, Any]:
     with CacheStore(cache, readonly=True) as store:
         for kind in KINDS:
             out[kind] = {k.hex(): blake3.blake3(v).hexdigest() for k, v in store.iter_raw(kind)}
-        out["index"] = {s: {"size": e.size, "content_hash": e.content_hash.hex(),
-                            "status": e.status, "keys": {k: v.hex() for k, v in e.keys.items()}}
-                        for s, e in store.iter_index()}
+        # Sources by their name under the dataset's root (the index knows them by path).
+        root = os.path.realpath(store.header().get("dataset_root") or "/")
+        out["index"] = {
+            os.path.relpath(s, root): {
+                "size": e.size, "content_hash": e.content_hash.hex(), "status": e.status,
+                "keys": {k: v.hex() for k, v in e.keys.items()}}
+            for s, e in store.iter_index()}
     return out
 
 
@@ -130,12 +134,13 @@ def check_after_crash(cache: Path) -> dict[str, Any]:
     records present (index and records commit together). Returns health's report."""
     from diskcache_ocr import ops
     from diskcache_ocr.store import CacheStore
+    from diskcache_ocr.store.header import STORE_FORMAT
 
     if not (cache / "data.mdb").exists():
         return {"ok": True, "problems": []}  # killed before it created anything
     with CacheStore(cache) as store:
         header = store.header()
-        assert header.get("format") == 1, header
+        assert header.get("format") == STORE_FORMAT, header
         entries = list(store.iter_index())
         for source, entry in entries:
             for kind, key in entry.keys.items():

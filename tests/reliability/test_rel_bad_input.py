@@ -258,8 +258,9 @@ def test_epoch_over_bad_images_serves_the_rest_and_records_each_failure(zoo, spy
             else:
                 assert error is None, (name, error)
                 assert sample_digest(sample) == sample_digest(refs[name]), name
-    with CacheStore(tmp_path / "cache") as store:
-        index = dict(store.iter_index())
+    with CacheStore(tmp_path / "cache") as store:  # (keyed by each source's path)
+        index = {os.path.relpath(s, os.path.realpath(zoo["root"])): e
+                 for s, e in store.iter_index()}
     for name, reason in BAD_IMAGES.items():
         assert index[name].status.startswith("failed: ") and reason in index[name].status
     assert zoo["long_name"] not in index  # too long a key to index: served, not indexed

@@ -129,7 +129,9 @@ def test_reader_slots_of_killed_readers_are_reclaimed(tmp_path):
     slots, cache = 4, tmp_path / "cache"
     store = CacheStore(cache, max_readers=slots)  # the first opener fixes the table size
     store.put("images", b"k" * 32, {"image": np.zeros((2, 2, 3), np.uint8)})
-    assert store.get("images", b"k" * 32) is not None  # this process holds one slot now
+    # This process holds one slot while a read block is open (an idle reader holds none).
+    held = store.reader()
+    assert held.__enter__().get("images", b"k" * 32) is not None
 
     def holders(n: int, tag: str) -> tuple[list[Child], list[Path]]:
         marks = [tmp_path / f"{tag}-{i}" for i in range(n)]
@@ -164,6 +166,7 @@ def test_reader_slots_of_killed_readers_are_reclaimed(tmp_path):
         kid.kill()
         kid.join(60)
     assert store.reader_check() == slots - 1
+    held.__exit__(None, None, None)
     store.close()
 
 
@@ -173,6 +176,7 @@ def test_a_touched_source_keeps_every_record_named_in_the_index(tiny, tmp_path):
     import os
 
     from diskcache_ocr.dataset import CachedOCRDataset
+    from diskcache_ocr.schema import source_id
     from diskcache_ocr.store import CacheStore
     from diskcache_ocr.watch import Watcher
 
@@ -189,7 +193,7 @@ def test_a_touched_source_keeps_every_record_named_in_the_index(tiny, tmp_path):
     written = set(ds.plan.serve_writes)  # what a read-through miss writes
     assert {"tensors", "maps"} <= written
     with CacheStore(cache) as store:
-        assert set(store.get_index(name).keys) == written
+        assert set(store.get_index(source_id(images, name)).keys) == written
     watcher = Watcher(cache, images, tiny.annotations)
     assert watcher.invalidate([name]) == 1
     watcher.stop()

@@ -25,6 +25,7 @@ from relhelp import (
     snapshot,
     wait_for,
 )
+from testkit import rebase_index
 
 KILLS = 20
 SOAK_KILLS = 100
@@ -196,11 +197,12 @@ def _watch_rounds(tiny, tiny_alt, watch_setup, tmp_path: Path, rounds: int, seed
         kill_at = rng.randint(0, n_ops + 1)  # n_ops + 1: after the commit
         images, cache = tmp_path / f"images-{k}", tmp_path / f"cache-{k}"
         copy_images(tiny.images, images)  # mtimes kept: the cache matches these files
+        cache.mkdir()
+        shutil.copyfile(built / "data.mdb", cache / "data.mdb")
+        rebase_index(cache, tiny.images, images)  # (as if built from the copies)
         if mode == "reconcile":  # changed while the service was down
             for name in changed:
                 replace_atomically(tiny_alt.images / name, images / name, "r")
-        cache.mkdir()
-        shutil.copyfile(built / "data.mdb", cache / "data.mdb")
         ready = tmp_path / f"ready-{k}"
         child = Child(run_watch, str(cache), str(images), str(tiny.annotations), str(ready),
                       None if kill_at > n_ops else kill_at, kill_at > n_ops,

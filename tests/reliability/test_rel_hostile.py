@@ -4,6 +4,7 @@ crash, a hang or code execution; the dataset recomputes a damaged record; `healt
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import shutil
@@ -121,10 +122,11 @@ def cache_copy(built, tmp_path):
 def _keys_of(images: Path, annotations: Path, cache: Path, index: int = 0) -> dict[str, bytes]:
     """The keys the dataset will read for one image, by kind."""
     from diskcache_ocr.dataset import CachedOCRDataset
+    from diskcache_ocr.schema import source_id
 
     ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
                           preload=False, readonly=True)
-    entry = ds.store.get_index(ds.source(index))
+    entry = ds.store.get_index(source_id(ds.images_dir, ds.source(index)))
     h = entry.content_hash
     keys = ds.engine.keys(index, h)
     ds.close()
@@ -212,9 +214,10 @@ def test_a_damaged_index_entry_is_recomputed(tiny, references, cache_copy):
 
     images, cache, snap = cache_copy
     with CacheStore(cache) as store:
-        source = sorted(s for s, _ in store.iter_index())[0]
-        store._write(lambda txn: txn.put(source.encode(), b"\xc1 not msgpack",
+        source_key = sorted(s for s, _ in store.iter_index())[0]
+        store._write(lambda txn: txn.put(os.fsencode(source_key), b"\xc1 not msgpack",
                                          db=store._db("index")))
+    source = os.path.relpath(source_key, os.path.realpath(images))
     assert any(p["code"] == "corrupt" for p in ops.health(cache)["problems"])
     ds = CachedOCRDataset(images, tiny.annotations, cache, preset="validation_optimized",
                           preload=False)
@@ -356,11 +359,11 @@ def test_a_cache_of_another_format_version_is_refused(tiny, cache_copy, tmp_path
     meta = env.open_db(b"meta")
     with env.begin(write=True) as txn:
         header = msgpack.unpackb(txn.get(b"header", db=meta), raw=False)
-        header["format"] = 2
+        header["format"] = 99  # a format of a later release
         txn.put(b"header", msgpack.packb(header, use_bin_type=True), db=meta)
     env.close()
-    results = _damage_and_check(tiny, images, cache, tmp_path, "format-2")
-    assert results["dataset"][0] == "CacheFormatError" and "format 2" in results["dataset"][1]
+    results = _damage_and_check(tiny, images, cache, tmp_path, "format-99")
+    assert results["dataset"][0] == "CacheFormatError" and "format 99" in results["dataset"][1]
     assert "corrupt" in results["health"][1]
 
 
