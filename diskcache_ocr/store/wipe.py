@@ -29,7 +29,7 @@ from diskcache_ocr.store.header import _DBS, HEADER_KEY
 CACHE_FILES = ("data.mdb", "lock.mdb")
 # How long to wait for a writer (a prebuild, a watch service, a dataset filling misses) to
 # finish its transaction before giving up with nothing removed.
-WRITER_WAIT_S = 2.0
+WRITER_WAIT_S = 5.0  # a writer that holds on longer is a build or a service, not a commit
 _CHILD_START_S = 30.0
 
 
