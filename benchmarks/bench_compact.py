@@ -8,8 +8,9 @@
 * bytes per sample through the DataLoader (the tensors of one sample) float32 vs compact;
 * epoch 0 with read-through (fresh cache, ``preload=False``, 2 workers) ÷ an uncached 2-worker
   epoch, with ``read_through_images: false`` (the decoded image not written when tensors are
-  cached) and as the preset ships (every cached kind written on a miss), with the bytes each kind adds per image, and epoch 0
-  and epoch 1 with one kind cached at a time (what each costs first and saves later).
+  cached) and as the preset ships (every cached kind written on a miss), with the bytes each
+  kind adds per image, and epoch 0 and epoch 1 with one kind cached at a time (what each
+  costs first and saves later).
 
 Targets (issue 15): compact sample ≥ 30× uncached; compact 2-worker epoch + finish ≥ 15×
 uncached; epoch 0 ÷ uncached ≤ 1.3×.
