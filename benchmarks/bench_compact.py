@@ -7,9 +7,10 @@
   cached float32, and cached compact with ``finish_batch`` on the CPU in the main process;
 * bytes per sample through the DataLoader (the tensors of one sample) float32 vs compact;
 * epoch 0 with read-through (fresh cache, ``preload=False``, 2 workers) ÷ an uncached 2-worker
-  epoch, as shipped (the decoded image is not written when tensors are cached) and as before
-  (every cached kind written on a miss), with the bytes each kind adds per image, and epoch 0
-  and epoch 1 with one kind cached at a time (what each costs first and saves later).
+  epoch, with ``read_through_images: false`` (the decoded image not written when tensors are
+  cached) and as the preset ships (every cached kind written on a miss), with the bytes each
+  kind adds per image, and epoch 0 and epoch 1 with one kind cached at a time (what each
+  costs first and saves later).
 
 Targets (issue 15): compact sample ≥ 30× uncached; compact 2-worker epoch + finish ≥ 15×
 uncached; epoch 0 ÷ uncached ≤ 1.3×.
@@ -82,19 +83,14 @@ def loader_epoch(images: str, ann: str, cache: str | None, preset: Any, output: 
 
 
 def epoch0(images: str, ann: str, cache: str, before: bool) -> dict[str, Any]:
-    """Read-through epoch 0 into a fresh cache; ``before``: write the decoded image too, as
-    read-through did before it was left out (in a fresh interpreter)."""
-    from diskcache_ocr.presets import CachePlan
+    """Read-through epoch 0 into a fresh cache, ``validation_optimized`` with
+    ``read_through_images: false``, or, ``before``, as shipped (the decoded image written too)
+    (in a fresh interpreter)."""
+    from diskcache_ocr.presets import load_preset
     from diskcache_ocr.store import CacheStore
 
-    shipped = CachePlan.serve_writes
-    if before:
-        CachePlan.serve_writes = property(  # type: ignore[method-assign]
-            lambda self: tuple(k for k in ("images", "tensors", "maps") if k in self.cached))
-    try:
-        r = loader_epoch(images, ann, cache, "validation_optimized", "float32", False)
-    finally:
-        CachePlan.serve_writes = shipped  # type: ignore[method-assign]
+    preset = {**load_preset("validation_optimized").to_dict(), "read_through_images": before}
+    r = loader_epoch(images, ann, cache, preset, "float32", False)
     per_kind: dict[str, int] = {}
     with CacheStore(cache, readonly=True) as store, store.reader() as txn:
         for kind in ("images", "tensors", "maps"):

@@ -17,6 +17,9 @@ A preset file uses the origin project's keys, so its own preset files load uncha
     readahead: bool             # optional, this library's addition (default true)
     reuse_batch_memory: bool    # optional, this library's addition (default true): keep batch
                                 # buffers (shared-memory slabs in DataLoader workers) for reuse
+    read_through_images: bool   # optional, this library's addition (default true): false
+                                # leaves the decoded image out of what a read-through miss
+                                # writes when tensors are cached too (builds still store it)
     output: float32 | compact   # optional, this library's addition (default float32): what a
                                 # sample holds; compact = the stored uint8 image and binary
                                 # maps, made float32 by ``finish_batch`` (e.g. on the GPU)
@@ -50,7 +53,7 @@ _TENSORS_KEYS = ("cache_transformed_tensors", "cache_tensors")
 _CACHE_KEYS = ("cache_images", "cache_transformed_tensors", "cache_maps",
                "log_statistics_every_n")
 _TOP_KEYS = ("preload_images", "preload_maps", "prenormalize_images", "load_maps", "readahead",
-             "reuse_batch_memory", "output")
+             "reuse_batch_memory", "read_through_images", "output")
 OUTPUTS = ("float32", "compact")
 _IMAGE_LOADING_KEYS = ("use_turbojpeg", "turbojpeg_fallback")
 # Origin settings this library accepts but does not act on, and why. This is the one place
@@ -80,6 +83,7 @@ class Preset:
     load_maps: bool = False
     readahead: bool = True
     reuse_batch_memory: bool = True
+    read_through_images: bool = True
     output: str = "float32"
     prenormalize_images: bool = False
     use_turbojpeg: bool = False
@@ -270,6 +274,7 @@ class CachePlan:
     reuse_batch_memory: bool
     log_every: int  # 0 = never
     output: str = "float32"  # what samples hold: "float32", or "compact" (finish_batch later)
+    read_through_images: bool = True  # a read-through miss writes the image (see serve_writes)
 
     def caches(self, kind: str) -> bool:
         return kind in self.cached
@@ -287,13 +292,14 @@ class CachePlan:
     def serve_writes(self) -> tuple[str, ...]:
         """The kinds a read-through pass (serving samples) writes back for a miss.
 
-        The decoded image is left out when the tensors are cached too: a served image is
-        then read again only if the tensors are lost (e.g. the transform changed), while it
-        is the largest record and the bulk of what the first epoch writes. A build (prebuild,
-        preload) still writes every cached kind, and an image record already there is used.
+        With ``read_through_images`` off, the decoded image is left out when the tensors are
+        cached too: it is then read again only if the tensors are lost (e.g. the transform
+        changed), while it is the largest record and the bulk of what the first epoch
+        writes. A build (prebuild, preload) still writes every cached kind, and an image
+        record already there is used.
         """
         kinds = tuple(k for k in ("images", "tensors", "maps") if k in self.cached)
-        if "tensors" in self.cached:
+        if "tensors" in self.cached and not self.read_through_images:
             kinds = tuple(k for k in kinds if k != "images")
         return kinds
 
@@ -310,4 +316,5 @@ def cache_plan(preset: str | Path | Mapping[str, Any] | Preset | None = None) ->
     return CachePlan(name=p.name, cached=cached, return_maps=p.load_maps,
                      preload=p.preload_images or p.preload_maps, warm=p.readahead,
                      reuse_batch_memory=p.reuse_batch_memory,
-                     log_every=p.log_statistics_every_n, output=p.output)
+                     log_every=p.log_statistics_every_n, output=p.output,
+                     read_through_images=p.read_through_images)

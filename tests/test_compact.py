@@ -208,3 +208,27 @@ def test_batch_loader_yields_compact_batches_of_a_compact_dataset(data, plain, t
         for batch in loader:  # with a device: finished there
             rows = [m["index"] for m in batch["meta"]]
             assert_batch_equals(batch, plain[1], rows)
+
+
+@pytest.mark.parametrize("images_too", [True, False])
+def test_read_through_images_setting_decides_whether_a_miss_writes_the_image(
+        data, plain, tmp_path, images_too):
+    from diskcache_ocr.store import CacheStore
+
+    preset = {**load_preset("validation_optimized").to_dict(),
+              "read_through_images": images_too}
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset=preset, preload=False)
+    assert_batch_equals(collate(ds.__getitems__([0, 1])), plain[1], [0, 1])
+    ds.close()
+    with CacheStore(tmp_path / "c", readonly=True) as store:
+        assert len(list(store.keys("images"))) == (2 if images_too else 0)
+        assert len(list(store.keys("tensors"))) == len(list(store.keys("maps"))) == 2
+        assert set(store.get_index(ds.source(0)).keys) == (
+            {"images", "tensors", "maps"} if images_too else {"tensors", "maps"})
+    # A build stores every cached kind it computes: images of the items not served yet (an
+    # item whose tensors are cached is not decoded again just for its image).
+    assert ds.missing(range(N))[0] == ([2, 3, 4] if images_too else list(range(N)))
+    ds.preload()
+    with CacheStore(tmp_path / "c", readonly=True) as store:
+        assert len(list(store.keys("images"))) == (N if images_too else N - 2)
+    assert_batch_equals(collate(ds.__getitems__([0, 1])), plain[1], [0, 1])
