@@ -190,6 +190,8 @@ def test_a_touched_source_keeps_every_record_named_in_the_index(tiny, tmp_path):
     os.utime(images / name, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     ds[0]
     ds.close()
+    written = set(ds.plan.serve_writes)  # what a read-through miss writes
+    assert {"tensors", "maps"} <= written
     with CacheStore(cache) as store:
         assert set(store.get_index(source_id(images, name)).keys) == written
     watcher = Watcher(cache, images, tiny.annotations)
