@@ -11,13 +11,13 @@ import pytest
 
 from diskcache_ocr.keys import fingerprint
 from diskcache_ocr.ocr.conventions import get_convention
+from diskcache_ocr.ocr.staged import transform_stage
 from diskcache_ocr.ocr.stages import (
     CallableTransform,
     MapsStage,
     NotCacheableWarning,
     maps_stage,
     plain_version,
-    transform_stage,
 )
 
 A = pytest.importorskip("albumentations")

@@ -25,7 +25,13 @@ from diskcache_ocr.keys import fingerprint
 from diskcache_ocr.ocr.conventions import Convention, TransformResult, get_convention
 from diskcache_ocr.ocr.decode import MAX_PIXELS_DEFAULT, decode_image
 from diskcache_ocr.ocr.pipeline import DECODE_PARAMS
-from diskcache_ocr.ocr.stages import MapsStage, TransformStage, maps_stage, transform_stage
+from diskcache_ocr.ocr.stages import (
+    BuiltinTransform,
+    CallableTransform,
+    MapsStage,
+    TransformStage,
+    maps_stage,
+)
 from diskcache_ocr.schema import KindVersion
 
 # Record layout of the ``tensors`` kind under a stage pipeline (version of the layout itself).
@@ -44,6 +50,25 @@ def image_header(data: bytes) -> tuple[tuple[int, int], int]:
                 orientation = 1
     return size, orientation if orientation in range(1, 9) else 1
 
+
+
+def transform_stage(transform: object = None, *, version: object = None,
+                    convention: str = "db") -> TransformStage:
+    """The stage for what a user passes: None (the convention's built-in transform), an
+    ``albumentations.Compose``, a :class:`TransformStage`, or a callable (with ``version``)."""
+    if transform is None:
+        if version is not None:
+            raise ValueError("transform_version is only for a transform you pass")
+        return BuiltinTransform(convention)
+    if isinstance(transform, TransformStage):
+        return transform
+    # albumentations is optional; only a Compose brings it in (the stages below it know
+    # nothing of it, so no import runs back up)
+    from diskcache_ocr.ocr import albu
+
+    if albu.is_compose(transform):
+        return albu.AlbumentationsTransform(transform, version=version)
+    return CallableTransform(transform, version)  # type: ignore[arg-type]
 
 @dataclass
 class StagePipeline:
@@ -193,4 +218,4 @@ class StagePipeline:
         return state
 
 
-__all__ = ["StagePipeline", "image_header"]
+__all__ = ["StagePipeline", "image_header", "transform_stage"]

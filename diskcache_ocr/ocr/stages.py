@@ -81,7 +81,7 @@ def _not_cacheable(what: str) -> None:
 # --------------------------------------------------------------------------- transforms
 
 class TransformStage:
-    """Base of the transform stages; build one with :func:`transform_stage`."""
+    """Base of the transform stages; built by :func:`diskcache_ocr.ocr.staged.transform_stage`."""
 
     cacheable: bool = True
 
@@ -139,23 +139,6 @@ def _to_numpy(image: Any) -> np.ndarray:
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor
         image = image.detach().cpu().numpy()
     return np.ascontiguousarray(image)
-
-
-def transform_stage(transform: object = None, *, version: object = None,
-                    convention: str = "db") -> TransformStage:
-    """The stage for what a user passes: None (the convention's built-in transform), an
-    ``albumentations.Compose``, a :class:`TransformStage`, or a callable (with ``version``)."""
-    if transform is None:
-        if version is not None:
-            raise ValueError("transform_version is only for a transform you pass")
-        return BuiltinTransform(convention)
-    if isinstance(transform, TransformStage):
-        return transform
-    from diskcache_ocr.ocr import albu  # albumentations is optional
-
-    if albu.is_compose(transform):
-        return albu.AlbumentationsTransform(transform, version=version)
-    return CallableTransform(transform, version)  # type: ignore[arg-type]
 
 
 def _probe_deterministic(stage: TransformStage, trials: int) -> bool:
@@ -248,5 +231,5 @@ def maps_stage(maps: object = None, *, version: object = None, convention: str =
 
 __all__ = [
     "BuiltinTransform", "CallableTransform", "MapsStage", "NotCacheableWarning",
-    "TransformStage", "maps_stage", "plain_version", "transform_stage",
+    "TransformStage", "maps_stage", "plain_version",
 ]

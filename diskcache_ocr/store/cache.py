@@ -290,8 +290,12 @@ class CacheStore:
         sh = self._shared()
         env = self._environment()
         for _ in range(_MAX_GROWS):
-            with sh.lock, self._lock:
-                pending = self._take_pending()
+            # NOTE: the counters' lock is held only to take or give back the counters: a
+            # write that grows the map waits for other threads' read blocks to end, and
+            # those count their hits (under that lock) before they can end.
+            with sh.lock:
+                with self._lock:
+                    pending = self._take_pending()
                 try:
                     marking = not self.options.sync and not sh.unsynced
                     txn = env.begin(write=True)
@@ -308,13 +312,13 @@ class CacheStore:
                     sh.unsynced = sh.unsynced or marking
                     return
                 except lmdb.MapFullError:
-                    self._pending.update(pending)
+                    self._give_back(pending)
                     sh.grow()
                 except lmdb.MapResizedError:
-                    self._pending.update(pending)
+                    self._give_back(pending)
                     sh.adopt_map_size()
                 except BaseException as exc:
-                    self._pending.update(pending)
+                    self._give_back(pending)
                     if not isinstance(exc, lmdb.Error):
                         raise
                     if _is_disk_full(exc, self.path):
@@ -425,7 +429,14 @@ class CacheStore:
             if bytes_read:
                 self._pending[f"{kind}.bytes_read"] += bytes_read
         if not self.readonly and time.monotonic() - self._last_flush > STATS_FLUSH_EVERY_S:
-            self.flush_stats()
+            try:
+                self.flush_stats()
+            except CacheError as exc:  # (counters are kept for the next write; reads go on)
+                log.debug("%s: counters not saved yet: %s", self.path, exc)
+
+    def _give_back(self, pending: Counter[str]) -> None:
+        with self._lock:
+            self._pending.update(pending)
 
     def _take_pending(self) -> Counter[str]:
         pending, self._pending = self._pending, Counter()
