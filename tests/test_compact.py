@@ -213,6 +213,7 @@ def test_batch_loader_yields_compact_batches_of_a_compact_dataset(data, plain, t
 @pytest.mark.parametrize("images_too", [True, False])
 def test_read_through_images_setting_decides_whether_a_miss_writes_the_image(
         data, plain, tmp_path, images_too):
+    from diskcache_ocr.schema import source_id
     from diskcache_ocr.store import CacheStore
 
     preset = {**load_preset("validation_optimized").to_dict(),
@@ -223,7 +224,7 @@ def test_read_through_images_setting_decides_whether_a_miss_writes_the_image(
     with CacheStore(tmp_path / "c", readonly=True) as store:
         assert len(list(store.keys("images"))) == (2 if images_too else 0)
         assert len(list(store.keys("tensors"))) == len(list(store.keys("maps"))) == 2
-        assert set(store.get_index(ds.source(0)).keys) == (
+        assert set(store.get_index(source_id(ds.images_dir, ds.source(0))).keys) == (
             {"images", "tensors", "maps"} if images_too else {"tensors", "maps"})
     # A build stores every cached kind it computes: images of the items not served yet (an
     # item whose tensors are cached is not decoded again just for its image).
