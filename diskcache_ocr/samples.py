@@ -273,8 +273,8 @@ class StageBuffers:
     def pack(self, samples: list[Sample]) -> list[Sample]:
         """The samples with their image, maps and inverse matrix as rows of one block (the
         same values and types: a tensor stays a tensor, a numpy array a numpy array)."""
-        if not self.pack_rows or not samples:
-            return samples
+        if not self.pack_rows or len(samples) < 2:
+            return samples  # one sample (``ds[i]``): no stacking to save, the copy would cost
         names = [k for k in ("image", "inverse_matrix", *MAP_NAMES) if k in samples[0]]
         specs = []
         for name in names:
