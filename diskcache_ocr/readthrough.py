@@ -175,8 +175,14 @@ class ReadThrough:
                 compact: bool = False, reuse: bool | None = None) -> BatchBuffers:
         """Buffers for ``n`` samples; ``compact`` keeps a uint8 image and uint8 binary maps
         for :meth:`finish` to widen later (on a device)."""
-        if self._staged:  # stage outputs have the stage's shapes: each sample owns its arrays
-            return StageBuffers(self.item_keys)  # type: ignore[return-value]
+        if self._staged:  # stage outputs have the stage's shapes, known once a sample is made
+            assert isinstance(self.pipeline, StagePipeline)
+            # A deterministic stage's samples all have one shape: rows of one block. (Pinned
+            # memory is not pooled: a pinning caller gets samples owning their arrays.)
+            pack = (self.pipeline.deterministic and not pin
+                    and (self.plan.reuse_batch_memory if reuse is None else reuse))
+            return StageBuffers(self.item_keys, shared=shared,  # type: ignore[return-value]
+                                pack=pack)
         return BatchBuffers(n, self.pipeline.transform.size, self.plan.return_maps,
                             shared=shared, pin=pin,
                             raw_image=compact and self.pipeline.transform.output == "compact",
@@ -190,6 +196,9 @@ class ReadThrough:
         work = self.process(indices, want_maps=self.plan.return_maps, buffers=buffers,
                             run_copies=run_copies, keep=self.plan.serve_writes)
         out = [self._assemble(w, buffers) for w in work]
+        if self._staged:
+            assert isinstance(buffers, StageBuffers)
+            out = buffers.pack(out)
         self._log_progress(len(out))
         return out
 

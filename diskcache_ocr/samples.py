@@ -250,16 +250,75 @@ def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
 
 
 class StageBuffers:
-    """The batch "buffers" of a stage pipeline: each sample owns arrays of the stage's shapes,
-    and :meth:`batch` is :func:`collate` under the dataset's item keys."""
+    """The batch "buffers" of a stage pipeline, whose shapes are the stage's own.
+
+    With ``pack``, :meth:`pack` moves a batch's samples into rows of one block of batch
+    memory once their shapes are known (a reusable shared-memory slab inside a DataLoader
+    worker, the local pool in-process), so :func:`collate` hands the whole block on instead
+    of stacking into fresh memory, and a worker sends a reference instead of the bytes.
+    Without it (or when the samples' shapes differ) each sample owns its arrays.
+    :meth:`batch` is :func:`collate` under the dataset's item keys.
+    """
 
     raw_image = False
 
-    def __init__(self, keys: str = "db") -> None:
+    def __init__(self, keys: str = "db", *, shared: bool = False, pack: bool = False) -> None:
         self.keys = keys
+        self.shared = shared
+        self.pack_rows = pack
 
     def batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
         return collate(samples, keys=self.keys)
+
+    def pack(self, samples: list[Sample]) -> list[Sample]:
+        """The samples with their image, maps and inverse matrix as rows of one block (the
+        same values and types: a tensor stays a tensor, a numpy array a numpy array)."""
+        if not self.pack_rows or len(samples) < 2:
+            return samples  # one sample (``ds[i]``): no stacking to save, the copy would cost
+        names = [k for k in ("image", "inverse_matrix", *MAP_NAMES) if k in samples[0]]
+        specs = []
+        for name in names:
+            first = _as_numpy(samples[0][name])
+            if first is None:
+                return samples
+            for s in samples[1:]:
+                other = _as_numpy(s.get(name))
+                if other is None or other.shape != first.shape or other.dtype != first.dtype:
+                    return samples  # differing shapes: each sample keeps its own arrays
+            if first.dtype not in _TORCH_DTYPES:
+                return samples
+            specs.append(Spec(name, (len(samples), *first.shape), first.dtype))
+        block = batchmem.shared_block(specs) if self.shared else batchmem.local_block(specs)
+        if block is None:  # every slab busy: as without packing
+            return samples
+        out = []
+        for row, s in enumerate(samples):
+            s = dict(s)
+            for name in names:
+                value = s[name]
+                np.copyto(block.arrays[name][row], _as_numpy(value))  # type: ignore[arg-type]
+                batch = block.tensors[name]
+                s[name] = (batch[row] if isinstance(value, torch.Tensor)
+                           else np.asarray(_Row(batch, row, block.arrays[name][row])))
+            out.append(s)
+        return out
+
+
+class _Row:
+    """The ``base`` of a packed sample's numpy row: names the batch tensor and the row, so
+    :func:`collate` can hand the batch on (a tensor row has the batch as its ``_base``)."""
+
+    def __init__(self, batch: torch.Tensor, row: int, array: np.ndarray) -> None:
+        self.batch = batch
+        self.row = row
+        self.__array_interface__ = array.__array_interface__
+        self._array = array  # the interface's memory stays alive with the row
+
+
+def _as_numpy(value: Any) -> np.ndarray | None:
+    if isinstance(value, torch.Tensor):
+        return value.numpy() if value.device.type == "cpu" else None
+    return value if isinstance(value, np.ndarray) else None
 
 
 def assemble_staged(pipeline: StagePipeline, catalog: Catalog, index: int,
@@ -398,6 +457,9 @@ def collate_fn(keys: str = "db") -> Any:
 
 
 def _stack(values: Sequence[Any]) -> torch.Tensor:
+    whole = _whole_rows(values)
+    if whole is not None:
+        return whole
     return torch.stack([v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
                         for v in values])
 
@@ -419,6 +481,34 @@ def _collate_origin(samples: Sequence[Sample]) -> dict[str, Any]:
     out["orientation"] = [m["orientation"] for m in meta]
     out["metadata"] = meta
     return out
+
+
+def _whole_rows(values: Sequence[Any]) -> torch.Tensor | None:
+    """The packed batch the values are consecutive rows of, if they are exactly that."""
+    if not values:
+        return None
+    if isinstance(values[0], torch.Tensor):
+        return _whole_buffer(list(values)) if all(
+            isinstance(v, torch.Tensor) for v in values) else None
+    first = getattr(values[0], "base", None)
+    if not isinstance(first, _Row) or first.batch.shape[0] != len(values):
+        return None
+    for i, v in enumerate(values):
+        row = getattr(v, "base", None)
+        # (a slice of a row has the same base: the memory it covers says which it is)
+        if (not isinstance(v, np.ndarray) or not isinstance(row, _Row)
+                or row.batch is not first.batch or row.row != i
+                or not _is_whole_view(v, first.batch[i])):
+            return None
+    return first.batch
+
+
+def _is_whole_view(array: np.ndarray, tensor: torch.Tensor) -> bool:
+    """Whether ``array`` covers exactly ``tensor``'s memory, contiguously."""
+    return (array.flags.c_contiguous and tensor.is_contiguous()
+            and _TORCH_DTYPES.get(array.dtype) == tensor.dtype
+            and array.shape == tuple(tensor.shape) and array.nbytes == tensor.nbytes
+            and array.__array_interface__["data"][0] == tensor.data_ptr())
 
 
 def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
