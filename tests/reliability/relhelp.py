@@ -8,15 +8,18 @@ a build 20 times within the CI budget. Each child makes itself a process-group l
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -416,3 +419,33 @@ def prebuild_until(argv: list[str], stop: str, out: str) -> int:
         runs += 1
     Path(out).write_text(json.dumps({"runs": runs}))
     return 0
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size_mib: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mib`` MiB mounted at ``where`` (skips the test without root)."""
+    import pytest
+
+    where.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs",
+                          str(where)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a {size_mib} MiB tmpfs to fill up (needs root): "
+                    f"{res.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Write zeros into ``disk/filler`` until the disk is full; returns the filler."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 16))
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler

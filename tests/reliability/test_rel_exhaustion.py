@@ -4,15 +4,20 @@ space is freed; more readers than slots is a clear CacheError, not a hang."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
-from relhelp import Child, diff_snapshots, run_epoch, sample_digest, snapshot
+from relhelp import (
+    Child,
+    diff_snapshots,
+    fill_disk,
+    run_epoch,
+    sample_digest,
+    small_tmpfs,
+    snapshot,
+)
 
 SMALL = 320  # transform size that lets a whole build fit the 40 MiB disk
 
@@ -33,28 +38,8 @@ def test_a_tiny_map_grows_in_two_workers_at_once(tiny, clean_build, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a 40 MiB tmpfs to fill up (needs root): {res.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", 40) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 16))
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
 
 
 def test_disk_full_is_a_clear_error_and_the_store_stays_intact(tiny, small_disk, tmp_path,
@@ -81,7 +66,7 @@ def test_disk_full_is_a_clear_error_and_the_store_stays_intact(tiny, small_disk,
                           preset="validation_optimized", preload=False)
     assert [sample_digest(ds[i]) for i in range(3)] == refs[:3]
     before = snapshot(cache)
-    filler = _fill(small_disk)
+    filler = fill_disk(small_disk)
 
     store = CacheStore(cache)
     with pytest.raises(CacheFullError, match="disk is full") as info:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from relhelp import part_digests, sample_digest
+from relhelp import fill_disk, part_digests, sample_digest, small_tmpfs
 
 from diskcache_ocr import BatchLoader, CachedOCRDataset, CacheError, CacheFormatError, CacheStore
 
@@ -419,28 +419,8 @@ def test_item14_watch_debounce_out_of_range_is_refused_at_start(tiny, built, val
 # -- 15. refusals that should be degradation, and errors that should be CacheErrors ------------
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {res.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", 8) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(disk: Path) -> None:
-    import errno
-
-    with open(disk / "filler", "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 16))
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
 
 
 def test_item15_preload_on_a_full_disk_degrades_to_computed_samples(tiny, small_disk,
@@ -452,7 +432,7 @@ def test_item15_preload_on_a_full_disk_degrades_to_computed_samples(tiny, small_
     keeper = CacheStore(cache)
     keeper.header()
     try:
-        _fill(small_disk)
+        fill_disk(small_disk)
         ds = CachedOCRDataset(tiny.images, tiny.annotations, cache,
                               preset="validation_optimized")
         assert any("full" in r.getMessage() for r in caplog.records
@@ -469,7 +449,7 @@ def test_item15_opening_a_cache_on_a_full_tmpfs_is_a_cache_full_error(small_disk
     is a SIGBUS. Opening must be a named error (CacheFullError), never a signal."""
     cache = small_disk / "cache"
     CacheStore(cache).close()
-    _fill(small_disk)
+    fill_disk(small_disk)
     res = _run_py(f"""
         from diskcache_ocr import CacheStore, CacheFullError
         try:
