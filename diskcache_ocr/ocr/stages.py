@@ -19,6 +19,7 @@ transport only; nothing pickled is ever stored).
 
 from __future__ import annotations
 
+import abc
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -80,16 +81,18 @@ def _not_cacheable(what: str) -> None:
 
 # --------------------------------------------------------------------------- transforms
 
-class TransformStage:
+class TransformStage(abc.ABC):
     """Base of the transform stages; built by :func:`diskcache_ocr.ocr.staged.transform_stage`."""
 
     cacheable: bool = True
 
+    @abc.abstractmethod
     def fingerprint(self) -> dict[str, Any] | None:
-        raise NotImplementedError
+        """What versions this stage's output; None when it cannot be cached."""
 
+    @abc.abstractmethod
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
-        raise NotImplementedError
+        """(image, polygons) -> (image, moved polygons, inverse matrix)."""
 
     def is_deterministic(self, trials: int = 8) -> bool:
         """Probe: the same input, under different random states, gives the same output."""
