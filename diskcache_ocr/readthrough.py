@@ -39,11 +39,8 @@ from diskcache_ocr.samples import (
     BatchBuffers,
     Catalog,
     Sample,
-    StageBuffers,
     assemble,
-    assemble_staged,
     empty_sample,
-    empty_staged,
     finish_batch,
     put_image,
 )
@@ -56,6 +53,13 @@ from diskcache_ocr.schema import (
     maps_key,
     reads,
     tensor_key,
+)
+from diskcache_ocr.staged_samples import (
+    StageBuffers,
+    StageLayout,
+    assemble_staged,
+    empty_staged,
+    take_record,
 )
 from diskcache_ocr.store import CacheStore, ReadTxn, Record, WriteBatch
 
@@ -129,12 +133,13 @@ class ReadThrough:
         self.write_seconds = 0.0  # time spent committing read-through writes, this process
         self._served = 0
         self._logged: set[str] = set()
+        self._layout = StageLayout()  # a stage pipeline's sample shapes, this process
         # The index knows a source by its path under the resolved root (see schema.source_id).
         self._root = os.path.realpath(self.catalog.images_dir)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_lock", "_served", "_logged", "write_seconds", "_root"):
+        for name in ("_lock", "_served", "_logged", "write_seconds", "_root", "_layout"):
             state.pop(name, None)
         return state
 
@@ -182,7 +187,7 @@ class ReadThrough:
             pack = (self.pipeline.deterministic and not pin
                     and (self.plan.reuse_batch_memory if reuse is None else reuse))
             return StageBuffers(self.item_keys, shared=shared,  # type: ignore[return-value]
-                                pack=pack)
+                                pack=pack, layout=self._layout, n=n)
         return BatchBuffers(n, self.pipeline.transform.size, self.plan.return_maps,
                             shared=shared, pin=pin,
                             raw_image=compact and self.pipeline.transform.output == "compact",
@@ -326,7 +331,7 @@ class ReadThrough:
         if self._tensors:
             rec = self._get(txn, "tensors", self._tensor_key(w.index, h), w)
             if rec is not None and self._staged:
-                w.tensor = {k: np.array(v) for k, v in rec.items()}
+                w.tensor = take_record(rec, buffers, w.slot)
                 w.geometry = {}
             elif rec is not None:
                 w.geometry = {k: np.array(rec[k]) for k in GEOMETRY}
@@ -336,7 +341,7 @@ class ReadThrough:
         if want_maps and self._maps:
             rec = self._get(txn, "maps", self._maps_key(w.index, h), w)
             if rec is not None and self._staged:
-                w.maps = {k: np.array(v) for k, v in rec.items()}
+                w.maps = take_record(rec, buffers, w.slot)
                 w.maps_done = True
             elif rec is not None:
                 if buffers is not None:

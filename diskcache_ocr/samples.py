@@ -19,10 +19,8 @@ import torch
 from diskcache_ocr import batchmem
 from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
-from diskcache_ocr.ocr.conventions import upright_size
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
-from diskcache_ocr.ocr.staged import StagePipeline
 from diskcache_ocr.ocr.transform import TransformConfig, finish, map_points
 
 Sample = dict[str, Any]
@@ -138,7 +136,7 @@ class BatchBuffers:
         if reuse and not pin:
             block = batchmem.shared_block(specs) if shared else batchmem.local_block(specs)
         if block is None:  # pinned, not reused, or every slab busy: memory of its own
-            tensors = {s.name: _new_tensor(s.shape, _TORCH_DTYPES[s.dtype], shared, pin)
+            tensors = {s.name: _new_tensor(s.shape, TORCH_DTYPES[s.dtype], shared, pin)
                        for s in specs}
             arrays = {name: t.numpy() for name, t in tensors.items()}
         else:
@@ -165,7 +163,7 @@ class BatchBuffers:
         return out
 
 
-_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
+TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64}
 
 
@@ -249,62 +247,7 @@ def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
     return sample
 
 
-class StageBuffers:
-    """The batch "buffers" of a stage pipeline, whose shapes are the stage's own.
-
-    With ``pack``, :meth:`pack` moves a batch's samples into rows of one block of batch
-    memory once their shapes are known (a reusable shared-memory slab inside a DataLoader
-    worker, the local pool in-process), so :func:`collate` hands the whole block on instead
-    of stacking into fresh memory, and a worker sends a reference instead of the bytes.
-    Without it (or when the samples' shapes differ) each sample owns its arrays.
-    :meth:`batch` is :func:`collate` under the dataset's item keys.
-    """
-
-    raw_image = False
-
-    def __init__(self, keys: str = "db", *, shared: bool = False, pack: bool = False) -> None:
-        self.keys = keys
-        self.shared = shared
-        self.pack_rows = pack
-
-    def batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        return collate(samples, keys=self.keys)
-
-    def pack(self, samples: list[Sample]) -> list[Sample]:
-        """The samples with their image, maps and inverse matrix as rows of one block (the
-        same values and types: a tensor stays a tensor, a numpy array a numpy array)."""
-        if not self.pack_rows or len(samples) < 2:
-            return samples  # one sample (``ds[i]``): no stacking to save, the copy would cost
-        names = [k for k in ("image", "inverse_matrix", *MAP_NAMES) if k in samples[0]]
-        specs = []
-        for name in names:
-            first = _as_numpy(samples[0][name])
-            if first is None:
-                return samples
-            for s in samples[1:]:
-                other = _as_numpy(s.get(name))
-                if other is None or other.shape != first.shape or other.dtype != first.dtype:
-                    return samples  # differing shapes: each sample keeps its own arrays
-            if first.dtype not in _TORCH_DTYPES:
-                return samples
-            specs.append(Spec(name, (len(samples), *first.shape), first.dtype))
-        block = batchmem.shared_block(specs) if self.shared else batchmem.local_block(specs)
-        if block is None:  # every slab busy: as without packing
-            return samples
-        out = []
-        for row, s in enumerate(samples):
-            s = dict(s)
-            for name in names:
-                value = s[name]
-                np.copyto(block.arrays[name][row], _as_numpy(value))  # type: ignore[arg-type]
-                batch = block.tensors[name]
-                s[name] = (batch[row] if isinstance(value, torch.Tensor)
-                           else np.asarray(_Row(batch, row, block.arrays[name][row])))
-            out.append(s)
-        return out
-
-
-class _Row:
+class BatchRow:
     """The ``base`` of a packed sample's numpy row: names the batch tensor and the row, so
     :func:`collate` can hand the batch on (a tensor row has the batch as its ``_base``)."""
 
@@ -315,62 +258,10 @@ class _Row:
         self._array = array  # the interface's memory stays alive with the row
 
 
-def _as_numpy(value: Any) -> np.ndarray | None:
+def cpu_array(value: Any) -> np.ndarray | None:
     if isinstance(value, torch.Tensor):
         return value.numpy() if value.device.type == "cpu" else None
     return value if isinstance(value, np.ndarray) else None
-
-
-def assemble_staged(pipeline: StagePipeline, catalog: Catalog, index: int,
-                    record: Mapping[str, np.ndarray], maps: Mapping[str, np.ndarray] | None,
-                    with_maps: bool, keys: str) -> Sample:
-    """One sample of a stage pipeline: the transform's output from its record (the random
-    rest run here, when there is one), maps from ``maps`` or made live."""
-    image, polygons, inverse = pipeline.finish_sample(dict(record))
-    ignore = np.array(catalog.flat_words(index)[2], dtype=bool)
-    if with_maps and maps is None:
-        maps = pipeline.make_maps(polygons, image, ignore)
-    raw = tuple(int(v) for v in record["raw_size"])
-    return _staged_sample(catalog, index, image, polygons, ignore, inverse,
-                          maps if with_maps else None, raw, int(record["orientation"][0]),
-                          None, keys)
-
-
-def empty_staged(pipeline: StagePipeline, catalog: Catalog, index: int, error: str,
-                 with_maps: bool, keys: str) -> Sample:
-    """A bad source under a stage pipeline: a blank image's shapes, no words, the reason."""
-    image, _, _ = pipeline.blank()
-    maps = pipeline.make_maps([], image, []) if with_maps else None
-    return _staged_sample(catalog, index, np.zeros_like(image), [], np.zeros(0, bool),
-                          np.eye(3), maps, (0, 0), 1, error, keys)
-
-
-def _staged_sample(catalog: Catalog, index: int, image: np.ndarray,
-                   polygons: Sequence[np.ndarray], ignore: np.ndarray, inverse: np.ndarray,
-                   maps: Mapping[str, np.ndarray] | None, raw_size: tuple[int, ...],
-                   orientation: int, error: str | None, keys: str) -> Sample:
-    file = catalog.source(index)
-    if keys == "origin":  # the origin dataset's item: numpy beside a tensor image
-        sample: Sample = {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "polygons": list(polygons), "inverse_matrix": np.asarray(inverse),
-            "metadata": {"filename": file, "path": str(catalog.images_dir / file),
-                         "raw_size": raw_size, "orientation": orientation, "error": error},
-        }
-        for name, arr in (maps or {}).items():
-            sample[name] = np.asarray(arr)
-        return sample
-    upright = upright_size(*raw_size, orientation) if error is None else (0, 0)
-    sample = {
-        "image": torch.from_numpy(np.ascontiguousarray(image)),
-        "polygons": list(polygons), "ignore": ignore,
-        "inverse_matrix": torch.from_numpy(np.asarray(inverse, np.float64)),
-        "meta": {"index": index, "file": file, "orig_size": upright, "raw_size": raw_size,
-                 "orientation": orientation, "error": error},
-    }
-    for name, arr in (maps or {}).items():
-        sample[name] = torch.from_numpy(np.ascontiguousarray(arr))
-    return sample
 
 
 def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
@@ -491,12 +382,12 @@ def _whole_rows(values: Sequence[Any]) -> torch.Tensor | None:
         return _whole_buffer(list(values)) if all(
             isinstance(v, torch.Tensor) for v in values) else None
     first = getattr(values[0], "base", None)
-    if not isinstance(first, _Row) or first.batch.shape[0] != len(values):
+    if not isinstance(first, BatchRow) or first.batch.shape[0] != len(values):
         return None
     for i, v in enumerate(values):
         row = getattr(v, "base", None)
         # (a slice of a row has the same base: the memory it covers says which it is)
-        if (not isinstance(v, np.ndarray) or not isinstance(row, _Row)
+        if (not isinstance(v, np.ndarray) or not isinstance(row, BatchRow)
                 or row.batch is not first.batch or row.row != i
                 or not _is_whole_view(v, first.batch[i])):
             return None
@@ -506,7 +397,7 @@ def _whole_rows(values: Sequence[Any]) -> torch.Tensor | None:
 def _is_whole_view(array: np.ndarray, tensor: torch.Tensor) -> bool:
     """Whether ``array`` covers exactly ``tensor``'s memory, contiguously."""
     return (array.flags.c_contiguous and tensor.is_contiguous()
-            and _TORCH_DTYPES.get(array.dtype) == tensor.dtype
+            and TORCH_DTYPES.get(array.dtype) == tensor.dtype
             and array.shape == tuple(tensor.shape) and array.nbytes == tensor.nbytes
             and array.__array_interface__["data"][0] == tensor.data_ptr())
 
@@ -525,6 +416,6 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return base
 
 
-__all__ = ["FINISH", "GEOMETRY", "BatchBuffers", "Catalog", "Polygons", "Sample", "StageBuffers",
-           "assemble", "assemble_staged", "collate", "collate_fn", "empty_sample",
-           "empty_staged", "finish_batch", "finish_spec", "put_image"]
+__all__ = ["FINISH", "GEOMETRY", "TORCH_DTYPES", "BatchBuffers", "BatchRow", "Catalog",
+           "Polygons", "Sample", "assemble", "collate", "collate_fn", "cpu_array",
+           "empty_sample", "finish_batch", "finish_spec", "put_image"]

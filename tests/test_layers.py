@@ -17,11 +17,12 @@ LAYER = {
     "schema": 2,
     "store": 3, "ocr": 3, "presets": 3,
     "samples": 4, "hydra": 4,
-    "readthrough": 5,
-    "dataset": 6, "ops": 6, "watch": 6,
-    "loader": 7, "prebuild": 7, "origin": 7, "lightning": 7,
-    "demo": 8,
-    "cli": 9,
+    "staged_samples": 5,
+    "readthrough": 6,
+    "dataset": 7, "ops": 7, "watch": 7,
+    "loader": 8, "prebuild": 8, "origin": 8, "lightning": 8,
+    "demo": 9,
+    "cli": 10,
 }
 
 

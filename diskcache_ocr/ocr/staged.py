@@ -183,7 +183,9 @@ class StagePipeline:
         transform is cached; the random rest run on the prefix output; the whole random
         transform run live otherwise."""
         points, sizes = record["points"], record["sizes"]
-        polys = list(np.split(points, np.cumsum(sizes)[:-1])) if len(sizes) else []
+        ends = np.cumsum(sizes).tolist()
+        # (views, as np.split makes them, without its per-piece overhead)
+        polys = [points[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)] if ends else []
         image, inverse = record["image"], record["inverse_matrix"]
         if self.deterministic and self.stage.cacheable:
             return image, polys, inverse
