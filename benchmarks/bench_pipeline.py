@@ -17,6 +17,7 @@ results/pipeline.json and .md.
 
 from __future__ import annotations
 
+import gc
 import random
 import sys
 import time
@@ -248,6 +249,10 @@ def main() -> int:
             ds.preload()  # every kind the plan caches (validation: all; training: the prefix)
             for name in ("cached", *plains):  # every pipeline's epoch equals the reference
                 run_epoch(mode, ds, plains, name, workers, reference)
+            # Timed epochs fork workers from a process of ordinary size: the reference (all
+            # samples, over a GB) would make every fork, cached or not, copy its page tables.
+            del reference
+            gc.collect()
             times: dict[str, list[float]] = {"cached": [], **{m: [] for m in plains}}
             for _ in range(common.reps(args)):  # interleaved: machine load hits all alike
                 for name in (*plains, "cached"):
