@@ -198,14 +198,27 @@ class ReadThrough:
                 run_copies: CopyRunner | None = None) -> list[Sample]:
         """A batch of samples over ``buffers``; ``run_copies`` runs the copies made inside
         the read transaction (e.g. on a thread pool), in order, before it ends."""
-        work = self.process(indices, want_maps=self.plan.return_maps, buffers=buffers,
-                            run_copies=run_copies, keep=self.plan.serve_writes)
-        out = [self._assemble(w, buffers) for w in work]
+        indices = list(indices)
+        out: list[Sample] = []
+        if isinstance(buffers, StageBuffers) and buffers.needs_layout(len(indices)):
+            # The shapes are not known yet in this process: one sample first teaches them,
+            # so the rest of the batch is copied straight into its rows.
+            out = self._samples(indices[:1], buffers, run_copies, 0)
+            buffers.learn(out[0], len(indices))
+            indices = indices[1:]
+        out += self._samples(indices, buffers, run_copies, len(out))
         if self._staged:
             assert isinstance(buffers, StageBuffers)
             out = buffers.pack(out)
         self._log_progress(len(out))
         return out
+
+    def _samples(self, indices: Sequence[int], buffers: BatchBuffers,
+                 run_copies: CopyRunner | None, first_slot: int) -> list[Sample]:
+        work = self.process(indices, want_maps=self.plan.return_maps, buffers=buffers,
+                            run_copies=run_copies, keep=self.plan.serve_writes,
+                            first_slot=first_slot)
+        return [self._assemble(w, buffers) for w in work]
 
     def batch(self, indices: Sequence[int], buffers: BatchBuffers,
               run_copies: CopyRunner | None = None) -> dict[str, Any]:
@@ -265,12 +278,12 @@ class ReadThrough:
 
     def process(self, indices: Sequence[int], *, want_maps: bool, want_tensor: bool = True,
                 buffers: BatchBuffers | None = None, run_copies: CopyRunner | None = None,
-                keep: Sequence[str] | None = None) -> list[Work]:
+                keep: Sequence[str] | None = None, first_slot: int = 0) -> list[Work]:
         """Look up, compute and write back one batch (``keep``: the kinds to write back,
-        default every cached kind)."""
+        default every cached kind; ``first_slot``: the buffer row of the first index)."""
         n = len(self.catalog)
         work = []
-        for slot, i in enumerate(indices):
+        for slot, i in enumerate(indices, start=first_slot):
             i = int(i)
             if not -n <= i < n:
                 raise IndexError(f"index {i} out of range for a dataset of {n} images")

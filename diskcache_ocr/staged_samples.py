@@ -65,6 +65,22 @@ class StageBuffers:
             self._specs = tuple(Spec(s.name, (n, *s.shape), s.dtype) for s in layout.specs)
             self._block = self._take(self._specs)
 
+    def needs_layout(self, n: int) -> bool:
+        """Whether a batch of ``n`` would pack without the shapes being known: then one
+        sample first, and :meth:`learn` from it."""
+        return (self.pack_rows and n >= 2 and self._block is None and self.layout is not None
+                and self.layout.specs is None)
+
+    def learn(self, sample: Sample, n: int) -> None:
+        """Take the packed arrays' shapes from ``sample`` (one of ``n``) and the block for
+        ``n`` samples of them, so the others' hits are copied straight into their rows."""
+        specs = _row_specs([sample])
+        if specs is None or self.layout is None:
+            return
+        self.layout.specs = specs
+        self._specs = tuple(Spec(s.name, (n, *s.shape), s.dtype) for s in specs)
+        self._block = self._take(self._specs)
+
     def _take(self, specs: Sequence[Spec]) -> Block | None:
         return batchmem.shared_block(specs) if self.shared else batchmem.local_block(specs)
 
@@ -88,21 +104,12 @@ class StageBuffers:
         taken, self._block = self._block, None
         if not self.pack_rows or len(samples) < 2:
             return samples  # one sample (``ds[i]``): no stacking to save, the copy would cost
-        names = [k for k in PACKED if k in samples[0]]
-        per_sample = []
-        for name in names:
-            first = cpu_array(samples[0][name])
-            if first is None:
-                return samples
-            for s in samples[1:]:
-                other = cpu_array(s.get(name))
-                if other is None or other.shape != first.shape or other.dtype != first.dtype:
-                    return samples  # differing shapes: each sample keeps its own arrays
-            if first.dtype not in TORCH_DTYPES:
-                return samples
-            per_sample.append(Spec(name, first.shape, first.dtype))
+        per_sample = _row_specs(samples)
+        if per_sample is None:
+            return samples  # differing shapes: each sample keeps its own arrays
+        names = [s.name for s in per_sample]
         if self.layout is not None:
-            self.layout.specs = tuple(per_sample)
+            self.layout.specs = per_sample
         specs = tuple(Spec(s.name, (len(samples), *s.shape), s.dtype) for s in per_sample)
         block = taken if taken is not None and specs == self._specs else self._take(specs)
         if block is None:  # every slab busy: as without packing
@@ -122,6 +129,21 @@ class StageBuffers:
                            else np.asarray(BatchRow(batch, row, target)))
             out.append(s)
         return out
+
+
+def _row_specs(samples: Sequence[Sample]) -> tuple[Spec, ...] | None:
+    """The shape and dtype of each packed array, when every sample has the same ones."""
+    specs = []
+    for name in (k for k in PACKED if k in samples[0]):
+        first = cpu_array(samples[0][name])
+        if first is None or first.dtype not in TORCH_DTYPES:
+            return None
+        for s in samples[1:]:
+            other = cpu_array(s.get(name))
+            if other is None or other.shape != first.shape or other.dtype != first.dtype:
+                return None
+        specs.append(Spec(name, first.shape, first.dtype))
+    return tuple(specs)
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:

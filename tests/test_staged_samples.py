@@ -144,3 +144,28 @@ def test_stage_buffers_without_a_layout_offer_no_rows():
     assert StageBuffers(pack=True, layout=StageLayout(), n=4).target(
         "image", 0, np.zeros((3, 8, 8), np.float32)) is None
     assert StageBuffers(pack=False, n=4).target("image", 0, np.zeros(3, np.float32)) is None
+
+
+def test_the_first_batch_of_a_process_learns_from_one_sample(data, tmp_path, monkeypatch):
+    """A process that has packed nothing yet takes one sample first, learns the shapes from
+    it, and copies the rest of that very batch straight into their rows."""
+    ds = make(data, tmp_path / "c", square)
+    want = expected(ds, square)
+    ds.__getitems__(list(range(N)))  # fills the cache
+    ds.engine._layout.specs = None
+    rows = []
+    real = StageBuffers.target
+
+    def spy(self, name, slot, like):
+        row = real(self, name, slot, like)
+        if row is not None:
+            rows.append((slot, name))
+        return row
+
+    monkeypatch.setattr(StageBuffers, "target", spy)
+    batch = [5, 2, 0, 4]
+    samples = ds.__getitems__(batch)
+    check(samples, batch, want)
+    assert {slot for slot, name in rows if name == "image"} == {1, 2, 3}
+    assert {name for _, name in rows} >= {"image", "prob_map", "thresh_map"}
+    ds.close()
