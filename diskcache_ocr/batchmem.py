@@ -16,6 +16,10 @@ array or view of its last use is alive anywhere, in any process.
   slab free in its header. The worker reuses a slab only when the main process has released
   it and its own references are gone. When every slab is busy (the consumer holds many
   batches), or the system has no ``/dev/shm``, a block is fresh shared memory as before.
+  The main process maps each slab once and reads every later batch of it through the same
+  mapping (a fresh mapping per batch faults on each page read again); the mapping of a slab
+  whose worker has exited is let go when the next new slab arrives or before a fork, and is
+  unmapped once no tensor of its last batch is alive.
 
 Nothing here is ever read from the cache: slabs carry no pickled data, only arrays.
 """
@@ -23,6 +27,7 @@ Nothing here is ever read from the cache: slabs carry no pickled data, only arra
 from __future__ import annotations
 
 import atexit
+import collections
 import ctypes
 import functools
 import logging
@@ -355,15 +360,23 @@ def _open_lease(name: str, generation: int, size: int) -> Any:
     if os.sep in name or not name.startswith(SLAB_PREFIX):
         raise CacheError(f"not a batch slab name: {name!r}")
     path = os.path.join(SHM_DIR, name)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        raise CacheError(f"{path}: the DataLoader worker's batch memory is gone (the worker "
-                         "exited before its batch was received)") from None
-    try:
-        mm = mmap.mmap(fd, _HEADER_SIZE + size)
-    finally:
-        os.close(fd)
+    mm = _mappings.get(name)
+    if mm is None or len(mm) != _HEADER_SIZE + size:
+        _forget_removed()
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise CacheError(f"{path}: the DataLoader worker's batch memory is gone (the "
+                             "worker exited before its batch was received)") from None
+        try:
+            mm = mmap.mmap(fd, _HEADER_SIZE + size)
+        finally:
+            os.close(fd)
+        _mappings[name] = mm
+        while len(_mappings) > _MAPPINGS_KEEP:
+            _mappings.popitem(last=False)
+    else:
+        _mappings.move_to_end(name)
     magic, state, gen = _HEADER.unpack_from(mm, 0)
     if magic != _MAGIC or state != _BUSY or gen != generation:
         raise CacheError(f"{path}: batch slab in an unexpected state "
@@ -372,6 +385,45 @@ def _open_lease(name: str, generation: int, size: int) -> Any:
     lease._release = (mm, generation)
     _remember(name)
     return lease
+
+
+# One mapping per slab, kept across its uses: a new mapping for every batch would take a
+# page fault on each page the consumer (or the pin-memory thread) reads. Forgotten once the
+# slab's file is gone (its worker exited), checked whenever a new slab appears and before
+# a fork; a forgotten mapping is unmapped when its last batch dies.
+_MAPPINGS_KEEP = 64
+_mappings: collections.OrderedDict[str, mmap.mmap] = collections.OrderedDict()
+
+
+def _forget_removed() -> None:
+    for name in list(_mappings):
+        if not os.path.exists(os.path.join(SHM_DIR, name)):
+            del _mappings[name]
+
+
+def _mappings_before_fork() -> None:
+    _leases_lock.acquire()  # (no thread is halfway through the mappings while we fork)
+    try:
+        _forget_removed()
+    except OSError:
+        pass
+
+
+def _mappings_after_fork_in_parent() -> None:
+    _leases_lock.release()
+
+
+def _mappings_after_fork_in_child() -> None:
+    _mappings.clear()
+    _leases_lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    # New workers are forked without the mappings of slabs whose workers are gone, and a
+    # child never reads through its parent's mappings.
+    os.register_at_fork(before=_mappings_before_fork,
+                        after_in_parent=_mappings_after_fork_in_parent,
+                        after_in_child=_mappings_after_fork_in_child)
 
 
 _seen: set[str] = set()

@@ -110,6 +110,35 @@ def test_slab_tensor_travels_as_a_reference_and_is_released_by_its_last_user():
 
 
 @needs_shm
+def test_the_receiver_maps_a_slab_once_across_its_uses_and_forgets_it_once_gone():
+    """Every batch of one slab is read through one mapping (no page faults anew for each
+    batch), still exact use after use; once the slab's file is removed (its worker exited),
+    the next new slab makes the receiver let go of the old mapping."""
+    block = batchmem.shared_block(SPECS)
+    slab = block.tensors["image"]._slab
+    seen = []
+    for value in (5, 9):
+        fill(block, value)
+        received = ForkingPickler.loads(ForkingPickler.dumps(dict(block.tensors)))
+        assert (received["image"] == value).all() and (received["inverse_matrix"] == value).all()
+        seen.append(batchmem._mappings[slab.name])
+        del block, received
+        assert slab.available()  # released by the receiver
+        block = batchmem.shared_block(SPECS)
+        assert block.tensors["image"]._slab is slab  # the same slab, its next use
+    assert seen[0] is seen[1]  # one mapping for both uses
+    del block
+    slab.unlink()  # as at its worker's exit (and out of this process's pool with it)
+    for pool in batchmem._slab_pool.slabs.values():
+        if slab in pool:
+            pool.remove(slab)
+    other = batchmem.shared_block([Spec("z", (4, 4), np.dtype(np.uint8))])
+    ForkingPickler.loads(ForkingPickler.dumps(other.tensors["z"]))
+    assert slab.name not in batchmem._mappings
+    assert other.tensors["z"]._slab.name in batchmem._mappings
+
+
+@needs_shm
 def test_slab_tensor_pickled_elsewhere_carries_its_values(tmp_path):
     import pickle
 
