@@ -21,7 +21,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lmdb
 
@@ -32,10 +32,8 @@ from diskcache_ocr.errors import (
     CacheFullError,
 )
 from diskcache_ocr.store.header import _DBS, check_header
+from diskcache_ocr.store.protocol import StoreHandle
 from diskcache_ocr.store.txn import _scratch
-
-if TYPE_CHECKING:
-    from diskcache_ocr.store.cache import CacheStore
 
 log = logging.getLogger("diskcache_ocr.store")
 
@@ -55,7 +53,7 @@ _NEARLY_FULL = 1 << 20
 _DRAIN_S = 60.0
 
 
-_open_stores: weakref.WeakSet[CacheStore] = weakref.WeakSet()
+_open_stores: weakref.WeakSet[StoreHandle] = weakref.WeakSet()
 
 
 _forking: list[_SharedEnv] = []  # environments held quiet across this process's fork
@@ -158,7 +156,7 @@ class _SharedEnv:
         self.unsynced = False  # this process committed without fsync: sync at close
 
     @classmethod
-    def acquire(cls, store: CacheStore) -> _SharedEnv:
+    def acquire(cls, store: StoreHandle) -> _SharedEnv:
         key = (os.getpid(), os.path.realpath(store.path))
         check_cache_files(store.path)  # (also when open here: a file replaced since)
         with cls._registry_lock:

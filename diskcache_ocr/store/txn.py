@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -23,9 +23,7 @@ from diskcache_ocr.errors import (
     CacheFormatError,
 )
 from diskcache_ocr.schema import KINDS, IndexEntry, index_key
-
-if TYPE_CHECKING:
-    from diskcache_ocr.store.cache import CacheStore
+from diskcache_ocr.store.protocol import StoreHandle
 
 log = logging.getLogger("diskcache_ocr.store")
 
@@ -76,7 +74,7 @@ class ReadTxn:
     __slots__ = ("_store", "_txn", "_handles", "_open")
 
     def __init__(
-        self, store: CacheStore, txn: lmdb.Transaction, handles: dict[str, Any] | None = None
+        self, store: StoreHandle, txn: lmdb.Transaction, handles: dict[str, Any] | None = None
     ) -> None:
         self._store = store
         self._txn = txn
@@ -128,7 +126,7 @@ class _Reader:
 
     __slots__ = ("_store", "_sh", "_slot", "_handle")
 
-    def __init__(self, store: CacheStore) -> None:
+    def __init__(self, store: StoreHandle) -> None:
         self._store = store
 
     def __enter__(self) -> ReadTxn:
