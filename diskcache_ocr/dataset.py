@@ -69,7 +69,11 @@ class CachedOCRDataset(Dataset[Sample]):
     the uint8 resized, padded image, the binary maps as uint8 0/1, the float32 threshold map,
     and a ``"finish"`` entry (plain data) saying how to make them float32;
     :func:`~diskcache_ocr.finish_batch` does that to a collated batch, bit for bit what the
-    default ``"float32"`` output returns, on whatever device the batch is on.
+    default ``"float32"`` output returns, on whatever device the batch is on. With your own
+    transform it applies to a deterministic albumentations Compose that ends in
+    ``A.Normalize``: the cache stores the uint8 image before it, and ``finish_batch`` applies
+    that Normalize (reproduced, checked equal for every uint8 value at construction); any
+    other transform's samples are what it returns.
     """
 
     def __init__(
@@ -117,13 +121,16 @@ class CachedOCRDataset(Dataset[Sample]):
             pipeline = StagePipeline(
                 convention=convention or "db", transform=transform,
                 transform_version=transform_version, maps=maps, maps_version=maps_version,
-                map_params=_map_params(map_config, convention or "db", maps))
+                map_params=_map_params(map_config, convention or "db", maps),
+                compact=self.output == "compact")
             plan = _stage_plan(plan, pipeline, split, allow_random_tensor_cache)
-            if self.output == "compact":
-                # A user's transform returns its own final form; there is no stored compact
-                # form to finish later, so samples are what the transform returns.
-                log.info("%s: output='compact' applies to the built-in transforms; with your "
-                         "own transform samples are what it returns", images_dir)
+            if self.output == "compact" and pipeline.tail is None:
+                # Only a deterministic albumentations Compose ending in a Normalize the
+                # library reproduces exactly has a stored form to finish later; any other
+                # transform's samples are what it returns.
+                log.info("%s: output='compact' needs a deterministic albumentations Compose "
+                         "ending in A.Normalize; samples are what your transform returns",
+                         images_dir)
                 self.output = "float32"
         else:
             if transform_version is not None or maps_version is not None:

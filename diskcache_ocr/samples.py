@@ -21,7 +21,13 @@ from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
-from diskcache_ocr.ocr.transform import TransformConfig, finish, map_points
+from diskcache_ocr.ocr.transform import (
+    TransformConfig,
+    finish,
+    map_points,
+    normalize_channels_last,
+    normalize_channels_last_torch,
+)
 
 Sample = dict[str, Any]
 GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
@@ -283,6 +289,8 @@ def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
                 out[name] = value.to(device, non_blocking=value.is_pinned())
     if spec is None:
         return out
+    if spec.get("op") == "sub_mul":
+        return _finish_channels_last(out, spec)
     todo = [name for name in ("image", *spec.get("binary_maps", ()))
             if isinstance(out.get(name), torch.Tensor) and out[name].dtype == torch.uint8]
     if not todo:
@@ -306,6 +314,26 @@ def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
         else:
             np.copyto(target.numpy(), value.numpy())  # numpy's widening is the fast one here
             out[name] = target
+    return out
+
+
+def _finish_channels_last(out: dict[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A compact batch of a user's transform: its uint8 image through the transform's own
+    final Normalize, reproduced (``(x - shift) * scale`` per channel, channels last)."""
+    key = spec.get("image_key", "image")
+    value = out.get(key)
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8):
+        return out
+    shift = np.asarray(spec["shift"], np.float32)
+    scale = np.asarray(spec["scale"], np.float32)
+    if value.device.type == "cpu":
+        block = batchmem.local_block([Spec(key, tuple(value.shape), np.dtype(np.float32))])
+        normalize_channels_last(value.numpy(), shift, scale, block.arrays[key])
+        out[key] = block.tensors[key]
+    else:
+        out[key] = normalize_channels_last_torch(
+            value, torch.from_numpy(shift), torch.from_numpy(scale),
+            torch.empty(value.shape, dtype=torch.float32, device=value.device))
     return out
 
 
@@ -371,6 +399,8 @@ def _collate_origin(samples: Sequence[Sample]) -> dict[str, Any]:
     out["raw_size"] = [m["raw_size"] for m in meta]
     out["orientation"] = [m["orientation"] for m in meta]
     out["metadata"] = meta
+    if samples and FINISH in samples[0]:  # compact samples: the batch says how to finish them
+        out[FINISH] = {**samples[0][FINISH], "image_key": "images"}
     return out
 
 

@@ -19,7 +19,15 @@ from diskcache_ocr.batchmem import Block, Spec
 from diskcache_ocr.ocr.conventions import upright_size
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.staged import StagePipeline
-from diskcache_ocr.samples import TORCH_DTYPES, BatchRow, Catalog, Sample, collate, cpu_array
+from diskcache_ocr.samples import (
+    FINISH,
+    TORCH_DTYPES,
+    BatchRow,
+    Catalog,
+    Sample,
+    collate,
+    cpu_array,
+)
 
 # The arrays of a sample that go into batch rows, by the name a sample and a record share.
 PACKED = ("image", "inverse_matrix", *MAP_NAMES)
@@ -178,7 +186,7 @@ def assemble_staged(pipeline: StagePipeline, catalog: Catalog, index: int,
     if with_maps and maps is None:
         maps = pipeline.make_maps(polygons, image, ignore)
     raw = tuple(int(v) for v in record["raw_size"])
-    return _staged_sample(catalog, index, image, polygons, ignore, inverse,
+    return _staged_sample(pipeline, catalog, index, image, polygons, ignore, inverse,
                           maps if with_maps else None, raw, int(record["orientation"][0]),
                           None, keys)
 
@@ -188,11 +196,11 @@ def empty_staged(pipeline: StagePipeline, catalog: Catalog, index: int, error: s
     """A bad source under a stage pipeline: a blank image's shapes, no words, the reason."""
     image, _, _ = pipeline.blank()
     maps = pipeline.make_maps([], image, []) if with_maps else None
-    return _staged_sample(catalog, index, np.zeros_like(image), [], np.zeros(0, bool),
+    return _staged_sample(pipeline, catalog, index, np.zeros_like(image), [], np.zeros(0, bool),
                           np.eye(3), maps, (0, 0), 1, error, keys)
 
 
-def _staged_sample(catalog: Catalog, index: int, image: np.ndarray,
+def _staged_sample(pipeline: StagePipeline, catalog: Catalog, index: int, image: np.ndarray,
                    polygons: Sequence[np.ndarray], ignore: np.ndarray, inverse: np.ndarray,
                    maps: Mapping[str, np.ndarray] | None, raw_size: tuple[int, ...],
                    orientation: int, error: str | None, keys: str) -> Sample:
@@ -206,7 +214,7 @@ def _staged_sample(catalog: Catalog, index: int, image: np.ndarray,
         }
         for name, arr in (maps or {}).items():
             sample[name] = np.asarray(arr)
-        return sample
+        return _with_finish(sample, pipeline)
     upright = upright_size(*raw_size, orientation) if error is None else (0, 0)
     sample = {
         "image": torch.from_numpy(np.ascontiguousarray(image)),
@@ -217,6 +225,14 @@ def _staged_sample(catalog: Catalog, index: int, image: np.ndarray,
     }
     for name, arr in (maps or {}).items():
         sample[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    return _with_finish(sample, pipeline)
+
+
+def _with_finish(sample: Sample, pipeline: StagePipeline) -> Sample:
+    """A compact sample says how its image is finished (see ``StagePipeline.finish_spec``)."""
+    spec = pipeline.finish_spec()
+    if spec is not None:
+        sample[FINISH] = spec
     return sample
 
 

@@ -23,6 +23,7 @@ from diskcache_ocr.ocr.stages import (
     _to_numpy,
     plain_version,
 )
+from diskcache_ocr.ocr.transform import normalize_channels_last
 
 
 def _albumentations() -> Any:
@@ -295,5 +296,70 @@ def _draws_of(prefix: Any, limit: int = 256) -> int | None:
         random.setstate(saved)
 
 
-__all__ = ["AlbumentationsTransform", "SplitTransform", "is_compose", "run_compose",
-           "split_deterministic_prefix"]
+class NormalizeTail:
+    """A Compose's final ``Normalize`` as plain numbers the library reproduces exactly:
+    ``(x - shift) * scale`` per channel, in float32 (see ``transform.normalize_channels_last``).
+    """
+
+    def __init__(self, shift: np.ndarray, scale: np.ndarray) -> None:
+        self.shift = np.array(shift, np.float32)  # (own, writable copies)
+        self.scale = np.array(scale, np.float32)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        return normalize_channels_last(image, self.shift, self.scale,
+                                       np.empty(image.shape, np.float32))
+
+    def spec(self) -> dict[str, Any]:
+        """The finishing spec of a compact sample (plain data: it travels with batches)."""
+        return {"op": "sub_mul", "shift": self.shift.tolist(), "scale": self.scale.tolist(),
+                "image_key": "image"}
+
+
+def split_normalize_tail(compose: Any, version: object = None
+                         ) -> tuple[AlbumentationsTransform, NormalizeTail] | None:
+    """``compose`` as its head (everything but a final ``Normalize``) and that Normalize, when
+    the library can reproduce it exactly; else None.
+
+    Reproducible means: always applied, the standard (mean, std) normalization, and equal
+    to :meth:`NormalizeTail.apply`, bit for bit, for every uint8 value of every channel
+    (the operation is per element and per channel, so that covers every image), with the
+    head returning uint8 images of three channels (what is then stored).
+    """
+    A = _albumentations()
+    transforms = list(compose.transforms)
+    if not transforms or type(transforms[-1]) is not A.Normalize:
+        return None
+    last = transforms[-1]
+    if not (getattr(last, "always_apply", False) or getattr(last, "p", 0.0) >= 1.0):
+        return None
+    if getattr(last, "normalization", "standard") != "standard":
+        return None
+    try:
+        # albumentations' own float32 constants: mean and std scaled by the maximum pixel
+        # value, and the reciprocal of the scaled std
+        mean = np.array(last.mean, np.float32)
+        mean *= last.max_pixel_value
+        std = np.array(last.std, np.float32)
+        std *= last.max_pixel_value
+        scale = np.reciprocal(std, dtype=np.float32)
+        shift, scale = np.broadcast_to(mean, (3,)), np.broadcast_to(scale, (3,))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    tail = NormalizeTail(shift, scale)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
+    theirs = np.asarray(last(image=ramp)["image"])
+    ours = tail.apply(ramp)
+    if theirs.dtype != np.float32 or theirs.shape != ours.shape or not np.array_equal(
+            theirs.view(np.uint32), ours.view(np.uint32)):
+        return None
+    head = AlbumentationsTransform(_new_compose(A, transforms[:-1], _keypoint_params(compose)),
+                                   version=version)
+    image, polygons = _probe_input()
+    out, _, _ = head(image, polygons)
+    if out.dtype != np.uint8 or out.ndim != 3 or out.shape[-1] != 3:
+        return None
+    return head, tail
+
+
+__all__ = ["AlbumentationsTransform", "NormalizeTail", "SplitTransform", "is_compose",
+           "run_compose", "split_deterministic_prefix", "split_normalize_tail"]

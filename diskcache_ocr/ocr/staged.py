@@ -85,6 +85,7 @@ class StagePipeline:
     maps_version: Any = None
     map_params: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS_DEFAULT
+    compact: bool = False  # store the image before a final Normalize, and finish it later
 
     def __post_init__(self) -> None:
         self.conv: Convention = get_convention(self.convention)
@@ -102,11 +103,25 @@ class StagePipeline:
                 split = albu.split_deterministic_prefix(self.transform)
                 if split.prefix is not None and split.prefix.cacheable:
                     self.split = split
+        # Compact: a deterministic Compose ending in a Normalize the library reproduces
+        # exactly is cached as its head's uint8 output, and the Normalize becomes the
+        # sample's finishing step (None: the transform's own output is what is stored).
+        self.head: TransformStage | None = None
+        self.tail: Any = None
+        if self.compact and self.deterministic:
+            from diskcache_ocr.ocr import albu
+
+            if albu.is_compose(self.transform):
+                parts = albu.split_normalize_tail(self.transform, self.transform_version)
+                if parts is not None and parts[0].cacheable:
+                    self.head, self.tail = parts
         self._blank: TransformResult | None = None
 
     # -- what is cached, and under which versions ------------------------------------------
     def _front_stage(self) -> TransformStage | None:
         """The stage whose output the ``tensors`` kind holds (None: nothing cacheable)."""
+        if self.head is not None:
+            return self.head
         if self.deterministic:
             return self.stage if self.stage.cacheable else None
         return None if self.split is None else self.split.prefix
@@ -129,6 +144,8 @@ class StagePipeline:
             return out
         tensors = {"decode": decode, "rules": rules, "transform": front.fingerprint(),
                    "prefix_of_random": not self.deterministic, "record": STAGE_RECORD}
+        if self.tail is not None:
+            tensors["before_normalize"] = True
         out["tensors"] = KindVersion("stage", fingerprint(tensors))
         if "maps" in self.cacheable_kinds():
             out["maps"] = KindVersion("stage", fingerprint(
@@ -159,6 +176,8 @@ class StagePipeline:
         polys = self.load_polygons(polygons, raw_size, orientation)
         if self.split is not None:
             out_image, moved, inverse = self.split.run_prefix(image, polys)
+        elif self.head is not None:
+            out_image, moved, inverse = self.head(image, polys)
         elif self.deterministic and self.stage.cacheable:
             out_image, moved, inverse = self.stage(image, polys)
         else:  # nothing cacheable in front: the record carries the loaded input
@@ -187,11 +206,16 @@ class StagePipeline:
         # (views, as np.split makes them, without its per-piece overhead)
         polys = [points[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)] if ends else []
         image, inverse = record["image"], record["inverse_matrix"]
-        if self.deterministic and self.stage.cacheable:
+        if self.head is not None or (self.deterministic and self.stage.cacheable):
             return image, polys, inverse
         if self.split is not None:
             return self.split.run_rest((image, polys, inverse))
         return self.stage(image, polys)
+
+    def finish_spec(self) -> dict[str, Any] | None:
+        """How a compact sample's image becomes the transform's float32 output (None when
+        samples are the transform's own output)."""
+        return None if self.tail is None else self.tail.spec()
 
     def make_maps(self, polygons: Sequence[np.ndarray], image: np.ndarray,
                   ignore: Sequence[bool] | None) -> dict[str, np.ndarray]:

@@ -211,6 +211,37 @@ def finish(image: torch.Tensor, config: TransformConfig, out: torch.Tensor | Non
     return finish_torch(image, config, out)
 
 
+def normalize_channels_last(image: np.ndarray, shift: np.ndarray, scale: np.ndarray,
+                            out: np.ndarray) -> np.ndarray:
+    """``(x - shift) * scale`` per channel on the last axis, in float32, into ``out``: an
+    exact uint8 → float32 cast, then one rounded subtraction and one rounded multiplication
+    per element. It is what an albumentations ``Normalize`` computes; that is proven value
+    by value for every uint8 and channel before a Compose's Normalize is left to it
+    (``albu.split_normalize_tail``)."""
+    np.copyto(out, image)
+    if out.ndim >= 2 and out.flags.c_contiguous and out.shape[-1] == shift.size == scale.size:
+        # The constants tiled along whole rows (…, W·C): numpy's inner loop then runs over a
+        # row instead of over the C channels of one pixel. Same constant per element.
+        row = out.shape[-2] * out.shape[-1]
+        rows = out.reshape(-1, row)
+        np.subtract(rows, np.tile(shift, row // shift.size), out=rows)
+        np.multiply(rows, np.tile(scale, row // scale.size), out=rows)
+        return out
+    np.subtract(out, shift, out=out)
+    np.multiply(out, scale, out=out)
+    return out
+
+
+def normalize_channels_last_torch(image: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                  out: torch.Tensor) -> torch.Tensor:
+    """:func:`normalize_channels_last` with torch operations, on the image's device (the same
+    three elementwise steps, so the same bits; a test compares all 256 values)."""
+    out.copy_(image)
+    out.sub_(shift.to(out.device))
+    out.mul_(scale.to(out.device))
+    return out
+
+
 def finish_torch(image: torch.Tensor, config: TransformConfig, out: torch.Tensor) -> torch.Tensor:
     """:func:`finish` with torch operations, as it runs on a GPU (tests run it on the CPU
     to prove it equals :func:`finish_numpy` bit for bit)."""

@@ -1,0 +1,133 @@
+"""Compact output with your own transform: a deterministic albumentations Compose ending in a
+Normalize is cached as the uint8 image before it, and ``finish_batch`` applies that Normalize,
+reproduced: the finished batch equals the float32 output of the user's pipeline, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from diskcache_ocr import CachedOCRDataset, finish_batch
+from diskcache_ocr.ocr.albu import split_normalize_tail
+from diskcache_ocr.ocr.transform import normalize_channels_last_torch
+from diskcache_ocr.store import CacheStore
+from diskcache_ocr.synth import split_paths, synthesize
+
+A = pytest.importorskip("albumentations")
+
+N = 5
+SIDE = 96
+PRESET = {"load_maps": True, "cache_config": {
+    "cache_images": False, "cache_transformed_tensors": True, "cache_maps": True}}
+
+
+def keypoints():
+    return A.KeypointParams(format="xy", remove_invisible=False)
+
+
+def val_transform(*tail, side=SIDE):
+    return A.Compose([A.LongestMaxSize(side), A.PadIfNeeded(side, side, border_mode=0, value=0),
+                      *tail], keypoint_params=keypoints())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compact-user")
+    synthesize(root, N, seed=8, min_words=2, max_words=6, size=(150, 190), exif_fraction=0.4)
+    return root
+
+
+RAMP = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
+
+
+@pytest.mark.parametrize("mean, std, max_value", [
+    ((0.5602,) * 3, (0.2539,) * 3, 255.0),
+    ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0),
+    (0.5, 0.25, 255.0),
+    ((0.1, 0.2, 0.3), (0.7, 0.8, 0.9), 1.0),
+])
+def test_the_reproduced_normalize_equals_theirs_for_every_value(mean, std, max_value):
+    normalize = A.Normalize(mean, std, max_pixel_value=max_value)
+    parts = split_normalize_tail(val_transform(normalize))
+    assert parts is not None
+    _, tail = parts
+    theirs = normalize(image=RAMP)["image"]
+    ours = tail.apply(RAMP)
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32),
+                                                       theirs.view(np.uint32))
+    # the device code path (torch operations), run here on the CPU
+    out = normalize_channels_last_torch(torch.from_numpy(RAMP), torch.from_numpy(tail.shift),
+                                        torch.from_numpy(tail.scale),
+                                        torch.empty(RAMP.shape, dtype=torch.float32))
+    assert np.array_equal(out.numpy().view(np.uint32), theirs.view(np.uint32))
+
+
+@pytest.mark.parametrize("compose", [
+    val_transform(),  # no Normalize at the end
+    val_transform(A.Normalize(p=0.5)),  # not always applied
+    val_transform(A.Normalize(), A.HorizontalFlip(p=1.0)),  # not last
+    val_transform(A.ToFloat(), A.Normalize(max_pixel_value=1.0)),  # no uint8 before it
+], ids=["none", "sometimes", "not-last", "float-head"])
+def test_a_compose_without_a_reproducible_tail_is_not_split(compose):
+    assert split_normalize_tail(compose) is None
+
+
+def make(data, cache, output, keys="origin", transform=None):
+    images, annotations = split_paths(data)
+    return CachedOCRDataset(images, annotations, cache, preset=PRESET, convention="origin",
+                            item_keys=keys, output=output,
+                            transform=transform or val_transform(A.Normalize((0.5602,) * 3,
+                                                                             (0.2539,) * 3)))
+
+
+def by_file(batch, keys):
+    names = batch["image_filename"] if keys == "origin" else [m["file"] for m in batch["meta"]]
+    return names
+
+
+@pytest.mark.parametrize("keys", ["origin", "db"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_compact_then_finish_equals_the_float32_pipeline(data, tmp_path, keys, workers):
+    plain = make(data, None, "float32", keys)  # the user's pipeline, uncached
+    image_key = "images" if keys == "origin" else "image"
+    maps = ("prob_maps", "thresh_maps") if keys == "origin" else ("prob_map", "thresh_map")
+    want = {}
+    for batch in DataLoader(plain, batch_size=N, collate_fn=plain.collate_fn()):
+        for row, name in enumerate(by_file(batch, keys)):
+            want[name] = {k: batch[k][row].clone() for k in (image_key, *maps)}
+    ds = make(data, tmp_path / "c", "compact", keys)
+    assert ds.output == "compact"
+    loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=ds.collate_fn(),
+                        persistent_workers=workers > 0,
+                        multiprocessing_context="fork" if workers else None)
+    for _epoch in range(2):  # read-through, then cached
+        seen = []
+        for batch in loader:
+            assert batch[image_key].dtype == torch.uint8 and "finish" in batch
+            done = finish_batch(batch)
+            assert "finish" not in done
+            for row, name in enumerate(by_file(done, keys)):
+                seen.append(name)
+                for k, expected in want[name].items():
+                    got = torch.as_tensor(np.asarray(done[k][row]))
+                    assert got.dtype == expected.dtype and torch.equal(got, expected), (name, k)
+        assert sorted(seen) == sorted(want)
+    del loader
+    with CacheStore(tmp_path / "c", readonly=True) as store, store.reader() as txn:
+        key = next(iter(store.keys("tensors")))
+        assert txn.get("tensors", key)["image"].dtype == np.uint8  # a quarter of the bytes
+
+
+def test_compact_and_float32_caches_are_versioned_apart(data, tmp_path):
+    make(data, tmp_path / "c", "compact").__getitems__([0, 1])
+    with pytest.raises(Exception, match="(?i)version|fingerprint|mismatch"):
+        make(data, tmp_path / "c", "float32").__getitems__([0, 1])
+
+
+def test_other_transforms_fall_back_to_their_own_output(data, tmp_path):
+    ds = make(data, tmp_path / "c", "compact", transform=val_transform())  # no Normalize
+    assert ds.output == "float32"
+    sample = ds[0]
+    assert sample["image"].dtype == torch.uint8 and "finish" not in sample  # as it returns
