@@ -34,7 +34,7 @@ from bench_maps import baseline_maps  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from diskcache_ocr import CachedOCRDataset  # noqa: E402
+from diskcache_ocr import CachedOCRDataset, finish_batch  # noqa: E402
 from diskcache_ocr.ocr.albu import split_deterministic_prefix  # noqa: E402
 from diskcache_ocr.ocr.conventions import get_convention  # noqa: E402
 from diskcache_ocr.ocr.decode import decode_image  # noqa: E402
@@ -183,12 +183,29 @@ def make_loader(mode: str, ds: CachedOCRDataset, plains: dict, name: str, worker
                       num_workers=workers, persistent_workers=persistent)
 
 
-def drain(loader: DataLoader) -> float:
-    """Seconds to draw one epoch of ``loader``, batches dropped as they arrive."""
+def drain(loader: DataLoader, finish: bool = False) -> float:
+    """Seconds to draw one epoch of ``loader``, batches dropped as they arrive (``finish``:
+    each compact batch made float32 first, in this process)."""
     started = time.perf_counter()
     for batch in loader:
+        if finish:
+            batch = finish_batch(batch)
         del batch
     return time.perf_counter() - started
+
+
+def compact_epoch(ds: CachedOCRDataset, workers: int, check: dict) -> None:
+    """An untimed epoch of the compact dataset, each batch finished and compared with the
+    uncached pipeline's samples."""
+    index = {ds.source(i): i for i in range(len(ds))}
+    loader = DataLoader(ds, batch_size=8, num_workers=workers, collate_fn=ds.collate_fn())
+    for batch in loader:
+        batch = finish_batch(batch)
+        for row, name in enumerate(batch["image_filename"]):
+            i = index[name]
+            for key, batch_key in (("image", "images"), ("prob_map", "prob_maps"),
+                                   ("thresh_map", "thresh_maps")):
+                assert torch.equal(batch[batch_key][row], check[i][key]), (i, key)
 
 
 def per_sample(ds: Dataset, n: int) -> float:
@@ -249,6 +266,15 @@ def main() -> int:
             ds.preload()  # every kind the plan caches (validation: all; training: the prefix)
             for name in ("cached", *plains):  # every pipeline's epoch equals the reference
                 run_epoch(mode, ds, plains, name, workers, reference)
+            compact = None
+            if mode == "validation":  # the same transform cached compact (own cache)
+                compact_dir = common.scratch_dir("pipeline-compact-")
+                compact = CachedOCRDataset(images, ann, compact_dir, preset=VAL_PRESET,
+                                           convention="origin", transform=val_transform(),
+                                           output="compact")
+                assert compact.output == "compact"
+                compact.preload()
+                compact_epoch(compact, workers, reference)
             # Timed epochs fork workers from a process of ordinary size: the reference (all
             # samples, over a GB) would make every fork, cached or not, copy its page tables.
             del reference
@@ -267,6 +293,17 @@ def main() -> int:
                 for name, loader in loaders.items():
                     kept[name].append(drain(loader))
             del loaders
+            if compact is not None:
+                loader = DataLoader(compact, batch_size=8, num_workers=workers,
+                                    persistent_workers=workers > 0,
+                                    collate_fn=compact.collate_fn())
+                for finish in (True, False):
+                    drain(loader, finish)
+                    kept[f"compact, finish {'in main' if finish else 'later'}"] = [
+                        drain(loader, finish) for _ in range(common.reps(args))]
+                del loader
+                compact.close()
+                common.remove(compact_dir)
             alone: dict[str, list[float]] = {k: [] for k in times}
             for _ in range(common.reps(args)):
                 for m, plain in plains.items():
@@ -287,6 +324,13 @@ def main() -> int:
                          "bit_for_bit": True, "kinds_cached": sorted(ds.plan.cached),
                          "in_process_per_sample": {k: common.summary(v)
                                                    for k, v in alone.items()}}
+            for name in (k for k in warm if k.startswith("compact")):
+                out[mode]["persistent_workers"][name] = {
+                    "cached_epoch": warm[name],
+                    "speedup": {m: common.ratio(warm[m], warm[name]) for m in plains}}
+                rows.append(f"| {mode}, {name} | builtin | persistent | "
+                            f"{common.fmt_s(warm['builtin'])} | {common.fmt_s(warm[name])} | "
+                            f"{common.fmt_x(common.ratio(warm['builtin'], warm[name]))} | – |")
             for m in plains:
                 rows.append(f"| {mode} | {m} | fresh | {common.fmt_s(stats[m])} | "
                             f"{common.fmt_s(cached)} | {common.fmt_x(speedups[m])} | "
