@@ -13,6 +13,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 BUILT_N = 4  # images in the shared prebuilt cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _default_cache_dir_of_the_session(tmp_path_factory):
+    """A dataset made without ``cache_dir`` caches under ``$DISKCACHE_OCR_DIR``: point it at a
+    directory of this session, so no test writes to the user's own cache (tests of the
+    default itself set or remove the variable)."""
+    before = os.environ.get("DISKCACHE_OCR_DIR")
+    os.environ["DISKCACHE_OCR_DIR"] = str(tmp_path_factory.mktemp("default-cache"))
+    yield
+    if before is None:
+        os.environ.pop("DISKCACHE_OCR_DIR", None)
+    else:
+        os.environ["DISKCACHE_OCR_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """(dataset root, cache): a small synthetic dataset prebuilt once for the session (the

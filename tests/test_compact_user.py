@@ -75,8 +75,10 @@ def test_a_compose_without_a_reproducible_tail_is_not_split(compose):
 
 
 def make(data, cache, output, keys="origin", transform=None):
+    """The dataset over ``cache``; None: nothing cached (the user's pipeline as it is)."""
     images, annotations = split_paths(data)
-    return CachedOCRDataset(images, annotations, cache, preset=PRESET, convention="origin",
+    preset = PRESET if cache is not None else {"load_maps": True}
+    return CachedOCRDataset(images, annotations, cache, preset=preset, convention="origin",
                             item_keys=keys, output=output,
                             transform=transform or val_transform(A.Normalize((0.5602,) * 3,
                                                                              (0.2539,) * 3)))
@@ -94,6 +96,7 @@ def by_file(batch, keys):
     ("origin", 2, "spawn")])
 def test_compact_then_finish_equals_the_float32_pipeline(data, tmp_path, keys, workers, method):
     plain = make(data, None, "float32", keys)  # the user's pipeline, uncached
+    assert plain.store is None
     image_key = "images" if keys == "origin" else "image"
     maps = ("prob_maps", "thresh_maps") if keys == "origin" else ("prob_map", "thresh_map")
     want = {}
@@ -133,3 +136,80 @@ def test_other_transforms_fall_back_to_their_own_output(data, tmp_path):
     assert ds.output == "float32"
     sample = ds[0]
     assert sample["image"].dtype == torch.uint8 and "finish" not in sample  # as it returns
+
+
+def train_transform(*tail):
+    return val_transform(A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.7), *tail)
+
+
+class Seeded(torch.utils.data.Dataset):
+    """Seeds the global generators per index (a random transform draws from them)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        import random
+
+        random.seed(i)
+        np.random.seed(i)
+        return self.ds[i]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_random_transform_runs_its_rest_without_the_normalize(data, tmp_path, workers):
+    """The train Compose: its deterministic prefix cached, the random rest run live without
+    its final Normalize, which finish_batch applies: equal to the float32 pipeline bit for
+    bit under the same seeds, and the random state left as the whole rest leaves it."""
+    import random
+
+    images, annotations = split_paths(data)
+    transform = train_transform(A.Normalize((0.5602,) * 3, (0.2539,) * 3))
+
+    def make_train(cache, output):
+        preset = {"load_maps": True, "cache_config": {"cache_images": cache is not None}}
+        return CachedOCRDataset(images, annotations, cache, split="train", convention="origin",
+                                preset=preset, transform=transform, output=output)
+
+    plain = make_train(None, "float32")  # nothing cached: the user's pipeline as it is
+    assert plain.store is None
+    ds = make_train(tmp_path / "c", "compact")
+    assert ds.output == "compact" and ds.pipeline.compact_rest is not None
+    for i in range(N):  # one sample at a time, the random state compared after each
+        random.seed(i)
+        np.random.seed(i)
+        want = plain[i]
+        after_plain = random.getstate()
+        random.seed(i)
+        np.random.seed(i)
+        got = finish_batch(ds.collate_fn()([ds[i]]))
+        assert random.getstate() == after_plain
+        assert torch.equal(got["images"][0], want["image"])
+        assert np.array_equal(got["prob_maps"][0].numpy(), want["prob_map"])
+    loader = DataLoader(Seeded(ds), batch_size=2, num_workers=workers,
+                        collate_fn=ds.collate_fn(), persistent_workers=workers > 0,
+                        multiprocessing_context="fork" if workers else None)
+    index = {ds.source(i): i for i in range(N)}
+    for _epoch in range(2):
+        for batch in loader:
+            assert batch["images"].dtype == torch.uint8
+            done = finish_batch(batch)
+            for row, name in enumerate(done["image_filename"]):
+                i = index[name]
+                random.seed(i)
+                np.random.seed(i)
+                want = plain[i]
+                assert torch.equal(done["images"][row], want["image"]), name
+                assert torch.equal(done["thresh_maps"][row], torch.from_numpy(want["thresh_map"]))
+    del loader
+
+
+def test_a_random_transform_without_a_final_normalize_is_not_compacted(data, tmp_path):
+    images, annotations = split_paths(data)
+    ds = CachedOCRDataset(images, annotations, tmp_path / "c", split="train", convention="origin",
+                          preset={"load_maps": True, "cache_config": {"cache_images": True}},
+                          transform=train_transform(), output="compact")
+    assert ds.output == "float32" and ds.pipeline.compact_rest is None

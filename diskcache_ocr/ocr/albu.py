@@ -347,19 +347,97 @@ def split_normalize_tail(compose: Any, version: object = None
         return None
     tail = NormalizeTail(shift, scale)
     ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)
-    theirs = np.asarray(last(image=ramp)["image"])
-    ours = tail.apply(ramp)
-    if theirs.dtype != np.float32 or theirs.shape != ours.shape or not np.array_equal(
-            theirs.view(np.uint32), ours.view(np.uint32)):
-        return None
-    head = AlbumentationsTransform(_new_compose(A, transforms[:-1], _keypoint_params(compose)),
-                                   version=version)
-    image, polygons = _probe_input()
-    out, _, _ = head(image, polygons)
+    saved = random.getstate(), np.random.get_state()
+    try:  # (the probes leave the user's global random state as they found it)
+        theirs = np.asarray(last(image=ramp)["image"])
+        ours = tail.apply(ramp)
+        if theirs.dtype != np.float32 or theirs.shape != ours.shape or not np.array_equal(
+                theirs.view(np.uint32), ours.view(np.uint32)):
+            return None
+        head = AlbumentationsTransform(
+            _new_compose(A, transforms[:-1], _keypoint_params(compose)), version=version)
+        image, polygons = _probe_input()
+        out, _, _ = head(image, polygons)
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
     if out.dtype != np.uint8 or out.ndim != 3 or out.shape[-1] != 3:
         return None
     return head, tail
 
 
-__all__ = ["AlbumentationsTransform", "NormalizeTail", "SplitTransform", "is_compose",
-           "run_compose", "split_deterministic_prefix", "split_normalize_tail"]
+class CompactRest:
+    """A split random Compose whose live rest stops before its final Normalize: ``run_rest``
+    returns the uint8 image the Normalize would take (the polygons and inverse as the whole
+    rest gives them) and leaves the random state where the whole rest leaves it, so the
+    Normalize, applied later (:class:`NormalizeTail`), gives the user's output bit for bit."""
+
+    def __init__(self, split: SplitTransform, rest: Any, burn: int) -> None:
+        self.split = split
+        self.rest = rest  # the rest without its Normalize
+        self.burn = burn  # global draws the skipped Normalize would have made
+
+    def run_rest(self, prefix_output: TransformResult) -> TransformResult:
+        image, polygons, inverse = prefix_output
+        for _ in range(self.split.draws):
+            random.random()
+        out_image, out_polys, rest_inverse = run_compose(self.rest, image, polygons)
+        for _ in range(self.burn):
+            random.random()
+        return out_image, out_polys, inverse @ rest_inverse
+
+
+def compact_rest(split: SplitTransform, tail: NormalizeTail, trials: int = 4
+                 ) -> CompactRest | None:
+    """``split``'s rest without its final Normalize (``tail``), when running that and then
+    ``tail`` is proven to give what the whole rest gives: same image bits, polygons, inverse
+    and random state afterwards, for ``trials`` seeds on a probe image. Else None."""
+    A = _albumentations()
+    rest = split.rest_compose
+    if rest is None or rest is split.whole or split.prefix is None or not split.global_draws:
+        # (albumentations 2's transforms carry their own generators: not done for them yet)
+        return None
+    transforms = list(rest.transforms)
+    params = _keypoint_params(split.whole)
+    shorter = _new_compose(A, transforms[:-1], params)
+    whole, part = _draws_of(rest), _draws_of(shorter)
+    if whole is None or part is None or whole < part:
+        return None
+    candidate = CompactRest(split, shorter, whole - part)
+    image, polygons = _probe_input()
+    front = split.run_prefix(image, polygons)
+    saved = random.getstate(), np.random.get_state()
+    try:
+        for seed in range(trials):
+            expected = _seeded(split.whole, seed, lambda: split.run_rest(front))
+            got = _seeded(split.whole, seed, lambda: candidate.run_rest(front))
+            (img_a, polys_a, inv_a), state_a = expected
+            (img_b, polys_b, inv_b), state_b = got
+            if img_b.dtype != np.uint8 or img_a.dtype != np.float32:
+                return None
+            finished = tail.apply(img_b)
+            if (finished.shape != img_a.shape
+                    or not np.array_equal(finished.view(np.uint32), img_a.view(np.uint32))
+                    or len(polys_a) != len(polys_b)
+                    or not all(np.array_equal(a, b) for a, b in zip(polys_a, polys_b,
+                                                                   strict=True))
+                    or not np.array_equal(inv_a, inv_b, equal_nan=True)
+                    or state_a != state_b):
+                return None
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+    return candidate
+
+
+def _seeded(compose: Any, seed: int, run: Any) -> tuple[TransformResult, Any]:
+    """``run()`` under ``seed`` (the global generators) and the ``random`` state it leaves."""
+    random.seed(seed)
+    np.random.seed(seed)
+    out = run()
+    return out, random.getstate()
+
+
+__all__ = ["AlbumentationsTransform", "CompactRest", "NormalizeTail", "SplitTransform",
+           "compact_rest", "is_compose", "run_compose", "split_deterministic_prefix",
+           "split_normalize_tail"]

@@ -106,15 +106,21 @@ class StagePipeline:
         # Compact: a deterministic Compose ending in a Normalize the library reproduces
         # exactly is cached as its head's uint8 output, and the Normalize becomes the
         # sample's finishing step (None: the transform's own output is what is stored).
+        # A random Compose split into a cached prefix runs its rest live without that
+        # Normalize instead (``compact_rest``), when that is proven to give the same bits.
         self.head: TransformStage | None = None
         self.tail: Any = None
-        if self.compact and self.deterministic:
+        self.compact_rest: Any = None
+        if self.compact and (self.deterministic or self.split is not None):
             from diskcache_ocr.ocr import albu
 
             if albu.is_compose(self.transform):
                 parts = albu.split_normalize_tail(self.transform, self.transform_version)
-                if parts is not None and parts[0].cacheable:
+                if parts is not None and self.deterministic and parts[0].cacheable:
                     self.head, self.tail = parts
+                elif parts is not None and self.split is not None:
+                    self.compact_rest = albu.compact_rest(self.split, parts[1])
+                    self.tail = parts[1] if self.compact_rest is not None else None
         self._blank: TransformResult | None = None
 
     # -- what is cached, and under which versions ------------------------------------------
@@ -144,7 +150,7 @@ class StagePipeline:
             return out
         tensors = {"decode": decode, "rules": rules, "transform": front.fingerprint(),
                    "prefix_of_random": not self.deterministic, "record": STAGE_RECORD}
-        if self.tail is not None:
+        if self.head is not None:
             tensors["before_normalize"] = True
         out["tensors"] = KindVersion("stage", fingerprint(tensors))
         if "maps" in self.cacheable_kinds():
@@ -209,7 +215,7 @@ class StagePipeline:
         if self.head is not None or (self.deterministic and self.stage.cacheable):
             return image, polys, inverse
         if self.split is not None:
-            return self.split.run_rest((image, polys, inverse))
+            return (self.compact_rest or self.split).run_rest((image, polys, inverse))
         return self.stage(image, polys)
 
     def finish_spec(self) -> dict[str, Any] | None:
