@@ -70,10 +70,11 @@ class CachedOCRDataset(Dataset[Sample]):
     and a ``"finish"`` entry (plain data) saying how to make them float32;
     :func:`~diskcache_ocr.finish_batch` does that to a collated batch, bit for bit what the
     default ``"float32"`` output returns, on whatever device the batch is on. With your own
-    transform it applies to a deterministic albumentations Compose that ends in
-    ``A.Normalize``: the cache stores the uint8 image before it, and ``finish_batch`` applies
-    that Normalize (reproduced, checked equal for every uint8 value at construction); any
-    other transform's samples are what it returns.
+    transform it applies to an albumentations Compose that ends in ``A.Normalize``: samples
+    hold the uint8 image before it (cached so when the Compose is deterministic; made live by
+    a random Compose's rest), and ``finish_batch`` applies that Normalize (reproduced, checked
+    equal for every uint8 value at construction); any other transform's samples are what it
+    returns.
     """
 
     def __init__(
@@ -125,12 +126,11 @@ class CachedOCRDataset(Dataset[Sample]):
                 compact=self.output == "compact")
             plan = _stage_plan(plan, pipeline, split, allow_random_tensor_cache)
             if self.output == "compact" and pipeline.tail is None:
-                # Only a deterministic albumentations Compose ending in a Normalize the
-                # library reproduces exactly has a stored form to finish later; any other
-                # transform's samples are what it returns.
-                log.info("%s: output='compact' needs a deterministic albumentations Compose "
-                         "ending in A.Normalize; samples are what your transform returns",
-                         images_dir)
+                # Only an albumentations Compose ending in a Normalize the library reproduces
+                # exactly has a form to finish later; any other transform's samples are what
+                # it returns.
+                log.info("%s: output='compact' needs an albumentations Compose ending in "
+                         "A.Normalize; samples are what your transform returns", images_dir)
                 self.output = "float32"
         else:
             if transform_version is not None or maps_version is not None:

@@ -85,7 +85,7 @@ class StagePipeline:
     maps_version: Any = None
     map_params: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS_DEFAULT
-    compact: bool = False  # store the image before a final Normalize, and finish it later
+    compact: bool = False  # samples hold the image before a final Normalize, finished later
 
     def __post_init__(self) -> None:
         self.conv: Convention = get_convention(self.convention)
