@@ -52,6 +52,18 @@ def assert_batch_equals(finished, reference, rows):
             assert np.array_equal(a, b)
 
 
+def assert_compact_epoch(loader, reference):
+    """One epoch of compact batches: each finished equals ``reference``'s rows, every index
+    seen once."""
+    seen = []
+    for batch in loader:
+        assert batch["image"].dtype == torch.uint8 and "finish" in batch
+        rows = [m["index"] for m in batch["meta"]]
+        seen += rows
+        assert_batch_equals(finish_batch(batch), reference, rows)
+    assert sorted(seen) == list(range(N))
+
+
 def test_compact_samples_hold_the_stored_forms(data, tmp_path):
     ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                           output="compact")
@@ -87,13 +99,7 @@ def test_compact_through_a_dataloader_equals_float32(data, plain, tmp_path, work
                         multiprocessing_context=method, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(1))
     for _epoch in range(2):  # read-through, then cached (reused batch slabs)
-        seen = []
-        for batch in loader:
-            assert batch["image"].dtype == torch.uint8 and "finish" in batch
-            rows = [m["index"] for m in batch["meta"]]
-            seen += rows
-            assert_batch_equals(finish_batch(batch), plain[1], rows)
-        assert sorted(seen) == list(range(N))
+        assert_compact_epoch(loader, plain[1])
 
 
 def test_finish_batch_is_idempotent_and_leaves_float32_batches_alone(data, plain, tmp_path):
@@ -197,13 +203,7 @@ def test_batch_loader_yields_compact_batches_of_a_compact_dataset(data, plain, t
     ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                           output="compact")
     with BatchLoader(ds, batch_size=2, threads=2) as loader:
-        seen = []
-        for batch in loader:
-            assert batch["image"].dtype == torch.uint8 and "finish" in batch
-            rows = [m["index"] for m in batch["meta"]]
-            seen += rows
-            assert_batch_equals(finish_batch(batch), plain[1], rows)
-        assert sorted(seen) == list(range(N))
+        assert_compact_epoch(loader, plain[1])
     with BatchLoader(ds, batch_size=3, threads=2, device="cpu") as loader:
         for batch in loader:  # with a device: finished there
             rows = [m["index"] for m in batch["meta"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from testkit import Seeded
 from torch.utils.data import DataLoader
 
 from diskcache_ocr import CachedOCRDataset, finish_batch
@@ -140,23 +141,6 @@ def test_other_transforms_fall_back_to_their_own_output(data, tmp_path):
 
 def train_transform(*tail):
     return val_transform(A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.7), *tail)
-
-
-class Seeded(torch.utils.data.Dataset):
-    """Seeds the global generators per index (a random transform draws from them)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        import random
-
-        random.seed(i)
-        np.random.seed(i)
-        return self.ds[i]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from diskcache_ocr.dataset import CachedOCRDataset, collate_fn
 from diskcache_ocr.errors import TrainingSafetyError
@@ -27,6 +27,7 @@ from diskcache_ocr.synth import split_paths, synthesize
 A = pytest.importorskip("albumentations")
 
 from test_origin_convention import REF, STEMS  # noqa: E402
+from testkit import Seeded  # noqa: E402
 
 N = 3
 SIDE = 96
@@ -123,22 +124,6 @@ def assert_same(sample, expected, keys):
 
 def as_list(batch):
     return batch
-
-
-class Seeded(Dataset):
-    """Seeds the global generators per index, so a random transform's draws do not depend on
-    which worker serves which sample."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        random.seed(i)
-        np.random.seed(i)
-        return self.ds[i]
 
 
 def expected_all(ds, kind):

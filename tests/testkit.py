@@ -1,15 +1,19 @@
 """Shared by the tests: the command line (in process, or the console script), a small
-prebuilt cache and private copies of it, and a cache's whole content, comparable between two
-caches."""
+prebuilt cache and private copies of it, a cache's whole content, comparable between two
+caches, and a dataset wrapper that seeds the global generators per index."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
 
 from diskcache_ocr import cli
 from diskcache_ocr.prebuild import prebuild
@@ -89,3 +93,19 @@ def snapshot(cache: Path) -> dict:
             for source, e in store.iter_index()
         }
     return out
+
+
+class Seeded(Dataset):
+    """Seeds the global generators per index, so a random transform's draws do not depend on
+    which worker serves which sample."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        random.seed(i)
+        np.random.seed(i)
+        return self.ds[i]
