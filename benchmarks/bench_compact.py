@@ -119,11 +119,7 @@ def one_kind(images: str, ann: str, cache: str, kind: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict:
     parser = C.base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    C.configure(args)
-    n = C.n_images(args)
-    reps = C.reps(args)
-    _, images, ann = C.dataset_root(n)
-    cache = C.prebuilt_cache(n)
+    n, reps, images, ann, cache = C.prebuilt_set(args)
     run = C.run_isolated if C.ISOLATE else (lambda m, f, **kw: globals()[f](**kw))
     s, i = str(images), str(ann)
 

@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,16 +190,17 @@ class DBNetLike(nn.Module):
         return self.prob(fused), self.thresh(fused)
 
 
-def gpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
-    device = torch.device("cuda")
-    model = DBNetLike().to(device).to(memory_format=torch.channels_last)
+def make_step(model: nn.Module, device: torch.device) -> Callable[[dict[str, Any]], None]:
+    """One DBNet-style training step of ``model`` on a batch (moved to ``device``; bfloat16
+    autocast on CUDA): BCE on the probability map, L1 on the threshold map, SGD."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    cuda = device.type == "cuda"
 
     def step(batch: dict[str, Any]) -> None:
         x = batch["image"].to(device, non_blocking=True).contiguous(
             memory_format=torch.channels_last)
         maps = {k: batch[k].to(device, non_blocking=True) for k in MAP_NAMES}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             p, t = model(x)
         p, t = p.float(), t.float()
         loss = (nn.functional.binary_cross_entropy_with_logits(
@@ -207,6 +209,14 @@ def gpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return step
+
+
+def gpu_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    device = torch.device("cuda")
+    model = DBNetLike().to(device).to(memory_format=torch.channels_last)
+    step = make_step(model, device)
 
     images, ann = split_paths(data)
     ds32 = CachedOCRDataset(images, ann, data / "cache-float32", preset="validation_optimized",

@@ -97,6 +97,15 @@ def dataset_root(n: int, seed: int = SEED) -> tuple[Path, Path, Path]:
     return root, images, ann
 
 
+def prebuilt_set(args: argparse.Namespace) -> tuple[int, int, Path, Path, Path]:
+    """(images, reps, images dir, annotation file, prebuilt cache) of a benchmark's arguments,
+    after :func:`configure`."""
+    configure(args)
+    n = n_images(args)
+    _, images, ann = dataset_root(n)
+    return n, reps(args), images, ann, prebuilt_cache(n)
+
+
 def scratch_dir(prefix: str) -> Path:
     """A fresh directory under the data folder (same file system as the caches)."""
     (DATA / "tmp").mkdir(parents=True, exist_ok=True)

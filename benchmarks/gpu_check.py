@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_loader import DBNetLike  # noqa: E402
+from bench_loader import DBNetLike, make_step  # noqa: E402
 from common import machine_info  # noqa: E402
 
 from diskcache_ocr import BatchLoader, CachedOCRDataset, collate, finish_batch  # noqa: E402
@@ -45,27 +44,6 @@ from diskcache_ocr.synth import split_paths, synthesize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ("image", *MAP_NAMES, "inverse_matrix")
-
-
-def make_step(model: nn.Module, device: torch.device) -> Callable[[dict[str, Any]], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    cuda = device.type == "cuda"
-
-    def step(batch: dict[str, Any]) -> None:
-        x = batch["image"].to(device, non_blocking=True).contiguous(
-            memory_format=torch.channels_last)
-        maps = {k: batch[k].to(device, non_blocking=True) for k in MAP_NAMES}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            p, t = model(x)
-        p, t = p.float(), t.float()
-        loss = (nn.functional.binary_cross_entropy_with_logits(
-            p, maps["prob_map"], weight=maps["prob_mask"])
-            + (torch.abs(torch.sigmoid(t) - maps["thresh_map"]) * maps["thresh_mask"]).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def forever(make: Callable[[], Iterable[Any]]) -> Iterator[Any]:

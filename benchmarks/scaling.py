@@ -75,11 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"comma-separated worker counts (default here: {default_workers})")
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args(argv)
-    C.configure(args)
-    n = C.n_images(args)
-    reps = C.reps(args)
-    _, images, ann = C.dataset_root(n)
-    cache = C.prebuilt_cache(n)
+    n, reps, images, ann, cache = C.prebuilt_set(args)
     C.warm_file(cache / "data.mdb")
     counts = [int(w) for w in args.workers.split(",")]
     modes = [m for m in args.modes.split(",") if m]
