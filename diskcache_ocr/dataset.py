@@ -31,7 +31,7 @@ from diskcache_ocr.ocr.staged import StagePipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
 from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import CachePlan, Preset, cache_plan, load_preset
-from diskcache_ocr.readthrough import ReadThrough, format_hit_rates
+from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import (
     BatchBuffers,
     Catalog,
@@ -40,7 +40,7 @@ from diskcache_ocr.samples import (
     collate,
     collate_fn,
 )
-from diskcache_ocr.schema import flat_polygons_bytes, polygons_bytes
+from diskcache_ocr.schema import flat_polygons_bytes, format_hit_rates, polygons_bytes
 from diskcache_ocr.store import CacheStore, Policy
 
 log = logging.getLogger("diskcache_ocr.dataset")

@@ -49,9 +49,9 @@ from diskcache_ocr.schema import (
     IndexEntry,
     KindVersion,
     flat_polygons_bytes,
+    format_hit_rates,
     index_key,
     maps_key,
-    reads,
     tensor_key,
 )
 from diskcache_ocr.staged_samples import (
@@ -606,13 +606,4 @@ def _run_inline(copies: list[Copy]) -> None:
         fn(*args)
 
 
-def format_hit_rates(stats: Mapping[str, int]) -> str:
-    parts = []
-    for kind in KINDS:
-        hits, total = reads(stats, kind)
-        if total:
-            parts.append(f"{kind} {hits}/{total} hits ({100 * hits / total:.0f}%)")
-    return ", ".join(parts) or "no reads yet"
-
-
-__all__ = ["BuildResult", "ReadThrough", "Work", "format_hit_rates"]
+__all__ = ["BuildResult", "ReadThrough", "Work"]

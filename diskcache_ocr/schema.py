@@ -163,6 +163,16 @@ def reads(stats: Mapping[str, int], kind: str) -> tuple[int, int]:
     return hits, hits + misses
 
 
+def format_hit_rates(stats: Mapping[str, int]) -> str:
+    """The hits of each kind read so far, as one line (``tensors 8/10 hits (80%), ...``)."""
+    parts = []
+    for kind in KINDS:
+        hits, total = reads(stats, kind)
+        if total:
+            parts.append(f"{kind} {hits}/{total} hits ({100 * hits / total:.0f}%)")
+    return ", ".join(parts) or "no reads yet"
+
+
 # -- key recipes ------------------------------------------------------------------------
 def image_key(content: bytes) -> bytes:
     """An ``images`` record is keyed by its source's content hash alone."""
@@ -197,5 +207,5 @@ def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool] | np.n
 
 
 __all__ = ["KINDS", "IndexEntry", "KindVersion", "dataset_root", "flat_polygons_bytes",
-           "image_key", "index_key", "maps_key", "polygons_bytes", "reads", "source_id",
-           "source_state", "tensor_key"]
+           "format_hit_rates", "image_key", "index_key", "maps_key", "polygons_bytes", "reads",
+           "source_id", "source_state", "tensor_key"]
