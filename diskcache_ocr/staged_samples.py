@@ -70,7 +70,7 @@ class StageBuffers:
         self._block: Block | None = None
         self._specs: tuple[Spec, ...] = ()
         if pack and layout is not None and layout.specs is not None and n >= 2:
-            self._specs = tuple(Spec(s.name, (n, *s.shape), s.dtype) for s in layout.specs)
+            self._specs = _batch_specs(layout.specs, n)
             self._block = self._take(self._specs)
 
     def needs_layout(self, n: int) -> bool:
@@ -86,7 +86,7 @@ class StageBuffers:
         if specs is None or self.layout is None:
             return
         self.layout.specs = specs
-        self._specs = tuple(Spec(s.name, (n, *s.shape), s.dtype) for s in specs)
+        self._specs = _batch_specs(specs, n)
         self._block = self._take(self._specs)
 
     def _take(self, specs: Sequence[Spec]) -> Block | None:
@@ -118,7 +118,7 @@ class StageBuffers:
         names = [s.name for s in per_sample]
         if self.layout is not None:
             self.layout.specs = per_sample
-        specs = tuple(Spec(s.name, (len(samples), *s.shape), s.dtype) for s in per_sample)
+        specs = _batch_specs(per_sample, len(samples))
         block = taken if taken is not None and specs == self._specs else self._take(specs)
         if block is None:  # every slab busy: as without packing
             return samples
@@ -137,6 +137,11 @@ class StageBuffers:
                            else np.asarray(BatchRow(batch, row, target)))
             out.append(s)
         return out
+
+
+def _batch_specs(per_sample: Sequence[Spec], n: int) -> tuple[Spec, ...]:
+    """The block's arrays for ``n`` samples of the ``per_sample`` specs."""
+    return tuple(Spec(s.name, (n, *s.shape), s.dtype) for s in per_sample)
 
 
 def _row_specs(samples: Sequence[Sample]) -> tuple[Spec, ...] | None:

@@ -409,8 +409,8 @@ def compact_rest(split: SplitTransform, tail: NormalizeTail, trials: int = 4
     saved = random.getstate(), np.random.get_state()
     try:
         for seed in range(trials):
-            expected = _seeded(split.whole, seed, lambda: split.run_rest(front))
-            got = _seeded(split.whole, seed, lambda: candidate.run_rest(front))
+            expected = _seeded(seed, lambda: split.run_rest(front))
+            got = _seeded(seed, lambda: candidate.run_rest(front))
             (img_a, polys_a, inv_a), state_a = expected
             (img_b, polys_b, inv_b), state_b = got
             if img_b.dtype != np.uint8 or img_a.dtype != np.float32:
@@ -430,7 +430,7 @@ def compact_rest(split: SplitTransform, tail: NormalizeTail, trials: int = 4
     return candidate
 
 
-def _seeded(compose: Any, seed: int, run: Any) -> tuple[TransformResult, Any]:
+def _seeded(seed: int, run: Any) -> tuple[TransformResult, Any]:
     """``run()`` under ``seed`` (the global generators) and the ``random`` state it leaves."""
     random.seed(seed)
     np.random.seed(seed)
