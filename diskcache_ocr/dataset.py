@@ -144,7 +144,8 @@ class CachedOCRDataset(Dataset[Sample]):
             raise CacheError(f"item_keys must be 'db' or 'origin', got {item_keys!r}")
         self.item_keys = item_keys
         self.plan = plan
-        self.catalog = Catalog(load_annotations(images_dir, annotations))
+        rules = "origin" if convention == "origin" else "db"
+        self.catalog = Catalog(load_annotations(images_dir, annotations, rules))
         self.images_dir = self.catalog.images_dir
         self.problems = self.catalog.problems  # what was skipped while loading, and why
         store = None

@@ -71,7 +71,8 @@ def test_json_happy_path(tmp_path: Path) -> None:
     ann = load_annotations(images, ann_file)
     assert ann.problems == ()
     assert ann.images_dir == images.resolve()
-    assert [i.file for i in ann.items] == ["a.png", "b.jpg", "sub/c.jpg"]  # sorted, unlisted out
+    # the file's order, unlisted images out
+    assert [i.file for i in ann.items] == ["b.jpg", "a.png", "sub/c.jpg"]
     b = by_file(ann)["b.jpg"]
     assert b.word_ids == ("0001", "0002", "0003", "0004", "0005")
     assert b.ignore == (False, False, True, True, False)
@@ -465,3 +466,59 @@ def test_word_at_the_point_limit_is_kept_and_checked(tmp_path: Path) -> None:
     assert ann.problems == ()
     (poly,) = by_file(ann)["a.jpg"].polygons
     assert poly.shape == (MAX_POLYGON_POINTS, 2)
+
+
+# -- the file's order, repeated names, the origin's reading of words -----------------------
+
+def test_json_order_is_kept(tmp_path):
+    images = make_images(tmp_path / "img", "z.jpg", "a.jpg", "m.jpg")
+    ann = load_annotations(images, write_json(tmp_path / "v.json", {
+        "z.jpg": {}, "a.jpg": {}, "m.jpg": {}}))
+    assert [i.file for i in ann.items] == ["z.jpg", "a.jpg", "m.jpg"]
+
+
+def test_an_image_listed_twice_keeps_its_last_entry_and_says_so(tmp_path, caplog):
+    images = make_images(tmp_path / "img", "a.jpg", "b.jpg")
+    path = tmp_path / "v.json"
+    first = {"words": {"1": {"points": SQUARE}, "2": {"points": SQUARE}}}
+    path.write_text('{"images": {"a.jpg": %s, "b.jpg": {}, "a.jpg": {"words": {}}}}'
+                    % json.dumps(first), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="diskcache_ocr.annotations"):
+        ann = load_annotations(images, path)
+    assert [(i.file, len(i.polygons)) for i in ann.items] == [("a.jpg", 0), ("b.jpg", 0)]
+    said = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert len(said) == 1 and "'a.jpg'" in said[0] and str(path) in said[0]
+
+
+def test_origin_rules_keep_every_non_empty_word(tmp_path):
+    images = make_images(tmp_path / "img", "a.jpg")
+    ann = load_annotations(images, write_json(tmp_path / "v.json", {"a.jpg": {"words": {
+        "1": {"points": [[1.4, 2.6], [5, 2], [5, 6]]},  # a triangle
+        "2": {"points": [[-3, 4], [9, 4]]},  # two points, one negative
+        "3": {"points": []},  # skipped, as the origin skips it
+        "4": {"points": SQUARE, "transcription": "###"},  # no don't-care words there
+        "5": {"points": [[1, "x"]]},  # unusable: a Problem
+    }}}), rules="origin")
+    a = by_file(ann)["a.jpg"]
+    assert a.word_ids == ("1", "2", "4") and a.ignore == (False, False, False)
+    assert [len(p) for p in a.polygons] == [3, 2, 4]
+    assert [p.word for p in ann.problems] == ["5"]
+    # the db rules refuse the triangle and the two-point word
+    db = by_file(load_annotations(images, tmp_path / "v.json"))["a.jpg"]
+    assert db.word_ids == ("4",)
+
+
+def test_an_empty_annotation_path_is_an_error(tmp_path):
+    images = make_images(tmp_path / "img", "a.jpg")
+    with pytest.raises(AnnotationError, match="empty"):
+        load_annotations(images, "")
+
+
+def test_a_directory_without_ground_truth_files_is_an_error(tmp_path):
+    images = make_images(tmp_path / "img", "a.jpg")
+    jsons = tmp_path / "jsons"
+    jsons.mkdir()
+    (jsons / "val.json").write_text("{}")
+    with pytest.raises(AnnotationError, match="no ground-truth") as err:
+        load_annotations(images, jsons)
+    assert str(jsons) in str(err.value)
