@@ -481,8 +481,8 @@ def test_an_image_listed_twice_keeps_its_last_entry_and_says_so(tmp_path, caplog
     images = make_images(tmp_path / "img", "a.jpg", "b.jpg")
     path = tmp_path / "v.json"
     first = {"words": {"1": {"points": SQUARE}, "2": {"points": SQUARE}}}
-    path.write_text('{"images": {"a.jpg": %s, "b.jpg": {}, "a.jpg": {"words": {}}}}'
-                    % json.dumps(first), encoding="utf-8")
+    text = '{"images": {"a.jpg": FIRST, "b.jpg": {}, "a.jpg": {"words": {}}}}'
+    path.write_text(text.replace("FIRST", json.dumps(first)), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="diskcache_ocr.annotations"):
         ann = load_annotations(images, path)
     assert [(i.file, len(i.polygons)) for i in ann.items] == [("a.jpg", 0), ("b.jpg", 0)]
