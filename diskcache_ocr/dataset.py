@@ -183,8 +183,13 @@ class CachedOCRDataset(Dataset[Sample]):
                                                   "maps": pipeline.maps.to_dict()}}
                     store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
                                         **described)
-                if plan.preload if preload is None else preload:
+                if preload:
                     self.preload()
+                elif preload is None and plan.preload and plan.warm:
+                    # A preset's preload: what is missing is built by the first epoch's
+                    # reads, in parallel in the DataLoader's workers (building it here would
+                    # be serial, before the first batch); what exists is read ahead now.
+                    store.warm()
             except CacheFullError as exc:
                 # Nothing can be stamped or stored: serve computed samples, as a cache that
                 # fills up while reading does.
