@@ -28,6 +28,7 @@ from diskcache_ocr.ocr.conventions import round_points
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import Preset, load_preset, preset_keys
+from diskcache_ocr.schema import format_hit_rates
 
 __all__ = ["ValidatedOCRDataset", "default_cache_dir", "config_mapping", "preset_from_config",
            "resolved_config"]
@@ -236,3 +237,9 @@ class ValidatedOCRDataset(CachedOCRDataset):
     @property
     def image_loading_config(self) -> Any:
         return self.config.image_loading_config
+
+    def log_cache_statistics(self) -> None:
+        """Log the cache's hit rates (the origin's Lightning module calls this, when a
+        dataset has it, at the end of a training epoch)."""
+        log.info("cache %s: %s", self.store.path if self.store else "off",
+                 format_hit_rates(self.stats()))
