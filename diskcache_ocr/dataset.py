@@ -65,6 +65,11 @@ class CachedOCRDataset(Dataset[Sample]):
     ``$DISKCACHE_OCR_DIR``, else ``~/.cache/diskcache-ocr``. ``load_maps`` overrides the
     preset's (e.g. ``balanced`` + ``load_maps=True`` trains a DBNet: maps made live).
 
+    ``preload``: None follows the preset (``preload_images`` / ``preload_maps`` build what is
+    missing now, then read it ahead); True / False force it; ``"first-epoch"`` reads ahead
+    what exists now and leaves the rest to the first epoch's reads, which build it in
+    parallel in the DataLoader's workers.
+
     ``output="compact"`` (or a preset's ``output: compact``) returns the stored forms instead:
     the uint8 resized, padded image, the binary maps as uint8 0/1, the float32 threshold map,
     and a ``"finish"`` entry (plain data) saying how to make them float32;
@@ -98,7 +103,7 @@ class CachedOCRDataset(Dataset[Sample]):
         readonly: bool = False,
         check_source: bool = True,
         store_options: Mapping[str, Any] | None = None,
-        preload: bool | None = None,
+        preload: bool | Literal["first-epoch"] | None = None,
         output: Literal["float32", "compact"] | None = None,
     ) -> None:
         self.preset = load_preset(preset)
@@ -183,13 +188,14 @@ class CachedOCRDataset(Dataset[Sample]):
                                                   "maps": pipeline.maps.to_dict()}}
                     store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
                                         **described)
-                if preload:
+                if preload == "first-epoch":
+                    # What is missing is built by the first epoch's reads, in parallel in the
+                    # DataLoader's workers (building it here is serial, before the first
+                    # batch); what exists is read ahead now.
+                    if plan.preload and plan.warm:
+                        store.warm()
+                elif plan.preload if preload is None else preload:
                     self.preload()
-                elif preload is None and plan.preload and plan.warm:
-                    # A preset's preload: what is missing is built by the first epoch's
-                    # reads, in parallel in the DataLoader's workers (building it here would
-                    # be serial, before the first batch); what exists is read ahead now.
-                    store.warm()
             except CacheFullError as exc:
                 # Nothing can be stamped or stored: serve computed samples, as a cache that
                 # fills up while reading does.

@@ -184,6 +184,9 @@ class ValidatedOCRDataset(CachedOCRDataset):
         # TransformConfig asks for our built-in pipeline, which is the "db" convention's).
         if not isinstance(transform, TransformConfig):
             options.setdefault("convention", "origin")
+        # A preset's preload is built by the first epoch's reads, in the DataLoader's workers:
+        # constructing the dataset stays as quick as the origin's (``prebuild`` builds ahead).
+        options.setdefault("preload", "first-epoch")
         super().__init__(image_path, None if annotations is None else str(annotations),
                          cache_dir, preset=preset_from_config(data),
                          split=options.pop("split", _split(data)), **options)

@@ -113,8 +113,9 @@ def test_getitems_reads_a_batch_in_one_transaction(data, reference, tmp_path, mo
             assert_same(sample, reference[sample["meta"]["index"]], with_maps=True)
 
 
-def test_a_presets_preload_is_built_by_the_first_epoch_not_the_constructor(data, tmp_path):
-    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
+def test_a_first_epoch_preload_is_built_by_the_reads_not_the_constructor(data, tmp_path):
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
+                          preload="first-epoch")
     assert ds.plan.preload and not ds.store.is_open
     with CacheStore(tmp_path / "c", readonly=True) as s:
         assert s.kind_stats("tensors")["entries"] == 0  # nothing built before the first read
