@@ -477,19 +477,6 @@ def test_json_order_is_kept(tmp_path):
     assert [i.file for i in ann.items] == ["z.jpg", "a.jpg", "m.jpg"]
 
 
-def test_an_image_listed_twice_keeps_its_last_entry_and_says_so(tmp_path, caplog):
-    images = make_images(tmp_path / "img", "a.jpg", "b.jpg")
-    path = tmp_path / "v.json"
-    first = {"words": {"1": {"points": SQUARE}, "2": {"points": SQUARE}}}
-    text = '{"images": {"a.jpg": FIRST, "b.jpg": {}, "a.jpg": {"words": {}}}}'
-    path.write_text(text.replace("FIRST", json.dumps(first)), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="diskcache_ocr.annotations"):
-        ann = load_annotations(images, path)
-    assert [(i.file, len(i.polygons)) for i in ann.items] == [("a.jpg", 0), ("b.jpg", 0)]
-    said = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
-    assert len(said) == 1 and "'a.jpg'" in said[0] and str(path) in said[0]
-
-
 def test_origin_rules_keep_every_non_empty_word(tmp_path):
     images = make_images(tmp_path / "img", "a.jpg")
     ann = load_annotations(images, write_json(tmp_path / "v.json", {"a.jpg": {"words": {
@@ -506,19 +493,3 @@ def test_origin_rules_keep_every_non_empty_word(tmp_path):
     # the db rules refuse the triangle and the two-point word
     db = by_file(load_annotations(images, tmp_path / "v.json"))["a.jpg"]
     assert db.word_ids == ("4",)
-
-
-def test_an_empty_annotation_path_is_an_error(tmp_path):
-    images = make_images(tmp_path / "img", "a.jpg")
-    with pytest.raises(AnnotationError, match="empty"):
-        load_annotations(images, "")
-
-
-def test_a_directory_without_ground_truth_files_is_an_error(tmp_path):
-    images = make_images(tmp_path / "img", "a.jpg")
-    jsons = tmp_path / "jsons"
-    jsons.mkdir()
-    (jsons / "val.json").write_text("{}")
-    with pytest.raises(AnnotationError, match="no ground-truth") as err:
-        load_annotations(images, jsons)
-    assert str(jsons) in str(err.value)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 from collections import OrderedDict
 
 import numpy as np
@@ -14,7 +13,6 @@ import pytest
 import torch
 
 from diskcache_ocr import CachedOCRDataset, CacheStore
-from diskcache_ocr.errors import AnnotationError
 from diskcache_ocr.origin import ValidatedOCRDataset, resolved_config
 from diskcache_ocr.synth import split_paths, synthesize
 
@@ -87,18 +85,6 @@ def test_cache_maps_without_load_maps_is_off_as_theirs_is(root, tmp_path):
     node["image_path"] = str(split_paths(root)[0])
     ds = ValidatedOCRDataset(node, split="train")  # their train config: no TrainingSafetyError
     assert not ds.preset.cache_maps and not ds.config.cache_config.cache_maps
-
-
-def test_a_misspelt_key_is_reported(root, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="diskcache_ocr.origin"):
-        ValidatedOCRDataset(_node(root, cache_dir=str(tmp_path / "c"), laod_maps=True))
-    said = " ".join(r.getMessage() for r in caplog.records)
-    assert "'laod_maps'" in said and "'load_maps'" in said
-
-
-def test_an_empty_annotation_path_is_an_error_not_no_annotations(root, tmp_path):
-    with pytest.raises(AnnotationError, match="empty"):
-        ValidatedOCRDataset(_node(root, cache_dir=str(tmp_path / "c"), annotation_path=""))
 
 
 def test_anns_is_what_their_evaluation_reads(root, tmp_path):
