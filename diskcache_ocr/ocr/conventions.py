@@ -113,7 +113,8 @@ class OriginTransform:
         return {"transform": "origin-val", "size": self.size, "mean": list(self.mean),
                 "std": list(self.std), "max_pixel_value": self.max_pixel_value,
                 "pad_value": self.pad_value, "interpolation": "cv2.INTER_LINEAR",
-                "padding": "centred", "version": self.version}
+                "padding": "centred", "version": self.version,
+                "opencv": cv2.__version__}  # (the resize is OpenCV's)
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -155,7 +156,8 @@ class OriginMaps:
     config: OriginMapConfig = OriginMapConfig()
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.config.to_dict()
+        # (the areas, lengths and filled polygons are OpenCV's)
+        return {**self.config.to_dict(), "opencv": cv2.__version__}
 
     def __call__(self, polygons: Sequence[np.ndarray], height: int, width: int,
                  ignore: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
