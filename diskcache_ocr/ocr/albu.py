@@ -32,6 +32,8 @@ from diskcache_ocr.ocr.stages import (
     _not_cacheable,
     _to_numpy,
     plain_version,
+    probe_input,
+    probe_randomness,
 )
 from diskcache_ocr.ocr.transform import normalize_channels_last
 
@@ -205,6 +207,73 @@ class AlbumentationsTransform(TransformStage):
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         return run_compose(self.compose, image, polygons)
 
+    def random_reason(self, trials: int = 8) -> str | None:
+        """Why the Compose is random: by its parameters (:func:`random_by_parameters`)
+        without running it, else by the probe (run on a copy, so the user's transforms keep
+        their random state)."""
+        reason = random_by_parameters(self.compose)
+        if reason is not None:
+            return reason
+        return _probe_compose(copy.deepcopy(self.compose), trials)
+
+
+def _probe_compose(compose: Any, trials: int) -> str | None:
+    image, polygons = probe_input()
+    reseed = getattr(compose, "set_random_seed", None)  # albumentations 2's own generators
+    return probe_randomness(lambda: run_compose(compose, image, polygons), reseed, trials)
+
+
+def _applied(t: Any) -> float:
+    """The probability that ``t`` (a transform or a Compose) is applied."""
+    if getattr(t, "always_apply", False) is True:
+        return 1.0
+    return float(getattr(t, "p", 1.0))
+
+
+def _is_range(value: object) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and value[0] != value[1])
+
+
+def _draws_parameters(A: Any, t: Any) -> bool:
+    """Whether ``t``'s class draws parameters per call (overrides albumentations' own)."""
+    return any(getattr(type(t), name, None) is not getattr(A.BasicTransform, name, None)
+               for name in ("get_params", "get_params_dependent_on_targets",
+                            "get_params_dependent_on_data"))
+
+
+def random_by_parameters(t: Any, path: str = "compose") -> str | None:
+    """Why ``t`` is random by what its parameters say, without running it: applied with a
+    probability strictly between 0 and 1; a ``OneOf``/``SomeOf``/``OneOrOther`` (anything
+    that picks among its transforms); a transform that draws its parameters from a range
+    ``(lo, hi)`` with ``lo != hi``. None when its parameters say nothing random (the probe
+    then decides)."""
+    A = _albumentations()
+    name = type(t).__name__
+    p = _applied(t)
+    if p <= 0:
+        return None  # never applied
+    if p < 1:
+        return f"{path}: {name}(p={p:g}) is applied at random"
+    if isinstance(t, A.BaseCompose):
+        if not isinstance(t, (A.Compose, A.Sequential)):
+            return f"{path}: {name} picks among its transforms at random"
+        for i, child in enumerate(t.transforms):
+            reason = random_by_parameters(child, f"{path}.transforms[{i}]")
+            if reason is not None:
+                return reason
+        return None
+    if _draws_parameters(A, t):
+        try:
+            args = t.get_transform_init_args()
+        except Exception:  # noqa: BLE001 - then the probe decides
+            args = {}
+        for key, value in args.items():
+            if _is_range(value):
+                return f"{path}: {name}({key}={tuple(value)}) draws from a range at random"
+    return None
+
 
 def _probes(width: int, height: int) -> np.ndarray:
     # Inside the image (so remove_invisible keeps them under crops of the centre as long as
@@ -355,54 +424,22 @@ def _new_compose(A: Any, transforms: list[Any], params: Any) -> Any:
     return out
 
 
-def _probe_input() -> tuple[np.ndarray, list[np.ndarray]]:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
-    return image, [np.array([[10.0, 12.0], [80.0, 12.0], [80.0, 40.0], [10.0, 40.0]])]
-
-
 def _transform_deterministic(A: Any, t: Any, params: Any, trials: int) -> bool:
-    if getattr(t, "p", 1.0) < 1.0 and not getattr(t, "always_apply", False):
+    if random_by_parameters(t) is not None:
         return False
     if isinstance(t, A.BaseCompose):
-        return False  # nested Compose/OneOf: treat as random
-    single = A.Compose([copy.deepcopy(t)], keypoint_params=params)
-    image, polygons = _probe_input()
-    saved = random.getstate(), np.random.get_state()
+        return False  # nested Compose/Sequential: kept out of a prefix
     try:
-        first = None
-        for seed in range(trials):
-            random.seed(seed)
-            np.random.seed(seed)
-            if hasattr(single, "set_random_seed"):
-                single.set_random_seed(seed)
-            before = np.random.get_state()
-            try:
-                out = run_compose(single, image, polygons)
-            except Exception:  # noqa: BLE001 - a transform that fails on the probe is not
-                return False  # known to be deterministic
-            if not _same_np_state(before, np.random.get_state()):
-                return False
-            if first is None:
-                first = out
-            elif not (np.array_equal(first[0], out[0])
-                      and all(np.array_equal(p, q) for p, q in zip(first[1], out[1],
-                                                                    strict=True))):
-                return False
-        return True
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-
-
-def _same_np_state(a: Any, b: Any) -> bool:
-    return a[0] == b[0] and np.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+        return _probe_compose(A.Compose([copy.deepcopy(t)], keypoint_params=params),
+                              trials) is None
+    except Exception:  # noqa: BLE001 - a transform that fails on the probe is not
+        return False  # known to be deterministic
 
 
 def _draws_of(prefix: Any, limit: int = 256) -> int | None:
     """How many ``random.random()`` calls running ``prefix`` amounts to (None if it is not a
     whole number of them)."""
-    image, polygons = _probe_input()
+    image, polygons = probe_input()
     saved = random.getstate()
     try:
         random.seed(12345)
@@ -479,7 +516,7 @@ def split_normalize_tail(compose: Any, version: object = None
             return None
         head = AlbumentationsTransform(
             _new_compose(A, transforms[:-1], _keypoint_params(compose)), version=version)
-        image, polygons = _probe_input()
+        image, polygons = probe_input()
         out, _, _ = head(image, polygons)
     finally:
         random.setstate(saved[0])
@@ -527,7 +564,7 @@ def compact_rest(split: SplitTransform, tail: NormalizeTail, trials: int = 4
     if whole is None or part is None or whole < part:
         return None
     candidate = CompactRest(split, shorter, whole - part)
-    image, polygons = _probe_input()
+    image, polygons = probe_input()
     front = split.run_prefix(image, polygons)
     saved = random.getstate(), np.random.get_state()
     try:
@@ -562,5 +599,6 @@ def _seeded(seed: int, run: Any) -> tuple[TransformResult, Any]:
 
 
 __all__ = ["AlbumentationsTransform", "CompactRest", "NormalizeTail", "SplitTransform",
-           "compact_rest", "is_compose", "run_compose", "split_deterministic_prefix",
+           "compact_rest", "describe", "is_compose", "random_by_parameters", "run_compose",
+           "split_deterministic_prefix",
            "split_normalize_tail"]

@@ -94,7 +94,9 @@ class StagePipeline:
         self.maps_stage: MapsStage = maps_stage(
             self.maps, version=self.maps_version, convention=self.convention,
             **self.map_params)
-        self.deterministic = self.stage.is_deterministic()
+        # Why the transform is random (its parameters, else the probe); None: deterministic.
+        self.randomness: str | None = self.stage.random_reason()
+        self.deterministic = self.randomness is None
         self.split = None  # a random Compose cut into a cached prefix and a live rest
         if not self.deterministic:
             from diskcache_ocr.ocr import albu

@@ -20,9 +20,11 @@ transport only; nothing pickled is ever stored).
 from __future__ import annotations
 
 import abc
+import contextlib
 import random
+import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,8 +97,14 @@ class TransformStage(abc.ABC):
         """(image, polygons) -> (image, moved polygons, inverse matrix)."""
 
     def is_deterministic(self, trials: int = 8) -> bool:
-        """Probe: the same input, under different random states, gives the same output."""
-        return _probe_deterministic(self, trials)
+        """Whether the same input always gives the same output (see :meth:`random_reason`)."""
+        return self.random_reason(trials) is None
+
+    def random_reason(self, trials: int = 8) -> str | None:
+        """Why this stage is random (None: deterministic as far as :func:`probe_randomness`
+        can tell), from a probe on a small image."""
+        image, polygons = probe_input()
+        return probe_randomness(lambda: self(image, polygons), trials=trials)
 
 
 class BuiltinTransform(TransformStage):
@@ -144,25 +152,186 @@ def _to_numpy(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _probe_deterministic(stage: TransformStage, trials: int) -> bool:
+def probe_input() -> tuple[np.ndarray, list[np.ndarray]]:
+    """The small image and polygon the probes run a transform on."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
-    polygons = [np.array([[10.0, 12.0], [80.0, 12.0], [80.0, 40.0], [10.0, 40.0]])]
-    py_state, np_state = random.getstate(), np.random.get_state()
+    return image, [np.array([[10.0, 12.0], [80.0, 12.0], [80.0, 40.0], [10.0, 40.0]])]
+
+
+class _ProbeAbort(Exception):
+    """A run under a constant ``random.random()`` that keeps drawing (a rejection loop)."""
+
+
+# The two values Python's ``random.random()`` is pinned to in the probe's last two runs: a
+# check like ``random.random() < 0.05`` takes both branches, an ``< 1.0`` (albumentations'
+# ``p=1``) one; the same for ``uniform(lo, hi)`` (``lo`` and nearly ``hi``).
+_EXTREMES = (0.0, 1.0 - 2.0 ** -53)
+_MAX_CONSTANT_DRAWS = 100_000
+# Runs of a transform that read the OS's entropy: a 5 % event is missed once in 10^5.
+ENTROPY_TRIALS = 224
+
+
+def probe_randomness(run: Callable[[], TransformResult],
+                     reseed: Callable[[int], None] | None = None,
+                     trials: int = 8) -> str | None:
+    """Why ``run()`` is random, or None when it is deterministic as far as can be seen.
+
+    ``run`` goes ``trials`` times, each under another seed of every generator a transform
+    may use: Python's ``random``, NumPy's global generator, torch's, the OS entropy that
+    seeds a generator made without a seed (``np.random.default_rng()``, ``SystemRandom``;
+    the probe feeds it seeded bytes), and ``reseed(seed)`` (e.g. an albumentations 2
+    Compose's own generators). It is random when its output changes, or when it draws
+    from NumPy's or torch's global generator at all: a rare event (``np.random.rand() <
+    0.05``) shows in the generator's state, not in 8 outputs. Deterministic code draws from
+    Python's ``random`` too (albumentations 1.x checks ``random.random() < p`` even for
+    ``p=1``), so a run that drew from it goes twice more with ``random.random()`` pinned to 0
+    and to just below 1, where a ``random.random() < 0.05`` takes its rare branch. A run that
+    read entropy goes :data:`ENTROPY_TRIALS` times, with other entropy each time (a seeded
+    generator, ``RandomState(42)``, reads it too, then ignores it). Every generator's state is
+    restored afterwards. Not seen: a generator seeded from the OS inside C code
+    (``random.Random()`` without a seed), or one the transform made before the probe.
+    """
+    saved = _rng_snapshot()
     try:
-        first = None
-        for seed in range(trials):
-            random.seed(seed)
-            np.random.seed(seed)
-            out = stage(image, polygons)
+        with _entropy_feed() as entropy:
+            first: TransformResult | None = None
+            drew_python = False
+            for seed in range(trials):
+                _seed_all(seed, reseed, entropy)
+                before = _rng_snapshot()
+                out = run()
+                after = _rng_snapshot()
+                if not _same_np_state(before[1], after[1]):
+                    return "it draws from NumPy's global random generator"
+                if not _same_torch_state(before[2], after[2]):
+                    return "it draws from torch's random generator"
+                drew_python = drew_python or before[0] != after[0]
+                if first is None:
+                    first = out
+                elif not _same_result(first, out):
+                    return "its output changes with the random seed"
+            assert first is not None or trials < 1
             if first is None:
-                first = out
-            elif not _same_result(first, out):
-                return False
-        return True
+                return None
+            if drew_python:
+                for value in _EXTREMES:
+                    _seed_all(0, reseed, entropy)
+                    try:
+                        with _constant_random(value):
+                            out = run()
+                    except Exception:  # noqa: BLE001 - e.g. a rejection loop that never ends
+                        return (f"it draws from Python's random (fails when random.random() "
+                                f"returns {value!r})")
+                    if not _same_result(first, out):
+                        return (f"its output depends on Python's random (random.random() = "
+                                f"{value!r} changes it)")
+            if entropy.reads:
+                for seed in range(trials, max(trials, ENTROPY_TRIALS)):
+                    _seed_all(0, reseed, entropy, entropy_seed=seed)
+                    if not _same_result(first, run()):
+                        return "its output changes with the OS's entropy (an unseeded generator)"
+        return None
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        _restore(saved)
+
+
+def _seed_all(seed: int, reseed: Callable[[int], None] | None, entropy: _EntropyFeed,
+              entropy_seed: int | None = None) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+    entropy.seed(seed if entropy_seed is None else entropy_seed)
+    if reseed is not None:
+        reseed(seed)
+
+
+def _rng_snapshot() -> tuple[Any, Any, Any]:
+    torch = sys.modules.get("torch")
+    return (random.getstate(), np.random.get_state(),
+            None if torch is None else torch.random.get_rng_state())
+
+
+def _restore(state: tuple[Any, Any, Any]) -> None:
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch = sys.modules.get("torch")
+    if torch is not None and state[2] is not None:
+        torch.random.set_rng_state(state[2])
+
+
+def _same_np_state(a: Any, b: Any) -> bool:
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+
+
+def _same_torch_state(a: Any, b: Any) -> bool:
+    return a is None or b is None or bool((a == b).all())
+
+
+class _EntropyFeed:
+    """Seeded bytes in place of the OS's entropy, and whether any were read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self._stream = random.Random(0)
+
+    def seed(self, seed: int) -> None:
+        self._stream = random.Random(seed)
+
+    def urandom(self, n: int) -> bytes:
+        self.reads += 1
+        return self._stream.randbytes(n)
+
+    def randbits(self, k: int) -> int:
+        self.reads += 1
+        return self._stream.getrandbits(k)
+
+
+@contextlib.contextmanager
+def _entropy_feed() -> Iterator[_EntropyFeed]:
+    """Python's ``random`` module (``SystemRandom``, ``secrets``) and NumPy's seed sequences
+    (``default_rng()``, ``RandomState()``, a bit generator made without a seed) read their
+    entropy from an :class:`_EntropyFeed` meanwhile."""
+    import numpy.random.bit_generator as bit_generator
+
+    feed = _EntropyFeed()
+    urandom = random._urandom  # type: ignore[attr-defined]
+    randbits = getattr(bit_generator, "randbits", None)
+    random._urandom = feed.urandom  # type: ignore[attr-defined]
+    if randbits is not None:
+        bit_generator.randbits = feed.randbits
+    try:
+        yield feed
+    finally:
+        random._urandom = urandom  # type: ignore[attr-defined]
+        if randbits is not None:
+            bit_generator.randbits = randbits
+
+
+@contextlib.contextmanager
+def _constant_random(value: float) -> Iterator[None]:
+    """``random.random()`` returns ``value``, also inside ``uniform``, ``gauss``,
+    ``choices`` (the module's shared generator); a run that keeps drawing is stopped."""
+    inst = random._inst  # type: ignore[attr-defined]
+    module_random = random.random
+    calls = 0
+
+    def constant() -> float:
+        nonlocal calls
+        calls += 1
+        if calls > _MAX_CONSTANT_DRAWS:
+            raise _ProbeAbort
+        return value
+
+    random.random = constant
+    inst.random = constant
+    try:
+        yield
+    finally:
+        random.random = module_random
+        del inst.random
 
 
 def _same_result(a: TransformResult, b: TransformResult) -> bool:
@@ -234,5 +403,5 @@ def maps_stage(maps: object = None, *, version: object = None, convention: str =
 
 __all__ = [
     "BuiltinTransform", "CallableTransform", "MapsStage", "NotCacheableWarning",
-    "TransformStage", "maps_stage", "plain_version",
+    "TransformStage", "maps_stage", "plain_version", "probe_input", "probe_randomness",
 ]
