@@ -29,10 +29,11 @@ import numpy as np
 from diskcache_ocr.ocr.conventions import TransformResult
 from diskcache_ocr.ocr.stages import (
     TransformStage,
+    Words,
     _not_cacheable,
     _to_numpy,
+    on_probe_input,
     plain_version,
-    probe_input,
     probe_randomness,
 )
 from diskcache_ocr.ocr.transform import normalize_channels_last
@@ -169,6 +170,11 @@ def _describe_child(value: object, path: str, *, lenient: bool, depth: int) -> A
     return describe(value, path, lenient=lenient, _depth=depth)
 
 
+def _summary(compose: Any) -> str:
+    """The names of a Compose's transforms, for messages."""
+    return "[" + ", ".join(type(t).__name__ for t in compose.transforms) + "]"
+
+
 def _opencv_version() -> str:
     import cv2
 
@@ -184,6 +190,7 @@ class AlbumentationsTransform(TransformStage):
             raise TypeError(f"expected an albumentations.Compose, got {type(compose).__name__}")
         _keypoint_params(compose)
         self.compose = compose
+        self.name = f"the albumentations Compose {_summary(compose)}"
         self.version = None if version is None else plain_version(version, "transform_version")
         self.undescribable: str | None = None  # where the Compose holds something opaque
         try:
@@ -218,9 +225,9 @@ class AlbumentationsTransform(TransformStage):
 
 
 def _probe_compose(compose: Any, trials: int) -> str | None:
-    image, polygons = probe_input()
     reseed = getattr(compose, "set_random_seed", None)  # albumentations 2's own generators
-    return probe_randomness(lambda: run_compose(compose, image, polygons), reseed, trials)
+    return on_probe_input(lambda image, polygons: probe_randomness(
+        lambda: run_compose(compose, image, polygons), reseed, trials))
 
 
 def _applied(t: Any) -> float:
@@ -289,20 +296,43 @@ def _probes(width: int, height: int) -> np.ndarray:
 
 def run_compose(compose: Any, image: np.ndarray, polygons: Sequence[np.ndarray]
                 ) -> TransformResult:
-    """Run ``compose`` on the image with the polygons (and four probes) as keypoints."""
+    """Run ``compose`` on the image with the polygons (and four probes) as keypoints.
+
+    Each keypoint carries its word and vertex number after ``x, y`` (albumentations keeps
+    such extra values with a keypoint), so when the Compose drops keypoints
+    (``KeypointParams(remove_invisible=True)`` and a crop) the words that come back whole
+    are known: they are returned, as :class:`Words` saying which input word each is, and
+    the others are dropped. Without all four probes the inverse matrix is all NaN.
+    """
     polys = [np.asarray(p, np.float64).reshape(-1, 2) for p in polygons]
-    sizes = [len(p) for p in polys]
+    sizes = np.array([len(p) for p in polys] + [4], np.int64)
     probes = _probes(image.shape[1], image.shape[0])
     points = np.concatenate(polys + [probes]) if polys else probes
-    out = compose(image=image, keypoints=[(float(x), float(y)) for x, y in points.tolist()])
-    got = out["keypoints"]
-    if len(got) != len(points):
-        raise ValueError(f"the transform returned {len(got)} keypoints for {len(points)}: it "
-                         "dropped some (KeypointParams(remove_invisible=True) with a point "
-                         "outside the output?), so polygons cannot be rebuilt")
-    moved = np.array([tuple(k)[:2] for k in got], np.float64).reshape(-1, 2)
-    moved_polys = list(np.split(moved[:-4], np.cumsum(sizes)[:-1])) if polys else []
-    return _to_numpy(out["image"]), moved_polys, _inverse_from_probes(probes, moved[-4:])
+    word = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    word[-4:] = -1  # the probes
+    vertex = np.arange(len(points), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    out = compose(image=image, keypoints=list(zip(*points.T.tolist(), word.tolist(),
+                                                  vertex.tolist(), strict=True)))
+    got = [tuple(k) for k in out["keypoints"]]
+    moved = np.array([k[:2] for k in got], np.float64).reshape(-1, 2)
+    tags = np.array([k[2:4] for k in got], np.int64).reshape(-1, 2)
+    is_probe = tags[:, 0] < 0
+    counts = np.bincount(tags[~is_probe, 0], minlength=len(polys))[:len(polys)]
+    whole = np.flatnonzero(counts == sizes[:-1])
+    rows = ~is_probe & np.isin(tags[:, 0], whole)
+    expected = np.concatenate([np.stack([np.full(sizes[w], w), np.arange(sizes[w])], 1)
+                               for w in whole]) if len(whole) else np.zeros((0, 2), np.int64)
+    if not np.array_equal(tags[rows], expected):
+        raise ValueError("the transform reordered the keypoints of a polygon, so polygons "
+                         "cannot be rebuilt")
+    ends = np.cumsum(sizes[whole])[:-1]
+    moved_polys = Words(np.split(moved[rows], ends) if len(whole) else [], whole)
+    probe_rows = np.flatnonzero(is_probe)
+    if len(probe_rows) == 4 and np.array_equal(tags[probe_rows, 1], np.arange(4)):
+        inverse = _inverse_from_probes(probes, moved[probe_rows])
+    else:
+        inverse = np.full((3, 3), np.nan)
+    return _to_numpy(out["image"]), moved_polys, inverse
 
 
 def _inverse_from_probes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -439,12 +469,16 @@ def _transform_deterministic(A: Any, t: Any, params: Any, trials: int) -> bool:
 def _draws_of(prefix: Any, limit: int = 256) -> int | None:
     """How many ``random.random()`` calls running ``prefix`` amounts to (None if it is not a
     whole number of them)."""
-    image, polygons = probe_input()
     saved = random.getstate()
     try:
         random.seed(12345)
         start = random.getstate()
-        run_compose(prefix, image, polygons)
+
+        def run(image: np.ndarray, polygons: list[np.ndarray]) -> None:
+            random.setstate(start)
+            run_compose(prefix, image, polygons)
+
+        on_probe_input(run)
         after = random.getstate()
         random.setstate(start)
         for k in range(limit + 1):
@@ -516,8 +550,7 @@ def split_normalize_tail(compose: Any, version: object = None
             return None
         head = AlbumentationsTransform(
             _new_compose(A, transforms[:-1], _keypoint_params(compose)), version=version)
-        image, polygons = probe_input()
-        out, _, _ = head(image, polygons)
+        out, _, _ = on_probe_input(head)
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
@@ -564,8 +597,7 @@ def compact_rest(split: SplitTransform, tail: NormalizeTail, trials: int = 4
     if whole is None or part is None or whole < part:
         return None
     candidate = CompactRest(split, shorter, whole - part)
-    image, polygons = probe_input()
-    front = split.run_prefix(image, polygons)
+    front = on_probe_input(split.run_prefix)
     saved = random.getstate(), np.random.get_state()
     try:
         for seed in range(trials):

@@ -25,10 +25,11 @@ import random
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from diskcache_ocr.errors import CacheError
 from diskcache_ocr.ocr.conventions import TransformResult, get_convention
 
 MapsResult = dict[str, np.ndarray]
@@ -36,6 +37,38 @@ MapsResult = dict[str, np.ndarray]
 
 class NotCacheableWarning(UserWarning):
     """A stage cannot be fingerprinted, so its output is computed live and never cached."""
+
+
+class TransformError(CacheError, ValueError):
+    """A transform's output the library cannot use as it stands (names the file and the
+    transform)."""
+
+
+class Words(list):  # type: ignore[type-arg]
+    """The polygons a transform returned, with the input word each one is: ``index[i]`` is
+    the position in the transform's input of polygon ``i``, or ``index`` is None when the
+    transform changed the number of polygons without saying which it kept. This is how a
+    word's don't-care flag follows it through a transform that drops words (a crop)."""
+
+    def __init__(self, polygons: Sequence[np.ndarray], index: Any) -> None:
+        super().__init__(polygons)
+        self.index: np.ndarray | None = (
+            None if index is None else np.asarray(index, np.int64).reshape(-1))
+
+
+def kept_words(polygons: Sequence[np.ndarray], n_input: int) -> np.ndarray | None:
+    """The input word of each of ``polygons`` (a transform's output for ``n_input`` words):
+    what a :class:`Words` says, else one for one when the count is unchanged, else None."""
+    if isinstance(polygons, Words):
+        return polygons.index
+    return np.arange(n_input, dtype=np.int64) if len(polygons) == n_input else None
+
+
+def follow(first: np.ndarray | None, then: np.ndarray | None) -> np.ndarray | None:
+    """The input words after two transforms in a row (None when either does not say)."""
+    if first is None or then is None:
+        return None
+    return first[then]
 
 
 def plain_version(version: object, where: str = "version") -> str | dict[str, Any]:
@@ -84,9 +117,14 @@ def _not_cacheable(what: str) -> None:
 # --------------------------------------------------------------------------- transforms
 
 class TransformStage(abc.ABC):
-    """Base of the transform stages; built by :func:`diskcache_ocr.ocr.staged.transform_stage`."""
+    """Base of the transform stages; built by :func:`diskcache_ocr.ocr.staged.transform_stage`.
+
+    A stage may drop words (a crop): it then returns its polygons as :class:`Words`, saying
+    which input word each one is.
+    """
 
     cacheable: bool = True
+    name: str = "transform"
 
     @abc.abstractmethod
     def fingerprint(self) -> dict[str, Any] | None:
@@ -103,13 +141,14 @@ class TransformStage(abc.ABC):
     def random_reason(self, trials: int = 8) -> str | None:
         """Why this stage is random (None: deterministic as far as :func:`probe_randomness`
         can tell), from a probe on a small image."""
-        image, polygons = probe_input()
-        return probe_randomness(lambda: self(image, polygons), trials=trials)
+        return on_probe_input(lambda image, polygons: probe_randomness(
+            lambda: self(image, polygons), trials=trials))
 
 
 class BuiltinTransform(TransformStage):
     def __init__(self, convention: str) -> None:
         self.convention = convention
+        self.name = f"the {convention!r} convention's built-in transform"
         self._fn = get_convention(convention).transform
 
     def fingerprint(self) -> dict[str, Any]:
@@ -120,12 +159,18 @@ class BuiltinTransform(TransformStage):
 
 
 class CallableTransform(TransformStage):
-    """Any callable with the DBNet transform call shape, versioned by its owner."""
+    """Any callable with the DBNet transform call shape, versioned by its owner.
+
+    A callable that drops words (a random crop) says which it kept with a fourth value:
+    ``(image, polygons, inverse_matrix, kept)``, ``kept[i]`` the input index of polygon
+    ``i``; without it, a changed count leaves the don't-care flags without their words.
+    """
 
     def __init__(self, fn: Callable[..., Any], version: object = None) -> None:
         if not callable(fn):
             raise TypeError(f"transform must be callable, got {type(fn).__name__}")
         self.fn = fn
+        self.name = f"transform {_callable_name(fn)}"
         self.version = None if version is None else plain_version(version, "transform_version")
         self.cacheable = self.version is not None
         if not self.cacheable:
@@ -138,12 +183,23 @@ class CallableTransform(TransformStage):
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         out = self.fn(image, polygons)
-        if not isinstance(out, (tuple, list)) or len(out) != 3:
-            raise TypeError(f"transform {_callable_name(self.fn)} must return (image, polygons, "
-                            f"inverse_matrix), got {type(out).__name__}")
-        img, polys, inverse = out
-        return (_to_numpy(img), [np.asarray(p) for p in polys],
-                np.asarray(inverse, np.float64))
+        if not isinstance(out, (tuple, list)) or len(out) not in (3, 4):
+            raise TypeError(f"{self.name} must return (image, polygons, inverse_matrix) or "
+                            f"(image, polygons, inverse_matrix, kept), got "
+                            f"{type(out).__name__}")
+        img, polys, inverse = out[:3]
+        moved = [np.asarray(p) for p in polys]
+        if len(out) == 4:
+            kept = np.asarray(out[3])
+            if (kept.ndim != 1 or len(kept) != len(moved) or kept.dtype.kind not in "iu"
+                    or (len(kept) and (kept.min() < 0 or kept.max() >= len(polygons)))):
+                raise TypeError(f"{self.name}: kept must hold, for each of the {len(moved)} "
+                                f"polygons returned, its index among the {len(polygons)} "
+                                f"given; got {out[3]!r}")
+            index: np.ndarray | None = kept
+        else:
+            index = kept_words(moved, len(polygons))
+        return _to_numpy(img), Words(moved, index), np.asarray(inverse, np.float64)
 
 
 def _to_numpy(image: Any) -> np.ndarray:
@@ -152,11 +208,26 @@ def _to_numpy(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def probe_input() -> tuple[np.ndarray, list[np.ndarray]]:
-    """The small image and polygon the probes run a transform on."""
+def probe_input(large: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image and polygon the probes run a transform on: small, or large (for a
+    transform that needs more pixels, a fixed crop of a receipt-sized image)."""
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
-    return image, [np.array([[10.0, 12.0], [80.0, 12.0], [80.0, 40.0], [10.0, 40.0]])]
+    scale = 10 if large else 1
+    image = rng.integers(0, 256, (97 * scale + 3, 131 * scale + 1, 3), dtype=np.uint8)
+    word = np.array([[10.0, 12.0], [80.0, 12.0], [80.0, 40.0], [10.0, 40.0]]) * scale
+    return image, [word]
+
+
+_T = TypeVar("_T")
+
+
+def on_probe_input(run: Callable[[np.ndarray, list[np.ndarray]], _T]) -> _T:
+    """``run(image, polygons)`` on the small probe input, or on the large one when it fails
+    on the small one (its error propagates when it fails on both)."""
+    try:
+        return run(*probe_input())
+    except Exception:  # noqa: BLE001 - e.g. a crop larger than the small image
+        return run(*probe_input(large=True))
 
 
 class _ProbeAbort(Exception):
@@ -403,5 +474,6 @@ def maps_stage(maps: object = None, *, version: object = None, convention: str =
 
 __all__ = [
     "BuiltinTransform", "CallableTransform", "MapsStage", "NotCacheableWarning",
-    "TransformStage", "maps_stage", "plain_version", "probe_input", "probe_randomness",
+    "TransformError", "TransformStage", "Words", "follow", "kept_words", "maps_stage",
+    "on_probe_input", "plain_version", "probe_input", "probe_randomness",
 ]
