@@ -320,12 +320,13 @@ def run_compose(compose: Any, image: np.ndarray, polygons: Sequence[np.ndarray]
     counts = np.bincount(tags[~is_probe, 0], minlength=len(polys))[:len(polys)]
     whole = np.flatnonzero(counts == sizes[:-1])
     rows = ~is_probe & np.isin(tags[:, 0], whole)
-    expected = np.concatenate([np.stack([np.full(sizes[w], w), np.arange(sizes[w])], 1)
-                               for w in whole]) if len(whole) else np.zeros((0, 2), np.int64)
+    kept_sizes = sizes[whole]
+    expected = np.stack([np.repeat(whole, kept_sizes), np.arange(kept_sizes.sum())
+                         - np.repeat(np.cumsum(kept_sizes) - kept_sizes, kept_sizes)], 1)
     if not np.array_equal(tags[rows], expected):
         raise ValueError("the transform reordered the keypoints of a polygon, so polygons "
                          "cannot be rebuilt")
-    ends = np.cumsum(sizes[whole])[:-1]
+    ends = np.cumsum(kept_sizes)[:-1]
     moved_polys = Words(np.split(moved[rows], ends) if len(whole) else [], whole)
     probe_rows = np.flatnonzero(is_probe)
     if len(probe_rows) == 4 and np.array_equal(tags[probe_rows, 1], np.arange(4)):

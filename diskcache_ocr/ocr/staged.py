@@ -13,6 +13,7 @@ it holds the output of the Compose's deterministic prefix instead, and the rest 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from diskcache_ocr.ocr.stages import (
     maps_stage,
 )
 from diskcache_ocr.schema import KindVersion
+
+log = logging.getLogger(__name__)
 
 # Record layout of the ``tensors`` kind under a stage pipeline (version of the layout itself;
 # v2: ``words``, the input word of each polygon).
@@ -102,6 +105,9 @@ class StagePipeline:
         # Why the transform is random (its parameters, else the probe); None: deterministic.
         self.randomness: str | None = self.stage.random_reason()
         self.deterministic = self.randomness is None
+        if self.randomness is not None:
+            log.info("%s is random (%s): its output is not cached", self.stage.name,
+                     self.randomness)
         self.split = None  # a random Compose cut into a cached prefix and a live rest
         if not self.deterministic:
             from diskcache_ocr.ocr import albu
