@@ -33,6 +33,7 @@ from diskcache_ocr.ocr.stages import (
     _not_cacheable,
     _to_numpy,
     on_probe_input,
+    opencv_version,
     plain_version,
     probe_randomness,
 )
@@ -83,6 +84,8 @@ _RUNTIME_STATE = frozenset({"applied_in_replay", "random_generator", "py_random"
 
 def _runtime_state(name: str, value: object) -> bool:
     return name in _RUNTIME_STATE or (name == "params" and isinstance(value, dict))
+
+
 # Code whose behaviour the fingerprint's versions pin down (albumentations and OpenCV), or
 # that does not change: a function or class of these is described by its qualified name.
 _VERSIONED_CODE = ("albumentations", "cv2", "numpy", "builtins", "math", "operator")
@@ -118,6 +121,8 @@ def describe(value: object, path: str = "compose", *, lenient: bool = False,
         return value
     if isinstance(value, np.generic) and value.dtype.kind in "biuf":
         return value.item()
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value).hex()}
     if isinstance(value, enum.Enum):
         return {"enum": _qualname(type(value)), "value": deeper(value.value, f"{path}.value")}
     if isinstance(value, np.ndarray):
@@ -132,7 +137,7 @@ def describe(value: object, path: str = "compose", *, lenient: bool = False,
     if isinstance(value, (set, frozenset)):
         items = [deeper(v, f"{path}.<item>") for v in value]
         return {"set": sorted(items, key=repr)}
-    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+    if isinstance(value, Sequence):
         return [deeper(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, functools.partial):
         return {"partial": deeper(value.func, f"{path}.func"),
@@ -175,12 +180,6 @@ def _summary(compose: Any) -> str:
     return "[" + ", ".join(type(t).__name__ for t in compose.transforms) + "]"
 
 
-def _opencv_version() -> str:
-    import cv2
-
-    return str(cv2.__version__)
-
-
 class AlbumentationsTransform(TransformStage):
     """An ``albumentations.Compose`` with ``KeypointParams(format="xy")``."""
 
@@ -208,7 +207,7 @@ class AlbumentationsTransform(TransformStage):
         if not self.cacheable:
             return None
         return {"stage": "albumentations", "albumentations": _albumentations().__version__,
-                "opencv": _opencv_version(), "compose": self.description,
+                "opencv": opencv_version(), "compose": self.description,
                 "version": self.version}
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:

@@ -107,6 +107,14 @@ def _callable_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
 
 
+def opencv_version() -> str:
+    """The OpenCV version, part of the fingerprint of every stage that may call OpenCV (a
+    user's callable usually does, and its owner's version does not say which OpenCV)."""
+    import cv2
+
+    return str(cv2.__version__)
+
+
 def _not_cacheable(what: str) -> None:
     warnings.warn(f"{what} has no version, so its output cannot be fingerprinted: it is "
                   "computed live on every read and never cached. Pass version=... (a str, or "
@@ -179,7 +187,8 @@ class CallableTransform(TransformStage):
     def fingerprint(self) -> dict[str, Any] | None:
         if self.version is None:
             return None
-        return {"stage": "callable", "name": _callable_name(self.fn), "version": self.version}
+        return {"stage": "callable", "name": _callable_name(self.fn), "version": self.version,
+                "opencv": opencv_version()}
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         out = self.fn(image, polygons)
@@ -442,7 +451,7 @@ class MapsStage:
         if version is None:
             _not_cacheable(f"maps {_callable_name(fn)}")
             return cls(fn, None, _callable_name(fn))
-        fp = {"stage": "callable", "name": _callable_name(fn),
+        fp = {"stage": "callable", "name": _callable_name(fn), "opencv": opencv_version(),
               "version": plain_version(version, "maps_version")}
         return cls(fn, fp, _callable_name(fn))
 
@@ -475,5 +484,5 @@ def maps_stage(maps: object = None, *, version: object = None, convention: str =
 __all__ = [
     "BuiltinTransform", "CallableTransform", "MapsStage", "NotCacheableWarning",
     "TransformError", "TransformStage", "Words", "follow", "kept_words", "maps_stage",
-    "on_probe_input", "plain_version", "probe_input", "probe_randomness",
+    "on_probe_input", "opencv_version", "plain_version", "probe_input", "probe_randomness",
 ]

@@ -136,10 +136,12 @@ def test_the_opencv_version_versions_every_stage_that_calls_opencv(monkeypatch):
     import cv2
 
     compose = _fp(_val())
+    callable_ = _fp(_brighten, version="b1")
     origin = get_convention("origin")
     builtin = (fingerprint(origin.transform.fingerprint()), fingerprint(origin.maps.fingerprint()))
     monkeypatch.setattr(cv2, "__version__", "0.0.0-other")
     assert _fp(_val()) != compose
+    assert _fp(_brighten, version="b1") != callable_  # (a user's callable may call OpenCV)
     assert fingerprint(origin.transform.fingerprint()) != builtin[0]
     assert fingerprint(origin.maps.fingerprint()) != builtin[1]
 
