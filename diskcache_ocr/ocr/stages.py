@@ -1,16 +1,19 @@
 """Pluggable transform and map stages, each with a fingerprint that versions what it makes.
 
 A stage is what the cache stores the output of, so it must say what it is without pickling
-or hashing code: an ``albumentations.Compose`` by albumentations' own serialization plus the
-albumentations version; a plain callable by the ``version`` its owner gives (a string, or a
-dict such as the Hydra config node that built it); a built-in by its parameters. A callable
+or hashing code: an ``albumentations.Compose`` by what its transforms hold plus the
+albumentations and OpenCV versions (:mod:`diskcache_ocr.ocr.albu`); a plain callable by the
+``version`` its owner gives (a string, or a dict such as the Hydra config node that built
+it) and the OpenCV version; a built-in by its parameters. A callable
 without a version is computed live and never cached (``cacheable`` is False, and one
 :class:`NotCacheableWarning` says so).
 
 Call shapes (the DBNet-codebase ones):
 
 * transform: ``stage(image HWC uint8, [(N, 2) polygons]) -> (image, polygons, inverse_matrix)``
-  where ``inverse_matrix`` (3×3 float64) maps output pixels back to the input frame;
+  where ``inverse_matrix`` (3×3 float64) maps output pixels back to the input frame; a
+  transform that drops words (a crop) adds ``kept``, the input index of each polygon it
+  returns, so each word's don't-care flag follows it;
 * maps: ``stage(polygons, height, width, ignore=None) -> {name: float32 array}``.
 
 Stages hold no open resources and pickle for DataLoader workers (pickling a *stage* for
