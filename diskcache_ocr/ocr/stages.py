@@ -26,6 +26,7 @@ import abc
 import contextlib
 import random
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -354,34 +355,43 @@ def _same_torch_state(a: Any, b: Any) -> bool:
 
 
 class _EntropyFeed:
-    """Seeded bytes in place of the OS's entropy, and whether any were read."""
+    """Seeded bytes in place of the OS's entropy for the probing thread, and whether it read
+    any. Other threads keep reading the OS's (a token made meanwhile stays unpredictable)."""
 
-    def __init__(self) -> None:
+    def __init__(self, urandom: Callable[[int], bytes],
+                 randbits: Callable[[int], int] | None) -> None:
         self.reads = 0
         self._stream = random.Random(0)
+        self._thread = threading.get_ident()
+        self._urandom = urandom
+        self._randbits = randbits
 
     def seed(self, seed: int) -> None:
         self._stream = random.Random(seed)
 
     def urandom(self, n: int) -> bytes:
+        if threading.get_ident() != self._thread:
+            return self._urandom(n)
         self.reads += 1
         return self._stream.randbytes(n)
 
     def randbits(self, k: int) -> int:
+        if threading.get_ident() != self._thread and self._randbits is not None:
+            return self._randbits(k)
         self.reads += 1
         return self._stream.getrandbits(k)
 
 
 @contextlib.contextmanager
 def _entropy_feed() -> Iterator[_EntropyFeed]:
-    """Python's ``random`` module (``SystemRandom``, ``secrets``) and NumPy's seed sequences
-    (``default_rng()``, ``RandomState()``, a bit generator made without a seed) read their
-    entropy from an :class:`_EntropyFeed` meanwhile."""
+    """Python's ``random`` module (``SystemRandom``, ``secrets``' generator) and NumPy's seed
+    sequences (``default_rng()``, ``RandomState()``, a bit generator made without a seed)
+    read their entropy from an :class:`_EntropyFeed` meanwhile."""
     import numpy.random.bit_generator as bit_generator
 
-    feed = _EntropyFeed()
     urandom = random._urandom  # type: ignore[attr-defined]
     randbits = getattr(bit_generator, "randbits", None)
+    feed = _EntropyFeed(urandom, randbits)
     random._urandom = feed.urandom  # type: ignore[attr-defined]
     if randbits is not None:
         bit_generator.randbits = feed.randbits
@@ -395,14 +405,18 @@ def _entropy_feed() -> Iterator[_EntropyFeed]:
 
 @contextlib.contextmanager
 def _constant_random(value: float) -> Iterator[None]:
-    """``random.random()`` returns ``value``, also inside ``uniform``, ``gauss``,
-    ``choices`` (the module's shared generator); a run that keeps drawing is stopped."""
+    """``random.random()`` returns ``value`` in this thread, also inside ``uniform``,
+    ``gauss``, ``choices`` (the module's shared generator); a run that keeps drawing is
+    stopped."""
     inst = random._inst  # type: ignore[attr-defined]
     module_random = random.random
+    thread = threading.get_ident()
     calls = 0
 
     def constant() -> float:
         nonlocal calls
+        if threading.get_ident() != thread:  # (another thread draws as before)
+            return module_random()
         calls += 1
         if calls > _MAX_CONSTANT_DRAWS:
             raise _ProbeAbort

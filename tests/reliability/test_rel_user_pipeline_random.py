@@ -6,6 +6,8 @@ training split is refused, while deterministic transforms are still cached."""
 from __future__ import annotations
 
 import random
+import secrets
+import threading
 import warnings
 
 import numpy as np
@@ -132,3 +134,19 @@ def test_a_rare_random_branch_of_a_transform_inside_a_compose_is_seen():
         warnings.simplefilter("ignore")
         stage = transform_stage(_compose(A.Lambda(name="g", image=rare_gray)), version="g1")
     assert not stage.is_deterministic()
+
+
+def test_another_thread_keeps_the_os_entropy_while_a_transform_is_probed():
+    """The probe feeds seeded bytes in place of the OS's entropy: only to the thread it
+    probes in, so a token another thread makes meanwhile is not predictable."""
+    tokens = []
+
+    def transform(image, polygons):
+        side = threading.Thread(target=lambda: tokens.append(secrets.randbits(128)))
+        side.start()
+        side.join()
+        return image, [np.asarray(p, np.float64) for p in polygons], np.eye(3)
+
+    assert transform_stage(transform, version="v1").random_reason() is None
+    fed = {int.from_bytes(random.Random(seed).randbytes(16), "big") for seed in range(300)}
+    assert len(tokens) >= 8 and not fed & set(tokens)
