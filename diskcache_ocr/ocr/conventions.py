@@ -151,7 +151,8 @@ class OriginTransform:
                 "std": list(self.std), "max_pixel_value": self.max_pixel_value,
                 "pad_value": self.pad_value, "interpolation": "cv2.INTER_LINEAR",
                 "padding": "centred", "clamp": "into-image", "polygons": "float32",
-                "inverse": "origin-letterbox-float32", "version": self.version}
+                "inverse": "origin-letterbox-float32", "version": self.version,
+                "opencv": cv2.__version__}  # (the resize is OpenCV's)
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -206,7 +207,8 @@ class OriginMaps:
     config: OriginMapConfig = OriginMapConfig()
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.config.to_dict()
+        # (the areas, lengths and filled polygons are OpenCV's)
+        return {**self.config.to_dict(), "opencv": cv2.__version__}
 
     def __call__(self, polygons: Sequence[np.ndarray], height: int, width: int,
                  ignore: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
@@ -291,10 +293,17 @@ class Convention:
     def kept(self, polygons: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The words a transform's output keeps: with the origin's filters, each as a
         (k, 2) float32 array and without thin words (:func:`thin_word`); else as given."""
-        if not self.filters_words:
+        positions = self.kept_positions(polygons)
+        if positions is None:
             return list(polygons)
-        out = (np.asarray(p, np.float32).reshape(-1, 2) for p in polygons)
-        return [q for q in out if not thin_word(q)]
+        return [np.asarray(polygons[i], np.float32).reshape(-1, 2) for i in positions]
+
+    def kept_positions(self, polygons: Sequence[np.ndarray]) -> list[int] | None:
+        """Which of a transform's output words :meth:`kept` keeps (None: all, as given)."""
+        if not self.filters_words:
+            return None
+        return [i for i, p in enumerate(polygons)
+                if not thin_word(np.asarray(p, np.float32).reshape(-1, 2))]
 
     def fingerprint(self) -> dict[str, Any]:
         return {
