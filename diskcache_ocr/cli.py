@@ -52,43 +52,36 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], st
 
 
 # -- commands -------------------------------------------------------------------------------
-def _empty_status(path: Path) -> dict[str, Any]:
-    """What ``status`` reports where no cache was written yet (the same shape, all zero)."""
-    from diskcache_ocr.ops import stored_pipeline
-
-    current = stored_pipeline({}).kind_versions()
-    return {
-        "path": str(path), "empty": True, "header": {},
-        "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
-                      "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
-        "index": {"sources": 0, "failed": 0},
-        "map": {"used_bytes": 0, "map_size": 0, "readers": 0, "max_readers": 0},
-        "stats": {},
-    }
-
-
-def _status_data(cache: Path) -> dict[str, Any]:
-    from diskcache_ocr.ops import status
-
-    return status(cache) if has_cache(cache) else _empty_status(cache)
+def _pipeline_line(pipeline: dict[str, Any]) -> str:
+    """Which pipeline wrote the cache, in one line."""
+    if pipeline.get("name") == "user":
+        summary = pipeline.get("summary", {})
+        return (f"pipeline: yours (convention {pipeline.get('convention')}; transform: "
+                f"{summary.get('transform')}; maps: {summary.get('maps')})")
+    if pipeline.get("name") == "built-in":
+        return "pipeline: built-in"
+    return "pipeline: none recorded yet"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from diskcache_ocr.dataset import format_hit_rates
+    from diskcache_ocr.ops import report
+    from diskcache_ocr.schema import format_hit_rates
 
-    data = _status_data(args.cache)
+    data = report(args.cache)["status"]
 
     def human() -> str:
         if data.get("empty"):
             return f"cache {data['path']}: empty (no cache written here yet)"
         rows = [(k, v["entries"], _human_bytes(v["bytes"]), v["stored_version"] or "-",
-                 v["current_version"], "yes" if v["up_to_date"] else "NO")
+                 v["current_version"] or "(the pipeline's own)",
+                 {True: "yes", False: "NO", None: "checked on open"}[v["up_to_date"]])
                 for k, v in data["kinds"].items()]
         m, h = data["map"], data["header"]
         build = h.get("build") or {}
         return "\n".join([
             f"cache {data['path']}  (format {h.get('format')}, library {h.get('library')}, "
             f"engine {h.get('engine')}, preset {h.get('preset', '-')})",
+            _pipeline_line(data["pipeline"]),
             _table(rows, ["kind", "entries", "bytes", "stored version", "current version",
                           "up to date"]),
             f"sources indexed: {data['index']['sources']} ({data['index']['failed']} failed)",
@@ -166,19 +159,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from diskcache_ocr.dataset import format_hit_rates
+    from diskcache_ocr.ops import report
 
-    data = _status_data(args.cache)
-    stats = data["stats"]
-    rates = {}
-    for kind in KINDS:
-        hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
-        rates[kind] = {"hits": hits, "misses": misses,
-                       "hit_rate": hits / (hits + misses) if hits + misses else None}
-    out = {"status": data, "statistics": {"per_kind": rates, "counters": stats,
-                                          "summary": format_hit_rates(stats)}}
-    Path(args.path).write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
-    _emit(args, {"path": str(args.path)}, lambda: f"wrote status and statistics to {args.path}")
+    if args.output and args.path and args.output != args.path:
+        raise ValueError(f"two output files given ({args.path} and --output {args.output}); "
+                         "give one")
+    path = args.output or args.path or Path("cache_stats.json")
+    out = report(args.cache)
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+    _emit(args, {"path": str(path)}, lambda: f"wrote status and statistics to {path}")
     return 0
 
 
@@ -375,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", type=Path, help="annotations, to recompute maps too")
 
     p = add("export", cmd_export, "write the status and read statistics to a JSON file")
-    p.add_argument("path", type=Path, help="JSON file to write")
+    p.add_argument("path", type=Path, nargs="?", help="JSON file to write")
+    p.add_argument("--output", "-o", type=Path,
+                   help="JSON file to write (the same; default: cache_stats.json)")
 
     p = add("copy", cmd_copy, "compact hot copy of a cache (safe while it is in use)")
     p.add_argument("dest", type=Path, help="empty destination directory")

@@ -36,11 +36,13 @@ from diskcache_ocr.schema import (
     KINDS,
     KindVersion,
     dataset_root,
+    format_hit_rates,
     reads,
     source_id,
     source_state,
 )
 from diskcache_ocr.store import CacheStore, WriteBatch
+from diskcache_ocr.store.wipe import has_cache
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
                 "failed_sources", "stale_readers", "corrupt")
@@ -62,34 +64,105 @@ def stored_pipeline(header: dict[str, Any]) -> Pipeline:
 
 
 def _versions(header: dict[str, Any]) -> tuple[dict[str, KindVersion], dict[str, KindVersion]]:
+    """(stored, current) versions of each kind. A kind whose current version the command line
+    cannot know is absent from ``current``: a user pipeline's tensors and maps (only that
+    pipeline knows them; its dataset checks them when it opens)."""
     stored = {k: KindVersion.from_dict(v) for k, v in header.get("kinds", {}).items()}
+    current = stored_pipeline(header).kind_versions()
     if header.get("stage_pipeline"):
-        # Built by a user's stages: only that pipeline knows its versions (the dataset
-        # checks them when it opens); the command line takes the stored ones as current.
-        return stored, dict(stored)
-    return stored, stored_pipeline(header).kind_versions()
+        # (decoding is the same for every pipeline: the images kind is known either way)
+        current = {"images": current["images"]}
+    return stored, current
+
+
+def pipeline_of(header: dict[str, Any]) -> dict[str, Any]:
+    """Which pipeline wrote a cache's tensors and maps, from its header: ``name`` is
+    ``"user"`` (the user's stages, with their fingerprints), ``"built-in"`` (with its
+    parameters) or None (nothing recorded yet)."""
+    stage = header.get("stage_pipeline")
+    if isinstance(stage, dict) and stage:
+        return {"name": "user", **stage,
+                "summary": {k: stage_summary(stage.get(k)) for k in ("transform", "maps")}}
+    if header.get("pipeline"):
+        return {"name": "built-in", **header["pipeline"]}
+    return {"name": None}
 
 
 def status(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Entries and bytes per kind, their stored and current versions, the pipeline that
+    wrote them, the index, the map and the read counters. ``up_to_date`` is None where the
+    current version is the writing pipeline's own business (a user pipeline's kinds)."""
     with CacheStore(cache_dir, readonly=True) as store:
         header = store.header()
         stored, current = _versions(header)
         kinds = {}
         for kind in KINDS:
             entry: dict[str, Any] = dict(store.kind_stats(kind))
-            entry["stored_version"] = str(stored[kind]) if kind in stored else None
-            entry["current_version"] = str(current[kind])
-            entry["up_to_date"] = kind not in stored or stored[kind] == current[kind]
+            have, want = stored.get(kind), current.get(kind)
+            entry["stored_version"] = None if have is None else str(have)
+            entry["current_version"] = None if want is None else str(want)
+            entry["up_to_date"] = (True if have is None else None if want is None
+                                   else have == want)
             kinds[kind] = entry
         index = list(store.iter_index())
         return {
             "path": str(store.path),
             "header": {k: v for k, v in header.items() if k not in ("kinds",)},
+            "pipeline": pipeline_of(header),
             "kinds": kinds,
             "index": {"sources": len(index), "failed": sum(not e.ok for _, e in index)},
             "map": store.info(),
             "stats": store.stats(),
         }
+
+
+def stage_summary(description: Any) -> str:
+    """One stage of a user pipeline, as its header describes it, in a few words."""
+    if description is None:
+        return "not versioned (computed live, never cached)"
+    if not isinstance(description, dict):
+        return str(description)[:60]
+    stage = description.get("stage")
+    if stage == "albumentations":
+        serialized = description.get("serialized")
+        steps = (serialized.get("transform", {}).get("transforms", [])
+                 if isinstance(serialized, dict) else [])
+        names = [str(t.get("__class_fullname__")) for t in steps if isinstance(t, dict)]
+        return f"albumentations Compose ({', '.join(names)})"
+    if stage == "callable":
+        return f"callable {description.get('name')}, version {description.get('version')!r:.40}"
+    if stage == "builtin":
+        maker = description.get("maker")
+        return f"built-in, {description.get('convention')} convention" + (
+            f" ({maker})" if maker else "")
+    return f"{stage}"
+
+
+def empty_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What :func:`status` reports where no cache was written yet (its shape, all zero)."""
+    current = stored_pipeline({}).kind_versions()
+    return {
+        "path": str(path), "empty": True, "header": {}, "pipeline": {"name": None},
+        "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
+                      "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
+        "index": {"sources": 0, "failed": 0},
+        "map": {"used_bytes": 0, "map_size": 0, "readers": 0, "max_readers": 0},
+        "stats": {},
+    }
+
+
+def report(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The status (:func:`status`, or :func:`empty_status` where there is no cache yet) and
+    the read statistics per kind: what ``export`` writes."""
+    data = status(cache_dir) if has_cache(cache_dir) else empty_status(cache_dir)
+    stats = data["stats"]
+    per_kind = {}
+    for kind in KINDS:
+        hits, total = reads(stats, kind)
+        per_kind[kind] = {"hits": hits, "misses": total - hits,
+                          "hit_rate": hits / total if total else None}
+    return {"status": data, "statistics": {"per_kind": per_kind, "counters": stats,
+                                           "summary": format_hit_rates(stats)}}
 
 
 @dataclass
@@ -116,7 +189,7 @@ def health(
     with store:
         stored, current = _versions(header)
         for kind, have in stored.items():
-            if have != current[kind]:
+            if kind in current and have != current[kind]:
                 problems.append(Finding("version_mismatch",
                                         f"{kind}: stored {have}, current {current[kind]}"))
         if store.unsynced_reboot():
