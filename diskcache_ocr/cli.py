@@ -140,9 +140,38 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from diskcache_ocr.configcheck import check_config_file
+
+    data = check_config_file(args.config)
+
+    def human() -> str:
+        lines = [f"{'valid' if data['ok'] else 'problems in'}: {data['path']}"
+                 + (f" (package {data['package']})" if data["package"] else "")]
+        lines += [f"  {node}: {_preset_summary(p)}" for node, p in data["presets"].items()]
+        if data["problems"]:
+            lines.append(_table([(p["code"], p["node"], p["detail"]) for p in data["problems"]],
+                                ["problem", "node", "detail"]))
+        lines += [f"  note ({n['code']}) {n['node']}: {n['detail']}" for n in data["notes"]]
+        return "\n".join(lines)
+
+    _emit(args, data, human)
+    return 0 if data["ok"] else EXIT_PROBLEMS
+
+
+def _preset_summary(preset: dict[str, Any]) -> str:
+    cache = preset["cache_config"]
+    kinds = [k for k, key in (("images", "cache_images"), ("tensors", "cache_transformed_tensors"),
+                              ("maps", "cache_maps")) if cache[key]]
+    return (f"caches {', '.join(kinds) or 'nothing'}; load_maps "
+            f"{'on' if preset['load_maps'] else 'off'}")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import verify
 
+    if args.config is not None:
+        return cmd_check_config(args)
     data = verify(args.cache, sample=args.sample, recompute=args.recompute,
                   images_dir=args.images, annotations=args.annotations)
 
@@ -362,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare this many sources with a fresh computation")
     p.add_argument("--images", type=Path, help="images directory (default: from the header)")
     p.add_argument("--annotations", type=Path, help="annotations, to recompute maps too")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="check a preset or dataset config YAML instead (a preset file, or a "
+                        "data config whose dataset nodes hold preset keys; `# @package` "
+                        "headers and `_target_` keys as Hydra has them): exit 1 on problems")
 
     p = add("export", cmd_export, "write the status and read statistics to a JSON file")
     p.add_argument("path", type=Path, nargs="?", help="JSON file to write")
@@ -406,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc(file=sys.stderr)  # still exit 2: 1 means "problems found"
         else:
-            print(f"diskcache-ocr {args.command}: error: {exc}", file=sys.stderr)
+            # (one line: a YAML parser's message spans several)
+            text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+            print(f"diskcache-ocr {args.command}: error: {text}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"diskcache-ocr {args.command}: interrupted", file=sys.stderr)
