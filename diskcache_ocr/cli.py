@@ -56,10 +56,10 @@ def _pipeline_line(pipeline: dict[str, Any]) -> str:
     """Which pipeline wrote the cache, in one line."""
     if pipeline.get("name") == "user":
         summary = pipeline.get("summary", {})
-        return (f"pipeline: yours (convention {pipeline.get('convention')}; transform: "
-                f"{summary.get('transform')}; maps: {summary.get('maps')})")
+        return (f"pipeline: convention {pipeline.get('convention')}; transform: "
+                f"{summary.get('transform')}; maps: {summary.get('maps')}")
     if pipeline.get("name") == "built-in":
-        return "pipeline: built-in"
+        return "pipeline: built-in (transform and maps of the db convention)"
     return "pipeline: none recorded yet"
 
 
@@ -209,21 +209,53 @@ def cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_lines(summary: Any) -> list[str]:
+    lines = [summary.line()]
+    lines += [f"  failed: {s}: {r}" for s, r in summary.failed[:20]]
+    if len(summary.failed) > 20:
+        lines.append(f"  … {len(summary.failed) - 20} more (see `health`)")
+    return lines
+
+
 def cmd_prebuild(args: argparse.Namespace) -> int:
+    if args.config_name is not None:
+        return _prebuild_hydra(args)
+    if args.images is None or args.overrides:
+        raise ValueError("give --images DIR (and --annotations FILE), or --config-name NAME "
+                         "(and Hydra overrides) to build what a config's dataset reads")
     from diskcache_ocr.prebuild import prebuild
 
-    summary = prebuild(args.images, args.annotations, args.cache, preset=args.preset,
-                       workers=args.workers, split=args.split, progress=not args.json,
+    summary = prebuild(args.images, args.annotations, args.cache,
+                       preset=args.preset or "validation_optimized", workers=args.workers,
+                       split=args.split or "val", progress=not args.json,
                        allow_random_tensor_cache=args.allow_random_tensor_cache, dedicated=True)
+    _emit(args, summary.to_dict(), lambda: "\n".join(_build_lines(summary)))
+    return 0
+
+
+def _prebuild_hydra(args: argparse.Namespace) -> int:
+    given = [f for f, v in (("--images", args.images), ("--annotations", args.annotations),
+                            ("--preset", args.preset), ("--split", args.split)) if v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: with --config-name the config says where the "
+                         "images are and what is cached (change it with overrides, e.g. "
+                         "data/performance_preset=validation_optimized)")
+    from diskcache_ocr.prebuild import DEFAULT_NODE, prebuild_hydra
+
+    built = prebuild_hydra(args.config_dir, args.config_name, args.overrides,
+                           nodes=args.node or [DEFAULT_NODE], workers=args.workers,
+                           rebuild=args.rebuild, progress=not args.json, cache_dir=args.cache)
+    data = [{"node": node, "cache": str(cache), **summary.to_dict()}
+            for node, cache, summary in built]
 
     def human() -> str:
-        lines = [summary.line()]
-        lines += [f"  failed: {s}: {r}" for s, r in summary.failed[:20]]
-        if len(summary.failed) > 20:
-            lines.append(f"  … {len(summary.failed) - 20} more (see `health`)")
+        lines = []
+        for node, cache, summary in built:
+            lines.append(f"{node} -> {cache}:")
+            lines += ["  " + line for line in _build_lines(summary)]
         return "\n".join(lines)
 
-    _emit(args, summary.to_dict(), human)
+    _emit(args, {"nodes": data}, human)
     return 0
 
 
@@ -357,16 +389,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, uses_cache=cache)
         return p
 
-    p = add("prebuild", cmd_prebuild, "build the cache for a split, in parallel, resumable")
-    p.add_argument("--images", type=Path, required=True, help="directory of the split's images")
+    p = add("prebuild", cmd_prebuild,
+            "build the cache for a split, in parallel, resumable: the built-in pipeline "
+            "(--images, --annotations, --preset), or exactly what a Hydra config's dataset "
+            "reads, its own transform included (--config-name, overrides)")
+    p.epilog = ("From your Hydra tree, at the project root: `diskcache-ocr prebuild "
+                "--config-name train data/performance_preset=validation_optimized --workers 8`"
+                " builds what datasets.val_dataset reads (its _target_ must be a diskcache-ocr "
+                "dataset, e.g. diskcache_ocr.origin.ValidatedOCRDataset), into the cache the "
+                "dataset uses. The project root (the config directory's parent) is put on the "
+                "import path, so your transforms' _target_s import. Records that another "
+                "pipeline or version wrote are never replaced silently: the built-in build "
+                "refuses a directory your pipeline wrote; a config build asks for --rebuild.")
+    p.add_argument("--images", type=Path, help="directory of the split's images")
     p.add_argument("--annotations", type=Path, help="JSON file or ICDAR-2015 gt directory")
-    p.add_argument("--preset", default="validation_optimized", type=_preset_arg,
+    p.add_argument("--preset", default=None, type=_preset_arg,
                    help="preset name or YAML path (default: validation_optimized)")
     p.add_argument("--workers", type=int, default=1, help="build processes (default: 1)")
-    p.add_argument("--split", default="val", help="split name; 'train' uses the training "
-                                                  "transform (default: val)")
+    p.add_argument("--split", default=None, help="split name; 'train' uses the training "
+                                                 "transform (default: val)")
     p.add_argument("--allow-random-tensor-cache", action="store_true",
                    help="cache tensors even though the transform is random (not advised)")
+    p.add_argument("--config-name", metavar="NAME",
+                   help="Hydra primary config (e.g. train): build what its dataset node reads")
+    p.add_argument("--config-dir", type=Path, default=Path("configs"), metavar="DIR",
+                   help="Hydra config directory (default: configs)")
+    p.add_argument("--node", action="append", metavar="NODE",
+                   help="dataset node to build, repeatable (default: datasets.val_dataset)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="with --config-name: replace records another version or pipeline "
+                        "wrote in the dataset's cache (default: refuse, change nothing)")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="Hydra overrides, as on your training command line")
 
     p = add("status", cmd_status, "entries and bytes per kind, header, versions, map usage")
     p = add("health", cmd_health, "find problems; exit 1 when there are any")

@@ -1,5 +1,10 @@
 """Prebuild: fill a cache for a whole split, in parallel, resumable, across ranks.
 
+Three entries: :func:`prebuild` builds the built-in pipeline from an images directory and an
+annotation file; :func:`prebuild_dataset` builds exactly what a given dataset reads (its
+pipeline, its plan, its cache: a user's own transform included); :func:`prebuild_hydra` builds
+what a Hydra config's dataset node reads. None replaces records another pipeline wrote.
+
 Work is split into small chunks handed to N processes (fork); each process computes and
 writes its own chunks (LMDB serializes writers), so the build is compute-bound. Every chunk
 commits atomically: after a kill at any moment the next run skips what is complete.
@@ -13,7 +18,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +27,13 @@ from tqdm import tqdm
 
 from diskcache_ocr import batchmem
 from diskcache_ocr.dataset import CachedOCRDataset
+from diskcache_ocr.errors import CacheError
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.transform import TransformConfig
-from diskcache_ocr.presets import Preset
-from diskcache_ocr.store import Policy
+from diskcache_ocr.presets import Preset, cache_plan
+from diskcache_ocr.readthrough import ReadThrough
+from diskcache_ocr.store import CacheStore, Policy
+from diskcache_ocr.store.wipe import has_cache
 
 DEFAULT_CHUNK = 4
 
@@ -74,8 +82,8 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-# The dataset each pool worker uses, inherited through fork (never pickled per task).
-_worker_dataset: CachedOCRDataset | None = None
+# The engine each pool worker uses, inherited through fork (never pickled per task).
+_worker_engine: ReadThrough | None = None
 
 
 def _init_worker() -> None:
@@ -90,11 +98,11 @@ def _init_worker() -> None:
 
 
 def _build_chunk(chunk: Sequence[int]) -> tuple[list[tuple[str, str | None, bool]], float]:
-    ds = _worker_dataset
-    assert ds is not None
-    before = ds.write_seconds
-    rows = ds.build(chunk)
-    return rows, ds.write_seconds - before
+    engine = _worker_engine
+    assert engine is not None
+    before = engine.write_seconds
+    rows = [tuple(r) for r in engine.build(chunk)]
+    return rows, engine.write_seconds - before  # type: ignore[return-value]
 
 
 def prebuild(
@@ -178,19 +186,87 @@ def _build(
         )
 
     if rank == 0:
+        refuse_other_pipeline(cache_dir, cache_plan(preset).cached)
         ds = open_dataset(on_mismatch)
     _barrier(world)
     if rank != 0:
         ds = open_dataset("error")  # rank 0 already rebuilt what had to be rebuilt
-    store = ds.store
+    return _build_engine(ds.engine, workers=workers, progress=progress, chunk=chunk,
+                         rank=rank, world=world, started=started)
+
+
+def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str]) -> None:
+    """Raise :class:`CacheError` when the built-in pipeline's build would replace ``kinds``
+    records that a user's pipeline wrote into ``cache_dir`` (its header says whose they
+    are). Another version of the built-in pipeline's own records is rebuilt as before; an
+    emptied kind (``clear --kind``) is free."""
+    from diskcache_ocr.ops import pipeline_of
+
+    if not has_cache(cache_dir):
+        return
+    with CacheStore(cache_dir, readonly=True) as store:
+        header = store.header()
+        taken = [k for k in ("tensors", "maps") if k in kinds and k in header.get("kinds", {})
+                 and store.kind_stats(k)["entries"]]
+    owner = pipeline_of(header)
+    if not taken or owner["name"] != "user":
+        return
+    summary = owner.get("summary", {})
+    raise CacheError(
+        f"{cache_dir}: its {' and '.join(taken)} were written by another pipeline "
+        f"(convention {owner.get('convention')}; transform: {summary.get('transform')}; "
+        f"preset {header.get('preset')}, images {header.get('dataset_root')}), not by the "
+        "built-in pipeline this prebuild builds; nothing was changed. Prebuild that pipeline "
+        "instead (`diskcache-ocr prebuild --config-dir DIR --config-name NAME`, or "
+        "`prebuild_dataset(dataset)` in Python), give this build another --cache, or clear "
+        f"those kinds first ({', '.join(f'`diskcache-ocr clear --kind {k}`' for k in taken)})")
+
+
+def prebuild_dataset(dataset: Any, *, workers: int = 1, progress: bool = True,
+                     chunk: int = DEFAULT_CHUNK) -> BuildSummary:
+    """Build every kind ``dataset`` caches, for every image it reads: exactly the records its
+    reads will look up (its pipeline, its plan, its cache directory), in ``workers``
+    processes (fork), resumable: what is complete is skipped, a source that failed and has
+    not changed is reported, not retried. Under torchrun (process group initialized), each
+    rank builds its share.
+
+    ``dataset`` is a :class:`~diskcache_ocr.dataset.CachedOCRDataset` (or its read-through
+    engine). Its version check already ran when it was made, by its ``on_mismatch``: build a
+    dataset opened with ``on_mismatch="rebuild"`` to replace records of another version.
+
+    >>> ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
+    ...                       convention="origin", transform=my_compose)   # doctest: +SKIP
+    >>> prebuild_dataset(ds, workers=8).line()                             # doctest: +SKIP
+    '40 built, 0 already cached, 0 failed, of 40 in 3.1 s (12.9 images/s, 8 workers)'
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    engine = getattr(dataset, "engine", dataset)
+    if not isinstance(engine, ReadThrough):
+        raise TypeError(f"prebuild_dataset takes a CachedOCRDataset (or its engine), got "
+                        f"{type(dataset).__name__}")
+    rank, world = dist_info()
+    return _build_engine(engine, workers=workers, progress=progress, chunk=chunk, rank=rank,
+                         world=world, started=time.perf_counter())
+
+
+def _build_engine(engine: ReadThrough, *, workers: int, progress: bool, chunk: int,
+                  rank: int, world: int, started: float) -> BuildSummary:
+    """Build this rank's share of what ``engine`` caches; rank 0 marks the build in the
+    header (unfinished first, clean last), with barriers between."""
+    store = engine.store
     if store is None:
-        raise ValueError(f"preset {ds.plan.name!r} caches nothing: there is nothing to build")
+        raise ValueError(f"preset {engine.plan.name!r} caches nothing: there is nothing to "
+                         "build")
+    if store.readonly:
+        raise CacheError(f"{store.path}: the dataset opened its cache read-only; nothing can "
+                         "be built")
     if rank == 0:
         store.update_header(build={"clean": False, "started": time.time(), "world_size": world})
     _barrier(world)
 
-    share = list(range(rank, len(ds), world))
-    todo, known_failed = ds.missing(share)
+    share = list(range(rank, len(engine.catalog), world))
+    todo, known_failed = engine.missing(share)
     # An index status reads "failed: <reason>"; report the reason as a fresh failure does.
     summary = BuildSummary(total=len(share), skipped=len(share) - len(todo) - len(known_failed),
                            failed=[(s, r.removeprefix("failed: ")) for s, r in known_failed],
@@ -199,7 +275,7 @@ def _build(
     bar = tqdm(total=len(todo), unit="img", desc=f"prebuild{f' rank {rank}' if world > 1 else ''}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
-        for rows, write_s in _run_chunks(ds, chunks, workers):
+        for rows, write_s in _run_chunks(engine, chunks, workers):
             summary.write_seconds += write_s
             for source, error, _computed in rows:
                 if error is None:
@@ -221,18 +297,133 @@ def _build(
     return summary
 
 
-def _run_chunks(ds: CachedOCRDataset, chunks: list[list[int]], workers: int
+def _run_chunks(engine: ReadThrough, chunks: list[list[int]], workers: int
                 ) -> Iterator[tuple[list[tuple[str, str | None, bool]], float]]:
-    global _worker_dataset
-    _worker_dataset = ds
+    global _worker_engine
+    _worker_engine = engine
     try:
         if workers == 1 or len(chunks) <= 1:
             for c in chunks:
                 yield _build_chunk(c)
             return
-        assert ds.store is not None
-        ds.store.close()  # (also done by the fork hook) the children open their own
+        assert engine.store is not None
+        engine.store.close()  # (also done by the fork hook) the children open their own
         with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
             yield from pool.imap_unordered(_build_chunk, chunks)
     finally:
-        _worker_dataset = None
+        _worker_engine = None
+
+
+DEFAULT_NODE = "datasets.val_dataset"
+CACHE_ENV = "DISKCACHE_OCR_DIR"
+
+
+def prebuild_hydra(config_dir: str | os.PathLike[str], config_name: str,
+                   overrides: Sequence[str] = (), *, nodes: Sequence[str] = (DEFAULT_NODE,),
+                   workers: int = 1, rebuild: bool = False, progress: bool = True,
+                   chunk: int = DEFAULT_CHUNK, cache_dir: str | os.PathLike[str] | None = None,
+                   ) -> list[tuple[str, Path, BuildSummary]]:
+    """Build what the dataset at each of ``nodes`` of a Hydra config reads, as the app's own
+    run would make it (``config_dir``/``config_name`` with ``overrides``, e.g.
+    ``data/performance_preset=validation_optimized``): each node is instantiated, without
+    preloading, and built by :func:`prebuild_dataset`.
+
+    The config directory's parent and the working directory go on the import path, so the
+    project's own ``_target_`` classes (its transforms) import as they do in its runs.
+    ``rebuild``: replace records of another version or pipeline in the dataset's cache
+    (otherwise such records are an error that names them, and nothing is changed).
+    ``cache_dir``: the cache of a dataset whose config names none (as
+    ``$DISKCACHE_OCR_DIR`` does in the app's run). Returns (node, cache directory, summary)
+    per node.
+    """
+    import sys as _sys
+
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.errors import HydraException
+        from hydra.utils import get_class, instantiate
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:
+        raise CacheError("prebuild from a Hydra config needs hydra-core "
+                         "(pip install hydra-core)") from None
+    config_dir = Path(config_dir).resolve()
+    if not config_dir.is_dir():
+        raise CacheError(f"{config_dir}: no such config directory")
+    added = [p for p in (str(Path.cwd()), str(config_dir.parent)) if p not in _sys.path]
+    _sys.path[:0] = added
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
+    env_before = os.environ.get(CACHE_ENV)
+    if cache_dir is not None:
+        os.environ[CACHE_ENV] = str(cache_dir)
+    out = []
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.2"):
+            try:
+                cfg = compose(config_name=config_name, overrides=list(overrides),
+                              return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException) as exc:
+                raise CacheError(f"{config_dir}/{config_name}: {exc}") from None
+            # ``${hydra:runtime.cwd}`` and the preset choice resolve as in the app's run
+            hydra_config.set_config(cfg)
+            for node_path in nodes:
+                ds = _instantiate_dataset(cfg, node_path, rebuild, OmegaConf, get_class,
+                                          instantiate)
+                if ds.store is None:
+                    raise CacheError(f"{node_path}: its preset {ds.plan.name!r} caches nothing: "
+                                     "there is nothing to build (pick one that caches, e.g. "
+                                     "data/performance_preset=validation_optimized)")
+                where = ds.store.path
+                out.append((node_path, where, prebuild_dataset(ds, workers=workers,
+                                                               progress=progress, chunk=chunk)))
+    finally:
+        hydra_config.cfg = before
+        for path in added:
+            if path in _sys.path:
+                _sys.path.remove(path)
+        if env_before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = env_before
+    return out
+
+
+def _instantiate_dataset(cfg: Any, node_path: str, rebuild: bool, OmegaConf: Any,
+                         get_class: Any, instantiate: Any) -> CachedOCRDataset:
+    from hydra.errors import HydraException
+
+    from diskcache_ocr.errors import CacheVersionError
+
+    node = OmegaConf.select(cfg, node_path)
+    if node is None or not OmegaConf.is_dict(node):
+        found = OmegaConf.select(cfg, "datasets")
+        names = ", ".join(f"datasets.{k}" for k in found) if OmegaConf.is_dict(found) else "none"
+        raise CacheError(f"no dataset node {node_path!r} in the config (dataset nodes: "
+                         f"{names}); choose one with --node")
+    target = node.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for a bad target
+        raise CacheError(f"{node_path}: cannot import its _target_ {target!r} ({exc})"
+                         ) from None
+    if not (isinstance(cls, type) and issubclass(cls, CachedOCRDataset)):
+        raise CacheError(f"{node_path}: its dataset is {target}, not a diskcache-ocr dataset; "
+                         "set `_target_: diskcache_ocr.origin.ValidatedOCRDataset` there")
+    try:
+        ds = instantiate(node, preload=False, on_mismatch="rebuild" if rebuild else "error",
+                         store_options={"sync": False})
+    except HydraException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, CacheVersionError):
+            found = str(cause).split("; open with")[0]  # (its advice is this command's)
+            raise CacheError(f"{node_path}: its cache holds records of another pipeline or "
+                             f"version ({found}); nothing was changed. Pass --rebuild to "
+                             "replace them with this dataset's, or give this dataset its own "
+                             "cache_dir") from None
+        if isinstance(cause, CacheError):
+            raise CacheError(f"{node_path}: {cause}") from None
+        raise CacheError(f"{node_path}: cannot make its dataset: {cause or exc}") from None
+    assert isinstance(ds, CachedOCRDataset)
+    return ds
