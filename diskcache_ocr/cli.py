@@ -172,8 +172,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.config is not None:
         return cmd_check_config(args)
-    data = verify(args.cache, sample=args.sample, recompute=args.recompute,
-                  images_dir=args.images, annotations=args.annotations)
+    if args.config_name is not None:
+        data = _verify_hydra(args)
+    elif args.overrides:
+        raise ValueError(f"unexpected arguments {' '.join(args.overrides)} (Hydra overrides "
+                         "go with --config-name)")
+    else:
+        data = verify(args.cache, sample=args.sample, recompute=args.recompute,
+                      images_dir=args.images, annotations=args.annotations)
 
     def human() -> str:
         lines = [f"checked {data['checked']} records: {len(data['corrupt'])} corrupt, "
@@ -185,6 +191,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return EXIT_PROBLEMS if data["corrupt"] or data["mismatched"] else 0
+
+
+def _verify_hydra(args: argparse.Namespace) -> dict[str, Any]:
+    from diskcache_ocr.hydra_app import DEFAULT_NODE
+    from diskcache_ocr.ops import verify_config_dataset
+
+    return verify_config_dataset(args.config_dir, args.config_name, args.overrides,
+                                 node=args.node or DEFAULT_NODE, cache_dir=args.cache,
+                                 sample=args.sample, recompute=args.recompute)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -355,6 +370,18 @@ def _preset_arg(text: str) -> str:
     return text
 
 
+def _hydra_arguments(p: argparse.ArgumentParser, node_help: str, repeat: bool) -> None:
+    """--config-name, --config-dir, --node and the overrides: a Hydra app's dataset node."""
+    p.add_argument("--config-name", metavar="NAME",
+                   help="Hydra primary config (e.g. train) whose dataset node to use")
+    p.add_argument("--config-dir", type=Path, default=Path("configs"), metavar="DIR",
+                   help="Hydra config directory (default: configs)")
+    p.add_argument("--node", action="append" if repeat else "store", metavar="NODE",
+                   help=node_help)
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="Hydra overrides, as on your training command line")
+
+
 _CACHE_HELP = "cache directory (default: $DISKCACHE_OCR_DIR or ~/.cache/diskcache-ocr)"
 
 
@@ -410,17 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "transform (default: val)")
     p.add_argument("--allow-random-tensor-cache", action="store_true",
                    help="cache tensors even though the transform is random (not advised)")
-    p.add_argument("--config-name", metavar="NAME",
-                   help="Hydra primary config (e.g. train): build what its dataset node reads")
-    p.add_argument("--config-dir", type=Path, default=Path("configs"), metavar="DIR",
-                   help="Hydra config directory (default: configs)")
-    p.add_argument("--node", action="append", metavar="NODE",
-                   help="dataset node to build, repeatable (default: datasets.val_dataset)")
+    _hydra_arguments(p, "dataset node to build, repeatable (default: datasets.val_dataset)",
+                     repeat=True)
     p.add_argument("--rebuild", action="store_true",
                    help="with --config-name: replace records another version or pipeline "
                         "wrote in the dataset's cache (default: refuse, change nothing)")
-    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                   help="Hydra overrides, as on your training command line")
 
     p = add("status", cmd_status, "entries and bytes per kind, header, versions, map usage")
     p = add("health", cmd_health, "find problems; exit 1 when there are any")
@@ -449,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check a preset or dataset config YAML instead (a preset file, or a "
                         "data config whose dataset nodes hold preset keys; `# @package` "
                         "headers and `_target_` keys as Hydra has them): exit 1 on problems")
+    _hydra_arguments(p, "the dataset node whose cache to verify, recomputing through its "
+                        "pipeline (default: datasets.val_dataset)", repeat=False)
 
     p = add("export", cmd_export, "write the status and read statistics to a JSON file")
     p.add_argument("path", type=Path, nargs="?", help="JSON file to write")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 
 from diskcache_ocr.codec import decode_record, parse_header, verify_checksum
 from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
+from diskcache_ocr.hydra_app import DEFAULT_NODE
 from diskcache_ocr.keys import content_hash
 from diskcache_ocr.ocr.annotations import (
     AnnotationSet,
@@ -34,6 +35,7 @@ from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import Catalog
 from diskcache_ocr.schema import (
     KINDS,
+    IndexEntry,
     KindVersion,
     dataset_root,
     format_hit_rates,
@@ -335,10 +337,12 @@ def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, d
 def verify(
     cache_dir: str | os.PathLike[str], *, sample: int | None = None, recompute: int = 0,
     images_dir: str | os.PathLike[str] | None = None,
-    annotations: str | os.PathLike[str] | None = None, seed: int = 0,
+    annotations: str | os.PathLike[str] | None = None, seed: int = 0, dataset: Any = None,
 ) -> dict[str, Any]:
     """Decode (and checksum) every record, or ``sample`` of them per kind; with
-    ``recompute``, compare that many sources' records with a fresh computation."""
+    ``recompute``, compare that many sources' records with a fresh computation: by
+    ``dataset``'s pipeline when given (a dataset, or its read-through engine: any pipeline,
+    a user's own included), else by the built-in pipeline the header records."""
     rng = random.Random(seed)
     checked, corrupt, mismatched = 0, [], []
     with CacheStore(cache_dir, readonly=True) as store:
@@ -358,11 +362,45 @@ def verify(
                         decode_record(value, f"{kind}/{key.hex()}")
                     except CacheFormatError as exc:
                         corrupt.append(f"{kind}/{key.hex()}: {exc}")
-        if recompute:
+        if recompute and dataset is not None:
+            engine = getattr(dataset, "engine", dataset)
+            mismatched = _compare(store, engine, _chosen_of(store, engine, recompute, rng),
+                                  corrupt)
+        elif recompute:
             mismatched = _recompute(store, header, recompute, images_dir, annotations, rng,
                                     corrupt)
     return {"checked": checked, "corrupt": corrupt, "mismatched": mismatched,
             "recomputed": recompute}
+
+
+def verify_config_dataset(config_dir: str | os.PathLike[str], config_name: str,
+                          overrides: Sequence[str] = (), *, node: str = DEFAULT_NODE,
+                          cache_dir: str | os.PathLike[str] | None = None,
+                          sample: int | None = None, recompute: int = 0) -> dict[str, Any]:
+    """:func:`verify` of the cache a Hydra config's dataset node reads, recomputing through
+    that dataset's pipeline (see :func:`~diskcache_ocr.hydra_app.config_datasets`; the
+    dataset is opened read-only). Adds ``node`` and ``cache`` to the report."""
+    from diskcache_ocr.hydra_app import config_datasets
+
+    with config_datasets(config_dir, config_name, overrides, nodes=[node],
+                         cache_dir=cache_dir, readonly=True) as made:
+        ((_, ds),) = made
+        if ds.store is None:
+            raise CacheError(f"{node}: its preset {ds.plan.name!r} caches nothing: there is "
+                             "no cache to verify")
+        return {"node": node, "cache": str(ds.store.path),
+                **verify(ds.store.path, sample=sample, recompute=recompute, dataset=ds)}
+
+
+Chosen = list[tuple[int, str, IndexEntry, bool]]  # (engine index, source, entry, with maps)
+
+
+def _chosen_of(store: CacheStore, engine: ReadThrough, n: int, rng: random.Random) -> Chosen:
+    """``n`` of the dataset's sources that the index holds, at random."""
+    catalog = engine.catalog
+    ids = {source_id(catalog.images_dir, catalog.source(i)): i for i in range(len(catalog))}
+    entries = [(s, e) for s, e in store.iter_index() if e.ok and s in ids]
+    return [(ids[s], s, e, True) for s, e in rng.sample(entries, min(n, len(entries)))]
 
 
 def _recompute(store: CacheStore, header: dict[str, Any], n: int,
@@ -371,8 +409,10 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                corrupt: list[str]) -> list[str]:
     if header.get("stage_pipeline"):
         raise CacheError(f"{store.path}: built by a user pipeline (convention/transform/maps "
-                         "stages) that the command line cannot rebuild; recompute it through "
-                         "the dataset (verify without --recompute checks every record)")
+                         "stages) that the header alone cannot rebuild; recompute through its "
+                         "dataset: `verify --recompute N --config-name NAME` from its Hydra "
+                         "tree, or `ops.verify(cache, recompute=N, dataset=ds)` (verify "
+                         "without --recompute checks every record)")
     root = dataset_root(header, images_dir) or Path(".")
     words = {}
     if annotations is not None:
@@ -384,15 +424,23 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                   for s, _ in chosen)
     engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
                          cache_plan("none"), None)
+    return _compare(store, engine, [(i, s, e, s in words) for i, (s, e) in enumerate(chosen)],
+                    corrupt)
+
+
+def _compare(store: CacheStore, engine: ReadThrough, chosen: Chosen, corrupt: list[str]
+             ) -> list[str]:
+    """Each chosen source's records, computed afresh by ``engine``, against the cached ones:
+    the fields that differ (a damaged record is added to ``corrupt`` instead)."""
     mismatched = []
-    for index, (source, entry) in enumerate(chosen):
+    for index, source, entry, with_maps in chosen:
         try:
             data = read_image_file(source, source)
         except (OSError, SourceError):
             continue  # a missing source is health's business, not a mismatch
         if content_hash(data) != entry.content_hash:
             continue  # changed since it was cached: stale, not wrong
-        fresh = engine.recompute(index, data, with_maps=source in words)
+        fresh = engine.recompute(index, data, with_maps=with_maps)
         for kind, (key, arrays) in fresh.items():
             try:
                 cached = store.get(kind, key)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from diskcache_ocr import batchmem
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
+from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import Preset, cache_plan
@@ -314,116 +315,31 @@ def _run_chunks(engine: ReadThrough, chunks: list[list[int]], workers: int
         _worker_engine = None
 
 
-DEFAULT_NODE = "datasets.val_dataset"
-CACHE_ENV = "DISKCACHE_OCR_DIR"
-
-
 def prebuild_hydra(config_dir: str | os.PathLike[str], config_name: str,
                    overrides: Sequence[str] = (), *, nodes: Sequence[str] = (DEFAULT_NODE,),
                    workers: int = 1, rebuild: bool = False, progress: bool = True,
                    chunk: int = DEFAULT_CHUNK, cache_dir: str | os.PathLike[str] | None = None,
                    ) -> list[tuple[str, Path, BuildSummary]]:
     """Build what the dataset at each of ``nodes`` of a Hydra config reads, as the app's own
-    run would make it (``config_dir``/``config_name`` with ``overrides``, e.g.
-    ``data/performance_preset=validation_optimized``): each node is instantiated, without
-    preloading, and built by :func:`prebuild_dataset`.
+    run makes it (``config_dir``/``config_name`` with ``overrides``, e.g.
+    ``data/performance_preset=validation_optimized``; see
+    :func:`~diskcache_ocr.hydra_app.config_datasets`), by :func:`prebuild_dataset`.
 
-    The config directory's parent and the working directory go on the import path, so the
-    project's own ``_target_`` classes (its transforms) import as they do in its runs.
     ``rebuild``: replace records of another version or pipeline in the dataset's cache
     (otherwise such records are an error that names them, and nothing is changed).
-    ``cache_dir``: the cache of a dataset whose config names none (as
-    ``$DISKCACHE_OCR_DIR`` does in the app's run). Returns (node, cache directory, summary)
-    per node.
+    ``cache_dir``: the cache of a dataset whose config names none. Returns (node, cache
+    directory, summary) per node.
     """
-    import sys as _sys
-
-    try:
-        from hydra import compose, initialize_config_dir
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.errors import HydraException
-        from hydra.utils import get_class, instantiate
-        from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-    except ImportError:
-        raise CacheError("prebuild from a Hydra config needs hydra-core "
-                         "(pip install hydra-core)") from None
-    config_dir = Path(config_dir).resolve()
-    if not config_dir.is_dir():
-        raise CacheError(f"{config_dir}: no such config directory")
-    added = [p for p in (str(Path.cwd()), str(config_dir.parent)) if p not in _sys.path]
-    _sys.path[:0] = added
-    hydra_config = HydraConfig.instance()
-    before = hydra_config.cfg
-    env_before = os.environ.get(CACHE_ENV)
-    if cache_dir is not None:
-        os.environ[CACHE_ENV] = str(cache_dir)
     out = []
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.2"):
-            try:
-                cfg = compose(config_name=config_name, overrides=list(overrides),
-                              return_hydra_config=True)
-            except (HydraException, OmegaConfBaseException) as exc:
-                raise CacheError(f"{config_dir}/{config_name}: {exc}") from None
-            # ``${hydra:runtime.cwd}`` and the preset choice resolve as in the app's run
-            hydra_config.set_config(cfg)
-            for node_path in nodes:
-                ds = _instantiate_dataset(cfg, node_path, rebuild, OmegaConf, get_class,
-                                          instantiate)
-                if ds.store is None:
-                    raise CacheError(f"{node_path}: its preset {ds.plan.name!r} caches nothing: "
-                                     "there is nothing to build (pick one that caches, e.g. "
-                                     "data/performance_preset=validation_optimized)")
-                where = ds.store.path
-                out.append((node_path, where, prebuild_dataset(ds, workers=workers,
-                                                               progress=progress, chunk=chunk)))
-    finally:
-        hydra_config.cfg = before
-        for path in added:
-            if path in _sys.path:
-                _sys.path.remove(path)
-        if env_before is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = env_before
+    with config_datasets(config_dir, config_name, overrides, nodes=nodes, cache_dir=cache_dir,
+                         on_mismatch="rebuild" if rebuild else "error",
+                         store_options={"sync": False}) as made:
+        for node_path, ds in made:
+            if ds.store is None:
+                raise CacheError(f"{node_path}: its preset {ds.plan.name!r} caches nothing: "
+                                 "there is nothing to build (pick one that caches, e.g. "
+                                 "data/performance_preset=validation_optimized)")
+            where = ds.store.path
+            out.append((node_path, where, prebuild_dataset(ds, workers=workers,
+                                                           progress=progress, chunk=chunk)))
     return out
-
-
-def _instantiate_dataset(cfg: Any, node_path: str, rebuild: bool, OmegaConf: Any,
-                         get_class: Any, instantiate: Any) -> CachedOCRDataset:
-    from hydra.errors import HydraException
-
-    from diskcache_ocr.errors import CacheVersionError
-
-    node = OmegaConf.select(cfg, node_path)
-    if node is None or not OmegaConf.is_dict(node):
-        found = OmegaConf.select(cfg, "datasets")
-        names = ", ".join(f"datasets.{k}" for k in found) if OmegaConf.is_dict(found) else "none"
-        raise CacheError(f"no dataset node {node_path!r} in the config (dataset nodes: "
-                         f"{names}); choose one with --node")
-    target = node.get("_target_")
-    try:
-        cls = get_class(str(target))
-    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for a bad target
-        raise CacheError(f"{node_path}: cannot import its _target_ {target!r} ({exc})"
-                         ) from None
-    if not (isinstance(cls, type) and issubclass(cls, CachedOCRDataset)):
-        raise CacheError(f"{node_path}: its dataset is {target}, not a diskcache-ocr dataset; "
-                         "set `_target_: diskcache_ocr.origin.ValidatedOCRDataset` there")
-    try:
-        ds = instantiate(node, preload=False, on_mismatch="rebuild" if rebuild else "error",
-                         store_options={"sync": False})
-    except HydraException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, CacheVersionError):
-            found = str(cause).split("; open with")[0]  # (its advice is this command's)
-            raise CacheError(f"{node_path}: its cache holds records of another pipeline or "
-                             f"version ({found}); nothing was changed. Pass --rebuild to "
-                             "replace them with this dataset's, or give this dataset its own "
-                             "cache_dir") from None
-        if isinstance(cause, CacheError):
-            raise CacheError(f"{node_path}: {cause}") from None
-        raise CacheError(f"{node_path}: cannot make its dataset: {cause or exc}") from None
-    assert isinstance(ds, CachedOCRDataset)
-    return ds

@@ -295,3 +295,50 @@ def test_prebuild_from_a_config_whose_dataset_is_not_ours(data, tmp_path, capsys
                          "--cache", tmp_path / "cache")
     assert rc == 2 and "not a diskcache-ocr dataset" in err
     assert not (tmp_path / "cache").exists()
+
+
+# -- verify --recompute through a user's pipeline ---------------------------------------------
+def _spoil_one_tensor(cache):
+    """A valid but wrong tensors record (one value changed, checksum rewritten)."""
+    with CacheStore(cache) as store:
+        entries = dict(store.iter_index())
+        source = sorted(entries)[1]
+        key = entries[source].keys["tensors"]
+        record = store.get("tensors", key)
+        record["image"] = record["image"].copy()
+        record["image"].flat[0] += 1
+        with store.writer() as w:
+            w.put("tensors", key, record)
+    return source
+
+
+def test_verify_recompute_through_a_user_pipeline(data, tmp_path, capsys):
+    from diskcache_ocr.ops import verify
+
+    cache = tmp_path / "c"
+    prebuild_dataset(albu_dataset(data, cache), progress=False)
+    report = verify(cache, recompute=N, dataset=albu_dataset(data, cache, readonly=True))
+    assert (report["corrupt"], report["mismatched"]) == ([], [])
+    source = _spoil_one_tensor(cache)
+    assert verify(cache)["corrupt"] == []  # a valid record: only recomputing can tell
+    report = verify(cache, recompute=N, dataset=albu_dataset(data, cache, readonly=True))
+    assert report["mismatched"] == [f"{source} tensors.image"]
+    # without the dataset, the command line says how to recompute such a cache
+    rc, _, err = run_cli(capsys, "verify", "--cache", cache, "--recompute", "1")
+    assert rc == 2 and "--config-name" in err
+
+
+def test_verify_recompute_from_their_hydra_config(data, tmp_path, capsys):
+    conf = hydra_tree(tmp_path, data)
+    cache = tmp_path / "cache"
+    argv = ["--config-dir", conf, "--config-name", "train", "--cache", cache,
+            "data/performance_preset=validation_optimized"]
+    assert run_cli(capsys, "prebuild", *argv)[0] == 0
+    rc, out, err = run_cli(capsys, "verify", "--recompute", N, "--json", *argv)
+    assert rc == 0, err
+    data_ = json.loads(out)
+    assert (data_["node"], data_["cache"], data_["mismatched"]) == (
+        "datasets.val_dataset", str(cache), [])
+    source = _spoil_one_tensor(cache)
+    rc, out, _ = run_cli(capsys, "verify", "--recompute", N, *argv)
+    assert rc == 1 and f"mismatch: {source} tensors.image" in out
