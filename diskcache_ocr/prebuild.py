@@ -4,28 +4,19 @@ Three entries: :func:`prebuild` builds the built-in pipeline from an images dire
 annotation file; :func:`prebuild_dataset` builds exactly what a given dataset reads (its
 pipeline, its plan, its cache: a user's own transform included); :func:`prebuild_hydra` builds
 what a Hydra config's dataset node reads. None replaces records another pipeline wrote.
-
-Work is split into small chunks handed to N processes (fork); each process computes and
-writes its own chunks (LMDB serializes writers), so the build is compute-bound. Every chunk
-commits atomically: after a kill at any moment the next run skips what is complete.
-Under ``torchrun``, each rank builds every ``world_size``-th image; rank 0 stamps the header
-first and marks the build clean last, with barriers between.
+The parallel, resumable, rank-sharded work itself is :func:`~diskcache_ocr.build.build_engine`.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from diskcache_ocr import batchmem
+from diskcache_ocr.build import DEFAULT_CHUNK, BuildSummary, barrier, build_engine, dist_info
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
@@ -35,75 +26,6 @@ from diskcache_ocr.presets import Preset, cache_plan
 from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.store import CacheStore, Policy
 from diskcache_ocr.store.wipe import has_cache
-
-DEFAULT_CHUNK = 4
-
-
-@dataclass
-class BuildSummary:
-    total: int = 0  # images in this rank's share
-    built: int = 0
-    skipped: int = 0  # already complete
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    write_seconds: float = 0.0  # summed over processes
-    workers: int = 1
-    rank: int = 0
-    world_size: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failed"] = [{"source": s, "reason": r} for s, r in self.failed]
-        return d
-
-    def line(self) -> str:
-        rate = self.built / self.seconds if self.seconds else 0.0
-        share = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
-        return (f"{share}{self.built} built, {self.skipped} already cached, {len(self.failed)} "
-                f"failed, of {self.total} in {self.seconds:.1f} s ({rate:.1f} images/s, "
-                f"{self.workers} workers)")
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialized, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover - torch always ships it
-        pass
-    return 0, 1
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# The engine each pool worker uses, inherited through fork (never pickled per task).
-_worker_engine: ReadThrough | None = None
-
-
-def _init_worker() -> None:
-    # NOTE: a forked child must not enter an OpenMP parallel region the parent started
-    # (it hangs); one intra-op thread per worker is also what a process pool wants.
-    import torch
-
-    from diskcache_ocr.batchmem import keep_freed_memory
-
-    torch.set_num_threads(1)
-    keep_freed_memory()  # (a process of our own that only builds: keep freed heap memory)
-
-
-def _build_chunk(chunk: Sequence[int]) -> tuple[list[tuple[str, str | None, bool]], float]:
-    engine = _worker_engine
-    assert engine is not None
-    before = engine.write_seconds
-    rows = [tuple(r) for r in engine.build(chunk)]
-    return rows, engine.write_seconds - before  # type: ignore[return-value]
 
 
 def prebuild(
@@ -189,11 +111,11 @@ def _build(
     if rank == 0:
         refuse_other_pipeline(cache_dir, cache_plan(preset).cached)
         ds = open_dataset(on_mismatch)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         ds = open_dataset("error")  # rank 0 already rebuilt what had to be rebuilt
-    return _build_engine(ds.engine, workers=workers, progress=progress, chunk=chunk,
-                         rank=rank, world=world, started=started)
+    return build_engine(ds.engine, workers=workers, progress=progress, chunk=chunk,
+                        started=started)
 
 
 def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str]) -> None:
@@ -240,79 +162,11 @@ def prebuild_dataset(dataset: Any, *, workers: int = 1, progress: bool = True,
     >>> prebuild_dataset(ds, workers=8).line()                             # doctest: +SKIP
     '40 built, 0 already cached, 0 failed, of 40 in 3.1 s (12.9 images/s, 8 workers)'
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     engine = getattr(dataset, "engine", dataset)
     if not isinstance(engine, ReadThrough):
         raise TypeError(f"prebuild_dataset takes a CachedOCRDataset (or its engine), got "
                         f"{type(dataset).__name__}")
-    rank, world = dist_info()
-    return _build_engine(engine, workers=workers, progress=progress, chunk=chunk, rank=rank,
-                         world=world, started=time.perf_counter())
-
-
-def _build_engine(engine: ReadThrough, *, workers: int, progress: bool, chunk: int,
-                  rank: int, world: int, started: float) -> BuildSummary:
-    """Build this rank's share of what ``engine`` caches; rank 0 marks the build in the
-    header (unfinished first, clean last), with barriers between."""
-    store = engine.store
-    if store is None:
-        raise ValueError(f"preset {engine.plan.name!r} caches nothing: there is nothing to "
-                         "build")
-    if store.readonly:
-        raise CacheError(f"{store.path}: the dataset opened its cache read-only; nothing can "
-                         "be built")
-    if rank == 0:
-        store.update_header(build={"clean": False, "started": time.time(), "world_size": world})
-    _barrier(world)
-
-    share = list(range(rank, len(engine.catalog), world))
-    todo, known_failed = engine.missing(share)
-    # An index status reads "failed: <reason>"; report the reason as a fresh failure does.
-    summary = BuildSummary(total=len(share), skipped=len(share) - len(todo) - len(known_failed),
-                           failed=[(s, r.removeprefix("failed: ")) for s, r in known_failed],
-                           workers=workers, rank=rank, world_size=world)
-    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
-    bar = tqdm(total=len(todo), unit="img", desc=f"prebuild{f' rank {rank}' if world > 1 else ''}",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for rows, write_s in _run_chunks(engine, chunks, workers):
-            summary.write_seconds += write_s
-            for source, error, _computed in rows:
-                if error is None:
-                    summary.built += 1
-                else:
-                    summary.failed.append((source, error))
-            bar.update(len(rows))
-    finally:
-        bar.close()
-    store.sync()
-    _barrier(world)
-    if rank == 0:
-        # Everything is on disk now (synced above): no unsynced writes are outstanding.
-        store.update_header(build={"clean": True, "finished": time.time(), "world_size": world},
-                            unsynced_boot=None)
-        store.sync()
-    store.close()
-    summary.seconds = time.perf_counter() - started
-    return summary
-
-
-def _run_chunks(engine: ReadThrough, chunks: list[list[int]], workers: int
-                ) -> Iterator[tuple[list[tuple[str, str | None, bool]], float]]:
-    global _worker_engine
-    _worker_engine = engine
-    try:
-        if workers == 1 or len(chunks) <= 1:
-            for c in chunks:
-                yield _build_chunk(c)
-            return
-        assert engine.store is not None
-        engine.store.close()  # (also done by the fork hook) the children open their own
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            yield from pool.imap_unordered(_build_chunk, chunks)
-    finally:
-        _worker_engine = None
+    return build_engine(engine, workers=workers, progress=progress, chunk=chunk)
 
 
 def prebuild_hydra(config_dir: str | os.PathLike[str], config_name: str,
@@ -343,3 +197,7 @@ def prebuild_hydra(config_dir: str | os.PathLike[str], config_name: str,
             out.append((node_path, where, prebuild_dataset(ds, workers=workers,
                                                            progress=progress, chunk=chunk)))
     return out
+
+
+__all__ = ["DEFAULT_CHUNK", "BuildSummary", "dist_info", "prebuild", "prebuild_dataset",
+           "prebuild_hydra", "refuse_other_pipeline"]
