@@ -62,8 +62,10 @@ def _pipeline_line(pipeline: dict[str, Any]) -> str:
     """Which pipeline wrote the cache, in one line."""
     if pipeline.get("name") == "user":
         summary = pipeline.get("summary", {})
-        return (f"pipeline: convention {pipeline.get('convention')}; transform: "
-                f"{summary.get('transform')}; maps: {summary.get('maps')}")
+        convention = (f"convention {pipeline['convention']}; " if pipeline.get("convention")
+                      else "")
+        return (f"pipeline: yours ({convention}transform: {summary.get('transform')}; "
+                f"maps: {summary.get('maps')})")
     if pipeline.get("name") == "built-in":
         return "pipeline: built-in (transform and maps of the db convention)"
     return "pipeline: none recorded yet"

@@ -65,26 +65,36 @@ def stored_pipeline(header: dict[str, Any]) -> Pipeline:
     return Pipeline(transform=transform or TransformConfig(), maps=maps)
 
 
+# The version a user pipeline's stages stamp on the tensors and maps kinds they write.
+STAGES_VERSION = "stage"
+
+
 def _versions(header: dict[str, Any]) -> tuple[dict[str, KindVersion], dict[str, KindVersion]]:
     """(stored, current) versions of each kind. A kind whose current version the command line
-    cannot know is absent from ``current``: a user pipeline's tensors and maps (only that
-    pipeline knows them; its dataset checks them when it opens)."""
+    cannot know is absent from ``current``: tensors and maps a user pipeline wrote (only that
+    pipeline knows its versions; its dataset checks them when it opens)."""
     stored = {k: KindVersion.from_dict(v) for k, v in header.get("kinds", {}).items()}
     current = stored_pipeline(header).kind_versions()
-    if header.get("stage_pipeline"):
-        # (decoding is the same for every pipeline: the images kind is known either way)
-        current = {"images": current["images"]}
+    for kind in ("tensors", "maps"):  # (decoding is the same for every pipeline: images stay)
+        if header.get("stage_pipeline") or (
+                kind in stored and stored[kind].version == STAGES_VERSION):
+            current.pop(kind)
     return stored, current
 
 
 def pipeline_of(header: dict[str, Any]) -> dict[str, Any]:
     """Which pipeline wrote a cache's tensors and maps, from its header: ``name`` is
-    ``"user"`` (the user's stages, with their fingerprints), ``"built-in"`` (with its
-    parameters) or None (nothing recorded yet)."""
+    ``"user"`` (the user's stages, with their descriptions where the header still has them),
+    ``"built-in"`` (with its parameters) or None (nothing recorded yet)."""
     stage = header.get("stage_pipeline")
     if isinstance(stage, dict) and stage:
         return {"name": "user", **stage,
                 "summary": {k: stage_summary(stage.get(k)) for k in ("transform", "maps")}}
+    kinds = header.get("kinds", {})
+    if any(kinds.get(k, {}).get("version") == STAGES_VERSION for k in ("tensors", "maps")):
+        # (a build of the built-in pipeline that cached images only restamped the header)
+        unknown = "not recorded (a later build of the built-in pipeline shared its images)"
+        return {"name": "user", "summary": {"transform": unknown, "maps": unknown}}
     if header.get("pipeline"):
         return {"name": "built-in", **header["pipeline"]}
     return {"name": None}

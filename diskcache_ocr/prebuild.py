@@ -135,9 +135,10 @@ def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str
     if not taken or owner["name"] != "user":
         return
     summary = owner.get("summary", {})
+    convention = f"convention {owner['convention']}; " if owner.get("convention") else ""
     raise CacheError(
         f"{cache_dir}: its {' and '.join(taken)} were written by another pipeline "
-        f"(convention {owner.get('convention')}; transform: {summary.get('transform')}; "
+        f"({convention}transform: {summary.get('transform')}; "
         f"preset {header.get('preset')}, images {header.get('dataset_root')}), not by the "
         "built-in pipeline this prebuild builds; nothing was changed. Prebuild that pipeline "
         "instead (`diskcache-ocr prebuild --config-dir DIR --config-name NAME`, or "

@@ -82,7 +82,7 @@ def test_status_reports_what_any_pipeline_wrote(cache, capsys):
         assert data["kinds"]["images"]["up_to_date"] is True
     rc, out, err = run_cli(capsys, "status", "--cache", path)
     assert rc == 0 and "Traceback" not in err
-    assert ("pipeline: convention " if pipeline == "user" else "pipeline: built-in") in out
+    assert ("pipeline: yours (" if pipeline == "user" else "pipeline: built-in") in out
     if name == "albu-tensors":
         assert "albumentations Compose (LongestMaxSize, PadIfNeeded, Normalize)" in out
     if name == "callable-all":

@@ -158,11 +158,20 @@ def test_builtin_prebuild_refuses_a_cache_another_pipeline_wrote(data, tmp_path,
     assert prebuild(*split_paths(data), cache, progress=False).built == N
 
 
-def test_builtin_prebuild_shares_the_images_of_another_pipeline(data, tmp_path):
-    """Only tensors and maps belong to a pipeline: a build that caches images only goes on."""
+def test_builtin_prebuild_shares_the_images_of_another_pipeline(data, tmp_path, capsys):
+    """Only tensors and maps belong to a pipeline: a build that caches images only goes on,
+    and the tensors and maps stay known as the other pipeline's."""
     cache = dropin_cache(data, tmp_path / "c")
     summary = prebuild(*split_paths(data), cache, preset="balanced", progress=False)
     assert summary.skipped == N  # the drop-in's decoded images are the same records
+    rc, out, _ = run_cli(capsys, "status", "--cache", cache, "--json")
+    status = json.loads(out)
+    assert rc == 0 and status["pipeline"]["name"] == "user"
+    assert status["kinds"]["tensors"]["up_to_date"] is None  # (not a built-in mismatch)
+    rc, out, _ = run_cli(capsys, "health", "--cache", cache, "--json")
+    assert rc == 0 and json.loads(out)["problems"] == []
+    with pytest.raises(CacheError, match="another pipeline"):
+        prebuild(*split_paths(data), cache, progress=False)
 
 
 # -- from a Hydra tree ----------------------------------------------------------------------------
