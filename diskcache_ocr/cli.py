@@ -58,19 +58,6 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], st
 
 
 # -- commands -------------------------------------------------------------------------------
-def _pipeline_line(pipeline: dict[str, Any]) -> str:
-    """Which pipeline wrote the cache, in one line."""
-    if pipeline.get("name") == "user":
-        summary = pipeline.get("summary", {})
-        convention = (f"convention {pipeline['convention']}; " if pipeline.get("convention")
-                      else "")
-        return (f"pipeline: yours ({convention}transform: {summary.get('transform')}; "
-                f"maps: {summary.get('maps')})")
-    if pipeline.get("name") == "built-in":
-        return "pipeline: built-in (transform and maps of the db convention)"
-    return "pipeline: none recorded yet"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import report
     from diskcache_ocr.schema import format_hit_rates
@@ -89,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return "\n".join([
             f"cache {data['path']}  (format {h.get('format')}, library {h.get('library')}, "
             f"engine {h.get('engine')}, preset {h.get('preset', '-')})",
-            _pipeline_line(data["pipeline"]),
+            f"pipeline: {data['pipeline']['line']}",
             _table(rows, ["kind", "entries", "bytes", "stored version", "current version",
                           "up to date"]),
             f"sources indexed: {data['index']['sources']} ({data['index']['failed']} failed)",
@@ -156,7 +143,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     def human() -> str:
         lines = [f"{'valid' if data['ok'] else 'problems in'}: {data['path']}"
                  + (f" (package {data['package']})" if data["package"] else "")]
-        lines += [f"  {node}: {_preset_summary(p)}" for node, p in data["presets"].items()]
+        lines += [f"  {node}: caches {', '.join(p['caches']) or 'nothing'}; load_maps "
+                  f"{'on' if p['load_maps'] else 'off'}" for node, p in data["presets"].items()]
         if data["problems"]:
             lines.append(_table([(p["code"], p["node"], p["detail"]) for p in data["problems"]],
                                 ["problem", "node", "detail"]))
@@ -167,21 +155,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0 if data["ok"] else EXIT_PROBLEMS
 
 
-def _preset_summary(preset: dict[str, Any]) -> str:
-    cache = preset["cache_config"]
-    kinds = [k for k, key in (("images", "cache_images"), ("tensors", "cache_transformed_tensors"),
-                              ("maps", "cache_maps")) if cache[key]]
-    return (f"caches {', '.join(kinds) or 'nothing'}; load_maps "
-            f"{'on' if preset['load_maps'] else 'off'}")
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import verify
 
     if args.config is not None:
         return cmd_check_config(args)
     if args.config_name is not None:
-        data = _verify_hydra(args)
+        from diskcache_ocr.hydra_app import DEFAULT_NODE
+        from diskcache_ocr.ops import verify_config_dataset
+
+        data = verify_config_dataset(args.config_dir, args.config_name, args.overrides,
+                                     node=args.node or DEFAULT_NODE, cache_dir=args.cache,
+                                     sample=args.sample, recompute=args.recompute)
     elif args.overrides:
         raise ValueError(f"unexpected arguments {' '.join(args.overrides)} (Hydra overrides "
                          "go with --config-name)")
@@ -199,15 +184,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return EXIT_PROBLEMS if data["corrupt"] or data["mismatched"] else 0
-
-
-def _verify_hydra(args: argparse.Namespace) -> dict[str, Any]:
-    from diskcache_ocr.hydra_app import DEFAULT_NODE
-    from diskcache_ocr.ops import verify_config_dataset
-
-    return verify_config_dataset(args.config_dir, args.config_name, args.overrides,
-                                 node=args.node or DEFAULT_NODE, cache_dir=args.cache,
-                                 sample=args.sample, recompute=args.recompute)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -428,14 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
             "build the cache for a split, in parallel, resumable: the built-in pipeline "
             "(--images, --annotations, --preset), or exactly what a Hydra config's dataset "
             "reads, its own transform included (--config-name, overrides)")
-    p.epilog = ("From your Hydra tree, at the project root: `diskcache-ocr prebuild "
-                "--config-name train data/performance_preset=validation_optimized --workers 8`"
-                " builds what datasets.val_dataset reads (its _target_ must be a diskcache-ocr "
-                "dataset, e.g. diskcache_ocr.origin.ValidatedOCRDataset), into the cache the "
-                "dataset uses. The project root (the config directory's parent) is put on the "
-                "import path, so your transforms' _target_s import. Records that another "
-                "pipeline or version wrote are never replaced silently: the built-in build "
-                "refuses a directory your pipeline wrote; a config build asks for --rebuild.")
+    p.epilog = ("In your Hydra project's root: `diskcache-ocr prebuild --config-name train "
+                "data/performance_preset=validation_optimized --workers 8` builds what "
+                "datasets.val_dataset reads (a diskcache-ocr dataset's node), into its cache, "
+                "with your transforms (the config directory's parent is importable). Records "
+                "of another pipeline or version are never replaced silently.")
     p.add_argument("--images", type=Path, help="directory of the split's images")
     p.add_argument("--annotations", type=Path, help="JSON file or ICDAR-2015 gt directory")
     p.add_argument("--preset", default=None, type=_preset_arg,

@@ -80,8 +80,9 @@ def _is_training(node: str, config: Mapping[str, Any]) -> bool:
 
 def check_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every preset a config file sets. Returns ``ok`` (no problems), ``problems`` and
-    ``notes`` (lists of ``{code, node, detail}``) and ``presets`` (node -> the settings it
-    resolves to, for the nodes that load). An unreadable file raises :class:`PresetError`."""
+    ``notes`` (lists of ``{code, node, detail}``) and ``presets`` (node -> the kinds it
+    caches, ``load_maps`` and all its ``settings``, for the nodes that load). An unreadable
+    file raises :class:`PresetError`."""
     path = Path(path)
     data = read_preset_file(path)
     package = _package_header(path) or ""
@@ -108,7 +109,10 @@ def check_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         except PresetError as exc:
             problems.append(Finding("invalid_preset", where, str(exc)))
             continue
-        presets[where] = preset.to_dict()
+        presets[where] = {"caches": [k for k, on in (("images", preset.cache_images),
+                                                      ("tensors", preset.cache_tensors),
+                                                      ("maps", preset.cache_maps)) if on],
+                          "load_maps": preset.load_maps, "settings": preset.to_dict()}
         if dataset_node:
             unknown = sorted(k for k in config if k not in keys and k.startswith(
                 ("cache_", "preload_", "load_", "prenormalize")))

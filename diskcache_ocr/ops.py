@@ -87,17 +87,23 @@ def pipeline_of(header: dict[str, Any]) -> dict[str, Any]:
     ``"user"`` (the user's stages, with their descriptions where the header still has them),
     ``"built-in"`` (with its parameters) or None (nothing recorded yet)."""
     stage = header.get("stage_pipeline")
-    if isinstance(stage, dict) and stage:
-        return {"name": "user", **stage,
-                "summary": {k: stage_summary(stage.get(k)) for k in ("transform", "maps")}}
     kinds = header.get("kinds", {})
-    if any(kinds.get(k, {}).get("version") == STAGES_VERSION for k in ("tensors", "maps")):
+    if isinstance(stage, dict) and stage:
+        out = {"name": "user", **stage,
+               "summary": {k: stage_summary(stage.get(k)) for k in ("transform", "maps")}}
+    elif any(kinds.get(k, {}).get("version") == STAGES_VERSION for k in ("tensors", "maps")):
         # (a build of the built-in pipeline that cached images only restamped the header)
         unknown = "not recorded (a later build of the built-in pipeline shared its images)"
-        return {"name": "user", "summary": {"transform": unknown, "maps": unknown}}
-    if header.get("pipeline"):
-        return {"name": "built-in", **header["pipeline"]}
-    return {"name": None}
+        out = {"name": "user", "summary": {"transform": unknown, "maps": unknown}}
+    elif header.get("pipeline"):
+        return {"name": "built-in", **header["pipeline"],
+                "line": "built-in (transform and maps of the db convention)"}
+    else:
+        return {"name": None, "line": "none recorded yet"}
+    convention = f"convention {out['convention']}; " if out.get("convention") else ""
+    out["line"] = (f"yours ({convention}transform: {out['summary']['transform']}; "
+                   f"maps: {out['summary']['maps']})")
+    return out
 
 
 def status(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -154,7 +160,8 @@ def empty_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What :func:`status` reports where no cache was written yet (its shape, all zero)."""
     current = stored_pipeline({}).kind_versions()
     return {
-        "path": str(path), "empty": True, "header": {}, "pipeline": {"name": None},
+        "path": str(path), "empty": True, "header": {},
+        "pipeline": {"name": None, "line": "none recorded yet"},
         "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
                       "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
         "index": {"sources": 0, "failed": 0},

@@ -396,7 +396,8 @@ def test_validate_config_accepts_their_preset_and_data_files(tmp_path, capsys):
     assert rc == 0 and data["ok"] and data["problems"] == []
     assert data["package"] == "_global_.datasets.val_dataset.config"
     node = data["presets"]["datasets.val_dataset.config"]
-    assert node["cache_config"]["cache_transformed_tensors"] is True and node["load_maps"]
+    assert node["caches"] == ["images", "tensors", "maps"] and node["load_maps"] is True
+    assert node["settings"]["cache_config"]["cache_transformed_tensors"] is True
     assert {n["code"] for n in data["notes"]} == {"no_effect"}  # turbojpeg: said, not fatal
     config = tmp_path / "base.yaml"
     config.write_text(THEIR_DATA_CONFIG.replace("TRAIN_TENSORS", "false"))
