@@ -60,6 +60,20 @@ def image_header(data: bytes) -> tuple[tuple[int, int], int]:
 
 
 
+def decode_params(convention: str = "db") -> dict[str, Any]:
+    """What decoding does under ``convention``, as data (its alpha rule)."""
+    decode = dict(DECODE_PARAMS)
+    if get_convention(convention).alpha == "drop":
+        decode.update(alpha="dropped", sixteen_bit="pillow-convert")
+    return decode
+
+
+def images_version(convention: str = "db") -> KindVersion:
+    """The ``images`` kind's version under ``convention``'s decode rules."""
+    decode = decode_params(convention)
+    return KindVersion(str(decode["version"]), fingerprint({"decode": decode}))
+
+
 def transform_stage(transform: object = None, *, version: object = None,
                     convention: str = "db") -> TransformStage:
     """The stage for what a user passes: None (the convention's built-in transform), an
@@ -158,13 +172,11 @@ class StagePipeline:
         return frozenset(kinds)
 
     def kind_versions(self) -> dict[str, KindVersion]:
-        decode = dict(DECODE_PARAMS)
-        if self.conv.alpha == "drop":
-            decode.update(alpha="dropped", sixteen_bit="pillow-convert")
+        decode = decode_params(self.convention)
         conv = self.conv.fingerprint()
         rules = {"annotations": conv["annotations"], "exif": conv["exif"],
                  "words": conv["words"]}
-        out = {"images": KindVersion(str(decode["version"]), fingerprint({"decode": decode}))}
+        out = {"images": images_version(self.convention)}
         front = self._front_stage()
         if front is None:
             return out
@@ -325,4 +337,5 @@ class StagePipeline:
         return state
 
 
-__all__ = ["StagePipeline", "image_header", "transform_stage"]
+__all__ = ["StagePipeline", "decode_params", "image_header", "images_version",
+           "transform_stage"]
