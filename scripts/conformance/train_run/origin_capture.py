@@ -88,10 +88,11 @@ def _base_dataset(dataset: Any) -> Any:
 class CaptureCallback(Callback):  # type: ignore[misc,valid-type]
     """Records the evaluation's inputs per stage into ``out`` (JSON)."""
 
-    def __init__(self, out: str, max_batch_items: int = 64) -> None:
+    def __init__(self, out: str, max_batch_items: int = 64, probe: bool = False) -> None:
         super().__init__()
         self.out = Path(out)
         self.max_batch_items = max_batch_items
+        self.probe = probe  # also record quantiles of the model's probability map (a forward)
         self.record: dict[str, Any] = {"stages": {}, "events": [], "exception": None}
 
     # -- writing ---------------------------------------------------------------------------
@@ -201,8 +202,19 @@ class CaptureCallback(Callback):  # type: ignore[misc,valid-type]
         self._save()
 
     # -- Lightning hooks -------------------------------------------------------------------
+    def _probe(self, stage: str, pl_module: Any, batch: Any) -> None:
+        import torch
+        with torch.no_grad():
+            prob = pl_module.model(**batch)["prob_maps"].detach().float().flatten()
+        qs = [0.5, 0.9, 0.99, 0.999, 1.0]
+        values = torch.quantile(prob[:: max(1, prob.numel() // 1_000_000)], torch.tensor(qs))
+        self._stage(stage).setdefault("prob_quantiles", []).append(
+            dict(zip(map(str, qs), values.tolist(), strict=True)))
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0):
+        if self.probe:
+            self._probe("val", pl_module, batch)
         self._update("val", pl_module, batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,

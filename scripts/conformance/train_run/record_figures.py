@@ -69,6 +69,11 @@ def figures(res: dict[str, Any], data_root: Path, origin: Path) -> dict[str, Any
             "items": per_item,
             "metrics": rec["metrics"],
         }
+    for stage, rec in stages.items():
+        if stage != "val" and "val" in stages:
+            for key in ("gt", "gt_types", "items"):
+                if rec[key] == stages["val"][key]:
+                    rec[key] = {"same_as": "val"}
     commit = subprocess.run(["git", "-C", str(origin), "rev-parse", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip() or None
     overrides = [a for a in res["command"][2:] if "callbacks.capture" not in a
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "val.json").write_text((data_root / "jsons" / "val.json").read_text())
     (a.out / "figures.json").write_text(
-        json.dumps(figures(res, data_root, a.origin), indent=1) + "\n")
+        json.dumps(figures(res, data_root, a.origin), separators=(",", ":")) + "\n")
     print(f"wrote {a.out}/figures.json ({res['wall_s']} s)")
     return 0
 
