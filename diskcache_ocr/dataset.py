@@ -65,6 +65,11 @@ class CachedOCRDataset(Dataset[Sample]):
     ``$DISKCACHE_OCR_DIR``, else ``~/.cache/diskcache-ocr``. ``load_maps`` overrides the
     preset's (e.g. ``balanced`` + ``load_maps=True`` trains a DBNet: maps made live).
 
+    ``preload``: None follows the preset (``preload_images`` / ``preload_maps`` build what is
+    missing now, then read it ahead); True / False force it; ``"first-epoch"`` reads ahead
+    what exists now and leaves the rest to the first epoch's reads, which build it in
+    parallel in the DataLoader's workers.
+
     ``output="compact"`` (or a preset's ``output: compact``) returns the stored forms instead:
     the uint8 resized, padded image, the binary maps as uint8 0/1, the float32 threshold map,
     and a ``"finish"`` entry (plain data) saying how to make them float32;
@@ -98,7 +103,7 @@ class CachedOCRDataset(Dataset[Sample]):
         readonly: bool = False,
         check_source: bool = True,
         store_options: Mapping[str, Any] | None = None,
-        preload: bool | None = None,
+        preload: bool | Literal["first-epoch"] | None = None,
         output: Literal["float32", "compact"] | None = None,
     ) -> None:
         self.preset = load_preset(preset)
@@ -144,7 +149,8 @@ class CachedOCRDataset(Dataset[Sample]):
             raise CacheError(f"item_keys must be 'db' or 'origin', got {item_keys!r}")
         self.item_keys = item_keys
         self.plan = plan
-        self.catalog = Catalog(load_annotations(images_dir, annotations))
+        rules = "origin" if convention == "origin" else "db"
+        self.catalog = Catalog(load_annotations(images_dir, annotations, rules))
         self.images_dir = self.catalog.images_dir
         self.problems = self.catalog.problems  # what was skipped while loading, and why
         store = None
@@ -182,7 +188,13 @@ class CachedOCRDataset(Dataset[Sample]):
                                                   "maps": pipeline.maps.to_dict()}}
                     store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
                                         **described)
-                if plan.preload if preload is None else preload:
+                if preload == "first-epoch":
+                    # What is missing is built by the first epoch's reads, in parallel in the
+                    # DataLoader's workers (building it here is serial, before the first
+                    # batch); what exists is read ahead now.
+                    if plan.preload and plan.warm:
+                        store.warm()
+                elif plan.preload if preload is None else preload:
                     self.preload()
             except CacheFullError as exc:
                 # Nothing can be stamped or stored: serve computed samples, as a cache that

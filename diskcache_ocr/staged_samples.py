@@ -10,6 +10,7 @@ cache's memory map into their rows, instead of into fresh arrays first and the r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,17 +211,11 @@ def _staged_sample(pipeline: StagePipeline, catalog: Catalog, index: int, image:
                    maps: Mapping[str, np.ndarray] | None, raw_size: tuple[int, ...],
                    orientation: int, error: str | None, keys: str) -> Sample:
     file = catalog.source(index)
-    if keys == "origin":  # the origin dataset's item: numpy beside a tensor image
-        sample: Sample = {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "polygons": list(polygons), "inverse_matrix": np.asarray(inverse),
-            "metadata": {"filename": file, "path": str(catalog.images_dir / file),
-                         "raw_size": raw_size, "orientation": orientation, "error": error},
-        }
-        for name, arr in (maps or {}).items():
-            sample[name] = np.asarray(arr)
-        return _with_finish(sample, pipeline)
     upright = upright_size(*raw_size, orientation) if error is None else (0, 0)
+    if keys == "origin":
+        sample = _origin_item(catalog, index, image, polygons, inverse, maps, raw_size,
+                              orientation, upright, error)
+        return _with_finish(sample, pipeline)
     sample = {
         "image": torch.from_numpy(np.ascontiguousarray(image)),
         "polygons": list(polygons), "ignore": ignore,
@@ -231,6 +226,41 @@ def _staged_sample(pipeline: StagePipeline, catalog: Catalog, index: int, image:
     for name, arr in (maps or {}).items():
         sample[name] = torch.from_numpy(np.ascontiguousarray(arr))
     return _with_finish(sample, pipeline)
+
+
+def _origin_item(catalog: Catalog, index: int, image: np.ndarray,
+                 polygons: Sequence[np.ndarray], inverse: np.ndarray,
+                 maps: Mapping[str, np.ndarray] | None, raw_size: tuple[int, ...],
+                 orientation: int, upright: tuple[int, int], error: str | None) -> Sample:
+    """The origin dataset's item, key for key and type for type: a tensor image, (k, 2)
+    float32 polygons, its metadata (the decoded image's, as its transform passes it on),
+    ``prob_map`` / ``thresh_map`` (H, W) or None, a float32 inverse matrix."""
+    file = catalog.source(index)
+    has_words = bool(len(catalog.flat_words(index)[1]))
+    metadata: dict[str, Any] = {
+        "filename": file, "path": str(catalog.images_dir / file),
+        "original_shape": (int(upright[1]), int(upright[0])), "orientation": int(orientation),
+        "is_normalized": False, "dtype": "uint8",
+        "raw_size": (int(raw_size[0]), int(raw_size[1])),
+        # The origin names the frame "canonical" whenever an EXIF-rotated image has words.
+        "polygon_frame": "canonical" if orientation != 1 and has_words else "raw",
+        "cache_source": "disk", "cache_hits": None, "cache_misses": None,
+    }
+    if error is not None:
+        metadata["error"] = error
+    maps = maps or {}
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image)),
+        "polygons": [np.array(p, np.float32).reshape(-1, 2) for p in polygons],
+        "metadata": metadata,
+        "prob_map": _plane(maps.get("prob_map")),
+        "thresh_map": _plane(maps.get("thresh_map")),
+        "inverse_matrix": np.asarray(inverse, np.float32),
+    }
+
+
+def _plane(arr: np.ndarray | None) -> np.ndarray | None:
+    return None if arr is None else np.asarray(arr).reshape(np.shape(arr)[-2:])
 
 
 def _with_finish(sample: Sample, pipeline: StagePipeline) -> Sample:

@@ -71,7 +71,8 @@ def test_json_happy_path(tmp_path: Path) -> None:
     ann = load_annotations(images, ann_file)
     assert ann.problems == ()
     assert ann.images_dir == images.resolve()
-    assert [i.file for i in ann.items] == ["a.png", "b.jpg", "sub/c.jpg"]  # sorted, unlisted out
+    # the file's order, unlisted images out
+    assert [i.file for i in ann.items] == ["b.jpg", "a.png", "sub/c.jpg"]
     b = by_file(ann)["b.jpg"]
     assert b.word_ids == ("0001", "0002", "0003", "0004", "0005")
     assert b.ignore == (False, False, True, True, False)
@@ -465,3 +466,30 @@ def test_word_at_the_point_limit_is_kept_and_checked(tmp_path: Path) -> None:
     assert ann.problems == ()
     (poly,) = by_file(ann)["a.jpg"].polygons
     assert poly.shape == (MAX_POLYGON_POINTS, 2)
+
+
+# -- the file's order, repeated names, the origin's reading of words -----------------------
+
+def test_json_order_is_kept(tmp_path):
+    images = make_images(tmp_path / "img", "z.jpg", "a.jpg", "m.jpg")
+    ann = load_annotations(images, write_json(tmp_path / "v.json", {
+        "z.jpg": {}, "a.jpg": {}, "m.jpg": {}}))
+    assert [i.file for i in ann.items] == ["z.jpg", "a.jpg", "m.jpg"]
+
+
+def test_origin_rules_keep_every_non_empty_word(tmp_path):
+    images = make_images(tmp_path / "img", "a.jpg")
+    ann = load_annotations(images, write_json(tmp_path / "v.json", {"a.jpg": {"words": {
+        "1": {"points": [[1.4, 2.6], [5, 2], [5, 6]]},  # a triangle
+        "2": {"points": [[-3, 4], [9, 4]]},  # two points, one negative
+        "3": {"points": []},  # skipped, as the origin skips it
+        "4": {"points": SQUARE, "transcription": "###"},  # no don't-care words there
+        "5": {"points": [[1, "x"]]},  # unusable: a Problem
+    }}}), rules="origin")
+    a = by_file(ann)["a.jpg"]
+    assert a.word_ids == ("1", "2", "4") and a.ignore == (False, False, False)
+    assert [len(p) for p in a.polygons] == [3, 2, 4]
+    assert [p.word for p in ann.problems] == ["5"]
+    # the db rules refuse the triangle and the two-point word
+    db = by_file(load_annotations(images, tmp_path / "v.json"))["a.jpg"]
+    assert db.word_ids == ("4",)

@@ -113,8 +113,22 @@ def test_getitems_reads_a_batch_in_one_transaction(data, reference, tmp_path, mo
             assert_same(sample, reference[sample["meta"]["index"]], with_maps=True)
 
 
+def test_a_first_epoch_preload_is_built_by_the_reads_not_the_constructor(data, tmp_path):
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
+                          preload="first-epoch")
+    assert ds.plan.preload and not ds.store.is_open
+    with CacheStore(tmp_path / "c", readonly=True) as s:
+        assert s.kind_stats("tensors")["entries"] == 0  # nothing built before the first read
+    for _ in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate):
+        pass
+    with CacheStore(tmp_path / "c", readonly=True) as s:
+        for kind in ("images", "tensors", "maps"):
+            assert s.kind_stats(kind)["entries"] == N
+
+
 def test_preload_builds_everything_and_leaves_nothing_open(data, tmp_path):
-    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
+                          preload=True)
     assert not ds.store.is_open
     with CacheStore(tmp_path / "c", readonly=True) as s:
         for kind in ("images", "tensors", "maps"):
@@ -191,7 +205,8 @@ def test_changed_source_is_recomputed_not_served_stale(data, reference, tmp_path
 
 
 def test_version_bump_rebuilds_exactly_that_kind(data, tmp_path):
-    CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized")
+    CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
+                     preload=True)
     new = TransformConfig(mean=(0.5, 0.5, 0.5))
     with pytest.raises(CacheVersionError, match="tensors"):
         CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
@@ -199,7 +214,7 @@ def test_version_bump_rebuilds_exactly_that_kind(data, tmp_path):
     with CacheStore(tmp_path / "c") as s:
         images_before = sorted(s.keys("images"))
     ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
-                          transform=new, on_mismatch="rebuild")
+                          transform=new, on_mismatch="rebuild", preload=True)
     with CacheStore(tmp_path / "c") as s:
         assert sorted(s.keys("images")) == images_before  # decoded images kept
         assert s.kind_stats("tensors")["entries"] == N  # rebuilt by the preload

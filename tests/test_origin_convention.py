@@ -170,9 +170,46 @@ def test_raw_frame_rule_rotates_polygons():
     conv = get_convention("origin")
     raw = type(conv)(conv.name, True, "raw", conv.transform, conv.maps)
     poly = np.array([[1.0, 2.0], [4.0, 2.0], [4.0, 3.0]])
-    assert np.array_equal(conv.upright_polygons([poly], 6, (7, 5))[0], poly)
     np.testing.assert_array_equal(raw.upright_polygons([poly], 6, (7, 5))[0],
                                   raw_to_upright(poly, 6, 7, 5))
+
+
+# Stored 7 wide, 5 high; upright (orientation 6) 5 wide, 7 high.
+FITS_BOTH = np.array([[1.0, 2.0], [3.0, 2.0], [3.0, 3.0]])
+FITS_UPRIGHT_ONLY = np.array([[1.0, 5.0], [3.0, 6.0], [2.0, 6.0]])  # y > 4 + 1.5? no: 6 > 5.5
+FITS_STORED_ONLY = np.array([[6.0, 1.0], [6.0, 2.0], [5.5, 2.0]])  # x = 6 > 4 + 1.5
+
+
+@pytest.mark.parametrize(("polys", "kept"), [
+    ([FITS_BOTH], False),  # fits the stored frame: remapped
+    ([FITS_STORED_ONLY], False),
+    ([FITS_UPRIGHT_ONLY], True),  # fits only the upright frame: taken as upright
+    ([FITS_UPRIGHT_ONLY, FITS_STORED_ONLY], False),  # all words together decide
+])
+def test_origin_frame_is_decided_per_image(polys, kept):
+    conv = get_convention("origin")
+    out = conv.upright_polygons(polys, 6, (7, 5))
+    expected = polys if kept else [raw_to_upright(p, 6, 7, 5) for p in polys]
+    assert [o.dtype for o in out] == [np.float32] * len(polys)
+    for o, e in zip(out, expected, strict=True):
+        np.testing.assert_array_equal(o, np.asarray(e, np.float32))
+
+
+def test_origin_orientation_3_is_always_remapped():
+    conv = get_convention("origin")
+    out = conv.upright_polygons([FITS_BOTH], 3, (7, 5))
+    np.testing.assert_array_equal(out[0], raw_to_upright(FITS_BOTH, 3, 7, 5).astype(np.float32))
+
+
+def test_origin_drops_words_of_fewer_than_3_points_before_and_thin_words_after():
+    conv = get_convention("origin")
+    two = np.array([[1.0, 1.0], [3.0, 3.0]])
+    assert len(conv.upright_polygons([two, FITS_BOTH], 1, (7, 5))) == 1
+    thin = np.array([[1.0, 1.0], [1.4, 5.0], [1.2, 3.0]], np.float32)  # under a pixel wide
+    flat = np.array([[1.0, 1.0], [5.0, 1.4], [3.0, 1.2]], np.float32)  # rounds to one row
+    assert [p.tolist() for p in conv.kept([thin, flat, FITS_BOTH])] == [FITS_BOTH.tolist()]
+    db = get_convention("db")
+    assert len(db.kept([thin, flat])) == 2
 
 
 @pytest.mark.parametrize("shape", [(333, 517), (517, 333), (100, 60), (640, 640), (1, 900)])
@@ -188,12 +225,21 @@ def test_origin_transform_equals_albumentations(shape):
                      A.PadIfNeeded(640, 640, border_mode=0),
                      A.Normalize(mean=(0.5602,) * 3, std=(0.2539,) * 3)],
                     keypoint_params=A.KeypointParams(format="xy", remove_invisible=True))
-    expected = val(image=image, keypoints=[tuple(p) for p in poly.tolist()])
+    # (the origin clamps every vertex into the image before its Compose)
+    clamped = np.clip(poly, 0, [w - 1, h - 1])
+    expected = val(image=image, keypoints=[tuple(p) for p in clamped.tolist()])
     out, polys, inverse = OriginTransform()(image, [poly])
     np.testing.assert_array_equal(out, expected["image"].transpose(2, 0, 1))
-    np.testing.assert_array_equal(polys[0], np.array(expected["keypoints"]))
-    back = polys[0] @ inverse[:2, :2].T + inverse[:2, 2]
-    np.testing.assert_allclose(back, poly, atol=1e-9)
+    np.testing.assert_array_equal(polys[0], np.array(expected["keypoints"], np.float32))
+    # The origin's inverse: truncated letterbox sizes, separate x and y scales, float32.
+    s = 640 / max(w, h)
+    nw, nh = max(1, int(w * s)), max(1, int(h * s))  # (the origin divides by 0 there)
+    left, top = (640 - nw) // 2, (640 - nh) // 2
+    assert inverse.dtype == np.float32
+    np.testing.assert_array_equal(inverse, np.array(
+        [[np.float32(w / nw), 0, np.float32(w / nw) * np.float32(-left)],
+         [0, np.float32(h / nh), np.float32(h / nh) * np.float32(-top)], [0, 0, 1]],
+        np.float32))
 
 
 def test_origin_transform_rejects_non_rgb():

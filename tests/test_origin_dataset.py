@@ -153,6 +153,8 @@ def test_transforms(data_root, tmp_path):
     def their_transform(image, polygons):  # a plain callable without a version
         return image, polygons, np.eye(3)
 
+    # (its own directory: the origin rules decode images another way, alpha dropped)
+    config = _config(data_root, cache_dir=str(tmp_path / "c2"))
     with pytest.warns(NotCacheableWarning):
         ds = ValidatedOCRDataset(config, transform=their_transform)
     assert ds.user_transform is their_transform

@@ -90,10 +90,11 @@ def test_albumentations_stage_matches_the_origin_builtin(sample):
     out, moved, inverse = transform_stage(val_transform())(image, polys)
     b_out, b_moved, b_inverse = transform_stage(convention="origin")(image, polys)
     np.testing.assert_array_equal(b_out, out.transpose(2, 0, 1))
-    for p, q in zip(moved, b_moved):
-        np.testing.assert_array_equal(p, q)
-    # Derived from probe points, so equal up to the rounding of that derivation.
-    np.testing.assert_allclose(inverse, b_inverse, rtol=0, atol=1e-9)
+    for p, q in zip(moved, b_moved):  # (the origin keeps its polygons as float32)
+        np.testing.assert_array_equal(np.asarray(p, np.float32), q)
+    # The origin's inverse is its own letterbox arithmetic (truncated sizes), a fraction of
+    # a pixel from the exact one derived from probe points.
+    np.testing.assert_allclose(inverse, b_inverse, rtol=0, atol=0.05)
 
 
 def test_albumentations_fingerprint_follows_parameters_and_version():
@@ -280,5 +281,6 @@ def test_builtin_transform_by_convention(sample):
         assert out.dtype == np.float32 and out.shape == (3, 640, 640)
         ref = get_convention(name).transform(image, polys)
         assert np.array_equal(ref[0], out) and stage.fingerprint()["convention"] == name
+        # (the origin's inverse is approximate by its own arithmetic: truncated sizes)
         np.testing.assert_allclose(moved[0] @ inverse[:2, :2].T + inverse[:2, 2], polys[0],
-                                   atol=1e-4)
+                                   atol=0.1 if name == "origin" else 1e-4)

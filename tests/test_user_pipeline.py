@@ -83,14 +83,22 @@ def uncached(ds, index, kind):
         out, moved, _ = my_transform(image, [np.asarray(p, np.float64) for p in words])
         maps = get_convention("db").maps(moved, SIDE, SIDE, ignore)
         return out, moved, maps
-    polys = [np.round(p).astype(np.int32) for p in words]  # the origin's rule
+    # the origin's rules (each checked against the origin's own outputs elsewhere): points
+    # rounded to int32, the EXIF frame decided per image, words of < 3 points dropped before
+    # the transform and thin words after it, float32 polygons
+    origin = get_convention("origin")
+    with Image.open(ds.images_dir / ds.source(index)) as im:
+        raw_size, orientation = im.size, im.getexif().get(0x0112, 1)
+    polys = origin.upright_polygons([origin.load_points(p) for p in words], orientation,
+                                    raw_size)
     flat = [tuple(map(float, xy)) for p in polys for xy in p]
     compose = val_transform() if kind == "val" else train_transform()
     result = compose(image=image, keypoints=flat)
     points = np.array([k[:2] for k in result["keypoints"]], np.float64).reshape(-1, 2)
     moved = np.split(points, np.cumsum([len(p) for p in polys])[:-1]) if polys else []
+    moved = origin.kept(moved)
     out = result["image"]  # H×W×3 float32 (no ToTensorV2: torchvision is not a dependency)
-    maps = get_convention("origin").maps(moved, out.shape[0], out.shape[1])
+    maps = origin.maps(moved, out.shape[0], out.shape[1])
     return out, moved, maps
 
 
@@ -119,7 +127,7 @@ def assert_same(sample, expected, keys):
         got = got.numpy() if isinstance(got, torch.Tensor) else got
         assert got.dtype == arr.dtype and np.array_equal(got, arr), name
     meta = sample["metadata" if keys == "origin" else "meta"]
-    assert meta["error"] is None
+    assert meta.get("error") is None  # (the origin item has the key only for a bad source)
 
 
 def as_list(batch):

@@ -2,6 +2,19 @@
 
 A bad word or image never sinks the dataset: it is skipped and recorded as a `Problem`
 (also logged as a warning). Only whole-file failures raise.
+
+Items keep the annotation file's order (a JSON file's image order; an ICDAR directory or a
+plain image listing is sorted by name), so index ``i`` is the ``i``-th image of the file.
+Two rule sets read a JSON file's words (``rules``):
+
+* ``"db"``: a word is at least 4 finite, non-negative points; a self-intersecting or
+  zero-area word is kept as a don't-care word;
+* ``"origin"``: the origin project's reading: any non-empty list of finite ``[x, y]`` points
+  is a word (the transform step drops words of fewer than 3 points later, as the origin does);
+  coordinates may be negative (they are clamped into the image before its transform).
+
+An image listed twice keeps its last entry, at the place of its first (what a JSON object
+means), and the log says so once per file and name.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -58,7 +71,8 @@ class Problem:
 
 @dataclass(frozen=True)
 class ImageAnnotation:
-    """One image's words; polygons are (k, 2) float64 read-only arrays, k >= 4."""
+    """One image's words; polygons are (k, 2) float64 read-only arrays, k >= 1 (the "db"
+    rules load k >= 4)."""
 
     file: str
     polygons: tuple[np.ndarray, ...] = ()
@@ -69,8 +83,8 @@ class ImageAnnotation:
         polys = []
         for p in self.polygons:
             arr = np.array(p, dtype=np.float64)  # own copy: callers can't mutate ours
-            if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 4:
-                raise ValueError(f"{self.file}: polygon must have shape (k>=4, 2), got {arr.shape}")
+            if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 1:
+                raise ValueError(f"{self.file}: polygon must have shape (k>=1, 2), got {arr.shape}")
             arr.flags.writeable = False
             polys.append(arr)
         object.__setattr__(self, "polygons", tuple(polys))
@@ -93,7 +107,8 @@ class ImageAnnotation:
 
 @dataclass(frozen=True)
 class AnnotationSet:
-    """A split: resolved images_dir, items sorted by file, and what was skipped."""
+    """A split: resolved images_dir, items in the annotation file's order, and what was
+    skipped."""
 
     images_dir: Path
     items: tuple[ImageAnnotation, ...]
@@ -136,11 +151,18 @@ def safe_source_path(images_dir: str | os.PathLike[str], relative: str) -> Path:
     return current
 
 
+Rules = Literal["db", "origin"]
+
+
 def load_annotations(
     images_dir: str | os.PathLike[str],
     annotations: str | os.PathLike[str] | None = None,
+    rules: Rules = "db",
 ) -> AnnotationSet:
-    """Load a split: no annotations (image listing), a JSON file, or an ICDAR-2015 gt dir."""
+    """Load a split: no annotations (image listing), a JSON file, or an ICDAR-2015 gt dir.
+    ``rules`` says how a JSON file's words are read (see the module docstring)."""
+    if rules not in ("db", "origin"):
+        raise ValueError(f"rules must be 'db' or 'origin', got {rules!r}")
     root = Path(images_dir)
     if not root.is_dir():
         raise SourceError(str(root), "images directory does not exist or is not a directory")
@@ -149,19 +171,22 @@ def load_annotations(
     if annotations is None:
         items = [ImageAnnotation(f) for f in _list_images(root, problems)]
     else:
+        if not str(annotations).strip():
+            raise AnnotationError(repr(str(annotations)), "annotation path is empty; pass None "
+                                  "(or leave it out) for a split without annotations")
         ann = Path(annotations)
         if ann.is_dir():
             items = _load_icdar(root, ann, problems)
         elif not ann.exists():
             raise AnnotationError(str(ann), "annotation file does not exist")
         elif ann.suffix.lower() == ".json":
-            items = _load_json(root, ann, problems)
+            items = _load_json(root, ann, problems, rules)
         else:
             why = "expected a .json file or a directory of ICDAR-2015 .txt files"
             raise AnnotationError(str(ann), why)
     for p in problems:
         log.warning("skipped: %s", p)
-    return AnnotationSet(root, tuple(sorted(items, key=lambda i: i.file)), tuple(problems))
+    return AnnotationSet(root, tuple(items), tuple(problems))
 
 
 def _is_file(path: Path) -> bool:
@@ -240,11 +265,26 @@ def _polygon(points: Any) -> np.ndarray | str:
     return np.array(coords, dtype=np.float64).reshape(-1, 2)
 
 
-def _load_json(root: Path, path: Path, problems: list[Problem]) -> list[ImageAnnotation]:
+def _pairs_keeping_last(path: str) -> Any:
+    """A JSON object hook: a dict where a repeated key keeps its last value at the place of
+    its first (as ``json.loads`` does), saying so once per repeated key."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                log.warning("%s: %r is listed more than once; its last entry is used",
+                            path, key)
+            out[key] = value
+        return out
+    return hook
+
+
+def _load_json(root: Path, path: Path, problems: list[Problem], rules: Rules = "db"
+               ) -> list[ImageAnnotation]:
     text, src = _read_text(path), str(path)
     try:
         # NaN / Infinity literals become floats here and are then rejected per word.
-        data = json.loads(text, parse_constant=float)
+        data = json.loads(text, parse_constant=float, object_pairs_hook=_pairs_keeping_last(src))
     except json.JSONDecodeError as e:
         why = f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
         raise AnnotationError(src, why) from e
@@ -268,8 +308,49 @@ def _load_json(root: Path, path: Path, problems: list[Problem]) -> list[ImageAnn
             problems.append(Problem(src, None, '"words" must be an object', image=name))
             continue
         seen.add(file)
-        items.append(_collect(file, src, ((k, _json_word(w)) for k, w in words.items()), problems))
+        if rules == "origin":
+            items.append(_collect_origin(file, src, words, problems))
+        else:
+            items.append(_collect(file, src, ((k, _json_word(w)) for k, w in words.items()),
+                                  problems))
     return items
+
+
+def _collect_origin(file: str, src: str, words: Mapping[str, Any], problems: list[Problem]
+                    ) -> ImageAnnotation:
+    """The origin project's reading of one image's words: every word whose ``points`` is a
+    non-empty list becomes a polygon, whatever its count or sign; nothing is a don't-care
+    word. Points that are not finite ``[x, y]`` numbers are a Problem (the origin would fail
+    on them)."""
+    polys, ids = [], []
+    for wid, word in words.items():
+        points = word.get("points") if isinstance(word, Mapping) else None
+        if not isinstance(points, list) or not points:
+            continue  # the origin skips such a word without a word
+        poly = _finite_points(points)
+        if isinstance(poly, str):
+            problems.append(Problem(src, wid, poly, image=file))
+            continue
+        polys.append(poly)
+        ids.append(wid)
+    return ImageAnnotation(file, tuple(polys), (False,) * len(polys), tuple(ids))
+
+
+def _finite_points(points: list[Any]) -> np.ndarray | str:
+    if len(points) > MAX_POLYGON_POINTS:
+        return f"has {len(points)} points; at most {MAX_POLYGON_POINTS} are allowed"
+    try:
+        arr = np.array(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        return "points must be a list of [x, y] number pairs"
+    if arr.ndim != 2 or arr.shape[1] != 2 or any(isinstance(v, bool) for pt in points
+                                                 for v in (pt if isinstance(pt, list) else ())):
+        return "points must be a list of [x, y] number pairs"
+    if not np.isfinite(arr).all():
+        return "coordinates must be finite (NaN or infinity found)"
+    if np.abs(arr).max() > MAX_COORDINATE:
+        return f"coordinates must not exceed {MAX_COORDINATE:.0f} (far outside any image)"
+    return arr
 
 
 def _json_word(word: Any) -> tuple[np.ndarray, bool] | str:
@@ -324,6 +405,10 @@ def _load_icdar(root: Path, gt_dir: Path, problems: list[Problem]) -> list[Image
         gt_files = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() == ".txt" and _is_file(p))
     except OSError as e:
         raise AnnotationError(str(gt_dir), f"cannot list directory: {e.strerror or e}") from e
+    if not gt_files:
+        raise AnnotationError(str(gt_dir), "directory holds no ground-truth .txt files "
+                              "(gt_<image>.txt); pass the annotation JSON file itself, or None "
+                              "for a split without annotations")
     # `gt_<stem>.txt` before `<stem>.txt`, so the canonical name wins a clash.
     gt_files.sort(key=lambda p: not p.name.startswith("gt_"))
     for gt in gt_files:
@@ -347,7 +432,8 @@ def _load_icdar(root: Path, gt_dir: Path, problems: list[Problem]) -> list[Image
         items[file] = _collect(file, src, _icdar_words(text), problems)
     # Images without any ground truth: included with no text, not a problem.
     unlabelled = [n for names in by_stem.values() for n in names if n not in claimed]
-    return [*items.values(), *(ImageAnnotation(n) for n in unlabelled)]
+    found = [*items.values(), *(ImageAnnotation(n) for n in unlabelled)]
+    return sorted(found, key=lambda i: i.file)
 
 
 def _icdar_words(text: str) -> Iterable[tuple[str, tuple[np.ndarray, bool] | str]]:

@@ -1,10 +1,13 @@
 """Conventions by name: the origin project's pipeline ("origin") and the reference DBNet one ("db").
 
-A convention bundles four rules, each with a fingerprint dict:
+A convention bundles these rules, each with a fingerprint dict:
 
 * how annotation points are loaded (the origin rounds them to int32);
-* in which frame annotations of an EXIF-rotated image live ("upright": as displayed, or
-  "raw": as stored, so they are rotated with the image);
+* in which frame annotations of an EXIF-rotated image live ("upright": as displayed;
+  "raw": as stored, so they are rotated with the image; "auto": the origin's rule, decided
+  per image by where the words fit, see :func:`annotations_are_upright`);
+* which words reach the transform and which leave it (the origin drops words of fewer than
+  3 points before, and words thinner than a pixel after, see :meth:`Convention.kept`);
 * the built-in transform (image HWC uint8 + polygons -> float32 CHW image, moved polygons,
   inverse matrix mapping output pixels back to the upright source);
 * the built-in DBNet map maker.
@@ -28,7 +31,7 @@ from diskcache_ocr.ocr.maps import MapConfig, make_maps
 from diskcache_ocr.ocr.origin_maps import OriginMapConfig, make_origin_maps
 from diskcache_ocr.ocr.transform import TransformConfig, finish_numpy, resize_pad
 
-Frame = Literal["upright", "raw"]
+Frame = Literal["upright", "raw", "auto"]
 TransformResult = tuple[np.ndarray, list[np.ndarray], np.ndarray]
 
 
@@ -62,6 +65,40 @@ def raw_to_upright(points: np.ndarray, orientation: int, raw_width: int, raw_hei
         8: (y, xm),  # rotate 90° counter-clockwise
     }[orientation]
     return np.stack(out, axis=1)
+
+
+def annotations_are_upright(polygons: Sequence[np.ndarray], orientation: int,
+                            raw_width: int, raw_height: int, tolerance: float = 1.5) -> bool:
+    """The origin's per-image rule for an EXIF-rotated image: its words are taken as upright
+    when the extent of all their points (``tolerance`` pixels of slack) does not fit the
+    stored image but does fit the upright one; otherwise they are in the stored frame and
+    are remapped. An image without words, or orientation 1, is never "upright" here."""
+    if orientation == 1 or not polygons:
+        return False
+    pts = np.concatenate([np.asarray(p, np.float32).reshape(-1, 2) for p in polygons])
+    if not len(pts):
+        return False
+    lo, hi = pts.min(axis=0).astype(np.float64), pts.max(axis=0).astype(np.float64)
+
+    def fits(width: int, height: int) -> bool:
+        return bool(lo[0] >= -tolerance and lo[1] >= -tolerance
+                    and hi[0] <= width - 1 + tolerance and hi[1] <= height - 1 + tolerance)
+
+    if fits(raw_width, raw_height):
+        return False
+    return fits(*upright_size(raw_width, raw_height, orientation))
+
+
+def thin_word(points: np.ndarray) -> bool:
+    """The origin's test for a word that leaves its transform unusable: fewer than 3 points,
+    or an extent under one pixel (as floats) or of zero (rounded) in x or y."""
+    if len(points) < 3:
+        return True
+    points = np.asarray(points, np.float32)
+    span = points.max(axis=0) - points.min(axis=0)  # in float32, as the origin computes it
+    rounded = np.rint(points).astype(np.int64)
+    rspan = rounded.max(axis=0) - rounded.min(axis=0)
+    return bool(span[0] < 1.0 or span[1] < 1.0 or rspan[0] == 0 or rspan[1] == 0)
 
 
 def _check_orientation(orientation: int) -> None:
@@ -113,12 +150,16 @@ class OriginTransform:
         return {"transform": "origin-val", "size": self.size, "mean": list(self.mean),
                 "std": list(self.std), "max_pixel_value": self.max_pixel_value,
                 "pad_value": self.pad_value, "interpolation": "cv2.INTER_LINEAR",
-                "padding": "centred", "version": self.version}
+                "padding": "centred", "clamp": "into-image", "polygons": "float32",
+                "inverse": "origin-letterbox-float32", "version": self.version}
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an H×W×3 uint8 image, got {image.shape} {image.dtype}")
         height, width = image.shape[:2]
+        # The origin clamps every vertex into the image before its transform.
+        polygons = [np.clip(np.asarray(p, np.float64).reshape(-1, 2), 0.0,
+                            [width - 1.0, height - 1.0]) for p in polygons]
         scale = self.size / float(max(width, height))
         resized = image
         if scale != 1.0:
@@ -134,12 +175,22 @@ class OriginTransform:
             lut = self._luts[c]
             out[c].fill(lut[self.pad_value])
             out[c, top:top + rh, left:left + rw] = lut[resized[:, :, c]]
-        moved = [self._move(p, scale, left, top) for p in polygons]
-        # Closed form of the inverse of "scale, then shift by the padding".
-        inverse = np.array([[1.0 / scale, 0.0, -left / scale],
-                            [0.0, 1.0 / scale, -top / scale],
-                            [0.0, 0.0, 1.0]])
-        return out, moved, inverse
+        moved = [self._move(p, scale, left, top).astype(np.float32) for p in polygons]
+        return out, moved, self.inverse_matrix(width, height, max(out_h, out_w))
+
+    @staticmethod
+    def inverse_matrix(width: int, height: int, side: int) -> np.ndarray:
+        """The origin's inverse matrix, float32: its own letterbox arithmetic (sizes
+        truncated, ``int(w * s)``; offset ``delta // 2``) with separate x and y scales, from
+        the input size alone, whatever the transform did. A side that truncates to 0 (the
+        origin fails there with a division by zero) counts as 1."""
+        s = side / max(width, height)
+        new_w, new_h = max(1, int(width * s)), max(1, int(height * s))
+        left, top = (side - new_w) // 2, (side - new_h) // 2
+        scale = np.array([[width / new_w, 0, 0], [0, height / new_h, 0], [0, 0, 1]], np.float32)
+        shift = np.eye(3, dtype=np.float32)
+        shift[0, 2], shift[1, 2] = -left, -top
+        return (scale @ shift).astype(np.float32)
 
     @staticmethod
     def _move(points: np.ndarray, scale: float, left: int, top: int) -> np.ndarray:
@@ -207,6 +258,11 @@ class Convention:
     annotation_frame: Frame
     transform: OriginTransform | DbTransform
     maps: OriginMaps | DbMaps
+    # The origin's word filters: fewer than 3 points before the transform, thin words after.
+    filters_words: bool = False
+    # How a decoded image with alpha becomes RGB: "white" composites it over white, "drop"
+    # discards it (the origin's Pillow convert("RGB")).
+    alpha: Literal["white", "drop"] = "white"
 
     def load_points(self, points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
         """An annotation's points as this convention loads them."""
@@ -216,28 +272,46 @@ class Convention:
 
     def upright_polygons(self, polygons: Sequence[np.ndarray], orientation: int,
                          raw_size: tuple[int, int]) -> list[np.ndarray]:
-        """Polygons in the upright frame; ``raw_size`` is the stored (width, height)."""
-        if self.annotation_frame == "upright" or orientation == 1:
-            _check_orientation(orientation)
-            return [np.asarray(p) for p in polygons]
+        """Polygons in the upright frame, as the transform receives them; ``raw_size`` is the
+        stored (width, height)."""
+        _check_orientation(orientation)
         w, h = raw_size
-        return [raw_to_upright(p, orientation, w, h) for p in polygons]
+        if self.annotation_frame == "upright" or orientation == 1:
+            out = [np.asarray(p) for p in polygons]
+        elif self.annotation_frame == "auto" and annotations_are_upright(polygons, orientation,
+                                                                         w, h):
+            out = [np.asarray(p) for p in polygons]
+        else:
+            out = [raw_to_upright(p, orientation, w, h) for p in polygons]
+        if not self.filters_words:
+            return out
+        return [q for q in (np.asarray(p, np.float32).reshape(-1, 2) for p in out)
+                if len(q) >= 3]
+
+    def kept(self, polygons: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The words a transform's output keeps: with the origin's filters, each as a
+        (k, 2) float32 array and without thin words (:func:`thin_word`); else as given."""
+        if not self.filters_words:
+            return list(polygons)
+        out = (np.asarray(p, np.float32).reshape(-1, 2) for p in polygons)
+        return [q for q in out if not thin_word(q)]
 
     def fingerprint(self) -> dict[str, Any]:
         return {
             "convention": self.name,
             "annotations": {"round_points": self.round_points},
             "exif": {"annotation_frame": self.annotation_frame},
+            "words": {"filters": self.filters_words},
             "transform": self.transform.fingerprint(),
             "maps": self.maps.fingerprint(),
         }
 
 
-# The origin's reference outputs keep annotations of EXIF-rotated images where the JSON puts
-# them, on the upright image (the words line up with the upright pixels), so its frame is
-# "upright"; "raw" stays available for datasets annotated on the stored pixels.
+# The origin decides the frame of an EXIF-rotated image's words per image ("auto"); "raw"
+# stays available for datasets annotated on the stored pixels.
 _CONVENTIONS = {
-    "origin": Convention("origin", True, "upright", OriginTransform(), OriginMaps()),
+    "origin": Convention("origin", True, "auto", OriginTransform(), OriginMaps(),
+                         filters_words=True, alpha="drop"),
     "db": Convention("db", False, "upright", DbTransform(), DbMaps()),
 }
 
@@ -256,6 +330,7 @@ def conventions() -> tuple[str, ...]:
 
 
 __all__ = [
-    "Convention", "DbMaps", "DbTransform", "OriginMaps", "OriginTransform", "conventions",
-    "get_convention", "raw_to_upright", "round_points", "upright_size",
+    "Convention", "DbMaps", "DbTransform", "OriginMaps", "OriginTransform",
+    "annotations_are_upright", "conventions", "get_convention", "raw_to_upright",
+    "round_points", "thin_word", "upright_size",
 ]

@@ -143,8 +143,12 @@ def decode_bytes_estimate(mode: str, width: int, height: int) -> int:
 
 
 def decode_image(data: bytes, source: str, *, max_pixels: int = MAX_PIXELS_DEFAULT,
-                 max_bytes: int | None = None) -> np.ndarray:
+                 max_bytes: int | None = None, alpha: str = "white") -> np.ndarray:
     """Decode `data` to a C-contiguous H×W×3 uint8 RGB array.
+
+    ``alpha="white"`` composites an image with alpha over white (and keeps more than 8 bits
+    of gray as their high byte); ``alpha="drop"`` converts every mode as Pillow's
+    ``convert("RGB")`` does, alpha discarded (the origin project's decode).
 
     Raises ImageDecodeError naming `source` for empty, corrupt, truncated, unrecognised or
     oversized images; the pixel limit and the memory bound (`max_bytes`, by default
@@ -185,7 +189,7 @@ def decode_image(data: bytes, source: str, *, max_pixels: int = MAX_PIXELS_DEFAU
                                 f"about {need} bytes, over the limit of {budget}")
                 im.load()
                 orientation = im.getexif().get(0x0112, 1)
-                rgb = _to_rgb(im)
+                rgb = _to_rgb(im, alpha)
             finally:
                 im.close()  # frees Pillow's copy before the orientation copy is made
         turn = _ORIENT.get(orientation)
@@ -202,15 +206,23 @@ def decode_image(data: bytes, source: str, *, max_pixels: int = MAX_PIXELS_DEFAU
         raise ImageDecodeError(source, f"cannot decode ({type(e).__name__}: {e})") from e
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
+def _to_rgb(im: Image.Image, alpha: str = "white") -> np.ndarray:
     """Convert any single-frame Pillow mode to RGB uint8, a strip of rows at a time."""
+    if alpha not in ("white", "drop"):
+        raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
+    convert = _strip_to_rgb if alpha == "white" else _strip_convert
     width, height = im.size
     out = np.empty((height, width, 3), dtype=np.uint8)
     rows = max(1, _STRIP_PIXELS // width)
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
-        out[top:bottom] = _strip_to_rgb(im.crop((0, top, width, bottom)))
+        out[top:bottom] = convert(im.crop((0, top, width, bottom)))
     return out
+
+
+def _strip_convert(im: Image.Image) -> np.ndarray:
+    """One strip as Pillow's ``convert("RGB")`` makes it (alpha dropped)."""
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def _strip_to_rgb(im: Image.Image) -> np.ndarray:

@@ -68,6 +68,10 @@ def transform_stage(transform: object = None, *, version: object = None,
 
     if albu.is_compose(transform):
         return albu.AlbumentationsTransform(transform, version=version)
+    from diskcache_ocr.ocr import wrapped
+
+    if wrapped.holds_compose(transform):  # e.g. the origin project's transform objects
+        return wrapped.ComposeHolderTransform(transform, version=version)
     return CallableTransform(transform, version)  # type: ignore[arg-type]
 
 @dataclass
@@ -142,8 +146,11 @@ class StagePipeline:
 
     def kind_versions(self) -> dict[str, KindVersion]:
         decode = dict(DECODE_PARAMS)
+        if self.conv.alpha == "drop":
+            decode.update(alpha="dropped", sixteen_bit="pillow-convert")
         conv = self.conv.fingerprint()
-        rules = {"annotations": conv["annotations"], "exif": conv["exif"]}
+        rules = {"annotations": conv["annotations"], "exif": conv["exif"],
+                 "words": conv["words"]}
         out = {"images": KindVersion(str(decode["version"]), fingerprint({"decode": decode}))}
         front = self._front_stage()
         if front is None:
@@ -168,7 +175,7 @@ class StagePipeline:
 
     # -- computing ------------------------------------------------------------------------------
     def decode(self, data: bytes, source: str) -> np.ndarray:
-        return decode_image(data, source, max_pixels=self.max_pixels)
+        return decode_image(data, source, max_pixels=self.max_pixels, alpha=self.conv.alpha)
 
     def load_polygons(self, polygons: Sequence[np.ndarray], raw_size: tuple[int, int],
                       orientation: int) -> list[np.ndarray]:
@@ -184,8 +191,10 @@ class StagePipeline:
             out_image, moved, inverse = self.split.run_prefix(image, polys)
         elif self.head is not None:
             out_image, moved, inverse = self.head(image, polys)
+            moved = self.conv.kept(moved)
         elif self.deterministic and self.stage.cacheable:
             out_image, moved, inverse = self.stage(image, polys)
+            moved = self.conv.kept(moved)
         else:  # nothing cacheable in front: the record carries the loaded input
             out_image, moved, inverse = image, polys, np.eye(3)
         return self._record(out_image, moved, inverse, raw_size, orientation)
@@ -215,8 +224,10 @@ class StagePipeline:
         if self.head is not None or (self.deterministic and self.stage.cacheable):
             return image, polys, inverse
         if self.split is not None:
-            return (self.compact_rest or self.split).run_rest((image, polys, inverse))
-        return self.stage(image, polys)
+            out = (self.compact_rest or self.split).run_rest((image, polys, inverse))
+        else:
+            out = self.stage(image, polys)
+        return out[0], self.conv.kept(out[1]), out[2]
 
     def finish_spec(self) -> dict[str, Any] | None:
         """How a compact sample's image becomes the transform's float32 output (None when

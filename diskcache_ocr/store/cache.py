@@ -151,6 +151,16 @@ class CacheStore:
         self._lock = threading.RLock()
         self._pending = Counter()
 
+    def __del__(self) -> None:
+        # NOTE: a store dropped before the process exits (a dataset made inside a function,
+        # such as a Hydra main) saves its counters here: the exit finalizer holds only a weak
+        # reference, so it no longer reaches this store then.
+        try:
+            if self._pending and self.is_open:
+                self._close_env()
+        except Exception:  # noqa: BLE001 - nothing may escape a finalizer
+            pass
+
     def close(self) -> None:
         """Save counters and let go of the environment; a later use reopens it."""
         self.flush_stats()
