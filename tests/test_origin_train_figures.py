@@ -93,12 +93,10 @@ def test_not_mistaken_for_a_subset(ds: ValidatedOCRDataset) -> None:
 
 
 # -- anns: what their evaluator, batch metrics and image-logging callback read ------------
-@pytest.mark.xfail(strict=True, reason="the drop-in has no `anns`")
 def test_anns_keys_in_annotation_file_order(ds: ValidatedOCRDataset) -> None:
     assert list(ds.anns.keys()) == NAMES
 
 
-@pytest.mark.xfail(strict=True, reason="the drop-in has no `anns`")
 def test_anns_values_are_rounded_int32_polygons(ds: ValidatedOCRDataset) -> None:
     for name in NAMES:
         polys = ds.anns[name]
@@ -108,21 +106,17 @@ def test_anns_values_are_rounded_int32_polygons(ds: ValidatedOCRDataset) -> None
         assert [p.tolist() for p in polys] == VAL["gt"][name], name
 
 
-@pytest.mark.xfail(strict=True, reason="the drop-in has no `anns`")
 def test_anns_get_and_membership(ds: ValidatedOCRDataset) -> None:
     assert ds.anns.get("not-there.jpg") is None
     assert all(name in ds.anns for name in NAMES)
 
 
-@pytest.mark.xfail(strict=True, reason="the drop-in has no `image_path` attribute")
 def test_image_path_attribute(ds: ValidatedOCRDataset, data_root: Path) -> None:
     # their evaluator and loggers fall back to `dataset.image_path / filename`
     assert Path(ds.image_path) == data_root / "images" / "val"
 
 
 # -- items, in order: what their DBCollateFN builds the batch from ------------------------
-@pytest.mark.xfail(strict=True, reason="items are in sorted file-name order, not the "
-                                        "annotation file's")
 def test_item_order_is_the_annotation_files(items: list[dict[str, Any]]) -> None:
     assert [_meta(it)["filename"] for it in items] == VAL["item_order"]
 
@@ -131,8 +125,6 @@ def test_items_are_the_recorded_files(items: list[dict[str, Any]]) -> None:
     assert sorted(_meta(it)["filename"] for it in items) == sorted(VAL["item_order"])
 
 
-@pytest.mark.xfail(strict=True, reason="metadata lacks original_shape, polygon_frame, dtype, "
-                                        "is_normalized, cache_* and has `error`")
 def test_metadata_keys(items: list[dict[str, Any]]) -> None:
     for it in items:
         meta = _meta(it)
@@ -150,7 +142,6 @@ def test_metadata_fields_their_code_reads(items: list[dict[str, Any]], data_root
         assert meta["orientation"] == want["orientation"]
 
 
-@pytest.mark.xfail(strict=True, reason="metadata lacks these fields")
 def test_metadata_values(items: list[dict[str, Any]], data_root: Path) -> None:
     for it in items:
         meta = _meta(it)
@@ -162,7 +153,6 @@ def test_metadata_values(items: list[dict[str, Any]], data_root: Path) -> None:
             assert type(got).__name__ == want["value_types"][key], key
 
 
-@pytest.mark.xfail(strict=True, reason="inverse_matrix is float64")
 def test_inverse_matrix(items: list[dict[str, Any]]) -> None:
     for it in items:
         want = _recorded(_meta(it)["filename"])["inverse_matrix"]
@@ -182,7 +172,6 @@ def test_polygon_counts(items: list[dict[str, Any]]) -> None:
         assert len(it["polygons"]) == want["count"]
 
 
-@pytest.mark.xfail(strict=True, reason="polygons are float64")
 def test_polygon_dtype(items: list[dict[str, Any]]) -> None:
     for it in items:
         want = _recorded(_meta(it)["filename"])["polygons"]
@@ -197,7 +186,6 @@ def test_image_tensor(items: list[dict[str, Any]]) -> None:
         assert str(it["image"].dtype) == VAL["images"]["dtype"]
 
 
-@pytest.mark.xfail(strict=True, reason="the drop-in has no `anns`")
 def test_subset_picks_the_first_annotated_files(ds: ValidatedOCRDataset) -> None:
     # their val_num_samples: Subset(dataset, range(k)); the evaluator maps indices to names
     # through `anns`' order

@@ -64,10 +64,17 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                 val_annotations=VAL_JSON)
 
 
+def _our_root() -> Path:
+    """The tree whose ``diskcache_ocr`` this test imports (train.py runs that one)."""
+    spec = importlib.util.find_spec("diskcache_ocr")
+    assert spec is not None and spec.origin is not None
+    return Path(spec.origin).resolve().parents[1]
+
+
 def _run(harness: Any, data_root: Path, work: Path, ours: tuple[str, ...]) -> dict[str, Any]:
     python = os.environ.get("ORIGIN_PYTHON") or sys.executable
     return harness.run(ORIGIN_SRC, data_root, work, ours=ours, python=python,
-                       extra=MODEL_OVERRIDES)
+                       our_root=_our_root(), extra=MODEL_OVERRIDES)
 
 
 @pytest.fixture(scope="module")

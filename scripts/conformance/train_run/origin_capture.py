@@ -205,11 +205,27 @@ class CaptureCallback(Callback):  # type: ignore[misc,valid-type]
     def _probe(self, stage: str, pl_module: Any, batch: Any) -> None:
         import torch
         with torch.no_grad():
-            prob = pl_module.model(**batch)["prob_maps"].detach().float().flatten()
-        qs = [0.5, 0.9, 0.99, 0.999, 1.0]
+            pred = pl_module.model(**batch)
+        prob = pred["prob_maps"].detach().float().flatten()
+        qs = [0.1, 0.5, 0.9, 0.99, 0.999, 1.0]
         values = torch.quantile(prob[:: max(1, prob.numel() // 1_000_000)], torch.tensor(qs))
-        self._stage(stage).setdefault("prob_quantiles", []).append(
+        rec = self._stage(stage)
+        rec.setdefault("prob_quantiles", []).append(
             dict(zip(map(str, qs), values.tolist(), strict=True)))
+        # boxes per image at other thresholds (the postprocessor's, restored afterwards)
+        post = getattr(getattr(pl_module.model, "head", None), "postprocess", None)
+        if post is None:
+            return
+        saved = (post.thresh, post.box_thresh)
+        counts = {}
+        try:
+            for t in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6):
+                post.thresh = post.box_thresh = t
+                boxes, _ = pl_module.model.get_polygons_from_maps(batch, pred)
+                counts[str(t)] = [len(b) for b in boxes]
+        finally:
+            post.thresh, post.box_thresh = saved
+        rec.setdefault("boxes_at", []).append(counts)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0):
