@@ -3,7 +3,8 @@
 Images come from this project's synthesizer (8 receipts per split); the annotation files of
 the evaluated splits are re-ordered so that their order is not the sorted order of the file
 names (the origin keeps the annotation file's order). ``val.json`` may instead be given, e.g.
-the copy committed beside the recorded figures.
+the copy committed beside the recorded figures: the synthesizer's word boxes follow the font
+metrics of the installed Pillow, so another Pillow writes other polygons (same image sizes).
 """
 
 from __future__ import annotations
