@@ -14,7 +14,9 @@ the origin's pins (``ORIGIN_PYTHON``, else this interpreter), e.g.::
     ORIGIN_SRC=/path/to/origin PYTHONPATH=$PWD:/path/to/stubs:/path/to/origin \\
         /path/to/origin-venv/bin/python -m pytest -q tests/conformance/test_origin_train_run.py
 
-Each run of train.py takes a few minutes on a CPU (fast_dev_run, one batch per stage).
+train.py runs with the ``diskcache_ocr`` this test imports (the tree first on ``PYTHONPATH``),
+DataLoaders without workers. Each run takes a few minutes on a CPU (fast_dev_run: one batch of
+8 per stage); ``scripts/conformance/train_run/compare.py`` prints where two recorded runs differ.
 """
 
 from __future__ import annotations
