@@ -408,6 +408,8 @@ def compare_datasets(o_ds, u_ds, root: Path, items: bool = True) -> list[Diff]:
             name = str(a.get("metadata", {}).get("filename", i))
             if list(a) != list(b):
                 out.append(Diff(name, "item keys", str(list(a)), str(list(b))))
+            out.extend(Diff(d.image, "item " + d.field, d.origin, d.ours)
+                       for d in _polygon_diffs(name, a.get("polygons"), b.get("polygons")))
             for key in set(a) & set(b):
                 if type(a[key]) is not type(b[key]):
                     out.append(Diff(name, f"item[{key!r}] type", type(a[key]).__name__,

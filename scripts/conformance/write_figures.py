@@ -29,6 +29,7 @@ import conformance_data  # noqa: E402
 import conformance_harness as H  # noqa: E402
 
 FULL_ARRAYS = ("receipt_00010.jpg", "exif6_st.jpg", "rgba_page.png")
+COUNTERS = ("cache_hits", "cache_misses")  # their in-memory caches' counters, per preset
 PACKAGES = ("numpy", "Pillow", "albumentations", "opencv-python-headless", "pyclipper",
             "torch", "hydra-core", "omegaconf", "pydantic")
 
@@ -99,6 +100,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _dumps(figures: dict[str, Any]) -> str:
+    """JSON with one line per image (readable diffs, small file)."""
+    lines = ["{"]
+    items = list(figures.items())
+    for i, (key, value) in enumerate(items):
+        comma = "," if i < len(items) - 1 else ""
+        if isinstance(value, dict) and key in ("samples", "anns", "presets"):
+            lines.append(f" {json.dumps(key)}: {{")
+            sub = list(value.items())
+            for j, (k, v) in enumerate(sub):
+                lines.append(f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                             + ("," if j < len(sub) - 1 else ""))
+            lines.append(" }" + comma)
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}{comma}")
+    return "\n".join(lines + ["}"]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -110,38 +129,46 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {"versions": versions(), "seed": conformance_data.SEED,
                                "inputs": "inputs (images/val, jsons/val.json)",
                                "loader": {"batch_size": 4, "num_workers": 0, "epoch": 1},
-                               "presets": {}}
+                               "counters": list(COUNTERS), "presets": {}}
     arrays: dict[str, np.ndarray] = {}
     for preset in args.presets:
         cfg = H.compose(root, preset)
         ds, _tf, collate = H.origin_parts(cfg)
         samples, keys = H.epoch(H.loader(ds, collate, 0))
         item = ds[0]
-        per = {"config": H.plain_config(cfg.datasets.val_dataset.config),
-               "order": [s["image_filename"] for s in samples],
-               "batch_keys": sorted(keys),
-               "item_keys": list(item),
-               "item_types": {k: type(v).__name__ for k, v in item.items()},
-               "samples": {s["image_filename"]: sample_figures(s, root) for s in samples}}
-        per["config"]["image_path"] = H.relative_path(per["config"]["image_path"], root)
-        per["config"]["annotation_path"] = H.relative_path(per["config"]["annotation_path"],
-                                                           root)
-        figures["presets"][preset] = per
-        if "anns" not in figures:
+        per_sample = {s["image_filename"]: sample_figures(s, root) for s in samples}
+        for idx, name in enumerate(ds.anns):  # the item, before their collate
+            per_sample[name]["item_polygons"] = _polygons(ds[idx]["polygons"])
+        counters = {name: {k: [f["metadata"].pop(k, None), f["metadata_types"].pop(k, None)]
+                           for k in COUNTERS}
+                    for name, f in per_sample.items()}
+        config = H.plain_config(cfg.datasets.val_dataset.config)
+        for key in ("image_path", "annotation_path"):
+            config[key] = H.relative_path(config[key], root)
+        figures["presets"][preset] = {
+            "config": config, "order": [s["image_filename"] for s in samples],
+            "batch_keys": sorted(keys), "item_keys": list(item),
+            "item_types": {k: type(v).__name__ for k, v in item.items()},
+            "metadata_counters": counters}
+        if "samples" not in figures:
+            figures["samples"] = per_sample
+            figures["anns_type"] = type(ds.anns).__name__
             figures["anns"] = {name: None if polys is None else
                                {"dtypes": sorted({str(p.dtype) for p in polys}),
                                 "shapes": [list(p.shape) for p in polys],
                                 "points": [p.ravel().tolist() for p in polys]}
                                for name, polys in ds.anns.items()}
-            figures["anns_type"] = type(ds.anns).__name__
             for s in samples:
                 if s["image_filename"] in FULL_ARRAYS:
                     stem = Path(s["image_filename"]).stem
                     for key in ("image", "prob_maps", "thresh_maps"):
                         arrays[f"{stem}.{key}"] = s[key]
+        elif per_sample != figures["samples"]:
+            raise SystemExit(f"{preset}: the origin's samples differ from the first preset's "
+                             "beyond the cache counters; store them per preset")
         print(f"{preset}: {len(samples)} images", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "figures.json").write_text(json.dumps(figures, indent=1, sort_keys=False) + "\n")
+    (args.out / "figures.json").write_text(_dumps(figures))
     np.savez_compressed(args.out / "arrays.npz", **arrays)
     return 0
 
