@@ -287,10 +287,10 @@ def _polygon_diffs(name: str, pa: Any, pb: Any) -> list[Diff]:
     sa = [tuple(p.shape) for p in la]
     sb = [tuple(p.shape) for p in lb]
     if sa != sb:
-        k = next((i for i, (x, y) in enumerate(zip(sa, sb)) if x != y), min(len(sa), len(sb)))
+        k = _first_difference(sa, sb)
         out.append(Diff(name, "polygons shapes", f"#{k}: {sa[k] if k < len(sa) else '-'}",
                         f"#{k}: {sb[k] if k < len(sb) else '-'}"))
-    bad = [i for i, (x, y) in enumerate(zip(la, lb))
+    bad = [i for i, (x, y) in enumerate(zip(la, lb, strict=False))
            if x.shape != y.shape or not np.array_equal(x, y.astype(x.dtype))]
     if bad:
         i = bad[0]
@@ -301,6 +301,11 @@ def _polygon_diffs(name: str, pa: Any, pb: Any) -> list[Diff]:
                         f"{len(bad)} of {len(la)} differ; #{i}: {_short(x, 90)}",
                         f"max abs diff {mx:.4g}; #{i}: {_short(y, 90)}"))
     return out
+
+
+def _first_difference(a: list[Any], b: list[Any]) -> int:
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
 
 
 def _plain(v: Any) -> Any:
@@ -326,7 +331,7 @@ def compare_runs(origin: list[dict[str, Any]], ours: list[dict[str, Any]], root:
     na = [str(s.get("image_filename")) for s in origin]
     nb = [str(s.get("image_filename")) for s in ours]
     if na != nb:
-        first = next((i for i, (x, y) in enumerate(zip(na, nb)) if x != y), min(len(na), len(nb)))
+        first = _first_difference(na, nb)
         out.append(Diff("*", "order", f"{len(na)} images, #{first}: "
                         f"{na[first] if first < len(na) else '-'} (JSON order)",
                         f"{len(nb)} images, #{first}: {nb[first] if first < len(nb) else '-'}"))
