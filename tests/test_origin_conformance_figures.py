@@ -110,7 +110,8 @@ class Ours:
         self.config = _config(preset, cache_dir)
         self.dataset = ValidatedOCRDataset(self.config, None)
         self.cold = [self.dataset[i] for i in range(len(self.dataset))]
-        self.warm = [ValidatedOCRDataset(self.config, None)[i] for i in range(len(self.dataset))]
+        again = ValidatedOCRDataset(self.config, None)
+        self.warm = [again[i] for i in range(len(again))]
 
     def order(self) -> list[str]:
         return [_filename(item) for item in self.cold]

@@ -11,12 +11,16 @@ Ours is made three ways (``how``):
 
 - ``hydra``: their ``datasets.val_dataset`` node with only ``_target_`` changed to
   ``diskcache_ocr.origin.ValidatedOCRDataset``, instantiated by Hydra (what a user does);
+- ``hydra_none``: the same with ``transform: null`` (their ``DatasetConfig`` object, our
+  built-in pipeline);
 - ``node``: ``diskcache_ocr.origin.ValidatedOCRDataset(<their config node>, <the very transform
   object their dataset got>)``;
 - ``builtin``: the config node with ``transform=None`` (our built-in origin pipeline);
 - ``plain``: the config node as plain containers without ``_target_`` keys, ``transform=None``;
 - ``compose``: that plain config and their val_transform's albumentations pieces (each made by
-  ``instantiate``) in a plain ``A.Compose``.
+  ``instantiate``) and ``ToTensorV2`` in a plain ``A.Compose``;
+- ``compose_lists``: the same with ``instantiate(..., _convert_="all")`` (plain lists, not
+  OmegaConf containers, in the transforms' arguments).
 
 :func:`compare_batches` lists every difference between two batches as :class:`Diff` rows.
 """
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 PRESETS = ("validation_optimized", "balanced", "minimal")
-HOWS = ("hydra", "node", "builtin", "plain", "compose")
+HOWS = ("hydra", "hydra_none", "node", "builtin", "plain", "compose", "compose_lists")
 OUR_TARGET = "diskcache_ocr.origin.ValidatedOCRDataset"
 
 
@@ -77,10 +81,12 @@ def our_dataset(cfg, how: str, transform: Any = None):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    if how == "hydra":
+    if how in ("hydra", "hydra_none"):
         node = copy.deepcopy(cfg.datasets.val_dataset)
         OmegaConf.set_readonly(node, False)
         node._target_ = OUR_TARGET
+        if how == "hydra_none":
+            node.transform = None
         return instantiate(node)
     from diskcache_ocr.origin import ValidatedOCRDataset
 
@@ -94,6 +100,8 @@ def our_dataset(cfg, how: str, transform: Any = None):
         return ValidatedOCRDataset(plain, None)
     if how == "compose":
         return ValidatedOCRDataset(plain, albumentations_compose(cfg))
+    if how == "compose_lists":
+        return ValidatedOCRDataset(plain, albumentations_compose(cfg, convert="all"))
     raise ValueError(f"how must be one of {HOWS}, got {how!r}")
 
 
@@ -111,15 +119,44 @@ def plain_config(node) -> dict[str, Any]:
     return strip(OmegaConf.to_container(node, resolve=True))
 
 
-def albumentations_compose(cfg):
-    """Their val_transform's albumentations pieces, instantiated by Hydra, in a plain
-    ``A.Compose`` (what their wrapper holds, less its ``ToTensorV2``)."""
+def albumentations_compose(cfg, convert: str = "none"):
+    """Their val_transform's albumentations pieces, instantiated by Hydra, then
+    ``ToTensorV2``, in a plain ``A.Compose`` (the Compose their wrapper holds)."""
     import albumentations as A
+    from albumentations.pytorch import ToTensorV2
     from hydra.utils import instantiate
 
     node = cfg.transforms.val_transform
-    return A.Compose([instantiate(t) for t in node.transforms],
-                     keypoint_params=instantiate(node.keypoint_params))
+    return A.Compose([*(instantiate(t, _convert_=convert) for t in node.transforms),
+                      ToTensorV2()], keypoint_params=instantiate(node.keypoint_params))
+
+
+def train_parts(root: str | Path, cfg):
+    """Their training dataset node, pointed at a ``train`` split under ``root`` (made from
+    the val inputs), built by Hydra: (theirs, ``make_ours(transform=True)``, which builds the
+    node with only ``_target_`` changed, or with ``transform: null`` too)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = Path(root)
+    images, ann = root / "images" / "train", root / "jsons" / "train.json"
+    if not images.exists():
+        images.symlink_to(root / "images" / "val", target_is_directory=True)
+        ann.write_bytes((root / "jsons" / "val.json").read_bytes())
+    node = copy.deepcopy(cfg.datasets.train_dataset)
+    OmegaConf.set_readonly(node, False)
+    node.config.image_path = str(images)
+    node.config.annotation_path = str(ann)
+    theirs = instantiate(node)
+    node._target_ = OUR_TARGET
+
+    def make_ours(transform: bool = True):
+        mine = copy.deepcopy(node)
+        if not transform:
+            mine.transform = None
+        return instantiate(mine)
+
+    return theirs, make_ours
 
 
 def loader(dataset, collate, workers: int, batch_size: int = 4):
@@ -320,29 +357,50 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def compare_runs(origin: list[dict[str, Any]], ours: list[dict[str, Any]], root: Path,
-                 origin_keys: Iterable[str] = (), our_keys: Iterable[str] = ()) -> list[Diff]:
-    """Differences between two epochs, each a list of per-image samples in batch order."""
+def compare_runs(origin: list[dict[str, Any]], ours: Iterable[dict[str, Any]], root: Path,
+                 origin_keys: Iterable[str] = (), our_keys: Iterable[str] | None = ()
+                 ) -> list[Diff]:
+    """Differences between two epochs, each per-image samples in batch order. ``ours`` may be
+    a loader's :func:`stream` (its batch keys are then collected as it goes: pass
+    ``our_keys=None``), so only the origin's epoch is held in memory."""
     out: list[Diff] = []
-    ok, uk = set(origin_keys), set(our_keys)
-    if ok != uk:
-        out.append(Diff("*", "batch keys", f"missing in ours: {sorted(ok - uk)}",
-                        f"extra in ours: {sorted(uk - ok)}"))
-    na = [str(s.get("image_filename")) for s in origin]
-    nb = [str(s.get("image_filename")) for s in ours]
-    if na != nb:
-        first = _first_difference(na, nb)
-        out.append(Diff("*", "order", f"{len(na)} images, #{first}: "
-                        f"{na[first] if first < len(na) else '-'} (JSON order)",
-                        f"{len(nb)} images, #{first}: {nb[first] if first < len(nb) else '-'}"))
-    by_name = {str(s.get("image_filename")): s for s in ours}
-    for s in origin:
-        u = by_name.get(str(s.get("image_filename")))
-        if u is None:
-            out.append(Diff(str(s.get("image_filename")), "sample", "present", "absent"))
+    by_name = {str(s.get("image_filename")): s for s in origin}
+    seen_keys: set[str] = set()
+    nb: list[str] = []
+    for u in ours:
+        seen_keys |= u.pop("_batch_keys", set())
+        name = str(u.get("image_filename"))
+        nb.append(name)
+        s = by_name.get(name)
+        if s is None:
+            out.append(Diff(name, "sample", "absent", "present"))
             continue
         out.extend(compare_samples(s, u, root))
+    ok = set(origin_keys)
+    uk = seen_keys if our_keys is None else set(our_keys)
+    if ok != uk:
+        out.insert(0, Diff("*", "batch keys", f"missing in ours: {sorted(ok - uk)}",
+                           f"extra in ours: {sorted(uk - ok)}"))
+    na = [str(s.get("image_filename")) for s in origin]
+    for name in na:
+        if name not in nb:
+            out.append(Diff(name, "sample", "present", "absent"))
+    if na != nb:
+        first = _first_difference(na, nb)
+        out.insert(0, Diff("*", "order", f"{len(na)} images, #{first}: "
+                           f"{na[first] if first < len(na) else '-'} (JSON order)",
+                           f"{len(nb)} images, #{first}: {nb[first] if first < len(nb) else '-'}"))
     return out
+
+
+def stream(dl) -> Iterator[dict[str, Any]]:
+    """A loader's per-image samples as they come; each carries its batch's keys in
+    ``_batch_keys``."""
+    for batch in dl:
+        keys = set(batch)
+        for s in samples_of(batch):
+            s["_batch_keys"] = keys
+            yield s
 
 
 def epoch(dl) -> tuple[list[dict[str, Any]], set[str]]:
@@ -407,10 +465,18 @@ def compare_datasets(o_ds, u_ds, root: Path, items: bool = True) -> list[Diff]:
                 continue
             out.extend(Diff(d.image, "dataset.anns[name] " + d.field.replace("polygons ", ""),
                             d.origin, d.ours) for d in _polygon_diffs(name, polys, mine))
-    if items:
-        for i in range(min(len(o_ds), len(u_ds))):
-            a, b = o_ds[i], u_ds[i]
+    if items:  # matched by file name (the orders are compared elsewhere)
+        mine = {}
+        for j in range(len(u_ds)):
+            b = u_ds[j]
+            mine[str((b.get("metadata") or {}).get("filename", j))] = b
+        for i in range(len(o_ds)):
+            a = o_ds[i]
             name = str(a.get("metadata", {}).get("filename", i))
+            b = mine.get(name)
+            if b is None:
+                out.append(Diff(name, "item", "present", "absent"))
+                continue
             if list(a) != list(b):
                 out.append(Diff(name, "item keys", str(list(a)), str(list(b))))
             out.extend(Diff(d.image, "item " + d.field, d.origin, d.ours)

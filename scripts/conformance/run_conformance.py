@@ -47,15 +47,15 @@ def run_config(root: Path, preset: str, workers: int, hows: list[str],
             continue
         try:
             dl = H.loader(ds, o_collate, workers)
-            u1, ukeys = H.epoch(dl)
-            report(f"{label} cold", H.compare_runs(o1, u1, root, okeys, ukeys))
-            u2, ukeys = H.epoch(dl)
-            report(f"{label} warm (2nd epoch)", H.compare_runs(o2, u2, root, okeys, ukeys))
+            report(f"{label} cold", H.compare_runs(o1, H.stream(dl), root, okeys, None))
+            report(f"{label} warm (2nd epoch)",
+                   H.compare_runs(o2, H.stream(dl), root, okeys, None))
             del dl
             ds2 = H.our_dataset(cfg, how, o_tf)
-            u3, ukeys = H.epoch(H.loader(ds2, o_collate, workers))
             report(f"{label} warm (new dataset object)",
-                   H.compare_runs(o1, u3, root, okeys, ukeys))
+                   H.compare_runs(o1, H.stream(H.loader(ds2, o_collate, workers)), root,
+                                  okeys, None))
+            del ds2
         except Exception as exc:  # noqa: BLE001
             report(f"{label} iterate", [_error("iterate", exc)])
         if workers == 0:
@@ -106,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
                 f.write("\n| image(s) | field | origin | ours |\n|---|---|---|---|\n")
                 f.writelines(_grouped(new))
 
+    cfg = H.compose(root, "minimal")
+    theirs, make_ours = H.train_parts(root, cfg)
+    for transform in (True, False):
+        label = "train node" + ("" if transform else " with transform: null")
+        try:
+            ours = make_ours(transform)
+            report(label, H.compare_datasets(theirs, ours, root, items=False))
+        except Exception as exc:  # noqa: BLE001
+            report(label, [_error("construct (train split)", exc)])
     for preset in args.presets:
         for w in args.workers:
             try:
