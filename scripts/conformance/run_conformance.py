@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ def run_config(root: Path, preset: str, workers: int, hows: list[str],
             ds = H.our_dataset(cfg, how, o_tf)
         except Exception as exc:  # noqa: BLE001 - a failure is a finding
             report(f"{label} construct", [_error("construct", exc)])
+            shutil.rmtree(cache, ignore_errors=True)
             continue
         try:
             dl = H.loader(ds, o_collate, workers)
@@ -63,6 +65,8 @@ def run_config(root: Path, preset: str, workers: int, hows: list[str],
                 report(f"{label} dataset object", H.compare_datasets(o_ds, ds, root))
             except Exception as exc:  # noqa: BLE001
                 report(f"{label} dataset object", [_error("dataset object", exc)])
+        del ds
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 
@@ -106,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 f.write("\n| image(s) | field | origin | ours |\n|---|---|---|---|\n")
                 f.writelines(_grouped(new))
 
+    # every dataset of ours caches under a directory of this run, never the user's default
+    train_cache = tempfile.mkdtemp(prefix="cache-train-")
+    os.environ["DISKCACHE_OCR_DIR"] = train_cache
     cfg = H.compose(root, "minimal")
     theirs, make_ours = H.train_parts(root, cfg)
     for transform in (True, False):
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             report(label, H.compare_datasets(theirs, ours, root, items=False))
         except Exception as exc:  # noqa: BLE001
             report(label, [_error("construct (train split)", exc)])
+    shutil.rmtree(train_cache, ignore_errors=True)
     for preset in args.presets:
         for w in args.workers:
             try:
