@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import msgpack
 
 from diskcache_ocr.errors import (
     CacheClosedError,
@@ -31,7 +32,7 @@ from diskcache_ocr.errors import (
     CacheFormatError,
     CacheFullError,
 )
-from diskcache_ocr.store.header import _DBS, check_header
+from diskcache_ocr.store.header import _DBS, HEADER_KEY, check_header, check_not_newer
 from diskcache_ocr.store.protocol import StoreHandle
 from diskcache_ocr.store.txn import _scratch
 
@@ -400,7 +401,16 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
     cache of this format, and open its sub-databases."""
     check_cache_files(path)
     if not opts.readonly:
-        path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) \
+                else ""
+            raise CacheError(
+                f"{path}: cannot create the cache directory{where}: {exc.strerror}; choose a "
+                "cache directory on a writable file system where this user may create it, "
+                "or create it first with write permission for this user (a cache built "
+                "elsewhere can be opened read-only)") from None
         check_cache_files(path)  # (planted between the check and the mkdir)
     elif not (path / "data.mdb").exists():
         raise CacheError(f"{path}: no cache here (no data.mdb) to open read-only")
@@ -457,9 +467,23 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
     return env, handles
 
 
+def _refuse_newer(env: lmdb.Environment, txn: lmdb.Transaction, path: Path) -> None:
+    """A cache of a newer format is refused before anything else is judged: it may have
+    other sub-databases or header fields, which are not damage."""
+    try:
+        raw = txn.get(HEADER_KEY, db=env.open_db(b"meta", txn=txn, create=False))
+        header = msgpack.unpackb(bytes(raw), raw=False) if raw is not None else None
+    except Exception:  # noqa: BLE001 - not ours or damaged: the checks that follow say which
+        return
+    if isinstance(header, dict):
+        check_not_newer(header, path)
+
+
 def _open_dbs(env: lmdb.Environment, path: Path, readonly: bool) -> dict[str, Any]:
     with env.begin() as txn:
         named = {bytes(k) for k, _ in txn.cursor()}
+        if b"meta" in named:
+            _refuse_newer(env, txn, path)
     del txn  # a finished read transaction keeps its reader slot until it is freed
     if named and b"meta" not in named:
         raise CacheFormatError(
