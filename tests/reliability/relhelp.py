@@ -449,3 +449,56 @@ def fill_disk(disk: Path) -> Path:
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler
+
+
+# -- clearing a cache while others open it ---------------------------------------------------
+def record_arrays(tag: str, i: int) -> dict[str, Any]:
+    """A record whose every byte says which writer and which write it is."""
+    seed = int.from_bytes(blake3.blake3(f"{tag}/{i}".encode()).digest()[:8], "little")
+    return {"image": np.random.default_rng(seed).integers(0, 256, (64, 96, 3), np.uint8)}
+
+
+def record_key(tag: str, i: int) -> bytes:
+    return blake3.blake3(f"key:{tag}/{i}".encode()).digest()
+
+
+def write_records(cache: str, tag: str, n: int, pause_s: float, out: str) -> int:
+    """Open the cache, write ``n`` records one transaction each, read them back."""
+    from diskcache_ocr.errors import CacheError
+    from diskcache_ocr.store import CacheStore
+
+    bad = []
+    try:
+        with CacheStore(cache) as store:
+            for i in range(n):
+                store.put("images", record_key(tag, i), record_arrays(tag, i))
+                time.sleep(pause_s)
+            for i in range(n):
+                got = store.get("images", record_key(tag, i))
+                if got is None or not np.array_equal(got["image"], record_arrays(tag, i)["image"]):
+                    bad.append(i)
+    except CacheError as exc:
+        bad.append(f"{type(exc).__name__}: {exc}")
+    Path(out).write_text(json.dumps({"bad": bad}))
+    return 0
+
+
+def paused_wipe(cache: str, paused: str, go: str) -> int:
+    """``clear --all``'s deleting step, made to stop after ``data.mdb`` is gone and before
+    ``lock.mdb`` goes (until ``go`` exists): the moment another process may open the cache."""
+    import pathlib
+
+    from diskcache_ocr.store import wipe
+
+    unlink = pathlib.Path.unlink
+
+    def slow_unlink(self: pathlib.Path, missing_ok: bool = False) -> None:
+        unlink(self, missing_ok=missing_ok)
+        if self.name == "data.mdb" and str(self.parent) == cache:
+            Path(paused).write_text("paused")
+            wait_for(lambda: os.path.exists(go), 120, "go")
+
+    pathlib.Path.unlink = slow_unlink  # type: ignore[method-assign]
+    sys.argv = ["wipe", cache]
+    wipe._child()
+    return 0
