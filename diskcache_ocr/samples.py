@@ -18,7 +18,7 @@ import torch
 
 from diskcache_ocr import batchmem
 from diskcache_ocr.batchmem import Spec
-from diskcache_ocr.errors import BatchError
+from diskcache_ocr.errors import BatchError, CacheError
 from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
@@ -183,10 +183,29 @@ def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: b
     for d in shape:
         numel *= d
     proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    try:
+        storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    except RuntimeError as exc:
+        if "No space left" not in str(exc) and "Cannot allocate" not in str(exc):
+            raise
+        # Shared memory is full: give back the idle batch memory kept for reuse, once.
+        if not batchmem.out_of_shared_memory(exc):
+            raise _shm_full(numel * proto.element_size(), exc) from None
+        try:
+            storage = proto._typed_storage()._new_shared(numel, device="cpu")
+        except RuntimeError as again:
+            raise _shm_full(numel * proto.element_size(), again) from None
     out = proto.new(storage).resize_(shape)
     batchmem.address_populate(out.data_ptr(), out.numel() * out.element_size())
     return out
+
+
+def _shm_full(nbytes: int, exc: BaseException) -> CacheError:
+    return CacheError(
+        f"{batchmem.SHM_DIR}: no shared memory left for a batch of {nbytes >> 20} MiB "
+        f"({exc}); the DataLoader's workers hold at most prefetch_factor x num_workers "
+        "batches there: give the system more shared memory (e.g. docker --shm-size), or use "
+        "fewer workers, a smaller prefetch_factor or smaller batches")
 
 
 FINISH = "finish"  # the key of a compact sample's (and batch's) finishing spec

@@ -502,3 +502,78 @@ def paused_wipe(cache: str, paused: str, go: str) -> int:
     sys.argv = ["wipe", cache]
     wipe._child()
     return 0
+
+
+# -- batch memory in shared memory ------------------------------------------------------------
+def slabs_in(shm_dir: str) -> list[str]:
+    from diskcache_ocr import batchmem
+
+    return sorted(n for n in os.listdir(shm_dir) if n.startswith(batchmem.SLAB_PREFIX))
+
+
+def loader_exit(images: str, annotations: str, cache: str, shm_dir: str, how: str,
+                out: str) -> int:
+    """A training loop over a 2-worker DataLoader that ends ``how``; writes what it saw.
+
+    - ``kill-worker``: a worker is SIGKILLed; the loop's error is not caught (the program
+      ends with it).
+    - ``raise``: the training step raises after two batches, not caught.
+    - ``teardown``: the loop stops after two batches, the iterator is dropped and collected;
+      the slabs left while the program still runs are written out.
+    - ``kill-worker-then-new-loader``: a worker is SIGKILLed, the error caught and dropped
+      (a notebook), then a new loader runs one batch; the slabs left are written out.
+    """
+    import gc
+
+    from torch.utils.data import DataLoader
+
+    from diskcache_ocr import batchmem
+    from diskcache_ocr.dataset import CachedOCRDataset, collate
+
+    batchmem.SHM_DIR = shm_dir  # (workers fork with it)
+    ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
+                          preload=False)
+    epochs = [i % len(ds) for i in range(len(ds) * 20)]
+
+    def loader() -> DataLoader:
+        return DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate, sampler=epochs)
+
+    it = iter(loader())
+    pids = [w.pid for w in it._workers]  # type: ignore[attr-defined]
+    held = [next(it), next(it)]
+    report: dict[str, Any] = {"workers": pids, "during": slabs_in(shm_dir)}
+
+    def save() -> None:
+        Path(out).write_text(json.dumps(report))
+
+    if how == "kill-worker":
+        save()
+        os.kill(pids[0], signal.SIGKILL)
+        for batch in it:
+            held = [batch]
+        return 0
+    if how == "raise":
+        save()
+        raise RuntimeError("the training step failed")
+    if how == "teardown":
+        del it, held
+        gc.collect()
+        report["after"] = slabs_in(shm_dir)
+        save()
+        return 0
+    assert how == "kill-worker-then-new-loader"
+    os.kill(pids[0], signal.SIGKILL)
+    try:
+        for batch in it:
+            held = [batch]
+    except RuntimeError as exc:
+        report["error"] = str(exc)[:200]
+    del it, held
+    gc.collect()
+    again = iter(loader())
+    next(again)
+    report["after"] = slabs_in(shm_dir)
+    report["new workers"] = [w.pid for w in again._workers]  # type: ignore[attr-defined]
+    save()
+    del again
+    return 0
