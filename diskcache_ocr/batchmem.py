@@ -282,13 +282,19 @@ class _SlabPool:
         return Block(specs, arrays, tensors)
 
     def _take(self, size: int) -> _Slab | None:
+        if self.growing and _under_pressure():
+            self.out_of_space(OSError(errno.ENOSPC, "another worker found no room"))
+        if not self.growing:
+            # No reuse any more: every slab goes as soon as it is idle (a DataLoader without
+            # reuse holds no batch memory beyond the batches alive).
+            for slab in [slab for slab in self.slabs if slab.available()]:
+                self._retire(slab)
+            return None
         # The smallest free slab that holds the batch: an epoch's last, smaller batch goes
         # into a full batch's slab instead of a slab of its own kept beside it.
         free = [slab for slab in self.slabs if slab.size >= size and slab.available()]
         if free:
             return min(free, key=lambda slab: slab.size)
-        if not self.growing:
-            return None
         if len(self.slabs) >= SLABS_PER_WORKER:
             smaller = [slab for slab in self.slabs if slab.available()]
             if not smaller:
@@ -311,10 +317,12 @@ class _SlabPool:
 
     def out_of_space(self, exc: BaseException) -> int:
         """Shared memory ran out: keep no batch memory for reuse in this process any more
-        (a DataLoader without reuse needs no more than the batches alive) and give back
-        every idle slab. Returns the bytes given back."""
+        (a DataLoader without reuse needs no more than the batches alive), give back every
+        idle slab now (busy ones once idle), and tell the loader's other workers to do the
+        same. Returns the bytes given back."""
         with_warning = self.growing
         self.growing = False
+        _raise_pressure()
         idle = [slab for slab in self.slabs if slab.available()]
         for slab in idle:
             self._retire(slab)
@@ -327,9 +335,56 @@ class _SlabPool:
         return freed
 
 
+def _pressure_flag(owner: int) -> str:
+    """The file whose existence tells every worker of the process ``owner`` (the main
+    process) that shared memory ran out (named like a slab: swept with its owner)."""
+    return os.path.join(SHM_DIR, f"{_owner_prefix(owner)}pressure")
+
+
+def _raise_pressure() -> None:
+    try:
+        os.close(os.open(_pressure_flag(os.getppid()), os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError:
+        pass
+
+
+def _under_pressure() -> bool:
+    return os.path.exists(_pressure_flag(os.getppid()))
+
+
+def wait_for_shared_memory(nbytes: int, timeout_s: float) -> bool:
+    """Wait until ``nbytes`` of shared memory are free (the consumer lets go of batches),
+    up to ``timeout_s``; whether they are."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            st = os.statvfs(SHM_DIR)
+        except OSError:
+            return False
+        if st.f_bavail * st.f_frsize >= nbytes:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+
+
 def _unlink_all(slabs: list[_Slab]) -> None:
+    """Unlink this process's slabs: those of its pool, and by name any other (a handler
+    may run between a slab's creation and its entry in the pool)."""
     for slab in slabs:
         slab.unlink()
+    mine = _owner_prefix(os.getpid())
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
+            pass
 
 
 def _unlink_on_sigterm(slabs: list[_Slab]) -> None:
@@ -353,10 +408,12 @@ def _unlink_on_sigterm(slabs: list[_Slab]) -> None:
 
 
 def out_of_shared_memory(exc: BaseException) -> int:
-    """Shared memory ran out for fresh batch memory: this process's idle slabs go (see
-    ``_SlabPool.out_of_space``); returns the bytes given back (0: nothing to retry with)."""
+    """Shared memory ran out for fresh batch memory: this process's idle slabs go and the
+    loader's other workers are told (see ``_SlabPool.out_of_space``); returns the bytes
+    given back."""
     pool = _slab_pool
     if pool is None or pool.pid != os.getpid() or pool.broken:
+        _raise_pressure()
         return 0
     with pool.lock:
         return pool.out_of_space(exc)
@@ -526,11 +583,19 @@ def _remember(name: str) -> None:
 
         # After multiprocessing has terminated and joined the daemonic workers at exit
         # (its finalizers of negative priority run last): whatever a dead worker left.
-        multiprocessing.util.Finalize(None, _sweep_orphans, exitpriority=-100)
+        multiprocessing.util.Finalize(None, _sweep_at_exit, exitpriority=-100)
     _seen.add(name)
     # A slab not seen before: a new worker (often a new loader). Slabs of workers that died
     # without unlinking theirs (SIGKILL, out of memory) are swept now, not at the next run.
     _sweep_orphans()
+
+
+def _sweep_at_exit() -> None:
+    _sweep_orphans()
+    try:
+        os.unlink(_pressure_flag(os.getpid()))
+    except OSError:
+        pass
 
 
 def _unlink_seen(pid: int) -> None:
@@ -640,4 +705,5 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 __all__ = ["Block", "SlabTensor", "Spec", "keep_freed_memory", "layout", "local_block",
-           "out_of_shared_memory", "populate", "release_local", "shared_block"]
+           "out_of_shared_memory", "populate", "release_local", "shared_block",
+           "wait_for_shared_memory"]

@@ -188,16 +188,26 @@ def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: b
     except RuntimeError as exc:
         if "No space left" not in str(exc) and "Cannot allocate" not in str(exc):
             raise
-        # Shared memory is full: give back the idle batch memory kept for reuse, once.
-        if not batchmem.out_of_shared_memory(exc):
-            raise _shm_full(numel * proto.element_size(), exc) from None
-        try:
-            storage = proto._typed_storage()._new_shared(numel, device="cpu")
-        except RuntimeError as again:
-            raise _shm_full(numel * proto.element_size(), again) from None
+        # Shared memory is full: give back the idle batch memory kept for reuse (the other
+        # workers too), and wait a little for the consumer to let go of batches.
+        nbytes = numel * proto.element_size()
+        batchmem.out_of_shared_memory(exc)
+        for _ in range(SHM_RETRIES):
+            batchmem.wait_for_shared_memory(nbytes, SHM_WAIT_S / SHM_RETRIES)
+            try:
+                storage = proto._typed_storage()._new_shared(numel, device="cpu")
+                break
+            except RuntimeError as again:
+                exc = again
+        else:
+            raise _shm_full(nbytes, exc) from None
     out = proto.new(storage).resize_(shape)
     batchmem.address_populate(out.data_ptr(), out.numel() * out.element_size())
     return out
+
+
+SHM_WAIT_S = 10.0  # how long a batch waits for shared memory before it is an error
+SHM_RETRIES = 20
 
 
 def _shm_full(nbytes: int, exc: BaseException) -> CacheError:

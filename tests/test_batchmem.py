@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,19 +189,38 @@ def test_full_shared_memory_falls_back_cleanly(monkeypatch, caplog):
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with caplog.at_level(logging.WARNING, "diskcache_ocr.batchmem"):
         assert batchmem.shared_block([Spec("y", (larger,), np.dtype(np.uint8))]) is None
-    assert set(os.listdir(batchmem.SHM_DIR)) - before == set()  # nothing left behind
+    flag = batchmem._pressure_flag(os.getppid())
+    # nothing left behind but the flag telling the loader's other workers
+    assert set(os.listdir(batchmem.SHM_DIR)) - before == {os.path.basename(flag)}
     assert idle.name not in os.listdir(batchmem.SHM_DIR) and idle not in pool.slabs
     assert kept.tensors["image"]._slab in pool.slabs
     assert "is full" in caplog.text and "stops keeping batch memory" in caplog.text
     monkeypatch.undo()
-    try:  # no new slab any more in this process (slabs it still has are used)
-        assert not pool.growing
-        assert batchmem.shared_block([Spec("y", (larger,), np.dtype(np.uint8))]) is None
+    try:  # no reuse any more in this process: each slab goes once idle; the others are told
+        assert not pool.growing and os.path.exists(flag)
         slab = kept.tensors["image"]._slab
         del kept
-        assert batchmem.shared_block(SPECS).tensors["image"]._slab is slab
+        assert batchmem.shared_block(SPECS) is None
+        assert slab not in pool.slabs and slab.name not in os.listdir(batchmem.SHM_DIR)
     finally:
         pool.growing = True
+        os.unlink(flag)
+
+
+@needs_shm
+def test_a_worker_told_that_shared_memory_ran_out_gives_back_its_idle_slabs(monkeypatch):
+    monkeypatch.setattr(batchmem, "_pressure_flag", lambda owner: str(flag))
+    flag = Path(batchmem.SHM_DIR) / f"docr-test-pressure-{os.getpid()}"
+    idle = batchmem.shared_block(SPECS).tensors["image"]._slab
+    pool = batchmem._slab_pool
+    assert idle in pool.slabs and pool.growing
+    flag.touch()
+    try:
+        assert batchmem.shared_block(SPECS) is None
+        assert idle not in pool.slabs and not pool.growing
+    finally:
+        pool.growing = True
+        flag.unlink()
 
 
 @needs_shm

@@ -577,3 +577,47 @@ def loader_exit(images: str, annotations: str, cache: str, shm_dir: str, how: st
     save()
     del again
     return 0
+
+
+def shm_epochs(kind: str, images: str, annotations: str, cache: str, epochs: int,
+               out: str) -> int:
+    """Epochs of a 2-worker DataLoader (batches of 3) whose batches live in /dev/shm:
+    ``stock`` (a plain Dataset of the same tensors and the default collate), ``ours`` (the
+    cached dataset, batch memory reused) or ``ours-no-reuse``. Writes the batches seen and
+    the error that ended it, if any."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from diskcache_ocr.dataset import CachedOCRDataset, collate
+
+    names = ("image", *MAP_NAMES, "inverse_matrix")
+    ds = CachedOCRDataset(images, annotations, cache, preload=False, preset={
+        "load_maps": True, "reuse_batch_memory": kind != "ours-no-reuse",
+        "cache_config": {"cache_images": True, "cache_transformed_tensors": True,
+                         "cache_maps": True}})
+
+    class Plain(Dataset):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            self.items = [{k: ds[i][k].clone() for k in names} for i in range(len(ds))]
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return self.items[i]
+
+    data, collate_fn = (Plain(), None) if kind == "stock" else (ds, collate)
+    batches, error = 0, None
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(ds) * 4).remainder(len(ds)).tolist()  # 11 batches
+            for batch in DataLoader(data, batch_size=3, num_workers=2, collate_fn=collate_fn,
+                                    sampler=order):
+                batches += 1
+                time.sleep(0.02)  # a training step
+                del batch
+    except Exception as exc:  # noqa: BLE001 - the answer of this run
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    slabs = [n for n in slabs_in("/dev/shm") if not n.endswith("-pressure")]  # (see batchmem)
+    Path(out).write_text(json.dumps({"batches": batches, "error": error, "slabs": slabs}))
+    return 0
