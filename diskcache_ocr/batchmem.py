@@ -20,6 +20,13 @@ array or view of its last use is alive anywhere, in any process.
   mapping (a fresh mapping per batch faults on each page read again); the mapping of a slab
   whose worker has exited is let go when the next new slab arrives or before a fork, and is
   unmapped once no tensor of its last batch is alive.
+- **Shared memory is never kept beyond need when it runs short**: a worker keeps at most
+  four slabs and puts a smaller batch into a free larger one; when ``/dev/shm`` has no room,
+  every worker of the loader gives back its idle slabs and stops reusing (a warning), so it
+  needs no more than a DataLoader without reuse.
+- **No slab outlives its worker**: unlinked at the worker's exit, when it is terminated
+  (SIGTERM), and swept by name (owner pid) once its owner is dead: when the main process
+  first sees a new worker's slab, when a worker starts, and at the main process's exit.
 
 Nothing here is ever read from the cache: slabs carry no pickled data, only arrays.
 """
