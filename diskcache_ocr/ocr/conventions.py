@@ -287,8 +287,12 @@ class Convention:
             out = [raw_to_upright(p, orientation, w, h) for p in polygons]
         if not self.filters_words:
             return out
-        return [q for q in (np.asarray(p, np.float32).reshape(-1, 2) for p in out)
-                if len(q) >= 3]
+        # The origin's rules: words of fewer than 3 points dropped, every vertex clamped into
+        # the (upright) image, as its transform objects do before their Compose.
+        w, h = upright_size(w, h, orientation)
+        limit = np.array([w - 1, h - 1], np.float32)
+        return [np.clip(q, np.float32(0), limit)
+                for q in (np.asarray(p, np.float32).reshape(-1, 2) for p in out) if len(q) >= 3]
 
     def kept(self, polygons: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The words a transform's output keeps: with the origin's filters, each as a
@@ -310,7 +314,8 @@ class Convention:
             "convention": self.name,
             "annotations": {"round_points": self.round_points},
             "exif": {"annotation_frame": self.annotation_frame},
-            "words": {"filters": self.filters_words},
+            "words": {"filters": self.filters_words,
+                      "clamp": "into-image" if self.filters_words else None},
             "transform": self.transform.fingerprint(),
             "maps": self.maps.fingerprint(),
         }
