@@ -39,6 +39,14 @@ class BuildSummary:
     workers: int = 1
     rank: int = 0
     world_size: int = 1
+    # Across nodes (see diskcache_ocr.cluster): images whose records this rank received from
+    # another node and wrote (and those records), the cache directories of the job (nodes),
+    # this rank's node, and every rank's {rank, node, built, received, ...}.
+    received: int = 0
+    received_records: int = 0
+    nodes: int = 1
+    node: int = 0
+    ranks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -48,9 +56,12 @@ class BuildSummary:
     def line(self) -> str:
         rate = self.built / self.seconds if self.seconds else 0.0
         share = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
-        return (f"{share}{self.built} built, {self.skipped} already cached, {len(self.failed)} "
-                f"failed, of {self.total} in {self.seconds:.1f} s ({rate:.1f} images/s, "
-                f"{self.workers} workers)")
+        if self.nodes > 1:
+            share = f"node {self.node}/{self.nodes}, {share}"
+        got = f", {self.received} received from other nodes" if self.nodes > 1 else ""
+        return (f"{share}{self.built} built{got}, {self.skipped} already cached, "
+                f"{len(self.failed)} failed, of {self.total} in {self.seconds:.1f} s "
+                f"({rate:.1f} images/s, {self.workers} workers)")
 
 
 def dist_info() -> tuple[int, int]:
@@ -63,6 +74,42 @@ def dist_info() -> tuple[int, int]:
     except ImportError:  # pragma: no cover - torch always ships it
         pass
     return 0, 1
+
+
+def process_group_ready() -> bool:
+    """Whether torch.distributed's default process group is up (torchrun, DDP)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch always ships it
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+MISSING_NAMED = 5  # missing sources the header names (the count is always there)
+
+
+def mark_started(store: Any, engine: Any, world: int, nodes: int = 1) -> None:
+    """Note in the header that a build of ``world`` ranks on ``nodes`` cache directories
+    began for a split of ``len(engine.catalog)`` images; :func:`mark_finished` closes it."""
+    store.update_header(build={"clean": False, "started": time.time(), "world_size": world,
+                               "nodes": nodes, "images": len(engine.catalog)})
+
+
+def mark_finished(store: Any, engine: Any, world: int, nodes: int = 1) -> int:
+    """Record in the header that the build ended, with what this directory holds of the
+    split: how many of its images lack a record (``missing``, a few of them named), so
+    that ``status`` and ``health`` can tell a complete cache from a part of one. Syncs
+    first: no unsynced writes are outstanding after it. Returns the missing count."""
+    store.sync()
+    store.refresh()  # (see every write committed so far, by any process)
+    todo, failed = engine.missing(range(len(engine.catalog)))
+    store.update_header(build={
+        "clean": True, "finished": time.time(), "world_size": world, "nodes": nodes,
+        "images": len(engine.catalog), "missing": len(todo), "failed": len(failed),
+        "missing_some": [engine.catalog.source(i) for i in todo[:MISSING_NAMED]],
+    }, unsynced_boot=None)
+    store.sync()
+    return len(todo)
 
 
 def barrier(world_size: int) -> None:
@@ -112,8 +159,13 @@ def build_engine(engine: Any, *, workers: int = 1, progress: bool = True,
     if store.readonly:
         raise CacheError(f"{store.path}: the dataset opened its cache read-only; nothing can "
                          "be built")
+    if world > 1 and process_group_ready():
+        from diskcache_ocr.cluster import build_cluster
+
+        return build_cluster(engine, workers=workers, progress=progress, chunk=chunk,
+                             started=started)
     if rank == 0:
-        store.update_header(build={"clean": False, "started": time.time(), "world_size": world})
+        mark_started(store, engine, world)
     barrier(world)
 
     share = list(range(rank, len(engine.catalog), world))
@@ -138,11 +190,9 @@ def build_engine(engine: Any, *, workers: int = 1, progress: bool = True,
         bar.close()
     store.sync()
     barrier(world)
-    if rank == 0:
-        # Everything is on disk now (synced above): no unsynced writes are outstanding.
-        store.update_header(build={"clean": True, "finished": time.time(), "world_size": world},
-                            unsynced_boot=None)
-        store.sync()
+    # (Without a process group, a rank knows only its own directory: each records what it
+    # holds; rank 0 alone marked the start.)
+    mark_finished(store, engine, world)
     store.close()
     summary.seconds = time.perf_counter() - started
     return summary
@@ -165,4 +215,5 @@ def _run_chunks(engine: Any, chunks: list[list[int]], workers: int
         _worker_engine = None
 
 
-__all__ = ["DEFAULT_CHUNK", "BuildSummary", "barrier", "build_engine", "dist_info"]
+__all__ = ["DEFAULT_CHUNK", "BuildSummary", "barrier", "build_engine", "dist_info",
+           "mark_finished", "mark_started", "process_group_ready"]

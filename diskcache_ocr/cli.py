@@ -82,12 +82,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"sources indexed: {data['index']['sources']} ({data['index']['failed']} failed)",
             f"map: {_human_bytes(m['used_bytes'])} used of {_human_bytes(m['map_size'])}, "
             f"{m['readers']} readers of {m['max_readers']}",
-            f"last build: {'clean' if build.get('clean') else 'unfinished or none'}",
+            f"last build: {_last_build(build, data.get('completeness'))}",
             f"reads: {format_hit_rates(data['stats'])}",
         ])
 
     _emit(args, data, human)
     return 0
+
+
+def _last_build(build: dict[str, Any], done: dict[str, Any] | None) -> str:
+    """The status line of the last prebuild: finished, and whether its split is whole."""
+    if done is None or not done["finished"]:
+        return "unfinished (run the same prebuild again)" if build else "none"
+    nodes = f" on {done['nodes']} nodes" if (done.get("nodes") or 1) > 1 else ""
+    if done["complete"] is None:
+        return f"clean{nodes}"
+    if done["complete"]:
+        return f"clean{nodes}, complete ({done['images']} images of its split)"
+    return (f"clean{nodes}, INCOMPLETE: {done['missing']} of {done['images']} images of its "
+            "split missing (run the same prebuild again)")
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -210,6 +223,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 def _build_lines(summary: Any) -> list[str]:
     lines = [summary.line()]
+    if summary.nodes > 1 and summary.rank == 0:  # (every rank's share of the job, once)
+        lines += [f"  rank {r['rank']} (node {r['node']}): {r['built']} built, "
+                  f"{r['received']} received ({r['received_records']} records)"
+                  for r in summary.ranks]
     lines += [f"  failed: {s}: {r}" for s, r in summary.failed[:20]]
     if len(summary.failed) > 20:
         lines.append(f"  … {len(summary.failed) - 20} more (see `health`)")

@@ -49,7 +49,7 @@ from diskcache_ocr.store import CacheStore, WriteBatch
 from diskcache_ocr.store.wipe import has_cache
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
-                "failed_sources", "stale_readers", "corrupt")
+                "failed_sources", "stale_readers", "corrupt", "incomplete_build")
 
 
 def _existing(cache_dir: str | os.PathLike[str]) -> Path:
@@ -135,9 +135,55 @@ def status(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "pipeline": pipeline_of(header),
             "kinds": kinds,
             "index": {"sources": len(index), "failed": sum(not e.ok for _, e in index)},
+            "completeness": completeness(header),
             "map": store.info(),
             "stats": store.stats(),
         }
+
+
+def completeness(header: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether the cache holds its whole split, from what the last prebuild recorded in the
+    header (None where no prebuild ran): ``finished`` (the build ended on every rank that
+    wrote here), ``complete`` (finished, and no image of the split lacks a record; None for
+    a build that predates this record), ``images`` of the split, ``missing`` (a few of them
+    in ``missing_some``), and the build's ``world_size`` and ``nodes`` (cache directories)."""
+    build = header.get("build")
+    if not isinstance(build, dict) or not build:
+        return None
+    finished = build.get("clean") is True
+    missing = build.get("missing") if finished else None
+    missing = missing if type(missing) is int else None
+    some = build.get("missing_some")
+    return {
+        "finished": finished,
+        "complete": (missing == 0) if finished and missing is not None else (
+            False if not finished else None),
+        "images": build.get("images"), "missing": missing,
+        "missing_some": [str(s) for s in some] if isinstance(some, list) else [],
+        "world_size": build.get("world_size"), "nodes": build.get("nodes"),
+    }
+
+
+_REBUILD_HINT = ("run the same prebuild command again (under torchrun: on every node) to "
+                 "complete it; it skips what is built")
+
+
+def incomplete_build(header: dict[str, Any]) -> str | None:
+    """A health detail where the last prebuild did not finish or left images of its split
+    without records here; None when it is complete (or no prebuild is recorded)."""
+    c = completeness(header)
+    if c is None or c["complete"] is not False:
+        return None
+    world = c["world_size"] if type(c["world_size"]) is int else 1
+    nodes = c["nodes"] if type(c["nodes"]) is int else 1
+    of = f"a build of {world} ranks" + (f" on {nodes} nodes" if nodes > 1 else "")
+    if not c["finished"]:
+        images = f" of {c['images']} images" if c["images"] is not None else ""
+        return (f"the last prebuild ({of}) did not finish: images of its split{images} may "
+                f"have no records here; {_REBUILD_HINT}")
+    some = f" (e.g. {', '.join(c['missing_some'])})" if c["missing_some"] else ""
+    return (f"{c['missing']} of {c['images']} images of the split have no records here"
+            f"{some} after {of}; {_REBUILD_HINT}")
 
 
 def stage_summary(description: Any) -> str:
@@ -181,6 +227,7 @@ def empty_status(path: str | os.PathLike[str]) -> dict[str, Any]:
         "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
                       "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
         "index": {"sources": 0, "failed": 0},
+        "completeness": None,
         "map": {"used_bytes": 0, "map_size": 0, "readers": 0, "max_readers": 0},
         "stats": {},
     }
@@ -227,6 +274,9 @@ def health(
             if kind in current and have != current[kind]:
                 problems.append(Finding("version_mismatch",
                                         f"{kind}: stored {have}, current {current[kind]}"))
+        incomplete = incomplete_build(header)
+        if incomplete:
+            problems.append(Finding("incomplete_build", incomplete))
         if store.unsynced_reboot():
             problems.append(Finding("corrupt", "written without fsync before the last reboot: "
                                     "an OS crash may have damaged it; run verify or rebuild"))

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from diskcache_ocr import batchmem
-from diskcache_ocr.build import DEFAULT_CHUNK, BuildSummary, barrier, build_engine, dist_info
+from diskcache_ocr.build import (
+    DEFAULT_CHUNK,
+    BuildSummary,
+    barrier,
+    build_engine,
+    dist_info,
+    process_group_ready,
+)
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
@@ -110,12 +117,19 @@ def _build(
             store_options={"sync": False},
         )
 
-    if rank == 0:
+    # The first rank writing each cache directory checks and (re)stamps it; the others open
+    # it after that (under a process group, ranks are grouped by the directory they write).
+    first = rank == 0
+    if world > 1 and process_group_ready():
+        from diskcache_ocr.cluster import directory_nodes
+
+        first = directory_nodes(cache_dir).leader
+    if first:
         refuse_other_pipeline(cache_dir, cache_plan(preset).cached)
         ds = open_dataset(on_mismatch)
     barrier(world)
-    if rank != 0:
-        ds = open_dataset("error")  # rank 0 already rebuilt what had to be rebuilt
+    if not first:
+        ds = open_dataset("error")  # its directory's first rank rebuilt what had to be
     return build_engine(ds.engine, workers=workers, progress=progress, chunk=chunk,
                         started=started)
 

@@ -1,0 +1,376 @@
+"""Prebuild beyond one machine: every image computed once in a torchrun job, every node's
+cache complete.
+
+Under ``torch.distributed`` (any backend with send/recv and all_gather; gloo on CPU), ranks
+that write the same cache directory form one *node*: a directory is known by its
+``(st_dev, st_ino)`` as each rank sees it, exchanged with ``all_gather_object``, so two
+simulated nodes on one host (two directories) behave as two real ones and the ranks of one
+machine share one cache. The build then runs in four steps:
+
+1. Each node's leader (its lowest rank) says which images of the split its directory
+   holds complete (index entry and every kept record), failed, or lacks.
+2. The images no node holds are split over all ranks; each rank computes its share into
+   its own directory (the usual chunked, resumable build).
+3. Every image a node lacks and another holds is sent to it, records as stored, over the
+   process group in rounds of bounded chunks (:data:`CHUNK_BYTES` per peer per round). The
+   receiver checks each chunk's digest and each record's checksum, checks that the keys are
+   the ones its own pipeline derives from the content hash, re-hashes its own copy of the
+   source file, and writes the chunk in one write transaction of its own, indexed under its
+   own path and file stat.
+4. Each node builds whatever it still lacks itself (a source that failed elsewhere, a
+   record that could not be sent), and its leader records the build's end in the header.
+
+Every step reads the directories' real state, so a rerun after a killed rank completes
+every node without recomputing what some node holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+from tqdm import tqdm
+
+from diskcache_ocr.build import BuildSummary, _run_chunks, mark_finished, mark_started
+from diskcache_ocr.codec import verify_checksum
+from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
+from diskcache_ocr.keys import content_hash
+from diskcache_ocr.ocr.annotations import safe_source_path
+from diskcache_ocr.ocr.decode import read_image_file
+from diskcache_ocr.schema import IndexEntry, source_id
+from diskcache_ocr.store import WriteBatch
+
+# Bytes of records packed into one chunk for one peer in one round (at least one image's):
+# what a rank holds in memory per peer while sending or receiving.
+CHUNK_BYTES = 32 << 20
+
+_DIGEST = 16  # blake2b digest bytes ahead of each chunk
+
+# An image's state in one directory.
+MISSING, HELD, FAILED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """The job's cache directories: ``groups[k]`` are the ranks writing directory ``k``
+    (ordered by their lowest rank), ``node`` is this rank's."""
+
+    rank: int
+    world_size: int
+    groups: tuple[tuple[int, ...], ...]
+    node: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == self.groups[self.node][0]
+
+    @property
+    def mine(self) -> tuple[int, ...]:
+        return self.groups[self.node]
+
+
+def directory_nodes(path: str | os.PathLike[str]) -> Nodes:
+    """Group the ranks by the cache directory they write (created if absent), identified by
+    device and inode as each rank sees it. A collective call: every rank must make it."""
+    import torch.distributed as dist
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    st = os.stat(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, (st.st_dev, st.st_ino))
+    order: dict[tuple[int, int], list[int]] = {}
+    for r, ident in enumerate(ids):
+        order.setdefault(tuple(ident), []).append(r)
+    groups = tuple(tuple(rs) for rs in order.values())
+    node = next(k for k, rs in enumerate(groups) if rank in rs)
+    return Nodes(rank, world, groups, node)
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _states(engine: Any) -> np.ndarray:
+    """Each image's state (MISSING, HELD, FAILED) in this rank's directory."""
+    store = engine.store
+    store.refresh()
+    n = len(engine.catalog)
+    todo, failed = engine.missing(range(n))
+    state = np.full(n, HELD, np.uint8)
+    state[np.asarray(todo, dtype=np.int64)] = MISSING
+    names = {s for s, _ in failed}
+    for i in range(n):
+        if state[i] == HELD and engine.catalog.source(i) in names:
+            state[i] = FAILED
+    return state
+
+
+def _node_states(engine: Any, nodes: Nodes) -> np.ndarray:
+    """(nodes × images) states: each leader reads its directory, everyone gets all."""
+    mine = _states(engine).tobytes() if nodes.leader else None
+    every = _gather(mine, nodes.world_size)
+    n = len(engine.catalog)
+    return np.stack([np.frombuffer(every[g[0]], np.uint8, count=n) for g in nodes.groups])
+
+
+def _check_same_split(engine: Any, nodes: Nodes) -> None:
+    """Every rank must read the same split (same sources, same order, same pipeline):
+    images are named by their position in it."""
+    cat = engine.catalog
+    h = hashlib.blake2b(digest_size=16)
+    for i in range(len(cat)):
+        h.update(os.fsencode(cat.source(i)) + b"\0")
+    for kind, v in sorted(engine.kind_versions().items()):
+        h.update(f"{kind}={v.version}/{v.fingerprint};".encode())
+    every = _gather(h.hexdigest(), nodes.world_size)
+    if len(set(every)) > 1:
+        odd = [r for r, d in enumerate(every) if d != every[0]]
+        raise CacheError(
+            f"{engine.store.path}: ranks {odd} read another split or pipeline than rank 0 "
+            "(other sources, another order, or other kind versions); every rank of a "
+            "multi-node prebuild must run the same command on the same data")
+
+
+def build_cluster(engine: Any, *, workers: int, progress: bool, chunk: int,
+                  started: float) -> BuildSummary:
+    """:func:`~diskcache_ocr.build.build_engine` under a process group of several ranks:
+    see the module's description. Collective: every rank calls it."""
+    import torch.distributed as dist
+
+    store = engine.store
+    nodes = directory_nodes(store.path)
+    rank, world = nodes.rank, nodes.world_size
+    _check_same_split(engine, nodes)
+    n_nodes = len(nodes.groups)
+    if nodes.leader:
+        mark_started(store, engine, world, n_nodes)
+    dist.barrier()
+
+    # 1-2. What no node holds is computed once, split over every rank.
+    states = _node_states(engine, nodes)
+    nobody = np.flatnonzero((states == MISSING).all(axis=0))
+    share = [int(i) for i in nobody[rank::world]]
+    held_here = int((states[nodes.node] != MISSING).sum())
+    summary = BuildSummary(total=len(share), workers=workers, rank=rank, world_size=world,
+                           nodes=n_nodes, node=nodes.node)
+    summary.skipped = held_here if nodes.leader else 0
+    bar = tqdm(total=len(engine.catalog), initial=held_here, unit="img",
+               desc=f"prebuild node {nodes.node}" + (f" rank {rank}" if len(nodes.mine) > 1
+                                                     else ""),
+               disable=not (progress and nodes.leader), file=sys.stderr,
+               dynamic_ncols=True, position=nodes.node)
+    try:
+        done: list[tuple[int, bool]] = []
+        _build(engine, share, workers, chunk, summary, bar, done)
+        store.sync()
+        # Each image computed now is held (or failed) by its builder's node.
+        for r, rows in enumerate(_gather(done, world)):
+            k = next(g for g, rs in enumerate(nodes.groups) if r in rs)
+            for i, ok in rows:
+                states[k, i] = HELD if ok else FAILED
+
+        # 3. Send each node what it lacks and another holds.
+        plan = transfer_plan(states, nodes.groups)
+        _exchange(engine, nodes, plan, summary, bar)
+        dist.barrier()
+
+        # 4. What a node still lacks (failed elsewhere, or not sendable): its own ranks.
+        left = _gather(_states(engine).tobytes() if nodes.leader else None, world)
+        here = np.frombuffer(left[nodes.mine[0]], np.uint8, count=len(engine.catalog))
+        todo = [int(i) for i in np.flatnonzero(here == MISSING)]
+        pos = nodes.mine.index(rank)
+        rest = todo[pos::len(nodes.mine)]
+        summary.total += len(rest)
+        _build(engine, rest, workers, chunk, summary, bar, [])
+        store.sync()
+    finally:
+        bar.close()
+    dist.barrier()
+    if nodes.leader:
+        mark_finished(store, engine, world, n_nodes)
+    store.close()
+    summary.seconds = time.perf_counter() - started
+    summary.ranks = [
+        {"rank": d["rank"], "node": d["node"], "built": d["built"], "received": d["received"],
+         "received_records": d["received_records"], "failed": len(d["failed"])}
+        for d in _gather(summary.to_dict(), world)]
+    dist.barrier()
+    return summary
+
+
+def _build(engine: Any, indices: Sequence[int], workers: int, chunk: int,
+           summary: BuildSummary, bar: Any, done: list[tuple[int, bool]]) -> None:
+    """Build ``indices`` in this rank's directory (skipping what it holds), into
+    ``summary``; ``done`` gets (index, ok) of each image built."""
+    todo, known_failed = engine.missing(indices)
+    summary.failed += [(s, r.removeprefix("failed: ")) for s, r in known_failed]
+    by_source = {engine.catalog.source(i): i for i in todo}
+    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    for rows, write_s in _run_chunks(engine, chunks, workers):
+        summary.write_seconds += write_s
+        for source, error, _computed in rows:
+            done.append((by_source[source], error is None))
+            if error is None:
+                summary.built += 1
+            else:
+                summary.failed.append((source, error))
+        bar.update(len(rows))
+
+
+def transfer_plan(states: np.ndarray, groups: Sequence[Sequence[int]]
+                  ) -> dict[tuple[int, int], list[int]]:
+    """(sender rank, receiver rank) -> images, for every image a node lacks that another
+    holds. Senders and receivers are spread over the holding and lacking nodes' ranks by
+    the image's position, so the work and the writes are shared."""
+    plan: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k, receivers in enumerate(groups):
+        for i in np.flatnonzero(states[k] == MISSING):
+            holders = [r for g, rs in enumerate(groups) if states[g, i] == HELD for r in rs]
+            if holders:
+                i = int(i)
+                plan[(holders[i % len(holders)], receivers[i % len(receivers)])].append(i)
+    return dict(plan)
+
+
+def _exchange(engine: Any, nodes: Nodes, plan: dict[tuple[int, int], list[int]],
+              summary: BuildSummary, bar: Any) -> None:
+    """Rounds until every planned image has gone: each sender packs the next chunk for each
+    of its receivers, the sizes are gathered, then the chunks travel (isend/irecv) and each
+    receiver writes what arrived."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = nodes.rank, nodes.world_size
+    outgoing = {dst: list(items) for (src, dst), items in plan.items() if src == rank}
+    while True:
+        chunks: dict[int, bytes] = {}
+        for dst, items in outgoing.items():
+            if items:
+                chunks[dst], taken = pack_chunk(engine, items)
+                del items[:taken]
+        sizes = torch.zeros(world, dtype=torch.int64)
+        for dst, data in chunks.items():
+            sizes[dst] = len(data)
+        every = [torch.zeros(world, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(every, sizes)
+        if not any(int(s.sum()) for s in every):
+            return
+        works, inbox, sent = [], {}, []
+        for dst, data in chunks.items():
+            sent.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (kept alive)
+            works.append(dist.isend(sent[-1], dst))
+        for src in range(world):
+            size = int(every[src][rank])
+            if size:
+                inbox[src] = torch.empty(size, dtype=torch.uint8)
+                works.append(dist.irecv(inbox[src], src))
+        for w in works:
+            w.wait()
+        for src, buf in inbox.items():
+            images, records = write_chunk(engine, buf.numpy().tobytes(), f"rank {src}")
+            summary.received += images
+            summary.received_records += records
+            bar.update(images)
+
+
+def pack_chunk(engine: Any, items: Sequence[int], limit: int = CHUNK_BYTES
+               ) -> tuple[bytes, int]:
+    """The records of the first images of ``items`` (at least one, then up to ``limit``
+    bytes), as stored, with a digest ahead; returns (chunk, images taken). An image whose
+    records this directory no longer holds goes as absent (its node builds it itself)."""
+    store, cat = engine.store, engine.catalog
+    keep = engine.kind_versions()
+    out, size, taken = [], 0, 0
+    with store.reader() as r:
+        for i in items:
+            if taken and size >= limit:
+                break
+            taken += 1
+            entry = r.get_index(source_id(cat.images_dir, cat.source(i)))
+            records = []
+            if entry is not None and entry.ok:
+                for kind, key in engine.keys(i, entry.content_hash).items():
+                    if kind not in keep:
+                        continue
+                    value = r.get_raw(kind, key)
+                    if value is None:
+                        records = []
+                        break
+                    records.append([kind, key, bytes(value)])
+            if not records:
+                out.append({"i": i, "absent": True})
+                continue
+            size += sum(len(v) for _, _, v in records)
+            out.append({"i": i, "hash": entry.content_hash, "records": records})
+    body = msgpack.packb({"images": out}, use_bin_type=True)
+    return hashlib.blake2b(body, digest_size=_DIGEST).digest() + body, taken
+
+
+def write_chunk(engine: Any, chunk: bytes, sender: str) -> tuple[int, int]:
+    """Check a received chunk and write what it holds into this rank's directory, in one
+    write transaction: returns (images, records) written. A damaged chunk or record raises
+    :class:`CacheFormatError`; an image whose source file here differs from the sender's
+    (another content hash) is left for this node to build."""
+    store, cat = engine.store, engine.catalog
+    where = f"{store.path}: a chunk of records from {sender}"
+    digest, body = chunk[:_DIGEST], chunk[_DIGEST:]
+    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+        raise CacheFormatError(f"{where} arrived damaged (digest mismatch); nothing of it "
+                               "was written; run the same prebuild again")
+    try:
+        images = msgpack.unpackb(body, raw=False)["images"]
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise CacheFormatError(f"{where} is unreadable ({exc})") from None
+    keep = engine.kind_versions()
+    batch, n_images, n_records = WriteBatch(), 0, 0
+    for item in images:
+        if item.get("absent"):
+            continue
+        i, h = int(item["i"]), bytes(item["hash"])
+        if not 0 <= i < len(cat):
+            raise CacheFormatError(f"{where} names image {i}; the split has {len(cat)}")
+        want = {k: key for k, key in engine.keys(i, h).items() if k in keep}
+        got = {kind: (bytes(key), value) for kind, key, value in item["records"]}
+        if {k: key for k, (key, _) in got.items()} != want:
+            raise CacheError(f"{where}: image {cat.source(i)} came with other record keys "
+                             "than this node's pipeline derives (another pipeline or "
+                             "version); every node must run the same build")
+        for kind, (key, value) in got.items():
+            verify_checksum(value, f"{where}: {kind}/{key.hex()}")
+        try:
+            path = safe_source_path(cat.images_dir, cat.source(i))
+            st = os.stat(path)
+            mine = content_hash(read_image_file(path, cat.source(i),
+                                                max_pixels=engine.pipeline.max_pixels))
+            unchanged = IndexEntry.of_stat(st, b"").matches(os.stat(path))
+        except (OSError, SourceError):
+            continue  # unreadable here: this node's own build reports it
+        if mine != h or not unchanged:
+            continue  # another file here: this node builds its own
+        for kind, (key, value) in got.items():
+            batch.put(kind, key, value)
+        batch.put_index(source_id(cat.images_dir, cat.source(i)), IndexEntry.of_stat(
+            st, h, status="ok", keys=want, updated_ns=time.time_ns()))
+        n_images += 1
+        n_records += len(got)
+    if len(batch):
+        store.commit(batch)
+    return n_images, n_records
+
+
+__all__ = ["CHUNK_BYTES", "Nodes", "build_cluster", "directory_nodes", "pack_chunk",
+           "transfer_plan", "write_chunk"]
