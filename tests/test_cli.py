@@ -116,7 +116,8 @@ def test_health_json_shape(built, mine, capsys):
         assert isinstance(p["detail"], str) and p["detail"]
     assert {p["code"] for p in data["problems"]} == {"stale_entries", "old_entries"}
     assert set(HEALTH_CODES) == {"version_mismatch", "stale_entries", "old_entries",
-                                 "low_hit_rate", "failed_sources", "stale_readers", "corrupt"}
+                                 "low_hit_rate", "failed_sources", "stale_readers", "corrupt",
+                                 "incomplete_build"}
 
 
 def test_verify_json_shape(built, capsys):
