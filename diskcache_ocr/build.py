@@ -41,11 +41,11 @@ class BuildSummary:
     world_size: int = 1
     # Across nodes (see diskcache_ocr.cluster): images whose records this rank received from
     # another node and wrote (and those records), the cache directories of the job (nodes),
-    # this rank's node, and every rank's {rank, node, built, received, ...}.
+    # this rank's node (node_index), and every rank's {rank, node_index, built, received, ...}.
     received: int = 0
     received_records: int = 0
     nodes: int = 1
-    node: int = 0
+    node_index: int = 0
     ranks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,7 +57,7 @@ class BuildSummary:
         rate = self.built / self.seconds if self.seconds else 0.0
         share = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
         if self.nodes > 1:
-            share = f"node {self.node}/{self.nodes}, {share}"
+            share = f"node {self.node_index}/{self.nodes}, {share}"
         got = f", {self.received} received from other nodes" if self.nodes > 1 else ""
         return (f"{share}{self.built} built{got}, {self.skipped} already cached, "
                 f"{len(self.failed)} failed, of {self.total} in {self.seconds:.1f} s "

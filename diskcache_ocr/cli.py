@@ -224,7 +224,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
 def _build_lines(summary: Any) -> list[str]:
     lines = [summary.line()]
     if summary.nodes > 1 and summary.rank == 0:  # (every rank's share of the job, once)
-        lines += [f"  rank {r['rank']} (node {r['node']}): {r['built']} built, "
+        lines += [f"  rank {r['rank']} (node {r['node_index']}): {r['built']} built, "
                   f"{r['received']} received ({r['received_records']} records)"
                   for r in summary.ranks]
     lines += [f"  failed: {s}: {r}" for s, r in summary.failed[:20]]

@@ -166,7 +166,7 @@ def build_cluster(engine: Any, *, workers: int, progress: bool, chunk: int,
     share = [int(i) for i in nobody[rank::world]]
     held_here = int((states[nodes.node] != MISSING).sum())
     summary = BuildSummary(total=len(share), workers=workers, rank=rank, world_size=world,
-                           nodes=n_nodes, node=nodes.node)
+                           nodes=n_nodes, node_index=nodes.node)
     summary.skipped = held_here if nodes.leader else 0
     bar = tqdm(total=len(engine.catalog), initial=held_here, unit="img",
                desc=f"prebuild node {nodes.node}" + (f" rank {rank}" if len(nodes.mine) > 1
@@ -205,8 +205,9 @@ def build_cluster(engine: Any, *, workers: int, progress: bool, chunk: int,
     store.close()
     summary.seconds = time.perf_counter() - started
     summary.ranks = [
-        {"rank": d["rank"], "node": d["node"], "built": d["built"], "received": d["received"],
-         "received_records": d["received_records"], "failed": len(d["failed"])}
+        {"rank": d["rank"], "node_index": d["node_index"], "built": d["built"],
+         "received": d["received"], "received_records": d["received_records"],
+         "failed": len(d["failed"])}
         for d in _gather(summary.to_dict(), world)]
     dist.barrier()
     return summary

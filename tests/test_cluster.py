@@ -233,7 +233,7 @@ def test_two_nodes_each_end_complete_with_every_image_computed_once(data, tmp_pa
     assert [s["received_records"] for s in summaries] == [N // 2 * len(KINDS)] * 2
     assert all(s["nodes"] == 2 for s in summaries)
     assert summaries[0]["ranks"] == summaries[1]["ranks"]
-    assert [(r["rank"], r["node"], r["built"], r["received"]) for r in summaries[0]["ranks"]
+    assert [(r["rank"], r["node_index"], r["built"], r["received"]) for r in summaries[0]["ranks"]
             ] == [(0, 0, N // 2, N // 2), (1, 1, N // 2, N // 2)]
     for cache in caches:
         got = snapshot(cache)

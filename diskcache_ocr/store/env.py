@@ -19,7 +19,7 @@ import stat
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -477,16 +477,82 @@ def _open_lmdb(path: Path, opts: StoreOptions) -> lmdb.Environment:
         raise CacheError(f"{path}: cannot open the cache ({exc})") from None
 
 
+# Network and cluster file systems, by the type the kernel's mount table gives them. LMDB
+# must not be written on one: its lock table is a shared memory map, coherent only among the
+# processes of one machine, and its data file is written through a memory map too.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "lustre", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "gpfs",
+    "beegfs", "9p", "afs", "ncpfs", "coda", "panfs", "pvfs2", "orangefs", "ocfs2", "gfs2",
+    "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.ceph-fuse", "fuse.s3fs",
+    "fuse.gcsfuse", "fuse.rclone", "fuse.juicefs", "fuse.beegfs", "fuse.lustre",
+})
+
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def _unescape(field: str) -> str:
+    # (the mount table writes a space, tab, newline and backslash in a path as \ooo octal)
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def network_filesystem(path: str | os.PathLike[str]) -> str | None:
+    """The type of the network file system ``path`` (resolved) lies on, from the mount
+    table (the mount nearest to it), or None on a local one or where the table cannot be
+    read."""
+    try:
+        lines = MOUNTINFO.read_text().splitlines()
+    except OSError:
+        return None
+    where = os.path.realpath(path)
+    best, fstype = "", ""
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields = head.split(" ")
+        if not sep or len(fields) < 5 or not tail:
+            continue
+        mount = _unescape(fields[4])
+        inside = where == mount or where.startswith(mount.rstrip("/") + "/")
+        # (the longest mount point holds the path; of two at one point the later, on top)
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, tail.split(" ")[0]
+    return fstype if fstype in NETWORK_FILESYSTEMS else None
+
+
+def _refuse_network_write(path: Path, fstype: str) -> CacheError:
+    return CacheError(
+        f"{path}: on a network file system ({fstype}); a cache is never written there (LMDB's "
+        "locks and memory-mapped writes are not coherent between machines). Open it "
+        "read-only (readonly=True: reads take no lock, misses are computed and not "
+        "written), or build on a node-local disk (`diskcache-ocr prebuild --cache "
+        "/local/disk/cache`, under torchrun on every node) and publish a read-only snapshot "
+        f"here with `diskcache-ocr copy --cache /local/disk/cache --dest {path}`")
+
+
 def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, dict[str, Any]]:
     """Open (creating when writable) the environment at ``path``, check it is a complete
-    cache of this format, and open its sub-databases."""
+    cache of this format, and open its sub-databases. On a network file system a cache is
+    only read, without a lock (a snapshot nobody writes); opening it to write is refused."""
     check_cache_files(path)
+    remote = network_filesystem(path)
+    if remote and not opts.readonly:
+        raise _refuse_network_write(path, remote)
+    if remote:
+        opts = replace(opts, lock=False)
     for _ in range(_OPEN_TRIES):
         if not opts.readonly:
             _make_directory(path, opts)
         elif not (path / "data.mdb").exists():
             raise CacheError(f"{path}: no cache here (no data.mdb) to open read-only")
-        guard = directory_lock(path, exclusive=False)
+        guard = None if remote else directory_lock(path, exclusive=False)
         if guard == _GONE:
             continue  # (cleared and removed meanwhile: made again, or refused, above)
         try:
