@@ -12,7 +12,7 @@ machine share one cache. The build then runs in four steps:
 2. The images no node holds are split over all ranks; each rank computes its share into
    its own directory (the usual chunked, resumable build).
 3. Every image a node lacks and another holds is sent to it, records as stored, over the
-   process group in rounds of bounded chunks (:data:`CHUNK_BYTES` per peer per round). The
+   process group in bounded chunks (:data:`CHUNK_BYTES`; one out and one in at a time). The
    receiver checks each chunk's digest and each record's checksum, checks that the keys are
    the ones its own pipeline derives from the content hash, re-hashes its own copy of the
    source file, and writes the chunk in one write transaction of its own, indexed under its
@@ -49,8 +49,8 @@ from diskcache_ocr.ocr.decode import read_image_file
 from diskcache_ocr.schema import IndexEntry, source_id
 from diskcache_ocr.store import WriteBatch
 
-# Bytes of records packed into one chunk for one peer in one round (at least one image's):
-# what a rank holds in memory per peer while sending or receiving.
+# Bytes of records packed into one chunk (at least one image's): a rank holds one chunk going
+# out and one coming in at a time.
 CHUNK_BYTES = 32 << 20
 
 _DIGEST = 16  # blake2b digest bytes ahead of each chunk
@@ -249,51 +249,49 @@ def transfer_plan(states: np.ndarray, groups: Sequence[Sequence[int]]
 
 def _exchange(engine: Any, nodes: Nodes, plan: dict[tuple[int, int], list[int]],
               summary: BuildSummary, bar: Any) -> None:
-    """Rounds until every planned image has gone: each sender packs the next chunk for each
-    of its receivers, the sizes are gathered, then the chunks travel (isend/irecv) and each
-    receiver writes what arrived."""
+    """Every planned image, in ``world - 1`` steps: in step ``s`` rank ``r`` sends to rank
+    ``r + s`` and receives from rank ``r - s`` (mod world; a permutation, so no two ranks
+    wait on each other), chunk by chunk, each chunk headed by its size and whether more
+    follow. A rank holds one chunk going out and one coming in at a time."""
     import torch
     import torch.distributed as dist
 
     rank, world = nodes.rank, nodes.world_size
-    outgoing = {dst: list(items) for (src, dst), items in plan.items() if src == rank}
-    while True:
-        chunks: dict[int, bytes] = {}
-        for dst, items in outgoing.items():
-            if items:
-                chunks[dst], taken = pack_chunk(engine, items)
-                del items[:taken]
-        sizes = torch.zeros(world, dtype=torch.int64)
-        for dst, data in chunks.items():
-            sizes[dst] = len(data)
-        every = [torch.zeros(world, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(every, sizes)
-        if not any(int(s.sum()) for s in every):
-            return
-        works, inbox, sent = [], {}, []
-        for dst, data in chunks.items():
-            sent.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (kept alive)
-            works.append(dist.isend(sent[-1], dst))
-        for src in range(world):
-            size = int(every[src][rank])
-            if size:
-                inbox[src] = torch.empty(size, dtype=torch.uint8)
-                works.append(dist.irecv(inbox[src], src))
-        for w in works:
-            w.wait()
-        for src, buf in inbox.items():
-            images, records = write_chunk(engine, buf.numpy().tobytes(), f"rank {src}")
-            summary.received += images
-            summary.received_records += records
-            bar.update(images)
+    for step in range(1, world):
+        dst, src = (rank + step) % world, (rank - step) % world
+        todo = list(plan.get((rank, dst), ()))
+        more = bool(plan.get((src, rank)))
+        while todo or more:
+            sends = []
+            if todo:
+                chunk, taken = pack_chunk(engine, todo)
+                del todo[:taken]
+                head = torch.tensor([len(chunk), int(bool(todo))], dtype=torch.int64)
+                body = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+                sends = [(dist.isend(head, dst, tag=0), head),
+                         (dist.isend(body, dst, tag=1), body)]  # (tensors kept alive)
+            if more:
+                head_in = torch.zeros(2, dtype=torch.int64)
+                dist.recv(head_in, src, tag=0)
+                body_in = torch.empty(int(head_in[0]), dtype=torch.uint8)
+                dist.recv(body_in, src, tag=1)
+                more = bool(head_in[1])
+                images, records = write_chunk(engine, body_in.numpy().tobytes(),
+                                              f"rank {src}")
+                summary.received += images
+                summary.received_records += records
+                bar.update(images)
+            for work, _ in sends:
+                work.wait()
 
 
-def pack_chunk(engine: Any, items: Sequence[int], limit: int = CHUNK_BYTES
+def pack_chunk(engine: Any, items: Sequence[int], limit: int | None = None
                ) -> tuple[bytes, int]:
     """The records of the first images of ``items`` (at least one, then up to ``limit``
     bytes), as stored, with a digest ahead; returns (chunk, images taken). An image whose
     records this directory no longer holds goes as absent (its node builds it itself)."""
     store, cat = engine.store, engine.catalog
+    limit = CHUNK_BYTES if limit is None else limit
     keep = engine.kind_versions()
     out, size, taken = [], 0, 0
     with store.reader() as r:

@@ -190,11 +190,14 @@ def _gloo() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
-def run_nodes(images: Path, annotations: Path, caches: list[Path], *, timeout: float = 240
-              ) -> list[dict]:
+def run_nodes(images: Path, annotations: Path, caches: list[Path], *, timeout: float = 240,
+              chunk_bytes: int | None = None) -> list[dict]:
     """``prebuild --json`` as each rank of a job of ``len(caches)`` ranks on this host (the
     environment torchrun's static rendezvous gives each process), rank r writing
-    ``caches[r]``; every rank's summary."""
+    ``caches[r]``; every rank's summary. ``chunk_bytes``: the transfer's chunk bound."""
+    argv = ["prebuild", "--images", str(images), "--annotations", str(annotations), "--json"]
+    code = ("import sys; import diskcache_ocr.cluster as c; from diskcache_ocr.cli import main; "
+            f"c.CHUNK_BYTES = {chunk_bytes or 'c.CHUNK_BYTES'}; sys.exit(main(sys.argv[1:]))")
     port = _free_port()
     procs = []
     for rank, cache in enumerate(caches):
@@ -202,8 +205,7 @@ def run_nodes(images: Path, annotations: Path, caches: list[Path], *, timeout: f
                "WORLD_SIZE": str(len(caches)), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "diskcache_ocr.cli", "prebuild", "--images", str(images),
-             "--annotations", str(annotations), "--cache", str(cache), "--json"],
+            [sys.executable, "-c", code, *argv, "--cache", str(cache)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     out = []
     try:
@@ -295,7 +297,7 @@ def test_a_rerun_completes_every_node_without_recomputing_what_a_node_holds(
         monkeypatch.undo()
     assert not ops.health(caches[0])["ok"]
 
-    summaries = run_nodes(images, annotations, caches)
+    summaries = run_nodes(images, annotations, caches, chunk_bytes=1)  # (a chunk an image)
     assert sum(s["built"] for s in summaries) == N - 2 * (N // 4)
     assert [s["received"] for s in summaries] == [N // 2, N // 2]  # (4 held + 4 built there)
     for cache in caches:
@@ -303,3 +305,24 @@ def test_a_rerun_completes_every_node_without_recomputing_what_a_node_holds(
         for kind in KINDS:
             assert got[kind] == single[kind], (cache, kind)
         assert ops.health(cache)["ok"]
+
+
+@gloo
+def test_two_ranks_on_one_node_and_one_on_another(data, tmp_path, single):
+    images, annotations = split_paths(data)
+    big, small = tmp_path / "big", tmp_path / "small"
+    summaries = run_nodes(images, annotations, [big, small, big], chunk_bytes=200_000)
+    assert sum(s["built"] for s in summaries) == N
+    assert [s["node_index"] for s in summaries] == [0, 1, 0]
+    # each node receives what the other node's ranks built
+    by_node = {0: 0, 1: 0}
+    for s in summaries:
+        by_node[s["node_index"]] += s["received"]
+    built = {0: summaries[0]["built"] + summaries[2]["built"], 1: summaries[1]["built"]}
+    assert by_node == {0: built[1], 1: built[0]}
+    for cache in (big, small):
+        got = snapshot(cache)
+        for kind in KINDS:
+            assert got[kind] == single[kind], (cache, kind)
+        assert got["index"] == single["index"]
+        assert ops.status(cache)["completeness"]["complete"] is True
