@@ -184,7 +184,7 @@ def build_cluster(engine: Any, *, workers: int, progress: bool, chunk: int,
                 states[k, i] = HELD if ok else FAILED
 
         # 3. Send each node what it lacks and another holds.
-        plan = transfer_plan(states, nodes.groups)
+        plan = transfer_plan(states, nodes.groups, rank)
         _exchange(engine, nodes, plan, summary, bar)
         dist.barrier()
 
@@ -232,18 +232,35 @@ def _build(engine: Any, indices: Sequence[int], workers: int, chunk: int,
         bar.update(len(rows))
 
 
-def transfer_plan(states: np.ndarray, groups: Sequence[Sequence[int]]
-                  ) -> dict[tuple[int, int], list[int]]:
+def transfer_plan(states: np.ndarray, groups: Sequence[Sequence[int]],
+                  rank: int | None = None) -> dict[tuple[int, int], list[int]]:
     """(sender rank, receiver rank) -> images, for every image a node lacks that another
-    holds. Senders and receivers are spread over the holding and lacking nodes' ranks by
-    the image's position, so the work and the writes are shared."""
+    holds (only the pairs ``rank`` is part of, when given). Senders and receivers are spread
+    over the holding and lacking nodes' ranks by the image's position, so the work and the
+    writes are shared. Array work over (nodes × images); the lists hold this rank's part."""
+    n_nodes, n = states.shape
+    sizes = np.array([len(g) for g in groups], np.int64)
+    table = np.full((n_nodes, int(sizes.max(initial=1))), -1, np.int64)
+    for k, g in enumerate(groups):
+        table[k, :len(g)] = g
+    # Image i's holder ranks, in node order: the (i mod count)-th of them sends it.
+    weights = (states == HELD) * sizes[:, None]
+    cum = np.cumsum(weights, axis=0)
+    count = cum[-1] if n_nodes else np.zeros(n, np.int64)
+    pick = np.arange(n) % np.maximum(count, 1)
+    node = np.minimum((cum <= pick).sum(axis=0), n_nodes - 1)
+    before = np.where(node > 0, cum[np.maximum(node - 1, 0), np.arange(n)], 0)
+    sender = table[node, pick - before]
     plan: dict[tuple[int, int], list[int]] = defaultdict(list)
     for k, receivers in enumerate(groups):
-        for i in np.flatnonzero(states[k] == MISSING):
-            holders = [r for g, rs in enumerate(groups) if states[g, i] == HELD for r in rs]
-            if holders:
-                i = int(i)
-                plan[(holders[i % len(holders)], receivers[i % len(receivers)])].append(i)
+        lack = np.flatnonzero((states[k] == MISSING) & (count > 0))
+        to = np.asarray(receivers, np.int64)[lack % len(receivers)]
+        by = sender[lack]
+        if rank is not None:
+            mine = (to == rank) | (by == rank)
+            lack, to, by = lack[mine], to[mine], by[mine]
+        for i, src, dst in zip(lack.tolist(), by.tolist(), to.tolist(), strict=True):
+            plan[(src, dst)].append(i)
     return dict(plan)
 
 

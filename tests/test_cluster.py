@@ -141,6 +141,32 @@ def test_transfer_plan_sends_each_missing_image_once_from_a_holder():
         per_image[(receiver, i)] = per_image.get((receiver, i), 0) + 1
     # every (node, image) it lacks and some node holds, once; image 3 nobody holds
     assert per_image == {(1, 0): 1, (0, 1): 1, (2, 0): 1, (2, 1): 1, (2, 2): 1}
+    # image 2 is held by nodes 0 and 1: its sender is one of their ranks (0, 1, 2), by its
+    # position (the third of them), and node 2's receiver the first of (3, 4)
+    assert plan[(2, 3)] == [2]
+    # each rank's own part is the full plan's pairs it takes part in
+    for rank in range(5):
+        assert transfer_plan(states, groups, rank) == {
+            pair: items for pair, items in plan.items() if rank in pair}
+
+
+def test_transfer_plan_spreads_a_large_split_over_senders_and_receivers():
+    rng = np.random.default_rng(0)
+    states = rng.choice(np.array([0, 1, 2], np.uint8), size=(6, 3000), p=[0.5, 0.4, 0.1])
+    groups = [(0,), (1, 2), (3, 4, 5), (6,), (7, 8), (9,)]
+    plan = transfer_plan(states, groups)
+    node_of = {r: k for k, rs in enumerate(groups) for r in rs}
+    seen = set()
+    for (src, dst), items in plan.items():
+        for i in items:
+            assert states[node_of[src], i] == 1 and states[node_of[dst], i] == 0
+            assert (node_of[dst], i) not in seen
+            seen.add((node_of[dst], i))
+    held = (states == 1).any(axis=0)
+    assert seen == {(k, i) for k in range(6) for i in range(3000)
+                    if states[k, i] == 0 and held[i]}
+    senders = {src for src, _ in plan}
+    assert senders == set(range(10))  # every rank of a holding node sends its part
 
 
 def _engine(images, annotations, cache):
