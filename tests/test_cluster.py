@@ -21,7 +21,7 @@ from diskcache_ocr.cluster import pack_chunk, transfer_plan, write_chunk
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheFormatError
 from diskcache_ocr.prebuild import prebuild
-from diskcache_ocr.store import KINDS
+from diskcache_ocr.store import KINDS, CacheStore
 from diskcache_ocr.synth import split_paths
 
 N = 16
@@ -117,7 +117,8 @@ def test_a_ranks_share_alone_is_never_called_healthy(data, tmp_path, monkeypatch
 
 def test_a_cache_without_a_prebuild_has_no_completeness_finding(data, tmp_path):
     images, annotations = split_paths(data)
-    ds = CachedOCRDataset(images, annotations, tmp_path / "cache", preset="validation_optimized")
+    ds = CachedOCRDataset(images, annotations, tmp_path / "cache", preset="validation_optimized",
+                          preload=False)
     ds[0]
     ds.store.close()
     assert ops.status(tmp_path / "cache")["completeness"] is None
@@ -171,7 +172,7 @@ def test_transfer_plan_spreads_a_large_split_over_senders_and_receivers():
 
 def _engine(images, annotations, cache):
     return CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
-                            store_options={"sync": False}).engine
+                            preload=False, store_options={"sync": False}).engine
 
 
 def test_a_chunk_moves_records_bit_for_bit_and_a_damaged_one_is_refused(data, tmp_path,
@@ -182,6 +183,7 @@ def test_a_chunk_moves_records_bit_for_bit_and_a_damaged_one_is_refused(data, tm
     sender = _engine(images, annotations, full)
     receiver = _engine(images, annotations, tmp_path / "empty")
 
+    assert receiver.store.kind_stats("tensors")["entries"] == 0
     chunk, taken = pack_chunk(sender, list(range(N)), limit=1)
     assert taken == 1  # (the limit is reached after one image)
     damaged = bytearray(chunk)
@@ -203,6 +205,25 @@ def test_a_chunk_moves_records_bit_for_bit_and_a_damaged_one_is_refused(data, tm
     assert ops.verify(tmp_path / "empty")["corrupt"] == []
 
 
+def test_records_of_another_pipeline_are_refused_and_nothing_is_written(data, tmp_path):
+    from diskcache_ocr.errors import CacheError
+    from diskcache_ocr.ocr.transform import TransformConfig
+
+    images, annotations = split_paths(data)
+    prebuild(images, annotations, tmp_path / "full", workers=1, progress=False)
+    sender = _engine(images, annotations, tmp_path / "full")
+    other = CachedOCRDataset(images, annotations, tmp_path / "other",
+                             preset="validation_optimized", preload=False,
+                             transform=TransformConfig(size=320)).engine
+    chunk, _ = pack_chunk(sender, [0, 1])
+    with pytest.raises(CacheError, match="other record keys"):
+        write_chunk(other, chunk, "rank 0")
+    assert other.store.kind_stats("tensors")["entries"] == 0
+    assert list(other.store.iter_index()) == []
+    sender.store.close()
+    other.store.close()
+
+
 # -- 3. two simulated nodes on localhost --------------------------------------------------------
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -216,14 +237,30 @@ def _gloo() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
-def run_nodes(images: Path, annotations: Path, caches: list[Path], *, timeout: float = 240,
-              chunk_bytes: int | None = None) -> list[dict]:
-    """``prebuild --json`` as each rank of a job of ``len(caches)`` ranks on this host (the
-    environment torchrun's static rendezvous gives each process), rank r writing
-    ``caches[r]``; every rank's summary. ``chunk_bytes``: the transfer's chunk bound."""
+_CHILD = """
+import os, sys
+import diskcache_ocr.build as b
+import diskcache_ocr.cluster as c
+from diskcache_ocr.cli import main
+c.CHUNK_BYTES = {chunk_bytes}
+if {die!r} and os.environ["RANK"] == "1":
+    module, name, n = {die!r}
+    real, calls = getattr(c if module == "cluster" else b, name), []
+    def dies(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= n:
+            os._exit(137)  # (as a kill: no cleanup, no header update)
+        return out
+    setattr(c if module == "cluster" else b, name, dies)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start(images: Path, annotations: Path, caches: list[Path], chunk_bytes: int | None,
+           die: tuple[str, str, int] | None = None) -> list[subprocess.Popen]:
     argv = ["prebuild", "--images", str(images), "--annotations", str(annotations), "--json"]
-    code = ("import sys; import diskcache_ocr.cluster as c; from diskcache_ocr.cli import main; "
-            f"c.CHUNK_BYTES = {chunk_bytes or 'c.CHUNK_BYTES'}; sys.exit(main(sys.argv[1:]))")
+    code = _CHILD.format(chunk_bytes=chunk_bytes or "c.CHUNK_BYTES", die=die)
     port = _free_port()
     procs = []
     for rank, cache in enumerate(caches):
@@ -233,6 +270,22 @@ def run_nodes(images: Path, annotations: Path, caches: list[Path], *, timeout: f
         procs.append(subprocess.Popen(
             [sys.executable, "-c", code, *argv, "--cache", str(cache)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def run_nodes(images: Path, annotations: Path, caches: list[Path], *, timeout: float = 240,
+              chunk_bytes: int | None = None) -> list[dict]:
+    """``prebuild --json`` as each rank of a job of ``len(caches)`` ranks on this host (the
+    environment torchrun's static rendezvous gives each process), rank r writing
+    ``caches[r]``; every rank's summary. ``chunk_bytes``: the transfer's chunk bound."""
+    procs = _start(images, annotations, caches, chunk_bytes)
     out = []
     try:
         for p in procs:
@@ -240,11 +293,20 @@ def run_nodes(images: Path, annotations: Path, caches: list[Path], *, timeout: f
             assert p.returncode == 0, stderr[-4000:]
             out.append(json.loads(stdout))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _stop(procs)
     return out
+
+
+def kill_rank_1(images: Path, annotations: Path, caches: list[Path], die: tuple[str, str, int],
+                *, timeout: float = 240) -> None:
+    """A job of two ranks whose rank 1 dies (exit 137, no cleanup) after its ``n``-th call
+    of ``module.name``; rank 0 is then killed as torchrun ends a job whose worker died."""
+    procs = _start(images, annotations, caches, 1, die)
+    try:
+        procs[1].wait(timeout=timeout)
+        assert procs[1].returncode == 137, procs[1].communicate()[1][-4000:]
+    finally:
+        _stop(procs)
 
 
 gloo = pytest.mark.skipif(not _gloo(), reason="torch.distributed without gloo")
@@ -280,7 +342,7 @@ def test_two_nodes_each_end_complete_with_every_image_computed_once(data, tmp_pa
 
     for rank, cache in enumerate(caches):
         ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
-                              readonly=True)
+                              readonly=True, preload=False)
         fresh = CachedOCRDataset(images, annotations, None, preset="validation_optimized")
         before = ds.store.stats()
         for i in DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True):
@@ -352,3 +414,29 @@ def test_two_ranks_on_one_node_and_one_on_another(data, tmp_path, single):
             assert got[kind] == single[kind], (cache, kind)
         assert got["index"] == single["index"]
         assert ops.status(cache)["completeness"]["complete"] is True
+
+
+@gloo
+@pytest.mark.parametrize("die", [("build", "_build_chunk", 1), ("cluster", "write_chunk", 3)],
+                         ids=["while-computing", "while-receiving"])
+def test_a_killed_rank_and_a_rerun_complete_every_node(data, tmp_path, single, die):
+    images, annotations = split_paths(data)
+    caches = [tmp_path / "node0", tmp_path / "node1"]
+    kill_rank_1(images, annotations, caches, die)
+    held = []
+    for cache in caches:
+        assert "incomplete_build" in _codes(ops.health(cache))
+        with CacheStore(cache, readonly=True) as store:
+            held.append({e.content_hash for _, e in store.iter_index()})
+    # rank 1 died after its first chunk of 4 computed, or after its third image received
+    assert len(held[1]) == (4 if die[1] == "_build_chunk" else N // 2 + 3)
+
+    summaries = run_nodes(images, annotations, caches)
+    # nothing a node held is computed again
+    assert sum(s["built"] for s in summaries) == N - len(held[0] | held[1])
+    for cache in caches:
+        got = snapshot(cache)
+        for kind in KINDS:
+            assert got[kind] == single[kind], (cache, kind)
+        assert got["index"] == single["index"]
+        assert ops.health(cache)["ok"]

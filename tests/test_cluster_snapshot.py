@@ -97,7 +97,7 @@ def test_a_snapshot_there_is_read_without_locks_and_never_written(synth_data, sh
     before = hashlib.sha256((snap / "data.mdb").read_bytes()).hexdigest()
 
     ds = CachedOCRDataset(images, annotations, snap, preset="validation_optimized",
-                          readonly=True)
+                          readonly=True, preload=False)
     fresh = CachedOCRDataset(images, annotations, None, preset="validation_optimized")
     counted = ds.store.stats()  # (the counters the snapshot carries from its build)
     for i in range(N):
