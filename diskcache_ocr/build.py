@@ -5,8 +5,10 @@ The work behind :func:`~diskcache_ocr.prebuild.prebuild` and
 Work is split into small chunks handed to N processes (fork); each process computes and writes
 its own chunks (LMDB serializes writers), so the build is compute-bound. Every chunk commits
 atomically: after a kill at any moment the next run skips what is complete. Under
-``torchrun``, each rank builds every ``world_size``-th image; rank 0 marks the build unfinished
-in the header first and clean last, with barriers between.
+``torchrun`` (a process group of several ranks), every image is computed once in the job and
+every cache directory ends complete (see :mod:`diskcache_ocr.cluster`); each directory's first
+rank marks the build unfinished in the header first and, last, records what the directory
+holds of the split (``status`` and ``health`` read it).
 
 The engine is taken as it is (its ``catalog``, ``store``, ``plan``, ``missing``, ``build``,
 ``write_seconds``): this module sits below the dataset, which builds through it.
@@ -21,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from diskcache_ocr.errors import CacheError
@@ -160,10 +163,8 @@ def build_engine(engine: Any, *, workers: int = 1, progress: bool = True,
         raise CacheError(f"{store.path}: the dataset opened its cache read-only; nothing can "
                          "be built")
     if world > 1 and process_group_ready():
-        from diskcache_ocr.cluster import build_cluster
-
-        return build_cluster(engine, workers=workers, progress=progress, chunk=chunk,
-                             started=started)
+        return _build_across_nodes(engine, workers=workers, progress=progress, chunk=chunk,
+                                   started=started)
     if rank == 0:
         mark_started(store, engine, world)
     barrier(world)
@@ -196,6 +197,99 @@ def build_engine(engine: Any, *, workers: int = 1, progress: bool = True,
     store.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _build_across_nodes(engine: Any, *, workers: int, progress: bool, chunk: int,
+                        started: float) -> BuildSummary:
+    """:func:`build_engine` under a process group of several ranks (collective: every rank
+    calls it). Ranks writing one directory form a node (:mod:`diskcache_ocr.cluster`); what
+    no node holds is computed once, split over every rank; each node is sent what it lacks
+    and another holds; each node builds what it still lacks (a source that failed
+    elsewhere); each node's first rank records the end in its header."""
+    import torch.distributed as dist
+
+    from diskcache_ocr import cluster
+
+    store = engine.store
+    nodes = cluster.directory_nodes(store.path)
+    rank, world = nodes.rank, nodes.world_size
+    cluster.check_same_split(engine, nodes)
+    n_nodes = len(nodes.groups)
+    if nodes.leader:
+        mark_started(store, engine, world, n_nodes)
+    dist.barrier()
+
+    states = cluster.node_states(engine, nodes)
+    nobody = np.flatnonzero((states == cluster.MISSING).all(axis=0))
+    share = [int(i) for i in nobody[rank::world]]
+    held_here = int((states[nodes.node] != cluster.MISSING).sum())
+    summary = BuildSummary(total=len(share), workers=workers, rank=rank, world_size=world,
+                           nodes=n_nodes, node_index=nodes.node,
+                           skipped=held_here if nodes.leader else 0)
+    # One bar per node (its first rank's): the node's images, held, built or received.
+    bar = tqdm(total=len(engine.catalog), initial=held_here, unit="img",
+               desc=f"prebuild node {nodes.node}", disable=not (progress and nodes.leader),
+               file=sys.stderr, dynamic_ncols=True, position=nodes.node)
+
+    def arrived(images: int, records: int) -> None:
+        summary.received += images
+        summary.received_records += records
+        bar.update(images)
+
+    try:
+        done: list[tuple[int, bool]] = []
+        _build_some(engine, share, workers, chunk, summary, bar, done)
+        store.sync()
+        # Each image computed now is held (or failed) by its builder's node.
+        for r, rows in enumerate(cluster.gather(done, world)):
+            k = next(g for g, rs in enumerate(nodes.groups) if r in rs)
+            for i, ok in rows:
+                states[k, i] = cluster.HELD if ok else cluster.FAILED
+        cluster.exchange(engine, nodes, cluster.transfer_plan(states, nodes.groups, rank),
+                         arrived)
+        dist.barrier()
+        # What this node still lacks, built by its own ranks.
+        left = cluster.gather(cluster.directory_states(engine).tobytes() if nodes.leader
+                              else None, world)
+        here = np.frombuffer(left[nodes.mine[0]], np.uint8, count=len(engine.catalog))
+        todo = [int(i) for i in np.flatnonzero(here == cluster.MISSING)]
+        rest = todo[nodes.mine.index(rank)::len(nodes.mine)]
+        summary.total += len(rest)
+        _build_some(engine, rest, workers, chunk, summary, bar, [])
+        store.sync()
+    finally:
+        bar.close()
+    dist.barrier()
+    if nodes.leader:
+        mark_finished(store, engine, world, n_nodes)
+    store.close()
+    summary.seconds = time.perf_counter() - started
+    summary.ranks = [
+        {"rank": d["rank"], "node_index": d["node_index"], "built": d["built"],
+         "received": d["received"], "received_records": d["received_records"],
+         "failed": len(d["failed"])}
+        for d in cluster.gather(summary.to_dict(), world)]
+    dist.barrier()
+    return summary
+
+
+def _build_some(engine: Any, indices: Sequence[int], workers: int, chunk: int,
+                summary: BuildSummary, bar: Any, done: list[tuple[int, bool]]) -> None:
+    """Build ``indices`` in this rank's directory (skipping what it holds), into
+    ``summary``; ``done`` gets (index, ok) of each image built."""
+    todo, known_failed = engine.missing(indices)
+    summary.failed += [(s, r.removeprefix("failed: ")) for s, r in known_failed]
+    by_source = {engine.catalog.source(i): i for i in todo}
+    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    for rows, write_s in _run_chunks(engine, chunks, workers):
+        summary.write_seconds += write_s
+        for source, error, _computed in rows:
+            done.append((by_source[source], error is None))
+            if error is None:
+                summary.built += 1
+            else:
+                summary.failed.append((source, error))
+        bar.update(len(rows))
 
 
 def _run_chunks(engine: Any, chunks: list[list[int]], workers: int

@@ -5,7 +5,8 @@ Under ``torch.distributed`` (any backend with send/recv and all_gather; gloo on 
 that write the same cache directory form one *node*: a directory is known by its
 ``(st_dev, st_ino)`` as each rank sees it, exchanged with ``all_gather_object``, so two
 simulated nodes on one host (two directories) behave as two real ones and the ranks of one
-machine share one cache. The build then runs in four steps:
+machine share one cache. The build (``build_engine`` under a process group) runs in four
+steps, on the pieces here:
 
 1. Each node's leader (its lowest rank) says which images of the split its directory
    holds complete (index entry and every kept record), failed, or lacks.
@@ -28,19 +29,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
-from tqdm import tqdm
 
-from diskcache_ocr.build import BuildSummary, _run_chunks, mark_finished, mark_started
 from diskcache_ocr.codec import verify_checksum
 from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
 from diskcache_ocr.keys import content_hash
@@ -96,7 +94,7 @@ def directory_nodes(path: str | os.PathLike[str]) -> Nodes:
     return Nodes(rank, world, groups, node)
 
 
-def _gather(obj: Any, world: int) -> list[Any]:
+def gather(obj: Any, world: int) -> list[Any]:
     import torch.distributed as dist
 
     out: list[Any] = [None] * world
@@ -104,7 +102,7 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def _states(engine: Any) -> np.ndarray:
+def directory_states(engine: Any) -> np.ndarray:
     """Each image's state (MISSING, HELD, FAILED) in this rank's directory."""
     store = engine.store
     store.refresh()
@@ -119,15 +117,15 @@ def _states(engine: Any) -> np.ndarray:
     return state
 
 
-def _node_states(engine: Any, nodes: Nodes) -> np.ndarray:
+def node_states(engine: Any, nodes: Nodes) -> np.ndarray:
     """(nodes × images) states: each leader reads its directory, everyone gets all."""
-    mine = _states(engine).tobytes() if nodes.leader else None
-    every = _gather(mine, nodes.world_size)
+    mine = directory_states(engine).tobytes() if nodes.leader else None
+    every = gather(mine, nodes.world_size)
     n = len(engine.catalog)
     return np.stack([np.frombuffer(every[g[0]], np.uint8, count=n) for g in nodes.groups])
 
 
-def _check_same_split(engine: Any, nodes: Nodes) -> None:
+def check_same_split(engine: Any, nodes: Nodes) -> None:
     """Every rank must read the same split (same sources, same order, same pipeline):
     images are named by their position in it."""
     cat = engine.catalog
@@ -136,100 +134,13 @@ def _check_same_split(engine: Any, nodes: Nodes) -> None:
         h.update(os.fsencode(cat.source(i)) + b"\0")
     for kind, v in sorted(engine.kind_versions().items()):
         h.update(f"{kind}={v.version}/{v.fingerprint};".encode())
-    every = _gather(h.hexdigest(), nodes.world_size)
+    every = gather(h.hexdigest(), nodes.world_size)
     if len(set(every)) > 1:
         odd = [r for r, d in enumerate(every) if d != every[0]]
         raise CacheError(
             f"{engine.store.path}: ranks {odd} read another split or pipeline than rank 0 "
             "(other sources, another order, or other kind versions); every rank of a "
             "multi-node prebuild must run the same command on the same data")
-
-
-def build_cluster(engine: Any, *, workers: int, progress: bool, chunk: int,
-                  started: float) -> BuildSummary:
-    """:func:`~diskcache_ocr.build.build_engine` under a process group of several ranks:
-    see the module's description. Collective: every rank calls it."""
-    import torch.distributed as dist
-
-    store = engine.store
-    nodes = directory_nodes(store.path)
-    rank, world = nodes.rank, nodes.world_size
-    _check_same_split(engine, nodes)
-    n_nodes = len(nodes.groups)
-    if nodes.leader:
-        mark_started(store, engine, world, n_nodes)
-    dist.barrier()
-
-    # 1-2. What no node holds is computed once, split over every rank.
-    states = _node_states(engine, nodes)
-    nobody = np.flatnonzero((states == MISSING).all(axis=0))
-    share = [int(i) for i in nobody[rank::world]]
-    held_here = int((states[nodes.node] != MISSING).sum())
-    summary = BuildSummary(total=len(share), workers=workers, rank=rank, world_size=world,
-                           nodes=n_nodes, node_index=nodes.node)
-    summary.skipped = held_here if nodes.leader else 0
-    bar = tqdm(total=len(engine.catalog), initial=held_here, unit="img",
-               desc=f"prebuild node {nodes.node}" + (f" rank {rank}" if len(nodes.mine) > 1
-                                                     else ""),
-               disable=not (progress and nodes.leader), file=sys.stderr,
-               dynamic_ncols=True, position=nodes.node)
-    try:
-        done: list[tuple[int, bool]] = []
-        _build(engine, share, workers, chunk, summary, bar, done)
-        store.sync()
-        # Each image computed now is held (or failed) by its builder's node.
-        for r, rows in enumerate(_gather(done, world)):
-            k = next(g for g, rs in enumerate(nodes.groups) if r in rs)
-            for i, ok in rows:
-                states[k, i] = HELD if ok else FAILED
-
-        # 3. Send each node what it lacks and another holds.
-        plan = transfer_plan(states, nodes.groups, rank)
-        _exchange(engine, nodes, plan, summary, bar)
-        dist.barrier()
-
-        # 4. What a node still lacks (failed elsewhere, or not sendable): its own ranks.
-        left = _gather(_states(engine).tobytes() if nodes.leader else None, world)
-        here = np.frombuffer(left[nodes.mine[0]], np.uint8, count=len(engine.catalog))
-        todo = [int(i) for i in np.flatnonzero(here == MISSING)]
-        pos = nodes.mine.index(rank)
-        rest = todo[pos::len(nodes.mine)]
-        summary.total += len(rest)
-        _build(engine, rest, workers, chunk, summary, bar, [])
-        store.sync()
-    finally:
-        bar.close()
-    dist.barrier()
-    if nodes.leader:
-        mark_finished(store, engine, world, n_nodes)
-    store.close()
-    summary.seconds = time.perf_counter() - started
-    summary.ranks = [
-        {"rank": d["rank"], "node_index": d["node_index"], "built": d["built"],
-         "received": d["received"], "received_records": d["received_records"],
-         "failed": len(d["failed"])}
-        for d in _gather(summary.to_dict(), world)]
-    dist.barrier()
-    return summary
-
-
-def _build(engine: Any, indices: Sequence[int], workers: int, chunk: int,
-           summary: BuildSummary, bar: Any, done: list[tuple[int, bool]]) -> None:
-    """Build ``indices`` in this rank's directory (skipping what it holds), into
-    ``summary``; ``done`` gets (index, ok) of each image built."""
-    todo, known_failed = engine.missing(indices)
-    summary.failed += [(s, r.removeprefix("failed: ")) for s, r in known_failed]
-    by_source = {engine.catalog.source(i): i for i in todo}
-    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
-    for rows, write_s in _run_chunks(engine, chunks, workers):
-        summary.write_seconds += write_s
-        for source, error, _computed in rows:
-            done.append((by_source[source], error is None))
-            if error is None:
-                summary.built += 1
-            else:
-                summary.failed.append((source, error))
-        bar.update(len(rows))
 
 
 def transfer_plan(states: np.ndarray, groups: Sequence[Sequence[int]],
@@ -264,12 +175,13 @@ def transfer_plan(states: np.ndarray, groups: Sequence[Sequence[int]],
     return dict(plan)
 
 
-def _exchange(engine: Any, nodes: Nodes, plan: dict[tuple[int, int], list[int]],
-              summary: BuildSummary, bar: Any) -> None:
+def exchange(engine: Any, nodes: Nodes, plan: dict[tuple[int, int], list[int]],
+             arrived: Callable[[int, int], None] = lambda images, records: None) -> None:
     """Every planned image, in ``world - 1`` steps: in step ``s`` rank ``r`` sends to rank
     ``r + s`` and receives from rank ``r - s`` (mod world; a permutation, so no two ranks
     wait on each other), chunk by chunk, each chunk headed by its size and whether more
-    follow. A rank holds one chunk going out and one coming in at a time."""
+    follow. A rank holds one chunk going out and one coming in at a time. ``arrived`` is
+    told (images, records) of each chunk written here. Collective: every rank calls it."""
     import torch
     import torch.distributed as dist
 
@@ -293,11 +205,7 @@ def _exchange(engine: Any, nodes: Nodes, plan: dict[tuple[int, int], list[int]],
                 body_in = torch.empty(int(head_in[0]), dtype=torch.uint8)
                 dist.recv(body_in, src, tag=1)
                 more = bool(head_in[1])
-                images, records = write_chunk(engine, body_in.numpy().tobytes(),
-                                              f"rank {src}")
-                summary.received += images
-                summary.received_records += records
-                bar.update(images)
+                arrived(*write_chunk(engine, body_in.numpy().tobytes(), f"rank {src}"))
             for work, _ in sends:
                 work.wait()
 
@@ -388,5 +296,6 @@ def write_chunk(engine: Any, chunk: bytes, sender: str) -> tuple[int, int]:
     return n_images, n_records
 
 
-__all__ = ["CHUNK_BYTES", "Nodes", "build_cluster", "directory_nodes", "pack_chunk",
-           "transfer_plan", "write_chunk"]
+__all__ = ["CHUNK_BYTES", "FAILED", "HELD", "MISSING", "Nodes", "check_same_split",
+           "directory_nodes", "directory_states", "exchange", "gather", "node_states",
+           "pack_chunk", "transfer_plan", "write_chunk"]
