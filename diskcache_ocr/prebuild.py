@@ -23,7 +23,7 @@ from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import Preset, cache_plan
-from diskcache_ocr.readthrough import ReadThrough
+from diskcache_ocr.readthrough import ReadThrough, pipeline_role
 from diskcache_ocr.store import CacheStore, Policy
 from diskcache_ocr.store.wipe import has_cache
 
@@ -109,7 +109,9 @@ def _build(
         )
 
     if rank == 0:
-        refuse_other_pipeline(cache_dir, cache_plan(preset).cached)
+        plan = cache_plan(preset)
+        refuse_other_pipeline(cache_dir, plan.cached,
+                              role=pipeline_role(images_dir, split, plan.output, "db"))
         ds = open_dataset(on_mismatch)
     barrier(world)
     if rank != 0:
@@ -118,19 +120,24 @@ def _build(
                         started=started)
 
 
-def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str]) -> None:
-    """Raise :class:`CacheError` when the built-in pipeline's build would replace ``kinds``
-    records that a user's pipeline wrote into ``cache_dir`` (its header says whose they
-    are). Another version of the built-in pipeline's own records is rebuilt as before; an
-    emptied kind (``clear --kind``) is free."""
+def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str], *,
+                          role: str) -> None:
+    """Raise :class:`CacheError` when the built-in pipeline's build in ``role`` would
+    replace ``kinds`` records that a user's pipeline of the same role wrote into
+    ``cache_dir`` (its header says whose they are). Pipelines of other roles keep their
+    records beside it; another version of the built-in pipeline's own records is rebuilt as
+    before; an emptied kind (``clear --kind``) is free."""
     from diskcache_ocr.ops import pipeline_of
 
     if not has_cache(cache_dir):
         return
     with CacheStore(cache_dir, readonly=True) as store:
         header = store.header()
-        taken = [k for k in ("tensors", "maps") if k in kinds and k in header.get("kinds", {})
+        held = header.get("pipelines", {}).get(role) or {}
+        taken = [k for k in ("tensors", "maps") if k in kinds and k in held.get("kinds", {})
                  and store.kind_stats(k)["entries"]]
+    described = held.get("described") or {}
+    header = {**header, **described, "kinds": held.get("kinds", {})}
     owner = pipeline_of(header)
     if not taken or owner["name"] != "user":
         return

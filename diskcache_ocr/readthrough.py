@@ -97,6 +97,13 @@ class Work:
     writes: list[tuple[str, bytes, dict[str, np.ndarray]]] = field(default_factory=list)
 
 
+def pipeline_role(images_dir: str | os.PathLike[str], split: str, output: str,
+                  convention: str) -> str:
+    """The role of a pipeline in a cache (see :meth:`ReadThrough.role`)."""
+    return (f"{os.path.realpath(images_dir)} split={split} output={output} "
+            f"convention={convention}")
+
+
 def plain_versions() -> dict[str, KindVersion]:
     """The version whose records are keyed by content alone: images decoded by the
     library's own decode (every pipeline's, unless its convention decodes otherwise)."""
@@ -167,8 +174,8 @@ class ReadThrough:
         """What this engine's pipeline replaces in a cache when it changes: the pipeline
         reading the same images directory, for the same split, in the same output form, by
         the same convention. Pipelines of other roles keep their records beside it."""
-        convention = getattr(self.pipeline, "convention", "db")
-        return f"{self._root} split={split} output={output} convention={convention}"
+        return pipeline_role(self.catalog.images_dir, split, output,
+                             getattr(self.pipeline, "convention", "db"))
 
     def kind_versions(self) -> dict[str, KindVersion]:
         """Versions of the kinds this plan caches (what the store's header must agree with)."""
@@ -647,4 +654,4 @@ def _run_inline(copies: list[Copy]) -> None:
         fn(*args)
 
 
-__all__ = ["BuildResult", "ReadThrough", "Work", "plain_versions"]
+__all__ = ["BuildResult", "ReadThrough", "Work", "pipeline_role", "plain_versions"]
