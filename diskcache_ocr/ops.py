@@ -83,7 +83,18 @@ def _versions(header: dict[str, Any]) -> tuple[dict[str, KindVersion], dict[str,
         if header.get("stage_pipeline") or (
                 kind in stored and stored[kind].version == STAGES_VERSION):
             current.pop(kind)
+    stage = header.get("stage_pipeline")
+    if isinstance(stage, dict) and stage.get("convention") not in (None, "db"):
+        # A convention of its own decode (the origin's drops alpha): its images are keyed
+        # by that decode, beside the library's, and judged by it.
+        current["images"] = _convention_decode(str(stage["convention"]))
     return stored, current
+
+
+def _convention_decode(convention: str) -> KindVersion:
+    from diskcache_ocr.ocr.staged import StagePipeline
+
+    return StagePipeline(convention=convention).kind_versions()["images"]
 
 
 def pipeline_of(header: dict[str, Any]) -> dict[str, Any]:
@@ -193,11 +204,7 @@ def stage_summary(description: Any) -> str:
         return str(description)[:60]
     stage = description.get("stage")
     if stage == "albumentations":
-        serialized = description.get("serialized")
-        steps = (serialized.get("transform", {}).get("transforms", [])
-                 if isinstance(serialized, dict) else [])
-        names = [str(t.get("__class_fullname__")) for t in steps if isinstance(t, dict)]
-        return f"albumentations Compose ({', '.join(names)})"
+        return f"albumentations Compose ({', '.join(_compose_steps(description))})"
     if stage == "callable":
         return f"callable {description.get('name')}, version {description.get('version')!r:.40}"
     if stage == "builtin":
@@ -205,6 +212,21 @@ def stage_summary(description: Any) -> str:
         return f"built-in, {description.get('convention')} convention" + (
             f" ({maker})" if maker else "")
     return f"{stage}"
+
+
+def _compose_steps(description: dict[str, Any]) -> list[str]:
+    """The class names of a Compose's transforms, from its fingerprint's description (the
+    serialization albumentations gives, in older headers)."""
+    serialized = description.get("serialized")
+    if isinstance(serialized, dict):
+        steps = serialized.get("transform", {}).get("transforms", [])
+        return [str(t.get("__class_fullname__")) for t in steps if isinstance(t, dict)]
+    state = (description.get("compose") or {}).get("state") or {}
+    mapping = state.get("mapping") if isinstance(state, dict) else None
+    fields = {m[0]: m[1] for m in mapping or () if isinstance(m, (list, tuple)) and len(m) == 2}
+    steps = fields.get("transforms")
+    return [str(t.get("class", "?")).rpartition(".")[2] for t in steps or ()
+            if isinstance(t, dict)]
 
 
 def empty_status(path: str | os.PathLike[str]) -> dict[str, Any]:
