@@ -47,6 +47,7 @@ from diskcache_ocr.samples import (
 )
 from diskcache_ocr.schema import (
     KINDS,
+    MAX_NAMES,
     IndexEntry,
     KindVersion,
     derived_image_key,
@@ -567,7 +568,11 @@ class ReadThrough:
             status = "ok" if w.error is None else f"failed: {w.error}"
             keys = dict(w.entry.keys) if w.entry is not None else {}
             keys.update(w.hits)  # records found by content (e.g. the file was touched)
-            keys.update({self._name(kind): key for kind, key, _ in w.writes})
+            mine = {self._name(kind): key for kind, key, _ in w.writes}
+            keys.update(mine)
+            others = [n for n in keys if n not in mine and n not in w.hits]
+            for name in others[:max(0, len(keys) - MAX_NAMES)]:
+                del keys[name]  # (the oldest other names go: their records become orphans)
             batch.put_index(self._id(w), IndexEntry.of_stat(
                 w.stat, w.content_hash, status=status, keys=keys, updated_ns=time.time_ns()))
         if len(batch):

@@ -343,3 +343,30 @@ def test_an_upgrade_keeps_names_the_engine_uses(readme, tmp_path):
     _open(readme, "val", cache, t).close()
     with CacheStore(cache, readonly=True) as store:
         assert {s: dict(e.keys) for s, e in store.iter_index()} == fresh
+
+
+def test_an_index_entry_names_the_records_of_many_pipelines():
+    from diskcache_ocr.schema import MAX_NAMES, IndexEntry, record_name
+
+    names = {record_name("tensors", f"{i:032x}"): bytes([i % 256]) * 32 for i in range(40)}
+    entry = IndexEntry(1, 2, b"h" * 32, keys=names)
+    assert IndexEntry.unpack(entry.pack(), "x").keys == names
+    assert MAX_NAMES >= 3 * 64  # (each kind of 64 pipeline versions reading one source)
+
+
+def test_ignore_serves_the_roles_stored_records_and_leaves_the_others(readme, tmp_path):
+    cache = tmp_path / "cache"
+    train_t, val_t = _compose(96), _compose(128)
+    for split, t in (("train", train_t), ("val", val_t)):
+        _read_all(_open(readme, split, cache, t), close=True)
+    want = _reference(readme, "train", train_t)
+    ds = _open(readme, "train", cache, _compose(96, A.ToGray(p=1.0)), on_mismatch="ignore")
+    got, (hits, misses) = _read_counting(ds)
+    assert (hits, misses) == (N, 0)  # the stored train records, as the policy says
+    for g, w in zip(got, want, strict=True):
+        _same(g, w)
+    ds.close()
+    _, (hits, misses) = _read_counting(_open(readme, "val", cache, val_t))
+    assert (hits, misses) == (N, 0)
+    _, (hits, misses) = _read_counting(_open(readme, "train", cache, train_t))
+    assert (hits, misses) == (N, 0)  # nothing of the ignored pipeline was written
