@@ -190,6 +190,18 @@ def test_builtin_prebuild_shares_the_images_of_another_pipeline(data, tmp_path, 
         prebuild(*split_paths(data), cache, progress=False)
 
 
+def test_builtin_prebuild_leaves_the_images_of_the_origin_rules_alone(data, tmp_path, capsys):
+    """The origin's decoding drops alpha where the built-in one composites it: the drop-in's
+    decoded images are its own, and a built-in build that caches images refuses them too."""
+    cache = dropin_cache(data, tmp_path / "c")
+    before = snapshot(cache)
+    with pytest.raises(CacheError, match="images .*another pipeline|another pipeline"):
+        prebuild(*split_paths(data), cache, preset="balanced", progress=False)
+    assert snapshot(cache) == before
+    rc, out, _ = run_cli(capsys, "health", "--cache", cache, "--json")
+    assert rc == 0 and json.loads(out)["problems"] == []
+
+
 # -- from a Hydra tree ----------------------------------------------------------------------------
 def preset_file(images, tensors, maps, load_maps):
     b = lambda v: "true" if v else "false"  # noqa: E731
