@@ -346,6 +346,7 @@ def test_version_bump_rebuilds_exactly_the_affected_kinds(small_data, tmp_path, 
         # The images were read from the cache, not decoded again.
         assert store.stats().get("images.misses", 0) == misses_before
     for _, (*_rest, keys) in after_t["index"].items():
+        keys = {n.partition(":")[0]: k for n, k in keys.items()}  # (names: "tensors:1f0c...")
         assert keys["tensors"] in after_t["tensors"] and keys["maps"] in after_t["maps"]
 
     rc, out, _ = run_cli(capsys, "status", "--cache", cache, "--json")

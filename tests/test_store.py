@@ -119,7 +119,7 @@ def test_version_policies(tmp_path):
 
 def test_header_records_format_library_and_engine(store):
     header = store.header()
-    assert header["format"] == 2 and header["library"] and header["engine"].startswith("0.9")
+    assert header["format"] == 3 and header["library"] and header["engine"].startswith("0.9")
 
 
 def test_foreign_and_damaged_files_are_refused(tmp_path):

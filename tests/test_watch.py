@@ -92,11 +92,11 @@ def test_changes_invalidate_entries_and_reads_see_new_data(env, polling):
             "not invalidated"
         assert w.wait_idle(WAIT_S)
         for s in changed:
-            for kind, key in old[s].keys.items():
+            for kind, key in old[s].records():
                 assert not store.contains(kind, key), (s, kind)
         for s in NAMES[3:]:  # untouched sources keep their entries and records
             assert store.get_index(source_id(images, s)) == old[s]
-            assert all(store.contains(k, key) for k, key in old[s].keys.items())
+            assert all(store.contains(k, key) for k, key in old[s].records())
         summary = w.summary
         assert summary.invalidated == 3 and summary.reconciled == 0 and summary.events >= 3
     finally:
