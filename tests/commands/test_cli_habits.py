@@ -19,7 +19,7 @@ from diskcache_ocr.store import KINDS
 from diskcache_ocr.synth import split_paths
 
 N = 3
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ TABLE = {
     "custom": (1, 0, 1, 0, 0, 1),  # the README's custom.yaml
 }
 SPLITS = ("train", "val", "test", "predict")
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_blocks(title: str, lang: str) -> list[str]:

@@ -22,7 +22,7 @@ from diskcache_ocr.synth import split_paths
 
 N = 4
 COMMANDS = ("prebuild", "status", "health", "clear", "verify", "copy", "watch", "synth", "demo")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_json(capsys, *argv: object) -> tuple[int, dict]:
