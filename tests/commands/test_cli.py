@@ -202,6 +202,7 @@ def test_debug_shows_the_traceback_and_still_exits_2(where, tmp_path, capsys):
     assert "CacheError" in err
 
 
+@pytest.mark.full
 def test_error_line_and_exit_codes_of_the_real_process(tmp_path, built):
     _, cache = built
     done = subprocess.run(command() + ["verify", "--cache", str(tmp_path / "none")],
@@ -339,6 +340,7 @@ def test_synth_writes_the_origin_layout(tmp_path, capsys):
 
 
 # -- scripts/cache_manager.py -----------------------------------------------------------------
+@pytest.mark.full
 def test_cache_manager_script_uses_the_env_cache_dir(mine, monkeypatch, capsys):
     _, cache = mine
     script = REPO / "scripts" / "cache_manager.py"

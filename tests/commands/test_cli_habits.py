@@ -127,8 +127,9 @@ HOLD = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.parametrize("mode, message", [("reader", "have the cache open"),
-                                           ("writer", "a writer holds the cache")])
+@pytest.mark.parametrize("mode, message", [
+    ("reader", "have the cache open"),
+    pytest.param("writer", "a writer holds the cache", marks=pytest.mark.full)])
 def test_clear_all_leaves_a_cache_in_use(mine, capsys, mode, message):
     _, cache = mine
     before = snapshot(cache)
@@ -203,6 +204,7 @@ def test_cache_flag_before_or_after_the_command(built, tmp_path, capsys):
     assert args.cache == cache and args.verbose
 
 
+@pytest.mark.full
 def test_verbose_shows_progress_logs(built, tmp_path):
     data_dir, _ = built
     images, annotations = split_paths(data_dir)
@@ -236,6 +238,7 @@ def test_edge_values_are_refused_at_the_edge(argv, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.full
 def test_a_deeply_nested_preset_is_one_error_line(tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("cache_config: " + "{a: " * 100_000 + "1" + "}" * 100_000 + "\n")
@@ -249,6 +252,7 @@ def test_a_deeply_nested_preset_is_one_error_line(tmp_path):
 
 
 # -- the script, from a checkout that is not installed ----------------------------------------
+@pytest.mark.full
 def test_cache_manager_script_runs_from_a_checkout(built, tmp_path):
     _, cache = built
     checkout = tmp_path / "checkout"

@@ -248,6 +248,7 @@ def test_summary_line():
     assert line == "watch: 12 events, 3 sources invalidated (2 at start), polling"
 
 
+@pytest.mark.full
 def test_serve_stops_on_sigterm_with_a_summary(env):
     images, ann, cache, store = env
     (images / NAMES[0]).unlink()  # found by the start-up scan

@@ -213,6 +213,7 @@ HYDRA_APP = textwrap.dedent(
 )
 
 
+@pytest.mark.full
 def test_hydra_group_override(tmp_path):
     pytest.importorskip("hydra")
     conf = tmp_path / "conf"

@@ -316,6 +316,7 @@ def _run_app(root: Path, register: str, names: list[str]) -> tuple[dict[str, dic
     return {r["choice"]: r for r in results}, done.stderr
 
 
+@pytest.mark.full
 def test_their_app_with_their_files_and_the_changed_target(tmp_path, data_root):
     conf = write_tree(tmp_path, data_root)
     write_their_presets(conf)
@@ -332,6 +333,7 @@ def test_their_app_with_their_files_and_the_changed_target(tmp_path, data_root):
     assert (tmp_path / "cache" / "data.mdb").exists()  # $DISKCACHE_OCR_DIR, as the CLI uses
 
 
+@pytest.mark.full
 def test_their_app_without_preset_files(tmp_path, data_root):
     write_tree(tmp_path, data_root)
     results, stderr = _run_app(
