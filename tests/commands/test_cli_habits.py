@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from testkit import build_small, command, private_copy, run_cli, snapshot
+from testkit import build_small, command, private_copy, run_cli, run_together, snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.store import KINDS
@@ -213,10 +213,8 @@ def test_verbose_shows_progress_logs(built, tmp_path):
                       "image_loading_config:\n  use_turbojpeg: true\n")
     base = command() + ["prebuild", "--images", str(images), "--annotations", str(annotations),
                         "--preset", str(preset), "--json"]
-    quiet = subprocess.run(base + ["--cache", str(tmp_path / "a")], capture_output=True,
-                           text=True, timeout=120)
-    loud = subprocess.run(base + ["--cache", str(tmp_path / "b"), "-v"], capture_output=True,
-                          text=True, timeout=120)
+    quiet, loud = run_together(base + ["--cache", str(tmp_path / "a")],
+                               base + ["--cache", str(tmp_path / "b"), "-v"])
     assert quiet.returncode == loud.returncode == 0, loud.stderr
     assert "use_turbojpeg has no effect here" in loud.stderr
     assert "no effect" not in quiet.stderr
