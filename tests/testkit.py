@@ -28,11 +28,13 @@ def command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "diskcache_ocr.cli"]
 
 
-def run_together(*argvs: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """Each command as ``subprocess.run(argv, capture_output=True, text=True)`` returns it,
-    all started at once: fresh interpreters that import the library overlap their imports."""
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv in argvs]
+def run_together(*argvs: list[str], timeout: float = 120,
+                 **options) -> list[subprocess.CompletedProcess]:
+    """Each command as ``subprocess.run(argv, capture_output=True, text=True, **options)``
+    returns it, all started at once: fresh interpreters that import the library overlap their
+    imports."""
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              **options) for argv in argvs]
     done = []
     try:
         for argv, proc in zip(argvs, procs):

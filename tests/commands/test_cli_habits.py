@@ -265,14 +265,15 @@ def test_cache_manager_script_runs_from_a_checkout(built, tmp_path):
     probe = subprocess.run([sys.executable, "-S", "-c", "import diskcache_ocr"], env=env,
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0  # not installed, as far as this interpreter knows
-    done = subprocess.run(script + ["status", "--cache", str(cache), "--json"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    status, prebuild = run_together(
+        script + ["status", "--cache", str(cache), "--json"],
+        script + ["prebuild", "--images", str(tmp_path / "none"), "--cache", str(tmp_path / "c")],
+        env=env, cwd=tmp_path)
+    done = status
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["kinds"]["images"]["entries"] == N
     # prebuild's default preset comes from the checkout's presets/ (its images are missing)
-    done = subprocess.run(script + ["prebuild", "--images", str(tmp_path / "none"),
-                                    "--cache", str(tmp_path / "c")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = prebuild
     assert done.returncode == 2 and "preset" not in done.stderr, done.stderr
     assert "images directory does not exist" in one_error_line(done.stderr)
 
