@@ -25,9 +25,11 @@ from diskcache_ocr.ocr.annotations import (
     ImageAnnotation,
     load_annotations,
 )
+from diskcache_ocr.ocr.conventions import conventions
 from diskcache_ocr.ocr.decode import read_image_file
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
+from diskcache_ocr.ocr.staged import images_version
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.paths import default_cache_dir  # noqa: F401 - its home before paths.py
 from diskcache_ocr.presets import cache_plan
@@ -75,7 +77,11 @@ def _versions(header: dict[str, Any]) -> tuple[dict[str, KindVersion], dict[str,
     pipeline knows its versions; its dataset checks them when it opens)."""
     stored = {k: KindVersion.from_dict(v) for k, v in header.get("kinds", {}).items()}
     current = stored_pipeline(header).kind_versions()
-    for kind in ("tensors", "maps"):  # (decoding is the same for every pipeline: images stay)
+    stage = header.get("stage_pipeline")
+    if isinstance(stage, dict) and stage.get("convention") in conventions():
+        # (a convention decodes by its own rules: the origin's drops alpha)
+        current["images"] = images_version(stage["convention"])
+    for kind in ("tensors", "maps"):
         if header.get("stage_pipeline") or (
                 kind in stored and stored[kind].version == STAGES_VERSION):
             current.pop(kind)
@@ -142,11 +148,11 @@ def stage_summary(description: Any) -> str:
         return str(description)[:60]
     stage = description.get("stage")
     if stage == "albumentations":
-        serialized = description.get("serialized")
-        steps = (serialized.get("transform", {}).get("transforms", [])
-                 if isinstance(serialized, dict) else [])
-        names = [str(t.get("__class_fullname__")) for t in steps if isinstance(t, dict)]
-        return f"albumentations Compose ({', '.join(names)})"
+        return f"albumentations Compose ({', '.join(_compose_steps(description))})"
+    if stage == "compose-holder":
+        inner = description.get("compose") or {}
+        name = str(description.get("class", "?")).rsplit(".", 1)[-1]
+        return f"{name} holding an albumentations Compose ({', '.join(_compose_steps(inner))})"
     if stage == "callable":
         return f"callable {description.get('name')}, version {description.get('version')!r:.40}"
     if stage == "builtin":
@@ -154,6 +160,16 @@ def stage_summary(description: Any) -> str:
         return f"built-in, {description.get('convention')} convention" + (
             f" ({maker})" if maker else "")
     return f"{stage}"
+
+
+def _compose_steps(description: dict[str, Any]) -> list[str]:
+    """The class names of a Compose's transforms, from its stage fingerprint (the described
+    Compose, ``{"class", "state": {"mapping": [[name, value], ...]}}``)."""
+    compose = description.get("compose")
+    state = compose.get("state", {}) if isinstance(compose, dict) else {}
+    fields = dict(state.get("mapping", [])) if isinstance(state, dict) else {}
+    steps = fields.get("transforms", [])
+    return [str(t.get("class", "?")).rsplit(".", 1)[-1] for t in steps if isinstance(t, dict)]
 
 
 def empty_status(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -21,9 +21,11 @@ from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
 from diskcache_ocr.ocr.maps import MapConfig
+from diskcache_ocr.ocr.staged import images_version
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import Preset, cache_plan
 from diskcache_ocr.readthrough import ReadThrough
+from diskcache_ocr.schema import KindVersion
 from diskcache_ocr.store import CacheStore, Policy
 from diskcache_ocr.store.wipe import has_cache
 
@@ -129,8 +131,14 @@ def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str
         return
     with CacheStore(cache_dir, readonly=True) as store:
         header = store.header()
-        taken = [k for k in ("tensors", "maps") if k in kinds and k in header.get("kinds", {})
+        stored = header.get("kinds", {})
+        taken = [k for k in ("tensors", "maps") if k in kinds and k in stored
                  and store.kind_stats(k)["entries"]]
+        # Decoded images are shared unless the other pipeline decodes by other rules (the
+        # origin convention drops alpha): then they are its own too.
+        if ("images" in kinds and "images" in stored and store.kind_stats("images")["entries"]
+                and KindVersion.from_dict(stored["images"]) != images_version("db")):
+            taken.insert(0, "images")
     owner = pipeline_of(header)
     if not taken or owner["name"] != "user":
         return

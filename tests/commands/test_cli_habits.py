@@ -280,9 +280,10 @@ def test_cache_manager_script_runs_from_a_checkout(built, tmp_path):
 
 # -- the README's cache_manager lines ---------------------------------------------------------
 def readme_commands() -> list[tuple[list[str], str]]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "coming-from-the-origin.md").read_text(encoding="utf-8")
     section = text.split("## Coming from the origin project\n", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash\n")[2].split("```", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    block = next(b for b in blocks if "cache_manager.py" in b)
     out = []
     for line in block.splitlines():
         command_text, _, comment = line.partition("#")

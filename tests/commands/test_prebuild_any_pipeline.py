@@ -140,6 +140,7 @@ def test_builtin_prebuild_refuses_a_cache_another_pipeline_wrote(data, tmp_path,
     with pytest.raises(CacheError, match="another pipeline") as caught:
         prebuild(*split_paths(data), cache, progress=False)
     assert "clear --kind tensors" in str(caught.value) and "origin" in str(caught.value)
+    assert "clear --kind images" in str(caught.value)  # (the origin decodes its own way)
     rc, _, err = run_cli(capsys, "prebuild", "--images", split_paths(data)[0],
                          "--annotations", split_paths(data)[1], "--cache", cache)
     assert rc == 2 and "another pipeline" in err and len(err.strip().splitlines()) == 1
@@ -153,17 +154,21 @@ def test_builtin_prebuild_refuses_a_cache_another_pipeline_wrote(data, tmp_path,
          "cache_dir": str(cache), **EVERYTHING}))
     assert stats["tensors.hits"] >= N
     # the way the message offers: clear those kinds, then the built-in build may go there
-    for kind in ("tensors", "maps"):
+    for kind in ("images", "tensors", "maps"):
         assert run_cli(capsys, "clear", "--cache", cache, "--kind", kind)[0] == 0
     assert prebuild(*split_paths(data), cache, progress=False).built == N
 
 
 def test_builtin_prebuild_shares_the_images_of_another_pipeline(data, tmp_path, capsys):
-    """Only tensors and maps belong to a pipeline: a build that caches images only goes on,
-    and the tensors and maps stay known as the other pipeline's."""
-    cache = dropin_cache(data, tmp_path / "c")
-    summary = prebuild(*split_paths(data), cache, preset="balanced", progress=False)
-    assert summary.skipped == N  # the drop-in's decoded images are the same records
+    """Only tensors and maps belong to a pipeline that decodes as the built-in one does: a
+    build that caches images only goes on, and the tensors and maps stay known as the other
+    pipeline's."""
+    cache = tmp_path / "c"
+    images, annotations = split_paths(data)
+    read_all(CachedOCRDataset(images, annotations, cache, preset=EVERYTHING,
+                              transform=val_transform()))  # a user Compose, "db" decoding
+    summary = prebuild(images, annotations, cache, preset="balanced", progress=False)
+    assert summary.skipped == N  # its decoded images are the same records
     rc, out, _ = run_cli(capsys, "status", "--cache", cache, "--json")
     status = json.loads(out)
     assert rc == 0 and status["pipeline"]["name"] == "user"
@@ -171,7 +176,19 @@ def test_builtin_prebuild_shares_the_images_of_another_pipeline(data, tmp_path, 
     rc, out, _ = run_cli(capsys, "health", "--cache", cache, "--json")
     assert rc == 0 and json.loads(out)["problems"] == []
     with pytest.raises(CacheError, match="another pipeline"):
-        prebuild(*split_paths(data), cache, progress=False)
+        prebuild(images, annotations, cache, progress=False)
+
+
+def test_builtin_prebuild_leaves_the_images_of_the_origin_rules_alone(data, tmp_path, capsys):
+    """The origin's decoding drops alpha where the built-in one composites it: the drop-in's
+    decoded images are its own, and a built-in build that caches images refuses them too."""
+    cache = dropin_cache(data, tmp_path / "c")
+    before = snapshot(cache)
+    with pytest.raises(CacheError, match="images .*another pipeline|another pipeline"):
+        prebuild(*split_paths(data), cache, preset="balanced", progress=False)
+    assert snapshot(cache) == before
+    rc, out, _ = run_cli(capsys, "health", "--cache", cache, "--json")
+    assert rc == 0 and json.loads(out)["problems"] == []
 
 
 # -- from a Hydra tree ----------------------------------------------------------------------------
