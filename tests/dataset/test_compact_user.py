@@ -93,8 +93,9 @@ def by_file(batch, keys):
 # spawn (the pipeline, its Compose head and the reproduced Normalize travel pickled) costs
 # seconds per worker: one case of it.
 @pytest.mark.parametrize("keys, workers, method", [
-    ("origin", 0, None), ("origin", 2, "fork"), ("db", 0, None), ("db", 2, "fork"),
-    ("origin", 2, "spawn")])
+    pytest.param(keys, workers, method, marks=pytest.mark.full if workers else ())
+    for keys, workers, method in (("origin", 0, None), ("origin", 2, "fork"), ("db", 0, None),
+                                  ("db", 2, "fork"), ("origin", 2, "spawn"))])
 def test_compact_then_finish_equals_the_float32_pipeline(data, tmp_path, keys, workers, method):
     plain = make(data, None, "float32", keys)  # the user's pipeline, uncached
     assert plain.store is None

@@ -156,7 +156,7 @@ def _child_read(path, q):
     q.put(s.get("images", key(7))["i"].tolist())
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.full)])
 def test_children_read_a_store_the_parent_opened(tmp_path, method):
     s = CacheStore(tmp_path / "c")
     s.put("images", key(7), {"i": np.arange(5, dtype=np.uint8)})

@@ -244,6 +244,7 @@ _CHECK_DAMAGED = textwrap.dedent("""
     print(json.dumps({"health_rc": health_rc, "health": health, "clear_rc": clear_rc}))
 """)
 
+@pytest.mark.full
 @pytest.mark.parametrize("target", ["tree", "index", "images", "stats"])
 def test_damaged_pages_are_reported_and_cleared(case, target):
     """health reports a damaged file as 'corrupt' (exit 1), clear --all removes it."""

@@ -25,7 +25,7 @@ import torch
 
 from diskcache_ocr.origin import ValidatedOCRDataset
 
-FIG_DIR = Path(__file__).parent / "data" / "origin-conformance"
+FIG_DIR = Path(__file__).parents[1] / "data" / "origin-conformance"
 INPUTS = FIG_DIR / "inputs"
 FIG = json.loads((FIG_DIR / "figures.json").read_text())
 SAMPLES: dict[str, dict[str, Any]] = FIG["samples"]

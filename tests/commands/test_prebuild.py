@@ -133,6 +133,7 @@ def _complete_sources(images: Path, annotations: Path, cache: Path) -> int:
     return len(ds) - len(todo) - len(failed)
 
 
+@pytest.mark.full
 def test_prebuild_survives_sigkill_at_random_moments_and_resumes(kill_data, tmp_path, capsys):
     images, annotations = split_paths(kill_data)
     cache = tmp_path / "cache"
@@ -218,6 +219,7 @@ def _gloo_available() -> bool:
 
 @pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with the gloo backend "
                     "is not available in this torch build")
+@pytest.mark.full
 def test_torchrun_two_ranks_equal_single_process_build(small_data, tmp_path):
     images, annotations = split_paths(small_data)
     cache = tmp_path / "ranks"
