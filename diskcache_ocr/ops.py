@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,8 +34,6 @@ from diskcache_ocr.ocr.staged import images_version
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.paths import default_cache_dir  # noqa: F401 - its home before paths.py
 from diskcache_ocr.presets import cache_plan
-from diskcache_ocr.readthrough import ReadThrough
-from diskcache_ocr.samples import Catalog
 from diskcache_ocr.schema import (
     KINDS,
     IndexEntry,
@@ -51,6 +49,9 @@ from diskcache_ocr.schema import (
 )
 from diskcache_ocr.store import CacheStore, WriteBatch
 from diskcache_ocr.store.wipe import has_cache
+
+if TYPE_CHECKING:  # (the engine and torch load only for verify's recomputing)
+    from diskcache_ocr.readthrough import ReadThrough
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
                 "failed_sources", "stale_readers", "corrupt")
@@ -515,6 +516,9 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
     # Sources without an annotation are checked without words (and without maps).
     items = tuple(words.get(s) or ImageAnnotation(os.path.basename(s), (), (), ())
                   for s, _ in chosen)
+    from diskcache_ocr.readthrough import ReadThrough
+    from diskcache_ocr.samples import Catalog
+
     engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
                          cache_plan("none"), None)
     return _compare(store, engine, [(i, s, e, s in words) for i, (s, e) in enumerate(chosen)],
