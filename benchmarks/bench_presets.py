@@ -12,7 +12,7 @@ only) for presets without maps, and ``none + load_maps`` for ``validation_optimi
 this process + warm the page cache), epoch 0 after that preload, and ``prebuild`` with 2
 workers.
 
-Targets (DESIGN.md): validation_optimized epoch 1 ≥ 10× faster than no cache; epoch 0
+Targets: validation_optimized epoch 1 ≥ 10× faster than no cache; epoch 0
 (read-through) ≤ 1.10× no cache.
 """
 

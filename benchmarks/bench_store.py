@@ -8,7 +8,7 @@ Measures, each as the mean over many calls per repetition, median of repetitions
 * ``np.load`` of the same array saved as ``.npy`` (and ``mmap_mode='r'`` + copy)
 * ``np.copyto`` between two preallocated arrays: the memory-bandwidth limit
 
-Targets (DESIGN.md): zero-copy < 5 % of one memcpy; copying get within 1.5× of a memcpy.
+Targets: zero-copy < 5 % of one memcpy; copying get within 1.5× of a memcpy.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ array or view of its last use is alive anywhere, in any process.
   mapping (a fresh mapping per batch faults on each page read again); the mapping of a slab
   whose worker has exited is let go when the next new slab arrives or before a fork, and is
   unmapped once no tensor of its last batch is alive.
+- **Shared memory is never kept beyond need when it runs short**: a worker keeps at most
+  four slabs and puts a smaller batch into a free larger one; when ``/dev/shm`` has no room,
+  every worker of the loader gives back its idle slabs and stops reusing (a warning), so it
+  needs no more than a DataLoader without reuse.
+- **No slab outlives its worker**: unlinked at the worker's exit, when it is terminated
+  (SIGTERM), and swept by name (owner pid) once its owner is dead: when the main process
+  first sees a new worker's slab, when a worker starts, and at the main process's exit.
 
 Nothing here is ever read from the cache: slabs carry no pickled data, only arrays.
 """
@@ -29,11 +36,13 @@ from __future__ import annotations
 import atexit
 import collections
 import ctypes
+import errno
 import functools
 import logging
 import mmap
 import os
 import secrets
+import signal
 import struct
 import sys
 import threading
@@ -52,7 +61,7 @@ ALIGN = 64
 SHM_DIR = "/dev/shm"
 SLAB_PREFIX = "docr-slab-"
 LOCAL_KEEP = 3  # free blocks kept per size in one process: a loader's two + one a caller holds
-SLABS_PER_SIZE = 4  # DataLoader: prefetch (2) + one pinned + one the user holds
+SLABS_PER_WORKER = 4  # DataLoader: prefetch (2) + one pinned + one the user holds
 
 # Slab header: magic, state, generation. The state word is written by the worker (BUSY)
 # and by the main process (FREE); the generation ties a release to one use.
@@ -60,6 +69,7 @@ _HEADER = struct.Struct("<4sIQ")
 _HEADER_SIZE = 64
 _MAGIC = b"DOSL"
 _FREE, _BUSY = 0, 1
+_NO_SPACE = (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -228,12 +238,27 @@ class _Slab:
         except FileNotFoundError:
             pass
 
+    def retire(self) -> None:
+        """Give an idle slab's memory back now. Its pages are freed in the file itself
+        (MADV_REMOVE punches them out of tmpfs), so the main process's mapping of it, let go
+        only when it next sees a new slab, holds nothing meanwhile."""
+        try:
+            self.mm.madvise(mmap.MADV_REMOVE)
+        except (AttributeError, OSError, ValueError):
+            pass  # (no MADV_REMOVE here: the memory goes once every mapping is gone)
+        self.unlink()
+        try:
+            self.mm.close()
+        except BufferError:  # (a view of it is still alive somewhere: it closes with it)
+            pass
+
 
 class _SlabPool:
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.slabs: dict[int, list[_Slab]] = {}
+        self.slabs: list[_Slab] = []
         self.lock = threading.Lock()
+        self.growing = True  # False once shared memory ran out: no new slabs in this process
         self.broken = not os.path.isdir(SHM_DIR)
         if not self.broken:
             _sweep_orphans()
@@ -241,6 +266,7 @@ class _SlabPool:
 
             multiprocessing.util.Finalize(self, _unlink_all, args=(self.slabs,),
                                           exitpriority=10)
+            _unlink_on_sigterm(self.slabs)
 
     def block(self, specs: Sequence[Spec]) -> Block | None:
         if self.broken:
@@ -257,30 +283,147 @@ class _SlabPool:
             # (not as_subclass: that makes a view, and a slice's _base would be the plain base)
             t = torch.Tensor._make_subclass(SlabTensor, torch.from_numpy(arr))
             t._slab = slab
-            t._slab_ref = (slab.name, slab.generation, size, off, spec.shape, spec.dtype.str)
+            t._slab_ref = (slab.name, slab.generation, slab.size, off, spec.shape,
+                           spec.dtype.str)
             tensors.append(t)
         return Block(specs, arrays, tensors)
 
     def _take(self, size: int) -> _Slab | None:
-        pool = self.slabs.setdefault(size, [])
-        for slab in pool:
-            if slab.available():
-                return slab
-        if len(pool) >= SLABS_PER_SIZE:
+        if self.growing and _under_pressure():
+            self.out_of_space(OSError(errno.ENOSPC, "another worker found no room"))
+        if not self.growing:
+            # No reuse any more: every slab goes as soon as it is idle (a DataLoader without
+            # reuse holds no batch memory beyond the batches alive).
+            for slab in [slab for slab in self.slabs if slab.available()]:
+                self._retire(slab)
             return None
+        # The smallest free slab that holds the batch: an epoch's last, smaller batch goes
+        # into a full batch's slab instead of a slab of its own kept beside it.
+        free = [slab for slab in self.slabs if slab.size >= size and slab.available()]
+        if free:
+            return min(free, key=lambda slab: slab.size)
+        if len(self.slabs) >= SLABS_PER_WORKER:
+            smaller = [slab for slab in self.slabs if slab.available()]
+            if not smaller:
+                return None  # every slab busy: fresh memory, as a DataLoader without reuse
+            self._retire(min(smaller, key=lambda slab: slab.size))  # (room for a larger one)
         try:
             slab = _Slab(size)
         except OSError as exc:  # /dev/shm full or missing: fresh memory, as before
-            log.debug("no shared-memory slab (%s); using fresh shared memory", exc)
+            if exc.errno in _NO_SPACE:
+                self.out_of_space(exc)
+            else:
+                log.debug("no shared-memory slab (%s); using fresh shared memory", exc)
             return None
-        pool.append(slab)
+        self.slabs.append(slab)
         return slab
 
+    def _retire(self, slab: _Slab) -> None:
+        self.slabs.remove(slab)
+        slab.retire()
 
-def _unlink_all(slabs: dict[int, list[_Slab]]) -> None:
-    for pool in slabs.values():
-        for slab in pool:
-            slab.unlink()
+    def out_of_space(self, exc: BaseException) -> int:
+        """Shared memory ran out: keep no batch memory for reuse in this process any more
+        (a DataLoader without reuse needs no more than the batches alive), give back every
+        idle slab now (busy ones once idle), and tell the loader's other workers to do the
+        same. Returns the bytes given back."""
+        with_warning = self.growing
+        self.growing = False
+        _raise_pressure()
+        idle = [slab for slab in self.slabs if slab.available()]
+        for slab in idle:
+            self._retire(slab)
+        freed = sum(slab.size for slab in idle)
+        if with_warning:
+            log.warning("%s is full (%s): this DataLoader worker stops keeping batch memory "
+                        "for reuse (%d MiB of idle batch memory given back); give the "
+                        "system more shared memory (e.g. docker --shm-size) or use fewer "
+                        "workers or smaller batches", SHM_DIR, exc, freed >> 20)
+        return freed
+
+
+def _pressure_flag(owner: int) -> str:
+    """The file whose existence tells every worker of the process ``owner`` (the main
+    process) that shared memory ran out (named like a slab: swept with its owner)."""
+    return os.path.join(SHM_DIR, f"{_owner_prefix(owner)}pressure")
+
+
+def _raise_pressure() -> None:
+    try:
+        os.close(os.open(_pressure_flag(os.getppid()), os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError:
+        pass
+
+
+def _under_pressure() -> bool:
+    return os.path.exists(_pressure_flag(os.getppid()))
+
+
+def wait_for_shared_memory(nbytes: int, timeout_s: float) -> bool:
+    """Wait until ``nbytes`` of shared memory are free (the consumer lets go of batches),
+    up to ``timeout_s``; whether they are."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            st = os.statvfs(SHM_DIR)
+        except OSError:
+            return False
+        if st.f_bavail * st.f_frsize >= nbytes:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+
+
+def _unlink_all(slabs: list[_Slab]) -> None:
+    """Unlink this process's slabs: those of its pool, and by name any other (a handler
+    may run between a slab's creation and its entry in the pool)."""
+    for slab in slabs:
+        slab.unlink()
+    mine = _owner_prefix(os.getpid())
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
+            pass
+
+
+def _unlink_on_sigterm(slabs: list[_Slab]) -> None:
+    """In a DataLoader worker: unlink the slabs when the worker is terminated (SIGTERM),
+    which skips every exit handler. A DataLoader terminates workers that do not stop in
+    time, and at interpreter exit (an exception in the training loop) multiprocessing
+    terminates every daemonic worker before their slabs could be let go otherwise."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # the user's own handler: left alone (the sweep takes the slabs later)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _unlink_all(slabs)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without this handler
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def out_of_shared_memory(exc: BaseException) -> int:
+    """Shared memory ran out for fresh batch memory: this process's idle slabs go and the
+    loader's other workers are told (see ``_SlabPool.out_of_space``); returns the bytes
+    given back."""
+    pool = _slab_pool
+    if pool is None or pool.pid != os.getpid() or pool.broken:
+        _raise_pressure()
+        return 0
+    with pool.lock:
+        return pool.out_of_space(exc)
 
 
 def _pid_namespace() -> int:
@@ -443,7 +586,23 @@ def _remember(name: str) -> None:
         _seen.clear()
         _seen_pid = os.getpid()
         atexit.register(_unlink_seen, _seen_pid)
+        import multiprocessing.util
+
+        # After multiprocessing has terminated and joined the daemonic workers at exit
+        # (its finalizers of negative priority run last): whatever a dead worker left.
+        multiprocessing.util.Finalize(None, _sweep_at_exit, exitpriority=-100)
     _seen.add(name)
+    # A slab not seen before: a new worker (often a new loader). Slabs of workers that died
+    # without unlinking theirs (SIGKILL, out of memory) are swept now, not at the next run.
+    _sweep_orphans()
+
+
+def _sweep_at_exit() -> None:
+    _sweep_orphans()
+    try:
+        os.unlink(_pressure_flag(os.getpid()))
+    except OSError:
+        pass
 
 
 def _unlink_seen(pid: int) -> None:
@@ -553,4 +712,5 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 __all__ = ["Block", "SlabTensor", "Spec", "keep_freed_memory", "layout", "local_block",
-           "populate", "release_local", "shared_block"]
+           "out_of_shared_memory", "populate", "release_local", "shared_block",
+           "wait_for_shared_memory"]

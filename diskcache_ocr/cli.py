@@ -5,9 +5,15 @@ JSON (``--json``) for machines. A ``CacheError`` becomes one readable line and e
 (``--debug`` shows the traceback); ``health`` exits 1 when it finds problems.
 
 The origin project's ``scripts/cache_manager.py`` habits work too: ``--cache`` before or after
-the command, ``-v``, ``validate`` for ``verify``, ``clear --type tensor`` for ``--kind``,
-``export PATH``, and ``status`` / ``health`` on a directory with no cache yet (an empty,
-healthy report, exit 0, nothing created).
+the command, ``-v``, ``validate`` for ``verify``, ``validate --config FILE`` (checks a preset or
+dataset config YAML), ``clear --type tensor`` for ``--kind``, ``export --output FILE`` (or
+``export FILE``; default ``cache_stats.json``), and ``status`` / ``health`` on a directory with
+no cache yet (an empty, healthy report, exit 0, nothing created).
+
+Every command works on every cache, whichever pipeline wrote it (the built-in one or a user's
+stages); ``prebuild`` and ``verify`` also take a Hydra app's config (``--config-name NAME
+[--config-dir DIR] [--node NODE] [OVERRIDE ...]``) to build or recompute exactly what its
+dataset node reads.
 """
 
 from __future__ import annotations
@@ -52,43 +58,25 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], st
 
 
 # -- commands -------------------------------------------------------------------------------
-def _empty_status(path: Path) -> dict[str, Any]:
-    """What ``status`` reports where no cache was written yet (the same shape, all zero)."""
-    from diskcache_ocr.ops import stored_pipeline
-
-    current = stored_pipeline({}).kind_versions()
-    return {
-        "path": str(path), "empty": True, "header": {},
-        "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
-                      "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
-        "index": {"sources": 0, "failed": 0},
-        "map": {"used_bytes": 0, "map_size": 0, "readers": 0, "max_readers": 0},
-        "stats": {},
-    }
-
-
-def _status_data(cache: Path) -> dict[str, Any]:
-    from diskcache_ocr.ops import status
-
-    return status(cache) if has_cache(cache) else _empty_status(cache)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    from diskcache_ocr.dataset import format_hit_rates
+    from diskcache_ocr.ops import report
+    from diskcache_ocr.schema import format_hit_rates
 
-    data = _status_data(args.cache)
+    data = report(args.cache)["status"]
 
     def human() -> str:
         if data.get("empty"):
             return f"cache {data['path']}: empty (no cache written here yet)"
         rows = [(k, v["entries"], _human_bytes(v["bytes"]), v["stored_version"] or "-",
-                 v["current_version"], "yes" if v["up_to_date"] else "NO")
+                 v["current_version"] or "(the pipeline's own)",
+                 {True: "yes", False: "NO", None: "checked on open"}[v["up_to_date"]])
                 for k, v in data["kinds"].items()]
         m, h = data["map"], data["header"]
         build = h.get("build") or {}
         return "\n".join([
             f"cache {data['path']}  (format {h.get('format')}, library {h.get('library')}, "
             f"engine {h.get('engine')}, preset {h.get('preset', '-')})",
+            f"pipeline: {data['pipeline']['line']}",
             _table(rows, ["kind", "entries", "bytes", "stored version", "current version",
                           "up to date"]),
             f"sources indexed: {data['index']['sources']} ({data['index']['failed']} failed)",
@@ -147,11 +135,44 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from diskcache_ocr.configcheck import check_config_file
+
+    data = check_config_file(args.config)
+
+    def human() -> str:
+        lines = [f"{'valid' if data['ok'] else 'problems in'}: {data['path']}"
+                 + (f" (package {data['package']})" if data["package"] else "")]
+        lines += [f"  {node}: caches {', '.join(p['caches']) or 'nothing'}; load_maps "
+                  f"{'on' if p['load_maps'] else 'off'}" for node, p in data["presets"].items()]
+        if data["problems"]:
+            lines.append(_table([(p["code"], p["node"], p["detail"]) for p in data["problems"]],
+                                ["problem", "node", "detail"]))
+        lines += [f"  note ({n['code']}) {n['node']}: {n['detail']}" for n in data["notes"]]
+        return "\n".join(lines)
+
+    _emit(args, data, human)
+    return 0 if data["ok"] else EXIT_PROBLEMS
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import verify
 
-    data = verify(args.cache, sample=args.sample, recompute=args.recompute,
-                  images_dir=args.images, annotations=args.annotations)
+    if args.config is not None:
+        return cmd_check_config(args)
+    if args.config_name is not None:
+        from diskcache_ocr.hydra_app import DEFAULT_NODE
+        from diskcache_ocr.ops import verify_config_dataset
+
+        data = verify_config_dataset(args.config_dir, args.config_name, args.overrides,
+                                     node=args.node or DEFAULT_NODE, cache_dir=args.cache,
+                                     sample=args.sample, recompute=args.recompute)
+    elif args.overrides:
+        raise ValueError(f"unexpected arguments {' '.join(args.overrides)} (Hydra overrides "
+                         "go with --config-name)")
+    else:
+        data = verify(args.cache, sample=args.sample, recompute=args.recompute,
+                      images_dir=args.images, annotations=args.annotations)
 
     def human() -> str:
         lines = [f"checked {data['checked']} records: {len(data['corrupt'])} corrupt, "
@@ -166,19 +187,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from diskcache_ocr.dataset import format_hit_rates
+    from diskcache_ocr.ops import report
 
-    data = _status_data(args.cache)
-    stats = data["stats"]
-    rates = {}
-    for kind in KINDS:
-        hits, misses = stats.get(f"{kind}.hits", 0), stats.get(f"{kind}.misses", 0)
-        rates[kind] = {"hits": hits, "misses": misses,
-                       "hit_rate": hits / (hits + misses) if hits + misses else None}
-    out = {"status": data, "statistics": {"per_kind": rates, "counters": stats,
-                                          "summary": format_hit_rates(stats)}}
-    Path(args.path).write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
-    _emit(args, {"path": str(args.path)}, lambda: f"wrote status and statistics to {args.path}")
+    if args.output and args.path and args.output != args.path:
+        raise ValueError(f"two output files given ({args.path} and --output {args.output}); "
+                         "give one")
+    path = args.output or args.path or Path("cache_stats.json")
+    out = report(args.cache)
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+    _emit(args, {"path": str(path)}, lambda: f"wrote status and statistics to {path}")
     return 0
 
 
@@ -191,21 +208,53 @@ def cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_lines(summary: Any) -> list[str]:
+    lines = [summary.line()]
+    lines += [f"  failed: {s}: {r}" for s, r in summary.failed[:20]]
+    if len(summary.failed) > 20:
+        lines.append(f"  … {len(summary.failed) - 20} more (see `health`)")
+    return lines
+
+
 def cmd_prebuild(args: argparse.Namespace) -> int:
+    if args.config_name is not None:
+        return _prebuild_hydra(args)
+    if args.images is None or args.overrides:
+        raise ValueError("give --images DIR (and --annotations FILE), or --config-name NAME "
+                         "(and Hydra overrides) to build what a config's dataset reads")
     from diskcache_ocr.prebuild import prebuild
 
-    summary = prebuild(args.images, args.annotations, args.cache, preset=args.preset,
-                       workers=args.workers, split=args.split, progress=not args.json,
+    summary = prebuild(args.images, args.annotations, args.cache,
+                       preset=args.preset or "validation_optimized", workers=args.workers,
+                       split=args.split or "val", progress=not args.json,
                        allow_random_tensor_cache=args.allow_random_tensor_cache, dedicated=True)
+    _emit(args, summary.to_dict(), lambda: "\n".join(_build_lines(summary)))
+    return 0
+
+
+def _prebuild_hydra(args: argparse.Namespace) -> int:
+    given = [f for f, v in (("--images", args.images), ("--annotations", args.annotations),
+                            ("--preset", args.preset), ("--split", args.split)) if v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: with --config-name the config says where the "
+                         "images are and what is cached (change it with overrides, e.g. "
+                         "data/performance_preset=validation_optimized)")
+    from diskcache_ocr.prebuild import DEFAULT_NODE, prebuild_hydra
+
+    built = prebuild_hydra(args.config_dir, args.config_name, args.overrides,
+                           nodes=args.node or [DEFAULT_NODE], workers=args.workers,
+                           rebuild=args.rebuild, progress=not args.json, cache_dir=args.cache)
+    data = [{"node": node, "cache": str(cache), **summary.to_dict()}
+            for node, cache, summary in built]
 
     def human() -> str:
-        lines = [summary.line()]
-        lines += [f"  failed: {s}: {r}" for s, r in summary.failed[:20]]
-        if len(summary.failed) > 20:
-            lines.append(f"  … {len(summary.failed) - 20} more (see `health`)")
+        lines = []
+        for node, cache, summary in built:
+            lines.append(f"{node} -> {cache}:")
+            lines += ["  " + line for line in _build_lines(summary)]
         return "\n".join(lines)
 
-    _emit(args, summary.to_dict(), human)
+    _emit(args, {"nodes": data}, human)
     return 0
 
 
@@ -305,6 +354,18 @@ def _preset_arg(text: str) -> str:
     return text
 
 
+def _hydra_arguments(p: argparse.ArgumentParser, node_help: str, repeat: bool) -> None:
+    """--config-name, --config-dir, --node and the overrides: a Hydra app's dataset node."""
+    p.add_argument("--config-name", metavar="NAME",
+                   help="Hydra primary config (e.g. train) whose dataset node to use")
+    p.add_argument("--config-dir", type=Path, default=Path("configs"), metavar="DIR",
+                   help="Hydra config directory (default: configs)")
+    p.add_argument("--node", action="append" if repeat else "store", metavar="NODE",
+                   help=node_help)
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="Hydra overrides, as on your training command line")
+
+
 _CACHE_HELP = "cache directory (default: $DISKCACHE_OCR_DIR or ~/.cache/diskcache-ocr)"
 
 
@@ -339,16 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, uses_cache=cache)
         return p
 
-    p = add("prebuild", cmd_prebuild, "build the cache for a split, in parallel, resumable")
-    p.add_argument("--images", type=Path, required=True, help="directory of the split's images")
+    p = add("prebuild", cmd_prebuild,
+            "build the cache for a split, in parallel, resumable: the built-in pipeline "
+            "(--images, --annotations, --preset), or exactly what a Hydra config's dataset "
+            "reads, its own transform included (--config-name, overrides)")
+    p.epilog = ("In your Hydra project's root: `diskcache-ocr prebuild --config-name train "
+                "data/performance_preset=validation_optimized --workers 8` builds what "
+                "datasets.val_dataset reads (a diskcache-ocr dataset's node), into its cache, "
+                "with your transforms (the config directory's parent is importable). Records "
+                "of another pipeline or version are never replaced silently.")
+    p.add_argument("--images", type=Path, help="directory of the split's images")
     p.add_argument("--annotations", type=Path, help="JSON file or ICDAR-2015 gt directory")
-    p.add_argument("--preset", default="validation_optimized", type=_preset_arg,
+    p.add_argument("--preset", default=None, type=_preset_arg,
                    help="preset name or YAML path (default: validation_optimized)")
     p.add_argument("--workers", type=int, default=1, help="build processes (default: 1)")
-    p.add_argument("--split", default="val", help="split name; 'train' uses the training "
-                                                  "transform (default: val)")
+    p.add_argument("--split", default=None, help="split name; 'train' uses the training "
+                                                 "transform (default: val)")
     p.add_argument("--allow-random-tensor-cache", action="store_true",
                    help="cache tensors even though the transform is random (not advised)")
+    _hydra_arguments(p, "dataset node to build, repeatable (default: datasets.val_dataset)",
+                     repeat=True)
+    p.add_argument("--rebuild", action="store_true",
+                   help="with --config-name: replace records another version or pipeline "
+                        "wrote in the dataset's cache (default: refuse, change nothing)")
 
     p = add("status", cmd_status, "entries and bytes per kind, header, versions, map usage")
     p = add("health", cmd_health, "find problems; exit 1 when there are any")
@@ -373,9 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare this many sources with a fresh computation")
     p.add_argument("--images", type=Path, help="images directory (default: from the header)")
     p.add_argument("--annotations", type=Path, help="annotations, to recompute maps too")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="check a preset or dataset config YAML instead (a preset file, or a "
+                        "data config whose dataset nodes hold preset keys; `# @package` "
+                        "headers and `_target_` keys as Hydra has them): exit 1 on problems")
+    _hydra_arguments(p, "the dataset node whose cache to verify, recomputing through its "
+                        "pipeline (default: datasets.val_dataset)", repeat=False)
 
     p = add("export", cmd_export, "write the status and read statistics to a JSON file")
-    p.add_argument("path", type=Path, help="JSON file to write")
+    p.add_argument("path", type=Path, nargs="?", help="JSON file to write")
+    p.add_argument("--output", "-o", type=Path,
+                   help="JSON file to write (the same; default: cache_stats.json)")
 
     p = add("copy", cmd_copy, "compact hot copy of a cache (safe while it is in use)")
     p.add_argument("dest", type=Path, help="empty destination directory")
@@ -415,7 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc(file=sys.stderr)  # still exit 2: 1 means "problems found"
         else:
-            print(f"diskcache-ocr {args.command}: error: {exc}", file=sys.stderr)
+            # (one line: a YAML parser's message spans several)
+            text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+            print(f"diskcache-ocr {args.command}: error: {text}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"diskcache-ocr {args.command}: interrupted", file=sys.stderr)

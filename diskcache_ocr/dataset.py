@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import Dataset, get_worker_info
 
+from diskcache_ocr.build import BuildSummary, build_engine
 from diskcache_ocr.errors import CacheError, CacheFullError, TrainingSafetyError
 from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations
 from diskcache_ocr.ocr.maps import MapConfig
@@ -269,6 +270,16 @@ class CachedOCRDataset(Dataset[Sample]):
         """Make sure every kind the preset caches exists for ``indices`` (prebuild's unit of
         work). Returns (source, error or None, whether anything was computed) per index."""
         return [tuple(r) for r in self.engine.build(indices)]  # type: ignore[misc]
+
+    def prebuild(self, workers: int = 1, *, progress: bool = True) -> BuildSummary:
+        """Build every record this dataset reads (its pipeline, its preset, its cache), in
+        ``workers`` processes, resumable; each torchrun rank builds its share. See
+        :func:`diskcache_ocr.prebuild.prebuild_dataset`.
+
+        >>> ds.prebuild(workers=8).line()  # doctest: +SKIP
+        '40 built, 0 already cached, 0 failed, of 40 in 3.1 s (12.9 images/s, 8 workers)'
+        """
+        return build_engine(self.engine, workers=workers, progress=progress)
 
     def missing(self, indices: Sequence[int]) -> tuple[list[int], list[tuple[str, str]]]:
         """Which of ``indices`` lack a cached kind (to build), and which are known to fail

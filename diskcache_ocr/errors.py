@@ -11,6 +11,11 @@ class CacheFormatError(CacheError, ValueError):
     """A stored record or header is malformed, foreign or damaged."""
 
 
+class CacheNewerFormatError(CacheFormatError):
+    """The cache was written by a newer version of the library, in a format this one cannot
+    read: intact, not damaged (upgrade the library; never clear it to read it)."""
+
+
 class CacheVersionError(CacheError, RuntimeError):
     """A kind's stored version or fingerprint differs from the expected one."""
 
@@ -38,6 +43,10 @@ class AnnotationError(SourceError):
 
 class ImageDecodeError(SourceError):
     """An image cannot be decoded (corrupt, truncated, not an image, too large)."""
+
+
+class BatchError(CacheError, ValueError):
+    """Samples that cannot form one batch, or a batch that cannot be finished correctly."""
 
 
 class PresetError(CacheError, ValueError):

@@ -6,9 +6,10 @@ for records that depend on parameters (a transform, map parameters) as well.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import blake3
@@ -51,9 +52,21 @@ class _Float(str):
 
 
 def _canonical_tree(value: Any, path: str) -> Any:
-    """A JSON-like tree with a single spelling for every value (see :func:`fingerprint`)."""
+    """A JSON-like tree with a single spelling for every value (see :func:`fingerprint`).
+
+    Containers of other libraries that hold plain values are those values: an OmegaConf
+    ``DictConfig`` is a mapping and a ``ListConfig`` a sequence (what Hydra's ``instantiate``
+    leaves in the objects it builds), a numpy array the nested list of its values, an enum
+    member its value.
+    """
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, enum.Enum):
+        return _canonical_tree(value.value, path)
+    if isinstance(value, np.ndarray):
+        return _canonical_tree(value.tolist(), path)
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -69,11 +82,12 @@ def _canonical_tree(value: Any, path: str) -> Any:
                 raise TypeError(f"fingerprint: key {k!r} at {path or '<root>'} is not a str")
             out[k] = _canonical_tree(v, f"{path}.{k}")
         return {k: out[k] for k in sorted(out)}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         return [_canonical_tree(v, f"{path}[{i}]") for i, v in enumerate(value)]
     raise TypeError(
         f"fingerprint: value at {path or '<root>'} has type {type(value).__name__}; expected "
-        "None, bool, int, float, str, list, tuple or a str-keyed mapping"
+        "None, bool, int, float, str, a sequence (list, tuple, ListConfig, numpy array) or "
+        "a str-keyed mapping"
     )
 
 

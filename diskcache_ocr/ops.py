@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,18 @@ import numpy as np
 
 from diskcache_ocr.codec import decode_record, parse_header, verify_checksum
 from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
+from diskcache_ocr.hydra_app import DEFAULT_NODE
 from diskcache_ocr.keys import content_hash
 from diskcache_ocr.ocr.annotations import (
     AnnotationSet,
     ImageAnnotation,
     load_annotations,
 )
+from diskcache_ocr.ocr.conventions import conventions
 from diskcache_ocr.ocr.decode import read_image_file
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
+from diskcache_ocr.ocr.staged import images_version
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.paths import default_cache_dir  # noqa: F401 - its home before paths.py
 from diskcache_ocr.presets import cache_plan
@@ -34,13 +37,16 @@ from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import Catalog
 from diskcache_ocr.schema import (
     KINDS,
+    IndexEntry,
     KindVersion,
     dataset_root,
+    format_hit_rates,
     reads,
     source_id,
     source_state,
 )
 from diskcache_ocr.store import CacheStore, WriteBatch
+from diskcache_ocr.store.wipe import has_cache
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
                 "failed_sources", "stale_readers", "corrupt")
@@ -61,35 +67,137 @@ def stored_pipeline(header: dict[str, Any]) -> Pipeline:
     return Pipeline(transform=transform or TransformConfig(), maps=maps)
 
 
+# The version a user pipeline's stages stamp on the tensors and maps kinds they write.
+STAGES_VERSION = "stage"
+
+
 def _versions(header: dict[str, Any]) -> tuple[dict[str, KindVersion], dict[str, KindVersion]]:
+    """(stored, current) versions of each kind. A kind whose current version the command line
+    cannot know is absent from ``current``: tensors and maps a user pipeline wrote (only that
+    pipeline knows its versions; its dataset checks them when it opens)."""
     stored = {k: KindVersion.from_dict(v) for k, v in header.get("kinds", {}).items()}
-    if header.get("stage_pipeline"):
-        # Built by a user's stages: only that pipeline knows its versions (the dataset
-        # checks them when it opens); the command line takes the stored ones as current.
-        return stored, dict(stored)
-    return stored, stored_pipeline(header).kind_versions()
+    current = stored_pipeline(header).kind_versions()
+    stage = header.get("stage_pipeline")
+    if isinstance(stage, dict) and stage.get("convention") in conventions():
+        # (a convention decodes by its own rules: the origin's drops alpha)
+        current["images"] = images_version(stage["convention"])
+    for kind in ("tensors", "maps"):
+        if header.get("stage_pipeline") or (
+                kind in stored and stored[kind].version == STAGES_VERSION):
+            current.pop(kind)
+    return stored, current
+
+
+def pipeline_of(header: dict[str, Any]) -> dict[str, Any]:
+    """Which pipeline wrote a cache's tensors and maps, from its header: ``name`` is
+    ``"user"`` (the user's stages, with their descriptions where the header still has them),
+    ``"built-in"`` (with its parameters) or None (nothing recorded yet)."""
+    stage = header.get("stage_pipeline")
+    kinds = header.get("kinds", {})
+    if isinstance(stage, dict) and stage:
+        out = {"name": "user", **stage,
+               "summary": {k: stage_summary(stage.get(k)) for k in ("transform", "maps")}}
+    elif any(kinds.get(k, {}).get("version") == STAGES_VERSION for k in ("tensors", "maps")):
+        # (a build of the built-in pipeline that cached images only restamped the header)
+        unknown = "not recorded (a later build of the built-in pipeline shared its images)"
+        out = {"name": "user", "summary": {"transform": unknown, "maps": unknown}}
+    elif header.get("pipeline"):
+        return {"name": "built-in", **header["pipeline"],
+                "line": "built-in (transform and maps of the db convention)"}
+    else:
+        return {"name": None, "line": "none recorded yet"}
+    convention = f"convention {out['convention']}; " if out.get("convention") else ""
+    out["line"] = (f"yours ({convention}transform: {out['summary']['transform']}; "
+                   f"maps: {out['summary']['maps']})")
+    return out
 
 
 def status(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Entries and bytes per kind, their stored and current versions, the pipeline that
+    wrote them, the index, the map and the read counters. ``up_to_date`` is None where the
+    current version is the writing pipeline's own business (a user pipeline's kinds)."""
     with CacheStore(cache_dir, readonly=True) as store:
         header = store.header()
         stored, current = _versions(header)
         kinds = {}
         for kind in KINDS:
             entry: dict[str, Any] = dict(store.kind_stats(kind))
-            entry["stored_version"] = str(stored[kind]) if kind in stored else None
-            entry["current_version"] = str(current[kind])
-            entry["up_to_date"] = kind not in stored or stored[kind] == current[kind]
+            have, want = stored.get(kind), current.get(kind)
+            entry["stored_version"] = None if have is None else str(have)
+            entry["current_version"] = None if want is None else str(want)
+            entry["up_to_date"] = (True if have is None else None if want is None
+                                   else have == want)
             kinds[kind] = entry
         index = list(store.iter_index())
         return {
             "path": str(store.path),
             "header": {k: v for k, v in header.items() if k not in ("kinds",)},
+            "pipeline": pipeline_of(header),
             "kinds": kinds,
             "index": {"sources": len(index), "failed": sum(not e.ok for _, e in index)},
             "map": store.info(),
             "stats": store.stats(),
         }
+
+
+def stage_summary(description: Any) -> str:
+    """One stage of a user pipeline, as its header describes it, in a few words."""
+    if description is None:
+        return "not versioned (computed live, never cached)"
+    if not isinstance(description, dict):
+        return str(description)[:60]
+    stage = description.get("stage")
+    if stage == "albumentations":
+        return f"albumentations Compose ({', '.join(_compose_steps(description))})"
+    if stage == "compose-holder":
+        inner = description.get("compose") or {}
+        name = str(description.get("class", "?")).rsplit(".", 1)[-1]
+        return f"{name} holding an albumentations Compose ({', '.join(_compose_steps(inner))})"
+    if stage == "callable":
+        return f"callable {description.get('name')}, version {description.get('version')!r:.40}"
+    if stage == "builtin":
+        maker = description.get("maker")
+        return f"built-in, {description.get('convention')} convention" + (
+            f" ({maker})" if maker else "")
+    return f"{stage}"
+
+
+def _compose_steps(description: dict[str, Any]) -> list[str]:
+    """The class names of a Compose's transforms, from its stage fingerprint (the described
+    Compose, ``{"class", "state": {"mapping": [[name, value], ...]}}``)."""
+    compose = description.get("compose")
+    state = compose.get("state", {}) if isinstance(compose, dict) else {}
+    fields = dict(state.get("mapping", [])) if isinstance(state, dict) else {}
+    steps = fields.get("transforms", [])
+    return [str(t.get("class", "?")).rsplit(".", 1)[-1] for t in steps if isinstance(t, dict)]
+
+
+def empty_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What :func:`status` reports where no cache was written yet (its shape, all zero)."""
+    current = stored_pipeline({}).kind_versions()
+    return {
+        "path": str(path), "empty": True, "header": {},
+        "pipeline": {"name": None, "line": "none recorded yet"},
+        "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
+                      "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
+        "index": {"sources": 0, "failed": 0},
+        "map": {"used_bytes": 0, "map_size": 0, "readers": 0, "max_readers": 0},
+        "stats": {},
+    }
+
+
+def report(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The status (:func:`status`, or :func:`empty_status` where there is no cache yet) and
+    the read statistics per kind: what ``export`` writes."""
+    data = status(cache_dir) if has_cache(cache_dir) else empty_status(cache_dir)
+    stats = data["stats"]
+    per_kind = {}
+    for kind in KINDS:
+        hits, total = reads(stats, kind)
+        per_kind[kind] = {"hits": hits, "misses": total - hits,
+                          "hit_rate": hits / total if total else None}
+    return {"status": data, "statistics": {"per_kind": per_kind, "counters": stats,
+                                           "summary": format_hit_rates(stats)}}
 
 
 @dataclass
@@ -116,7 +224,7 @@ def health(
     with store:
         stored, current = _versions(header)
         for kind, have in stored.items():
-            if have != current[kind]:
+            if kind in current and have != current[kind]:
                 problems.append(Finding("version_mismatch",
                                         f"{kind}: stored {have}, current {current[kind]}"))
         if store.unsynced_reboot():
@@ -262,10 +370,12 @@ def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, d
 def verify(
     cache_dir: str | os.PathLike[str], *, sample: int | None = None, recompute: int = 0,
     images_dir: str | os.PathLike[str] | None = None,
-    annotations: str | os.PathLike[str] | None = None, seed: int = 0,
+    annotations: str | os.PathLike[str] | None = None, seed: int = 0, dataset: Any = None,
 ) -> dict[str, Any]:
     """Decode (and checksum) every record, or ``sample`` of them per kind; with
-    ``recompute``, compare that many sources' records with a fresh computation."""
+    ``recompute``, compare that many sources' records with a fresh computation: by
+    ``dataset``'s pipeline when given (a dataset, or its read-through engine: any pipeline,
+    a user's own included), else by the built-in pipeline the header records."""
     rng = random.Random(seed)
     checked, corrupt, mismatched = 0, [], []
     with CacheStore(cache_dir, readonly=True) as store:
@@ -285,11 +395,45 @@ def verify(
                         decode_record(value, f"{kind}/{key.hex()}")
                     except CacheFormatError as exc:
                         corrupt.append(f"{kind}/{key.hex()}: {exc}")
-        if recompute:
+        if recompute and dataset is not None:
+            engine = getattr(dataset, "engine", dataset)
+            mismatched = _compare(store, engine, _chosen_of(store, engine, recompute, rng),
+                                  corrupt)
+        elif recompute:
             mismatched = _recompute(store, header, recompute, images_dir, annotations, rng,
                                     corrupt)
     return {"checked": checked, "corrupt": corrupt, "mismatched": mismatched,
             "recomputed": recompute}
+
+
+def verify_config_dataset(config_dir: str | os.PathLike[str], config_name: str,
+                          overrides: Sequence[str] = (), *, node: str = DEFAULT_NODE,
+                          cache_dir: str | os.PathLike[str] | None = None,
+                          sample: int | None = None, recompute: int = 0) -> dict[str, Any]:
+    """:func:`verify` of the cache a Hydra config's dataset node reads, recomputing through
+    that dataset's pipeline (see :func:`~diskcache_ocr.hydra_app.config_datasets`; the
+    dataset is opened read-only). Adds ``node`` and ``cache`` to the report."""
+    from diskcache_ocr.hydra_app import config_datasets
+
+    with config_datasets(config_dir, config_name, overrides, nodes=[node],
+                         cache_dir=cache_dir, readonly=True) as made:
+        ((_, ds),) = made
+        if ds.store is None:
+            raise CacheError(f"{node}: its preset {ds.plan.name!r} caches nothing: there is "
+                             "no cache to verify")
+        return {"node": node, "cache": str(ds.store.path),
+                **verify(ds.store.path, sample=sample, recompute=recompute, dataset=ds)}
+
+
+Chosen = list[tuple[int, str, IndexEntry, bool]]  # (engine index, source, entry, with maps)
+
+
+def _chosen_of(store: CacheStore, engine: ReadThrough, n: int, rng: random.Random) -> Chosen:
+    """``n`` of the dataset's sources that the index holds, at random."""
+    catalog = engine.catalog
+    ids = {source_id(catalog.images_dir, catalog.source(i)): i for i in range(len(catalog))}
+    entries = [(s, e) for s, e in store.iter_index() if e.ok and s in ids]
+    return [(ids[s], s, e, True) for s, e in rng.sample(entries, min(n, len(entries)))]
 
 
 def _recompute(store: CacheStore, header: dict[str, Any], n: int,
@@ -298,8 +442,10 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                corrupt: list[str]) -> list[str]:
     if header.get("stage_pipeline"):
         raise CacheError(f"{store.path}: built by a user pipeline (convention/transform/maps "
-                         "stages) that the command line cannot rebuild; recompute it through "
-                         "the dataset (verify without --recompute checks every record)")
+                         "stages) that the header alone cannot rebuild; recompute through its "
+                         "dataset: `verify --recompute N --config-name NAME` from its Hydra "
+                         "tree, or `ops.verify(cache, recompute=N, dataset=ds)` (verify "
+                         "without --recompute checks every record)")
     root = dataset_root(header, images_dir) or Path(".")
     words = {}
     if annotations is not None:
@@ -311,15 +457,23 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                   for s, _ in chosen)
     engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
                          cache_plan("none"), None)
+    return _compare(store, engine, [(i, s, e, s in words) for i, (s, e) in enumerate(chosen)],
+                    corrupt)
+
+
+def _compare(store: CacheStore, engine: ReadThrough, chosen: Chosen, corrupt: list[str]
+             ) -> list[str]:
+    """Each chosen source's records, computed afresh by ``engine``, against the cached ones:
+    the fields that differ (a damaged record is added to ``corrupt`` instead)."""
     mismatched = []
-    for index, (source, entry) in enumerate(chosen):
+    for index, source, entry, with_maps in chosen:
         try:
             data = read_image_file(source, source)
         except (OSError, SourceError):
             continue  # a missing source is health's business, not a mismatch
         if content_hash(data) != entry.content_hash:
             continue  # changed since it was cached: stale, not wrong
-        fresh = engine.recompute(index, data, with_maps=source in words)
+        fresh = engine.recompute(index, data, with_maps=with_maps)
         for kind, (key, arrays) in fresh.items():
             try:
                 cached = store.get(kind, key)

@@ -1,100 +1,33 @@
 """Prebuild: fill a cache for a whole split, in parallel, resumable, across ranks.
 
-Work is split into small chunks handed to N processes (fork); each process computes and
-writes its own chunks (LMDB serializes writers), so the build is compute-bound. Every chunk
-commits atomically: after a kill at any moment the next run skips what is complete.
-Under ``torchrun``, each rank builds every ``world_size``-th image; rank 0 stamps the header
-first and marks the build clean last, with barriers between.
+Three entries: :func:`prebuild` builds the built-in pipeline from an images directory and an
+annotation file; :func:`prebuild_dataset` builds exactly what a given dataset reads (its
+pipeline, its plan, its cache: a user's own transform included); :func:`prebuild_hydra` builds
+what a Hydra config's dataset node reads. None replaces records another pipeline wrote.
+The parallel, resumable, rank-sharded work itself is :func:`~diskcache_ocr.build.build_engine`.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from diskcache_ocr import batchmem
+from diskcache_ocr.build import DEFAULT_CHUNK, BuildSummary, barrier, build_engine, dist_info
 from diskcache_ocr.dataset import CachedOCRDataset
+from diskcache_ocr.errors import CacheError
+from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
 from diskcache_ocr.ocr.maps import MapConfig
+from diskcache_ocr.ocr.staged import images_version
 from diskcache_ocr.ocr.transform import TransformConfig
-from diskcache_ocr.presets import Preset
-from diskcache_ocr.store import Policy
-
-DEFAULT_CHUNK = 4
-
-
-@dataclass
-class BuildSummary:
-    total: int = 0  # images in this rank's share
-    built: int = 0
-    skipped: int = 0  # already complete
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    write_seconds: float = 0.0  # summed over processes
-    workers: int = 1
-    rank: int = 0
-    world_size: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failed"] = [{"source": s, "reason": r} for s, r in self.failed]
-        return d
-
-    def line(self) -> str:
-        rate = self.built / self.seconds if self.seconds else 0.0
-        share = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
-        return (f"{share}{self.built} built, {self.skipped} already cached, {len(self.failed)} "
-                f"failed, of {self.total} in {self.seconds:.1f} s ({rate:.1f} images/s, "
-                f"{self.workers} workers)")
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialized, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover - torch always ships it
-        pass
-    return 0, 1
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# The dataset each pool worker uses, inherited through fork (never pickled per task).
-_worker_dataset: CachedOCRDataset | None = None
-
-
-def _init_worker() -> None:
-    # NOTE: a forked child must not enter an OpenMP parallel region the parent started
-    # (it hangs); one intra-op thread per worker is also what a process pool wants.
-    import torch
-
-    from diskcache_ocr.batchmem import keep_freed_memory
-
-    torch.set_num_threads(1)
-    keep_freed_memory()  # (a process of our own that only builds: keep freed heap memory)
-
-
-def _build_chunk(chunk: Sequence[int]) -> tuple[list[tuple[str, str | None, bool]], float]:
-    ds = _worker_dataset
-    assert ds is not None
-    before = ds.write_seconds
-    rows = ds.build(chunk)
-    return rows, ds.write_seconds - before
+from diskcache_ocr.presets import Preset, cache_plan
+from diskcache_ocr.readthrough import ReadThrough
+from diskcache_ocr.schema import KindVersion
+from diskcache_ocr.store import CacheStore, Policy
+from diskcache_ocr.store.wipe import has_cache
 
 
 def prebuild(
@@ -178,61 +111,102 @@ def _build(
         )
 
     if rank == 0:
+        refuse_other_pipeline(cache_dir, cache_plan(preset).cached)
         ds = open_dataset(on_mismatch)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         ds = open_dataset("error")  # rank 0 already rebuilt what had to be rebuilt
-    store = ds.store
-    if store is None:
-        raise ValueError(f"preset {ds.plan.name!r} caches nothing: there is nothing to build")
-    if rank == 0:
-        store.update_header(build={"clean": False, "started": time.time(), "world_size": world})
-    _barrier(world)
-
-    share = list(range(rank, len(ds), world))
-    todo, known_failed = ds.missing(share)
-    # An index status reads "failed: <reason>"; report the reason as a fresh failure does.
-    summary = BuildSummary(total=len(share), skipped=len(share) - len(todo) - len(known_failed),
-                           failed=[(s, r.removeprefix("failed: ")) for s, r in known_failed],
-                           workers=workers, rank=rank, world_size=world)
-    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
-    bar = tqdm(total=len(todo), unit="img", desc=f"prebuild{f' rank {rank}' if world > 1 else ''}",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for rows, write_s in _run_chunks(ds, chunks, workers):
-            summary.write_seconds += write_s
-            for source, error, _computed in rows:
-                if error is None:
-                    summary.built += 1
-                else:
-                    summary.failed.append((source, error))
-            bar.update(len(rows))
-    finally:
-        bar.close()
-    store.sync()
-    _barrier(world)
-    if rank == 0:
-        # Everything is on disk now (synced above): no unsynced writes are outstanding.
-        store.update_header(build={"clean": True, "finished": time.time(), "world_size": world},
-                            unsynced_boot=None)
-        store.sync()
-    store.close()
-    summary.seconds = time.perf_counter() - started
-    return summary
+    return build_engine(ds.engine, workers=workers, progress=progress, chunk=chunk,
+                        started=started)
 
 
-def _run_chunks(ds: CachedOCRDataset, chunks: list[list[int]], workers: int
-                ) -> Iterator[tuple[list[tuple[str, str | None, bool]], float]]:
-    global _worker_dataset
-    _worker_dataset = ds
-    try:
-        if workers == 1 or len(chunks) <= 1:
-            for c in chunks:
-                yield _build_chunk(c)
-            return
-        assert ds.store is not None
-        ds.store.close()  # (also done by the fork hook) the children open their own
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            yield from pool.imap_unordered(_build_chunk, chunks)
-    finally:
-        _worker_dataset = None
+def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str]) -> None:
+    """Raise :class:`CacheError` when the built-in pipeline's build would replace ``kinds``
+    records that a user's pipeline wrote into ``cache_dir`` (its header says whose they
+    are). Another version of the built-in pipeline's own records is rebuilt as before; an
+    emptied kind (``clear --kind``) is free."""
+    from diskcache_ocr.ops import pipeline_of
+
+    if not has_cache(cache_dir):
+        return
+    with CacheStore(cache_dir, readonly=True) as store:
+        header = store.header()
+        stored = header.get("kinds", {})
+        taken = [k for k in ("tensors", "maps") if k in kinds and k in stored
+                 and store.kind_stats(k)["entries"]]
+        # Decoded images are shared unless the other pipeline decodes by other rules (the
+        # origin convention drops alpha): then they are its own too.
+        if ("images" in kinds and "images" in stored and store.kind_stats("images")["entries"]
+                and KindVersion.from_dict(stored["images"]) != images_version("db")):
+            taken.insert(0, "images")
+    owner = pipeline_of(header)
+    if not taken or owner["name"] != "user":
+        return
+    summary = owner.get("summary", {})
+    convention = f"convention {owner['convention']}; " if owner.get("convention") else ""
+    raise CacheError(
+        f"{cache_dir}: its {' and '.join(taken)} were written by another pipeline "
+        f"({convention}transform: {summary.get('transform')}; "
+        f"preset {header.get('preset')}, images {header.get('dataset_root')}), not by the "
+        "built-in pipeline this prebuild builds; nothing was changed. Prebuild that pipeline "
+        "instead (`diskcache-ocr prebuild --config-dir DIR --config-name NAME`, or "
+        "`prebuild_dataset(dataset)` in Python), give this build another --cache, or clear "
+        f"those kinds first ({', '.join(f'`diskcache-ocr clear --kind {k}`' for k in taken)})")
+
+
+def prebuild_dataset(dataset: Any, *, workers: int = 1, progress: bool = True,
+                     chunk: int = DEFAULT_CHUNK) -> BuildSummary:
+    """Build every kind ``dataset`` caches, for every image it reads: exactly the records its
+    reads will look up (its pipeline, its plan, its cache directory), in ``workers``
+    processes (fork), resumable: what is complete is skipped, a source that failed and has
+    not changed is reported, not retried. Under torchrun (process group initialized), each
+    rank builds its share.
+
+    ``dataset`` is a :class:`~diskcache_ocr.dataset.CachedOCRDataset` (or its read-through
+    engine). Its version check already ran when it was made, by its ``on_mismatch``: build a
+    dataset opened with ``on_mismatch="rebuild"`` to replace records of another version.
+
+    >>> ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
+    ...                       convention="origin", transform=my_compose)   # doctest: +SKIP
+    >>> prebuild_dataset(ds, workers=8).line()                             # doctest: +SKIP
+    '40 built, 0 already cached, 0 failed, of 40 in 3.1 s (12.9 images/s, 8 workers)'
+    """
+    engine = getattr(dataset, "engine", dataset)
+    if not isinstance(engine, ReadThrough):
+        raise TypeError(f"prebuild_dataset takes a CachedOCRDataset (or its engine), got "
+                        f"{type(dataset).__name__}")
+    return build_engine(engine, workers=workers, progress=progress, chunk=chunk)
+
+
+def prebuild_hydra(config_dir: str | os.PathLike[str], config_name: str,
+                   overrides: Sequence[str] = (), *, nodes: Sequence[str] = (DEFAULT_NODE,),
+                   workers: int = 1, rebuild: bool = False, progress: bool = True,
+                   chunk: int = DEFAULT_CHUNK, cache_dir: str | os.PathLike[str] | None = None,
+                   ) -> list[tuple[str, Path, BuildSummary]]:
+    """Build what the dataset at each of ``nodes`` of a Hydra config reads, as the app's own
+    run makes it (``config_dir``/``config_name`` with ``overrides``, e.g.
+    ``data/performance_preset=validation_optimized``; see
+    :func:`~diskcache_ocr.hydra_app.config_datasets`), by :func:`prebuild_dataset`.
+
+    ``rebuild``: replace records of another version or pipeline in the dataset's cache
+    (otherwise such records are an error that names them, and nothing is changed).
+    ``cache_dir``: the cache of a dataset whose config names none. Returns (node, cache
+    directory, summary) per node.
+    """
+    out = []
+    with config_datasets(config_dir, config_name, overrides, nodes=nodes, cache_dir=cache_dir,
+                         on_mismatch="rebuild" if rebuild else "error",
+                         store_options={"sync": False}) as made:
+        for node_path, ds in made:
+            if ds.store is None:
+                raise CacheError(f"{node_path}: its preset {ds.plan.name!r} caches nothing: "
+                                 "there is nothing to build (pick one that caches, e.g. "
+                                 "data/performance_preset=validation_optimized)")
+            where = ds.store.path
+            out.append((node_path, where, prebuild_dataset(ds, workers=workers,
+                                                           progress=progress, chunk=chunk)))
+    return out
+
+
+__all__ = ["DEFAULT_CHUNK", "BuildSummary", "dist_info", "prebuild", "prebuild_dataset",
+           "prebuild_hydra", "refuse_other_pipeline"]

@@ -18,6 +18,7 @@ import torch
 
 from diskcache_ocr import batchmem
 from diskcache_ocr.batchmem import Spec
+from diskcache_ocr.errors import BatchError, CacheError
 from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
@@ -164,8 +165,9 @@ class BatchBuffers:
             out[name] = t[:n]
         for name in ("polygons", "ignore", "meta"):
             out[name] = [s[name] for s in samples]
-        if samples and FINISH in samples[0]:
-            out[FINISH] = samples[0][FINISH]
+        spec = batch_finish_spec(samples)
+        if spec is not None:
+            out[FINISH] = spec
         return out
 
 
@@ -181,10 +183,39 @@ def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, pin: b
     for d in shape:
         numel *= d
     proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    try:
+        storage = proto._typed_storage()._new_shared(numel, device="cpu")
+    except RuntimeError as exc:
+        if "No space left" not in str(exc) and "Cannot allocate" not in str(exc):
+            raise
+        # Shared memory is full: give back the idle batch memory kept for reuse (the other
+        # workers too), and wait a little for the consumer to let go of batches.
+        nbytes = numel * proto.element_size()
+        batchmem.out_of_shared_memory(exc)
+        for _ in range(SHM_RETRIES):
+            batchmem.wait_for_shared_memory(nbytes, SHM_WAIT_S / SHM_RETRIES)
+            try:
+                storage = proto._typed_storage()._new_shared(numel, device="cpu")
+                break
+            except RuntimeError as again:
+                exc = again
+        else:
+            raise _shm_full(nbytes, exc) from None
     out = proto.new(storage).resize_(shape)
     batchmem.address_populate(out.data_ptr(), out.numel() * out.element_size())
     return out
+
+
+SHM_WAIT_S = 10.0  # how long a batch waits for shared memory before it is an error
+SHM_RETRIES = 20
+
+
+def _shm_full(nbytes: int, exc: BaseException) -> CacheError:
+    return CacheError(
+        f"{batchmem.SHM_DIR}: no shared memory left for a batch of {nbytes >> 20} MiB "
+        f"({exc}); the DataLoader's workers hold at most prefetch_factor x num_workers "
+        "batches there: give the system more shared memory (e.g. docker --shm-size), or use "
+        "fewer workers, a smaller prefetch_factor or smaller batches")
 
 
 FINISH = "finish"  # the key of a compact sample's (and batch's) finishing spec
@@ -279,9 +310,16 @@ def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
     normalized by the same ``finish`` the uncached path uses, the uint8 0/1 binary maps are
     widened (exact). The batch's ``"finish"`` spec says how and is dropped from the result,
     so a finished (or a float32) batch comes back unchanged: calling it twice is harmless.
+
+    A batch that still carries its spec but whose image or binary maps are no longer uint8
+    (cast before finishing: the values would stay 0–255), or a spec with a non-finite mean
+    or a zero or non-finite std, raises :class:`~diskcache_ocr.errors.BatchError`.
     """
     out = dict(batch)
     spec = out.pop(FINISH, None)
+    if spec is not None:
+        check_finish_spec(spec)
+        _check_unfinished(out, spec)
     if device is not None:
         device = torch.device(device)
         for name, value in out.items():
@@ -315,6 +353,43 @@ def finish_batch(batch: dict[str, Any], device: str | torch.device | None = None
             np.copyto(target.numpy(), value.numpy())  # numpy's widening is the fast one here
             out[name] = target
     return out
+
+
+def check_finish_spec(spec: Any) -> None:
+    """Refuse a finishing spec that cannot finish correctly: constants that are missing,
+    not numbers, non-finite, or a zero std / scale (the output would be NaN, inf or 0)."""
+    if not isinstance(spec, Mapping):
+        raise BatchError(f"finish spec: expected a mapping, got {type(spec).__name__}")
+    if spec.get("op") == "sub_mul":
+        fields = {"shift": False, "scale": True}
+    else:
+        fields = {"mean": False, "std": True}
+    for name, nonzero in fields.items():
+        try:
+            values = np.asarray(spec.get(name), dtype=np.float64)
+        except (TypeError, ValueError):
+            values = np.asarray([np.nan])
+        if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+            raise BatchError(f"finish spec: {name} must be a list of finite numbers, got "
+                             f"{spec.get(name)!r:.80}")
+        if nonzero and (values == 0).any():
+            raise BatchError(f"finish spec: {name} must not be zero, got {spec.get(name)!r:.80}")
+
+
+def _check_unfinished(out: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+    """A batch that carries a finish spec must still be what the spec finishes: uint8."""
+    if spec.get("op") == "sub_mul":
+        names = [spec.get("image_key", "image")]
+    else:
+        names = ["image", *spec.get("binary_maps", ())]
+    for name in names:
+        value = out.get(name)
+        dtype = value.dtype if isinstance(value, (torch.Tensor, np.ndarray)) else None
+        if dtype is not None and dtype not in (torch.uint8, np.dtype(np.uint8)):
+            raise BatchError(
+                f"finish_batch: {name!r} is {dtype}, but the batch's finish spec says it is "
+                "the compact uint8 form still to be normalized; call finish_batch before "
+                "casting the batch (or cast the finished float32 batch)")
 
 
 def _finish_channels_last(out: dict[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -354,6 +429,7 @@ def collate(samples: Sequence[Sample], keys: str = "db") -> dict[str, Any]:
         return _collate_origin(samples)
     if keys != "db":
         raise ValueError(f"collate: keys must be 'db' or 'origin', got {keys!r}")
+    spec = batch_finish_spec(samples)  # (before stacking: a mix is refused, not promoted)
     out: dict[str, Any] = {}
     for name in ("image", *MAP_NAMES, "inverse_matrix"):
         if name in samples[0]:
@@ -363,9 +439,47 @@ def collate(samples: Sequence[Sample], keys: str = "db") -> dict[str, Any]:
                 out[name] = torch.stack(tensors)
     for name in ("polygons", "ignore", "meta"):
         out[name] = [s[name] for s in samples]
-    if FINISH in samples[0]:  # compact samples: the batch says how to finish them
-        out[FINISH] = samples[0][FINISH]
+    if spec is not None:  # compact samples: the batch says how to finish them
+        out[FINISH] = spec
     return out
+
+
+def batch_finish_spec(samples: Sequence[Sample]) -> dict[str, Any] | None:
+    """The finishing spec that describes every sample of a batch (None: none is compact).
+
+    A batch carries one spec for all its rows, so samples that are compact and not (a
+    ``ConcatDataset`` of a compact and a float32 dataset), or compact with different specs
+    (two normalizations), cannot form one batch: :class:`~diskcache_ocr.errors.BatchError`
+    names two samples that differ.
+    """
+    if not samples:
+        return None
+    first = samples[0].get(FINISH)
+    if first is not None:
+        check_finish_spec(first)
+    for i, sample in enumerate(samples):
+        spec = sample.get(FINISH)
+        if spec is not first and spec != first:
+            raise BatchError(
+                f"collate: sample 0 ({_sample_file(samples[0])}) is {_describe(first)}, "
+                f"sample {i} ({_sample_file(sample)}) is {_describe(spec)}; one batch holds "
+                "samples of one output form and one normalization (batch such datasets "
+                "apart, or give them the same output and transform)")
+    return first
+
+
+def _sample_file(sample: Sample) -> str:
+    meta = sample.get("meta") or sample.get("metadata") or {}
+    return str(meta.get("file") or meta.get("filename") or "?")
+
+
+def _describe(spec: Mapping[str, Any] | None) -> str:
+    if spec is None:
+        return "finished (float, no finish spec)"
+    if spec.get("op") == "sub_mul":
+        return (f"compact (uint8, finished by shift {spec.get('shift')}, "
+                f"scale {spec.get('scale')})")
+    return f"compact (uint8, finished by mean {spec.get('mean')}, std {spec.get('std')})"
 
 
 def collate_fn(keys: str = "db") -> Any:
@@ -387,6 +501,7 @@ def _collate_origin(samples: Sequence[Sample]) -> dict[str, Any]:
     if samples and "metadata" not in samples[0]:
         raise ValueError("collate(keys='origin') needs samples with the origin's item keys "
                          "(CachedOCRDataset(..., item_keys='origin'))")
+    spec = batch_finish_spec(samples)
     out: dict[str, Any] = {"images": _stack([s["image"] for s in samples]),
                            "polygons": [s["polygons"] for s in samples],
                            "inverse_matrix": _stack([s["inverse_matrix"] for s in samples])}
@@ -399,8 +514,8 @@ def _collate_origin(samples: Sequence[Sample]) -> dict[str, Any]:
     out["raw_size"] = [m["raw_size"] for m in meta]
     out["orientation"] = [m["orientation"] for m in meta]
     out["metadata"] = meta
-    if samples and FINISH in samples[0]:  # compact samples: the batch says how to finish them
-        out[FINISH] = {**samples[0][FINISH], "image_key": "images"}
+    if spec is not None:  # compact samples: the batch says how to finish them
+        out[FINISH] = {**spec, "image_key": "images"}
     return out
 
 
@@ -447,5 +562,5 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 __all__ = ["FINISH", "GEOMETRY", "TORCH_DTYPES", "BatchBuffers", "BatchRow", "Catalog",
-           "Polygons", "Sample", "assemble", "collate", "collate_fn", "cpu_array",
-           "empty_sample", "finish_batch", "finish_spec", "put_image"]
+           "Polygons", "Sample", "assemble", "batch_finish_spec", "check_finish_spec", "collate",
+           "collate_fn", "cpu_array", "empty_sample", "finish_batch", "finish_spec", "put_image"]

@@ -188,9 +188,11 @@ def assemble_staged(pipeline: StagePipeline, catalog: Catalog, index: int,
     """One sample of a stage pipeline: the transform's output from its record (the random
     rest run here, when there is one), maps from ``maps`` or made live."""
     image, polygons, inverse = pipeline.finish_sample(dict(record))
-    ignore = np.array(catalog.flat_words(index)[2], dtype=bool)
+    flags = catalog.flat_words(index)[2]
+    # each polygon's own word's flag (a transform may have dropped words)
+    ignore = pipeline.check_word_flags(polygons, flags, catalog.source(index))
     if with_maps and maps is None:
-        maps = pipeline.make_maps(polygons, image, ignore)
+        maps = pipeline.make_maps(polygons, image, flags)
     raw = tuple(int(v) for v in record["raw_size"])
     return _staged_sample(pipeline, catalog, index, image, polygons, ignore, inverse,
                           maps if with_maps else None, raw, int(record["orientation"][0]),

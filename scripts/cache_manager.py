@@ -6,7 +6,10 @@
     python scripts/cache_manager.py clear --all
     python scripts/cache_manager.py clear --type tensors
     python scripts/cache_manager.py validate
-    python scripts/cache_manager.py export stats.json
+    python scripts/cache_manager.py validate --config configs/data/base.yaml
+    python scripts/cache_manager.py export --output stats.json   (or: export stats.json)
+    python scripts/cache_manager.py prebuild --config-name train \
+        data/performance_preset=validation_optimized --workers 8
 
 The cache directory comes from --cache (before or after the command), else $DISKCACHE_OCR_DIR,
 else ~/.cache/diskcache-ocr. Every other command and flag of `diskcache-ocr` works here too.

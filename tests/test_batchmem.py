@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,10 +131,9 @@ def test_the_receiver_maps_a_slab_once_across_its_uses_and_forgets_it_once_gone(
     assert seen[0] is seen[1]  # one mapping for both uses
     del block
     slab.unlink()  # as at its worker's exit (and out of this process's pool with it)
-    for pool in batchmem._slab_pool.slabs.values():
-        if slab in pool:
-            pool.remove(slab)
-    other = batchmem.shared_block([Spec("z", (4, 4), np.dtype(np.uint8))])
+    batchmem._slab_pool.slabs.remove(slab)
+    larger = max(s.size for s in [slab, *batchmem._slab_pool.slabs]) + 1  # (a new slab)
+    other = batchmem.shared_block([Spec("z", (larger,), np.dtype(np.uint8))])
     ForkingPickler.loads(ForkingPickler.dumps(other.tensors["z"]))
     assert slab.name not in batchmem._mappings
     assert other.tensors["z"]._slab.name in batchmem._mappings
@@ -170,20 +171,71 @@ def test_slab_not_sent_is_reused_once_the_worker_drops_it():
 @needs_shm
 def test_every_slab_busy_means_fresh_memory_not_waiting():
     spec = [Spec("x", (3, 5), np.dtype(np.float32))]
-    held = [batchmem.shared_block(spec) for _ in range(batchmem.SLABS_PER_SIZE)]
+    held = [batchmem.shared_block(spec) for _ in range(batchmem.SLABS_PER_WORKER)]
     assert all(b is not None for b in held)
     assert batchmem.shared_block(spec) is None
 
 
 @needs_shm
-def test_full_shared_memory_falls_back_cleanly(monkeypatch):
+def test_full_shared_memory_falls_back_cleanly(monkeypatch, caplog):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    kept = batchmem.shared_block(SPECS)  # a slab in use: kept
+    idle = batchmem.shared_block(SPECS).tensors["image"]._slab  # one let go: given back
+    pool = batchmem._slab_pool
+    larger = max(s.size for s in pool.slabs) + 1  # (no slab holds it: a new one is needed)
     before = set(os.listdir(batchmem.SHM_DIR))
     monkeypatch.setattr(os, "posix_fallocate", no_space)
-    assert batchmem.shared_block([Spec("y", (7, 3), np.dtype(np.uint8))]) is None
-    assert set(os.listdir(batchmem.SHM_DIR)) - before == set()  # nothing left behind
+    with caplog.at_level(logging.WARNING, "diskcache_ocr.batchmem"):
+        assert batchmem.shared_block([Spec("y", (larger,), np.dtype(np.uint8))]) is None
+    flag = batchmem._pressure_flag(os.getppid())
+    # nothing left behind but the flag telling the loader's other workers
+    assert set(os.listdir(batchmem.SHM_DIR)) - before == {os.path.basename(flag)}
+    assert idle.name not in os.listdir(batchmem.SHM_DIR) and idle not in pool.slabs
+    assert kept.tensors["image"]._slab in pool.slabs
+    assert "is full" in caplog.text and "stops keeping batch memory" in caplog.text
+    monkeypatch.undo()
+    try:  # no reuse any more in this process: each slab goes once idle; the others are told
+        assert not pool.growing and os.path.exists(flag)
+        slab = kept.tensors["image"]._slab
+        del kept
+        assert batchmem.shared_block(SPECS) is None
+        assert slab not in pool.slabs and slab.name not in os.listdir(batchmem.SHM_DIR)
+    finally:
+        pool.growing = True
+        os.unlink(flag)
+
+
+@needs_shm
+def test_a_worker_told_that_shared_memory_ran_out_gives_back_its_idle_slabs(monkeypatch):
+    monkeypatch.setattr(batchmem, "_pressure_flag", lambda owner: str(flag))
+    flag = Path(batchmem.SHM_DIR) / f"docr-test-pressure-{os.getpid()}"
+    idle = batchmem.shared_block(SPECS).tensors["image"]._slab
+    pool = batchmem._slab_pool
+    assert idle in pool.slabs and pool.growing
+    flag.touch()
+    try:
+        assert batchmem.shared_block(SPECS) is None
+        assert idle not in pool.slabs and not pool.growing
+    finally:
+        pool.growing = True
+        flag.unlink()
+
+
+@needs_shm
+def test_a_smaller_batch_takes_a_free_larger_slab():
+    """An epoch's last, smaller batch reuses a full batch's slab instead of keeping a slab of
+    its own beside it (more shared memory than a DataLoader without reuse needs)."""
+    block = batchmem.shared_block(SPECS)
+    slab = block.tensors["image"]._slab
+    del block
+    small = [Spec(s.name, (1, *s.shape[1:]), s.dtype) for s in SPECS]
+    again = batchmem.shared_block(small)
+    assert again.tensors["image"]._slab is slab
+    fill(again, 3)
+    received = ForkingPickler.loads(ForkingPickler.dumps(dict(again.tensors)))
+    assert received["image"].shape == small[0].shape and (received["image"] == 3).all()
 
 
 def test_rebuild_refuses_foreign_and_vanished_slabs():

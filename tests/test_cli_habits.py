@@ -277,9 +277,10 @@ def test_cache_manager_script_runs_from_a_checkout(built, tmp_path):
 
 # -- the README's cache_manager lines ---------------------------------------------------------
 def readme_commands() -> list[tuple[list[str], str]]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "coming-from-the-origin.md").read_text(encoding="utf-8")
     section = text.split("## Coming from the origin project\n", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash\n")[2].split("```", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    block = next(b for b in blocks if "cache_manager.py" in b)
     out = []
     for line in block.splitlines():
         command_text, _, comment = line.partition("#")
@@ -321,3 +322,119 @@ def test_clear_all_refuses_a_cache_this_process_has_open(mine, capsys):
     finally:
         store.close()
     assert (cache / "data.mdb").exists()
+
+
+# -- the forms the origin project's own docs use ----------------------------------------------
+def test_export_output_flag_and_its_default_file(built, tmp_path, capsys, monkeypatch):
+    _, cache = built
+    rc, _, err = run_cli(capsys, "export", "--output", tmp_path / "stats.json", "--cache", cache)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "stats.json").read_text())
+    assert data["status"]["kinds"]["images"]["entries"] == N
+    monkeypatch.chdir(tmp_path)  # the origin's default file name, in the working directory
+    rc, _, err = run_cli(capsys, "export", "--cache", cache)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "cache_stats.json").read_text()) == data
+    rc, _, err = run_cli(capsys, "export", "a.json", "--output", "b.json", "--cache", cache)
+    assert rc == 2 and "give one" in one_error_line(err)
+
+
+THEIR_PRESET = """\
+# @package _global_.datasets.val_dataset.config
+preload_images: true
+preload_maps: true
+prenormalize_images: false
+load_maps: true
+cache_config:
+  _target_: ocr.datasets.schemas.CacheConfig
+  cache_images: true
+  cache_maps: true
+  cache_transformed_tensors: true
+  log_statistics_every_n: 100
+image_loading_config:
+  use_turbojpeg: true
+  turbojpeg_fallback: true
+"""
+
+THEIR_DATA_CONFIG = """\
+# @package _global_
+dataset_base_path: "${hydra:runtime.cwd}/data/datasets/"
+datasets:
+  train_dataset:
+    _target_: ${dataset_path}.ValidatedOCRDataset
+    config:
+      _target_: ${dataset_config_path}.DatasetConfig
+      image_path: ${dataset_base_path}images/train
+      annotation_path: ${dataset_base_path}jsons/train.json
+      load_maps: false
+      cache_config:
+        _target_: ${dataset_config_path}.CacheConfig
+        cache_images: true
+        cache_transformed_tensors: TRAIN_TENSORS
+    transform: ${transforms.train_transform}
+  val_dataset:
+    _target_: ${dataset_path}.ValidatedOCRDataset
+    config:
+      _target_: ${dataset_config_path}.DatasetConfig
+      image_path: ${dataset_base_path}images/val
+      annotation_path: ${dataset_base_path}jsons/val.json
+      preload_images: false
+      load_maps: false
+      cache_config:
+        _target_: ${dataset_config_path}.CacheConfig
+        cache_transformed_tensors: false
+        cache_images: true
+        cache_maps: false
+        log_statistics_every_n: null
+    transform: ${transforms.val_transform}
+"""
+
+
+def test_validate_config_accepts_their_preset_and_data_files(tmp_path, capsys):
+    preset = tmp_path / "validation_optimized.yaml"
+    preset.write_text(THEIR_PRESET)
+    rc, data = run_json(capsys, "validate", "--config", preset)
+    assert rc == 0 and data["ok"] and data["problems"] == []
+    assert data["package"] == "_global_.datasets.val_dataset.config"
+    node = data["presets"]["datasets.val_dataset.config"]
+    assert node["caches"] == ["images", "tensors", "maps"] and node["load_maps"] is True
+    assert node["settings"]["cache_config"]["cache_transformed_tensors"] is True
+    assert {n["code"] for n in data["notes"]} == {"no_effect"}  # turbojpeg: said, not fatal
+    config = tmp_path / "base.yaml"
+    config.write_text(THEIR_DATA_CONFIG.replace("TRAIN_TENSORS", "false"))
+    rc, data = run_json(capsys, "validate", "--config", config)
+    assert rc == 0 and data["ok"], data
+    assert set(data["presets"]) == {"datasets.train_dataset.config",
+                                    "datasets.val_dataset.config"}
+    rc, out, _ = run_cli(capsys, "validate", "--config", config)
+    assert rc == 0 and out.startswith(f"valid: {config}")
+
+
+@pytest.mark.parametrize("change, code", [
+    (("TRAIN_TENSORS", "true"), "unsafe_for_training"),
+    (("cache_images: true\n        cache_maps", "cache_imgs: true\n        cache_maps"),
+     "invalid_preset"),
+    (("      preload_images: false", "      preload_image: false"), "invalid_preset"),
+    (("log_statistics_every_n: null", "log_statistics_every_n: -3"), "invalid_preset"),
+])
+def test_validate_config_reports_problems_with_exit_1(tmp_path, capsys, change, code):
+    config = tmp_path / "base.yaml"
+    config.write_text(THEIR_DATA_CONFIG.replace(*change).replace("TRAIN_TENSORS", "false"))
+    rc, data = run_json(capsys, "validate", "--config", config)
+    assert rc == 1 and not data["ok"]
+    assert [p["code"] for p in data["problems"]] == [code]
+    rc, out, _ = run_cli(capsys, "validate", "--config", config)
+    assert rc == 1 and out.startswith("problems in") and code in out
+
+
+def test_validate_config_of_a_missing_or_broken_file_is_one_error_line(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "validate", "--config", tmp_path / "nope.yaml")
+    assert rc == 2 and "nope.yaml" in one_error_line(err)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache_config: [unclosed\n")
+    rc, _, err = run_cli(capsys, "validate", "--config", bad)
+    assert rc == 2 and "bad.yaml" in one_error_line(err)
+    empty = tmp_path / "train.yaml"
+    empty.write_text("defaults:\n  - data: base\n")
+    rc, data = run_json(capsys, "validate", "--config", empty)
+    assert rc == 1 and data["problems"][0]["code"] == "no_presets"

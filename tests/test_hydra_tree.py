@@ -37,18 +37,23 @@ TABLE = {
     "custom": (1, 0, 1, 0, 0, 1),  # the README's custom.yaml
 }
 SPLITS = ("train", "val", "test", "predict")
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "coming-from-the-origin.md"
+PRESETS_PAGE = GUIDE.parent / "presets.md"
 
 
 def readme_blocks(title: str, lang: str) -> list[str]:
-    """The ``lang`` code blocks of one README section."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    """The ``lang`` code blocks of one section of the origin guide, or of the presets page
+    (``title="Presets"``)."""
+    if title == "Presets":
+        section = PRESETS_PAGE.read_text(encoding="utf-8")
+    else:
+        text = GUIDE.read_text(encoding="utf-8")
+        section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
     return [b.split("```", 1)[0] for b in section.split(f"```{lang}\n")[1:]]
 
 
 def the_two_lines() -> dict:
-    """What the README tells an origin user to change in the val dataset's entry."""
+    """What the guide tells an origin user to change in the val dataset's entry."""
     import yaml
 
     return yaml.safe_load(readme_blocks("Coming from the origin project", "yaml")[0])
@@ -343,10 +348,13 @@ def test_their_app_without_preset_files(tmp_path, data_root):
     assert all(r["name"] == n for n, r in results.items())
 
 
-def test_the_readme_lines_are_the_tested_ones():
+def test_the_guide_lines_are_the_tested_ones():
     lines = the_two_lines()
-    assert lines == {"_target_": "diskcache_ocr.origin.ValidatedOCRDataset", "transform": None}
-    override = readme_blocks("Coming from the origin project", "bash")[0].split()
+    # one line changes; their transform stays theirs
+    assert lines == {"_target_": "diskcache_ocr.origin.ValidatedOCRDataset",
+                     "transform": "${transforms.val_transform}"}
+    override = next(b for b in readme_blocks("Coming from the origin project", "bash")
+                    if "data/performance_preset=" in b).split()
     assert override[-1] == "data/performance_preset=validation_optimized"
     presets = "".join(readme_blocks("Presets", "python"))
     for call in ('register_presets()', 'register_presets(package="_global_.datasets.'

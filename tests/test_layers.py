@@ -17,7 +17,7 @@ LAYER = {
     "schema": 2,
     "store": 3, "ocr": 3, "presets": 3,
     "samples": 4, "hydra": 4,
-    "staged_samples": 5,
+    "staged_samples": 5, "configcheck": 5, "hydra_app": 5, "build": 5,
     "readthrough": 6,
     "dataset": 7, "ops": 7, "watch": 7,
     "loader": 8, "prebuild": 8, "origin": 8, "lightning": 8,

@@ -143,3 +143,27 @@ def test_hit_counters_of_a_dataset_made_in_a_function_are_kept(root, tmp_path):
     with CacheStore(tmp_path / "c", readonly=True) as s:
         stats = s.stats()
     assert stats.get("images.hits") == 4 and stats.get("images.misses") == 4
+
+
+def test_prebuild_builds_exactly_what_the_dataset_reads(root, tmp_path):
+    holder = HoldsCompose(_val_pieces())
+    node = _node(root, cache_dir=str(tmp_path / "c"), load_maps=True)
+    node["cache_config"].update(cache_transformed_tensors=True, cache_maps=True)
+    ds = ValidatedOCRDataset(node, transform=holder)
+    summary = ds.prebuild(workers=2, progress=False)
+    assert summary.built == len(ds) and summary.failed == []
+    with CacheStore(tmp_path / "c", readonly=True) as s:
+        for kind in ("images", "tensors", "maps"):
+            assert s.kind_stats(kind)["entries"] == len(ds)
+    again = ValidatedOCRDataset(node, transform=holder)
+    assert again.prebuild(progress=False).built == 0
+    before = again.stats()
+    items = [again[i] for i in range(len(again))]  # every read a hit
+    after = again.stats()
+    assert after["tensors.hits"] - before.get("tensors.hits", 0) == len(ds)
+    assert after["tensors.misses"] == before["tensors.misses"]
+    live = ValidatedOCRDataset({**node, "cache_config": {"cache_images": False,
+                                                         "cache_maps": False}},
+                               transform=holder)
+    for i, item in enumerate(items):
+        assert torch.equal(item["image"], live[i]["image"])

@@ -33,6 +33,7 @@ KILL_N = 32  # enough images that a build spans a kill or two
 SMALL_N = 6
 # The module itself (the package re-exports its function under the same name).
 prebuild_mod = importlib.import_module("diskcache_ocr.prebuild")
+build_mod = importlib.import_module("diskcache_ocr.build")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -244,10 +245,14 @@ def test_torchrun_two_ranks_equal_single_process_build(small_data, tmp_path):
 def test_each_rank_builds_its_share(small_data, tmp_path, monkeypatch):
     images, annotations = split_paths(small_data)
     cache = tmp_path / "cache"
-    monkeypatch.setattr(prebuild_mod, "_barrier", lambda world: None)
     sources = sorted(p.name for p in images.iterdir())
 
-    monkeypatch.setattr(prebuild_mod, "dist_info", lambda: (0, 2))
+    def as_rank(rank):
+        for module in (prebuild_mod, build_mod):  # (the build's own rank and barriers too)
+            monkeypatch.setattr(module, "barrier", lambda world: None)
+            monkeypatch.setattr(module, "dist_info", lambda: (rank, 2))
+
+    as_rank(0)
     s0 = prebuild(images, annotations, cache, workers=1, progress=False)
     assert (s0.rank, s0.world_size, s0.total, s0.built) == (0, 2, 3, 3)
     with CacheStore(cache, readonly=True) as store:
@@ -257,7 +262,7 @@ def test_each_rank_builds_its_share(small_data, tmp_path, monkeypatch):
     ds = CachedOCRDataset(images, annotations, None)
     assert indexed == sorted(source_id(images, ds.source(i)) for i in range(0, SMALL_N, 2))
 
-    monkeypatch.setattr(prebuild_mod, "dist_info", lambda: (1, 2))
+    as_rank(1)
     s1 = prebuild(images, annotations, cache, workers=1, progress=False)
     assert (s1.rank, s1.total, s1.built, s1.skipped) == (1, 3, 3, 0)
     with CacheStore(cache, readonly=True) as store:

@@ -114,12 +114,16 @@ def test_compose_needs_xy_keypoints():
                                   keypoint_params=A.KeypointParams(format="yx")))
 
 
-def test_dropped_keypoints_are_a_clear_error(sample):
+def test_a_word_a_crop_cuts_is_dropped_and_the_kept_ones_named(sample):
+    """With remove_invisible=True a crop drops the keypoints outside it: a word that loses a
+    vertex is dropped, and the polygons say which input words they are."""
     image, _ = sample
     crop = A.Compose([A.Crop(0, 0, 200, 200)], keypoint_params=_kp())
-    partly_outside = [np.array([[10.0, 10.0], [300.0, 10.0], [300.0, 40.0]])]
-    with pytest.raises(ValueError, match="dropped"):
-        transform_stage(crop)(image, partly_outside)
+    partly_outside = np.array([[10.0, 10.0], [300.0, 10.0], [300.0, 40.0]])
+    inside = np.array([[10.0, 60.0], [90.0, 60.0], [90.0, 80.0]])
+    _, moved, _ = transform_stage(crop)(image, [partly_outside, inside])
+    assert len(moved) == 1 and np.array_equal(moved[0], inside)
+    assert moved.index.tolist() == [1]
 
 
 def _my_transform(image, polygons):

@@ -3,15 +3,25 @@
 Polygons travel as ``xy`` keypoints, the way DBNet codebases feed them, and are split back
 into polygons afterwards. The inverse matrix comes from four probe keypoints transformed with
 them (three fix an affine map, the fourth checks it); a transform that is not affine gets an
-all-NaN matrix. The fingerprint is albumentations' own serialization (``A.to_dict``) plus the
-albumentations version. Works with albumentations 1.3.x and 2.x.
+all-NaN matrix. Works with albumentations 1.3.x and 2.x.
+
+The fingerprint describes what the Compose does: the class of every transform (nested
+Composes, ``OneOf``... included) with everything it holds — its constructor arguments
+(``get_transform_init_args``) and its whole instance state, which ``A.to_dict`` does not
+always cover (albumentations 1.3.1 leaves out ``PadIfNeeded(position=...)``) — the
+keypoint/bbox parameters and additional targets, plus the albumentations and OpenCV versions.
+A value that is not plain data nor albumentations' own (a ``Lambda``'s function, a custom
+transform class) has no stable description: such a Compose is cached only under a version
+its owner gives, else computed live with a :class:`NotCacheableWarning`.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
+import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,9 +29,13 @@ import numpy as np
 from diskcache_ocr.ocr.conventions import TransformResult
 from diskcache_ocr.ocr.stages import (
     TransformStage,
+    Words,
     _not_cacheable,
     _to_numpy,
+    on_probe_input,
+    opencv_version,
     plain_version,
+    probe_randomness,
 )
 from diskcache_ocr.ocr.transform import normalize_channels_last
 
@@ -54,6 +68,118 @@ def _keypoint_params(compose: Any) -> Any:
     return proc.params
 
 
+class Undescribable(ValueError):
+    """A value inside a transform that has no stable description (see :func:`describe`)."""
+
+    def __init__(self, path: str, value: object) -> None:
+        super().__init__(f"{path} is {_qualname(value)}, which has no stable description")
+        self.path = path
+
+
+# Instance attributes that are run-time state, not what a transform does: the replay
+# record of the last call (a dict named ``params``; a processor's ``params`` are its
+# KeypointParams and count), and (albumentations 2) the transform's own generators.
+_RUNTIME_STATE = frozenset({"applied_in_replay", "random_generator", "py_random"})
+
+
+def _runtime_state(name: str, value: object) -> bool:
+    return name in _RUNTIME_STATE or (name == "params" and isinstance(value, dict))
+
+
+# Code whose behaviour the fingerprint's versions pin down (albumentations and OpenCV), or
+# that does not change: a function or class of these is described by its qualified name.
+_VERSIONED_CODE = ("albumentations", "cv2", "numpy", "builtins", "math", "operator")
+_MAX_DEPTH = 64
+
+
+def _qualname(value: object) -> str:
+    target = value if isinstance(value, type) or callable(value) and hasattr(
+        value, "__qualname__") else type(value)
+    kind = "" if target is value else "a "
+    return (f"{kind}{getattr(target, '__module__', '?')}."
+            f"{getattr(target, '__qualname__', type(target).__name__)}")
+
+
+def _versioned_code(value: object) -> bool:
+    module = getattr(value, "__module__", None) or ""
+    return module.split(".")[0] in _VERSIONED_CODE
+
+
+def describe(value: object, path: str = "compose", *, lenient: bool = False,
+             _depth: int = 0) -> Any:
+    """Plain data that says what ``value`` (a Compose, a transform, or anything one holds)
+    does: plain values as they are (OmegaConf containers, tuples and numpy values as plain
+    lists and numbers), an albumentations object as its class with its constructor arguments
+    and instance state, a function or class of albumentations/OpenCV/numpy by name.
+
+    Anything else raises :class:`Undescribable` naming where it sits; with ``lenient`` it is
+    described by its type's name only (for a Compose its owner versions explicitly)."""
+    if _depth > _MAX_DEPTH:
+        raise Undescribable(path, value)
+    deeper = functools.partial(_describe_child, lenient=lenient, depth=_depth + 1)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value).hex()}
+    if isinstance(value, enum.Enum):
+        return {"enum": _qualname(type(value)), "value": deeper(value.value, f"{path}.value")}
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise Undescribable(path, value)
+        return {"ndarray": value.dtype.str, "shape": list(value.shape),
+                "values": value.tolist()}
+    if isinstance(value, Mapping):
+        pairs = [[deeper(k, f"{path}.<key>"), deeper(v, f"{path}.{k}")]
+                 for k, v in value.items()]
+        return {"mapping": sorted(pairs, key=lambda kv: repr(kv[0]))}
+    if isinstance(value, (set, frozenset)):
+        items = [deeper(v, f"{path}.<item>") for v in value]
+        return {"set": sorted(items, key=repr)}
+    if isinstance(value, Sequence):
+        return [deeper(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, functools.partial):
+        return {"partial": deeper(value.func, f"{path}.func"),
+                "args": deeper(value.args, f"{path}.args"),
+                "keywords": deeper(value.keywords, f"{path}.keywords")}
+    if isinstance(value, type) or callable(value) and not hasattr(value, "__dict__") or (
+            callable(value) and hasattr(value, "__qualname__")):
+        # a class, a function, a builtin or a bound method: code, known only by its name
+        owner = getattr(value, "__self__", None)
+        if _versioned_code(value) and (owner is None or isinstance(owner, type)
+                                       or _versioned_code(type(owner))):
+            return {"code": _qualname(value)}
+        if lenient:
+            return {"opaque": _qualname(value)}
+        raise Undescribable(path, value)
+    if _versioned_code(type(value)) and hasattr(value, "__dict__"):
+        out: dict[str, Any] = {"class": _qualname(type(value))}
+        init_args = getattr(value, "get_transform_init_args", None)
+        if callable(init_args):
+            try:
+                args = init_args()
+            except Exception:  # noqa: BLE001 - an accessor that fails: the state still says it
+                args = None
+            if isinstance(args, Mapping):
+                out["init"] = deeper(args, f"{path}.init")
+        state = {k: v for k, v in vars(value).items() if not _runtime_state(k, v)}
+        out["state"] = deeper(state, path)
+        return out
+    if lenient:
+        return {"opaque": _qualname(type(value))}
+    raise Undescribable(path, value)
+
+
+def _describe_child(value: object, path: str, *, lenient: bool, depth: int) -> Any:
+    return describe(value, path, lenient=lenient, _depth=depth)
+
+
+def _summary(compose: Any) -> str:
+    """The names of a Compose's transforms, for messages."""
+    return "[" + ", ".join(type(t).__name__ for t in compose.transforms) + "]"
+
+
 class AlbumentationsTransform(TransformStage):
     """An ``albumentations.Compose`` with ``KeypointParams(format="xy")``."""
 
@@ -63,24 +189,96 @@ class AlbumentationsTransform(TransformStage):
             raise TypeError(f"expected an albumentations.Compose, got {type(compose).__name__}")
         _keypoint_params(compose)
         self.compose = compose
+        self.name = f"the albumentations Compose {_summary(compose)}"
         self.version = None if version is None else plain_version(version, "transform_version")
+        self.undescribable: str | None = None  # where the Compose holds something opaque
         try:
-            self.serialized: dict[str, Any] | None = A.to_dict(compose)
-        except (NotImplementedError, ValueError, TypeError):
-            # e.g. A.Lambda: not serializable, so only an explicit version can name it.
-            self.serialized = None
-        self.cacheable = self.serialized is not None or self.version is not None
+            self.description: Any = describe(compose)
+        except Undescribable as e:
+            # e.g. A.Lambda's function, a custom transform class: only its owner's explicit
+            # version can name what it does.
+            self.undescribable = str(e)
+            self.description = describe(compose, lenient=True)
+        self.cacheable = self.undescribable is None or self.version is not None
         if not self.cacheable:
-            _not_cacheable("albumentations transform (not serializable by A.to_dict)")
+            _not_cacheable(f"albumentations transform ({self.undescribable})")
 
     def fingerprint(self) -> dict[str, Any] | None:
         if not self.cacheable:
             return None
         return {"stage": "albumentations", "albumentations": _albumentations().__version__,
-                "serialized": self.serialized, "version": self.version}
+                "opencv": opencv_version(), "compose": self.description,
+                "version": self.version}
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         return run_compose(self.compose, image, polygons)
+
+    def random_reason(self, trials: int = 8) -> str | None:
+        """Why the Compose is random: by its parameters (:func:`random_by_parameters`)
+        without running it, else by the probe (run on a copy, so the user's transforms keep
+        their random state)."""
+        reason = random_by_parameters(self.compose)
+        if reason is not None:
+            return reason
+        return _probe_compose(copy.deepcopy(self.compose), trials)
+
+
+def _probe_compose(compose: Any, trials: int) -> str | None:
+    reseed = getattr(compose, "set_random_seed", None)  # albumentations 2's own generators
+    return on_probe_input(lambda image, polygons: probe_randomness(
+        lambda: run_compose(compose, image, polygons), reseed, trials))
+
+
+def _applied(t: Any) -> float:
+    """The probability that ``t`` (a transform or a Compose) is applied."""
+    if getattr(t, "always_apply", False) is True:
+        return 1.0
+    return float(getattr(t, "p", 1.0))
+
+
+def _is_range(value: object) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and value[0] != value[1])
+
+
+def _draws_parameters(A: Any, t: Any) -> bool:
+    """Whether ``t``'s class draws parameters per call (overrides albumentations' own)."""
+    return any(getattr(type(t), name, None) is not getattr(A.BasicTransform, name, None)
+               for name in ("get_params", "get_params_dependent_on_targets",
+                            "get_params_dependent_on_data"))
+
+
+def random_by_parameters(t: Any, path: str = "compose") -> str | None:
+    """Why ``t`` is random by what its parameters say, without running it: applied with a
+    probability strictly between 0 and 1; a ``OneOf``/``SomeOf``/``OneOrOther`` (anything
+    that picks among its transforms); a transform that draws its parameters from a range
+    ``(lo, hi)`` with ``lo != hi``. None when its parameters say nothing random (the probe
+    then decides)."""
+    A = _albumentations()
+    name = type(t).__name__
+    p = _applied(t)
+    if p <= 0:
+        return None  # never applied
+    if p < 1:
+        return f"{path}: {name}(p={p:g}) is applied at random"
+    if isinstance(t, A.BaseCompose):
+        if not isinstance(t, (A.Compose, A.Sequential)):
+            return f"{path}: {name} picks among its transforms at random"
+        for i, child in enumerate(t.transforms):
+            reason = random_by_parameters(child, f"{path}.transforms[{i}]")
+            if reason is not None:
+                return reason
+        return None
+    if _draws_parameters(A, t):
+        try:
+            args = t.get_transform_init_args()
+        except Exception:  # noqa: BLE001 - then the probe decides
+            args = {}
+        for key, value in args.items():
+            if _is_range(value):
+                return f"{path}: {name}({key}={tuple(value)}) draws from a range at random"
+    return None
 
 
 def _probes(width: int, height: int) -> np.ndarray:
@@ -97,20 +295,44 @@ def _probes(width: int, height: int) -> np.ndarray:
 
 def run_compose(compose: Any, image: np.ndarray, polygons: Sequence[np.ndarray]
                 ) -> TransformResult:
-    """Run ``compose`` on the image with the polygons (and four probes) as keypoints."""
+    """Run ``compose`` on the image with the polygons (and four probes) as keypoints.
+
+    Each keypoint carries its word and vertex number after ``x, y`` (albumentations keeps
+    such extra values with a keypoint), so when the Compose drops keypoints
+    (``KeypointParams(remove_invisible=True)`` and a crop) the words that come back whole
+    are known: they are returned, as :class:`Words` saying which input word each is, and
+    the others are dropped. Without all four probes the inverse matrix is all NaN.
+    """
     polys = [np.asarray(p, np.float64).reshape(-1, 2) for p in polygons]
-    sizes = [len(p) for p in polys]
+    sizes = np.array([len(p) for p in polys] + [4], np.int64)
     probes = _probes(image.shape[1], image.shape[0])
     points = np.concatenate(polys + [probes]) if polys else probes
-    out = compose(image=image, keypoints=[(float(x), float(y)) for x, y in points.tolist()])
-    got = out["keypoints"]
-    if len(got) != len(points):
-        raise ValueError(f"the transform returned {len(got)} keypoints for {len(points)}: it "
-                         "dropped some (KeypointParams(remove_invisible=True) with a point "
-                         "outside the output?), so polygons cannot be rebuilt")
-    moved = np.array([tuple(k)[:2] for k in got], np.float64).reshape(-1, 2)
-    moved_polys = list(np.split(moved[:-4], np.cumsum(sizes)[:-1])) if polys else []
-    return _to_numpy(out["image"]), moved_polys, _inverse_from_probes(probes, moved[-4:])
+    word = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    word[-4:] = -1  # the probes
+    vertex = np.arange(len(points), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    out = compose(image=image, keypoints=list(zip(*points.T.tolist(), word.tolist(),
+                                                  vertex.tolist(), strict=True)))
+    got = [tuple(k) for k in out["keypoints"]]
+    moved = np.array([k[:2] for k in got], np.float64).reshape(-1, 2)
+    tags = np.array([k[2:4] for k in got], np.int64).reshape(-1, 2)
+    is_probe = tags[:, 0] < 0
+    counts = np.bincount(tags[~is_probe, 0], minlength=len(polys))[:len(polys)]
+    whole = np.flatnonzero(counts == sizes[:-1])
+    rows = ~is_probe & np.isin(tags[:, 0], whole)
+    kept_sizes = sizes[whole]
+    expected = np.stack([np.repeat(whole, kept_sizes), np.arange(kept_sizes.sum())
+                         - np.repeat(np.cumsum(kept_sizes) - kept_sizes, kept_sizes)], 1)
+    if not np.array_equal(tags[rows], expected):
+        raise ValueError("the transform reordered the keypoints of a polygon, so polygons "
+                         "cannot be rebuilt")
+    ends = np.cumsum(kept_sizes)[:-1]
+    moved_polys = Words(np.split(moved[rows], ends) if len(whole) else [], whole)
+    probe_rows = np.flatnonzero(is_probe)
+    if len(probe_rows) == 4 and np.array_equal(tags[probe_rows, 1], np.arange(4)):
+        inverse = _inverse_from_probes(probes, moved[probe_rows])
+    else:
+        inverse = np.full((3, 3), np.nan)
+    return _to_numpy(out["image"]), moved_polys, inverse
 
 
 def _inverse_from_probes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -232,59 +454,31 @@ def _new_compose(A: Any, transforms: list[Any], params: Any) -> Any:
     return out
 
 
-def _probe_input() -> tuple[np.ndarray, list[np.ndarray]]:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
-    return image, [np.array([[10.0, 12.0], [80.0, 12.0], [80.0, 40.0], [10.0, 40.0]])]
-
-
 def _transform_deterministic(A: Any, t: Any, params: Any, trials: int) -> bool:
-    if getattr(t, "p", 1.0) < 1.0 and not getattr(t, "always_apply", False):
+    if random_by_parameters(t) is not None:
         return False
     if isinstance(t, A.BaseCompose):
-        return False  # nested Compose/OneOf: treat as random
-    single = A.Compose([copy.deepcopy(t)], keypoint_params=params)
-    image, polygons = _probe_input()
-    saved = random.getstate(), np.random.get_state()
+        return False  # nested Compose/Sequential: kept out of a prefix
     try:
-        first = None
-        for seed in range(trials):
-            random.seed(seed)
-            np.random.seed(seed)
-            if hasattr(single, "set_random_seed"):
-                single.set_random_seed(seed)
-            before = np.random.get_state()
-            try:
-                out = run_compose(single, image, polygons)
-            except Exception:  # noqa: BLE001 - a transform that fails on the probe is not
-                return False  # known to be deterministic
-            if not _same_np_state(before, np.random.get_state()):
-                return False
-            if first is None:
-                first = out
-            elif not (np.array_equal(first[0], out[0])
-                      and all(np.array_equal(p, q) for p, q in zip(first[1], out[1],
-                                                                    strict=True))):
-                return False
-        return True
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-
-
-def _same_np_state(a: Any, b: Any) -> bool:
-    return a[0] == b[0] and np.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+        return _probe_compose(A.Compose([copy.deepcopy(t)], keypoint_params=params),
+                              trials) is None
+    except Exception:  # noqa: BLE001 - a transform that fails on the probe is not
+        return False  # known to be deterministic
 
 
 def _draws_of(prefix: Any, limit: int = 256) -> int | None:
     """How many ``random.random()`` calls running ``prefix`` amounts to (None if it is not a
     whole number of them)."""
-    image, polygons = _probe_input()
     saved = random.getstate()
     try:
         random.seed(12345)
         start = random.getstate()
-        run_compose(prefix, image, polygons)
+
+        def run(image: np.ndarray, polygons: list[np.ndarray]) -> None:
+            random.setstate(start)
+            run_compose(prefix, image, polygons)
+
+        on_probe_input(run)
         after = random.getstate()
         random.setstate(start)
         for k in range(limit + 1):
@@ -356,8 +550,7 @@ def split_normalize_tail(compose: Any, version: object = None
             return None
         head = AlbumentationsTransform(
             _new_compose(A, transforms[:-1], _keypoint_params(compose)), version=version)
-        image, polygons = _probe_input()
-        out, _, _ = head(image, polygons)
+        out, _, _ = on_probe_input(head)
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
@@ -404,8 +597,7 @@ def compact_rest(split: SplitTransform, tail: NormalizeTail, trials: int = 4
     if whole is None or part is None or whole < part:
         return None
     candidate = CompactRest(split, shorter, whole - part)
-    image, polygons = _probe_input()
-    front = split.run_prefix(image, polygons)
+    front = on_probe_input(split.run_prefix)
     saved = random.getstate(), np.random.get_state()
     try:
         for seed in range(trials):
@@ -439,5 +631,6 @@ def _seeded(seed: int, run: Any) -> tuple[TransformResult, Any]:
 
 
 __all__ = ["AlbumentationsTransform", "CompactRest", "NormalizeTail", "SplitTransform",
-           "compact_rest", "is_compose", "run_compose", "split_deterministic_prefix",
+           "compact_rest", "describe", "is_compose", "random_by_parameters", "run_compose",
+           "split_deterministic_prefix",
            "split_normalize_tail"]

@@ -151,7 +151,8 @@ class OriginTransform:
                 "std": list(self.std), "max_pixel_value": self.max_pixel_value,
                 "pad_value": self.pad_value, "interpolation": "cv2.INTER_LINEAR",
                 "padding": "centred", "clamp": "into-image", "polygons": "float32",
-                "inverse": "origin-letterbox-float32", "version": self.version}
+                "inverse": "origin-letterbox-float32", "version": self.version,
+                "opencv": cv2.__version__}  # (the resize is OpenCV's)
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -206,7 +207,8 @@ class OriginMaps:
     config: OriginMapConfig = OriginMapConfig()
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.config.to_dict()
+        # (the areas, lengths and filled polygons are OpenCV's)
+        return {**self.config.to_dict(), "opencv": cv2.__version__}
 
     def __call__(self, polygons: Sequence[np.ndarray], height: int, width: int,
                  ignore: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
@@ -260,6 +262,9 @@ class Convention:
     maps: OriginMaps | DbMaps
     # The origin's word filters: fewer than 3 points before the transform, thin words after.
     filters_words: bool = False
+    # The origin's inverse matrix: its letterbox arithmetic from the input and output sizes,
+    # whatever the transform did (its transform objects compute it so).
+    letterbox_inverse: bool = False
     # How a decoded image with alpha becomes RGB: "white" composites it over white, "drop"
     # discards it (the origin's Pillow convert("RGB")).
     alpha: Literal["white", "drop"] = "white"
@@ -285,23 +290,45 @@ class Convention:
             out = [raw_to_upright(p, orientation, w, h) for p in polygons]
         if not self.filters_words:
             return out
-        return [q for q in (np.asarray(p, np.float32).reshape(-1, 2) for p in out)
-                if len(q) >= 3]
+        # The origin's rules: words of fewer than 3 points dropped, every vertex clamped into
+        # the (upright) image, as its transform objects do before their Compose.
+        w, h = upright_size(w, h, orientation)
+        limit = np.array([w - 1, h - 1], np.float32)
+        return [np.clip(q, np.float32(0), limit)
+                for q in (np.asarray(p, np.float32).reshape(-1, 2) for p in out) if len(q) >= 3]
+
+    def inverse_matrix(self, inverse: np.ndarray, input_size: tuple[int, int],
+                       output_hw: tuple[int, int]) -> np.ndarray:
+        """The inverse matrix a sample carries: the transform's own, or with
+        ``letterbox_inverse`` the origin's from the input (width, height) and the output
+        (height, width) alone (:meth:`OriginTransform.inverse_matrix`)."""
+        if not self.letterbox_inverse:
+            return inverse
+        return OriginTransform.inverse_matrix(*input_size, max(output_hw))
 
     def kept(self, polygons: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The words a transform's output keeps: with the origin's filters, each as a
         (k, 2) float32 array and without thin words (:func:`thin_word`); else as given."""
-        if not self.filters_words:
+        positions = self.kept_positions(polygons)
+        if positions is None:
             return list(polygons)
-        out = (np.asarray(p, np.float32).reshape(-1, 2) for p in polygons)
-        return [q for q in out if not thin_word(q)]
+        return [np.asarray(polygons[i], np.float32).reshape(-1, 2) for i in positions]
+
+    def kept_positions(self, polygons: Sequence[np.ndarray]) -> list[int] | None:
+        """Which of a transform's output words :meth:`kept` keeps (None: all, as given)."""
+        if not self.filters_words:
+            return None
+        return [i for i, p in enumerate(polygons)
+                if not thin_word(np.asarray(p, np.float32).reshape(-1, 2))]
 
     def fingerprint(self) -> dict[str, Any]:
         return {
             "convention": self.name,
             "annotations": {"round_points": self.round_points},
             "exif": {"annotation_frame": self.annotation_frame},
-            "words": {"filters": self.filters_words},
+            "inverse": "origin-letterbox" if self.letterbox_inverse else "transform",
+            "words": {"filters": self.filters_words,
+                      "clamp": "into-image" if self.filters_words else None},
             "transform": self.transform.fingerprint(),
             "maps": self.maps.fingerprint(),
         }
@@ -311,7 +338,7 @@ class Convention:
 # stays available for datasets annotated on the stored pixels.
 _CONVENTIONS = {
     "origin": Convention("origin", True, "auto", OriginTransform(), OriginMaps(),
-                         filters_words=True, alpha="drop"),
+                         filters_words=True, letterbox_inverse=True, alpha="drop"),
     "db": Convention("db", False, "upright", DbTransform(), DbMaps()),
 }
 

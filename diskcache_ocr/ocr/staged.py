@@ -13,6 +13,7 @@ it holds the output of the Compose's deterministic prefix instead, and the rest 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,20 +23,32 @@ import numpy as np
 from PIL import Image
 
 from diskcache_ocr.keys import fingerprint
-from diskcache_ocr.ocr.conventions import Convention, TransformResult, get_convention
+from diskcache_ocr.ocr.conventions import (
+    Convention,
+    TransformResult,
+    get_convention,
+    upright_size,
+)
 from diskcache_ocr.ocr.decode import MAX_PIXELS_DEFAULT, decode_image
 from diskcache_ocr.ocr.pipeline import DECODE_PARAMS
 from diskcache_ocr.ocr.stages import (
     BuiltinTransform,
     CallableTransform,
     MapsStage,
+    TransformError,
     TransformStage,
+    Words,
+    follow,
+    kept_words,
     maps_stage,
 )
 from diskcache_ocr.schema import KindVersion
 
-# Record layout of the ``tensors`` kind under a stage pipeline (version of the layout itself).
-STAGE_RECORD = "stage-record-v1"
+log = logging.getLogger(__name__)
+
+# Record layout of the ``tensors`` kind under a stage pipeline (version of the layout itself;
+# v2: ``words``, the input word of each polygon).
+STAGE_RECORD = "stage-record-v2"
 
 
 def image_header(data: bytes) -> tuple[tuple[int, int], int]:
@@ -50,6 +63,20 @@ def image_header(data: bytes) -> tuple[tuple[int, int], int]:
                 orientation = 1
     return size, orientation if orientation in range(1, 9) else 1
 
+
+
+def decode_params(convention: str = "db") -> dict[str, Any]:
+    """What decoding does under ``convention``, as data (its alpha rule)."""
+    decode = dict(DECODE_PARAMS)
+    if get_convention(convention).alpha == "drop":
+        decode.update(alpha="dropped", sixteen_bit="pillow-convert")
+    return decode
+
+
+def images_version(convention: str = "db") -> KindVersion:
+    """The ``images`` kind's version under ``convention``'s decode rules."""
+    decode = decode_params(convention)
+    return KindVersion(str(decode["version"]), fingerprint({"decode": decode}))
 
 
 def transform_stage(transform: object = None, *, version: object = None,
@@ -98,7 +125,12 @@ class StagePipeline:
         self.maps_stage: MapsStage = maps_stage(
             self.maps, version=self.maps_version, convention=self.convention,
             **self.map_params)
-        self.deterministic = self.stage.is_deterministic()
+        # Why the transform is random (its parameters, else the probe); None: deterministic.
+        self.randomness: str | None = self.stage.random_reason()
+        self.deterministic = self.randomness is None
+        if self.randomness is not None:
+            log.info("%s is random (%s): its output is not cached", self.stage.name,
+                     self.randomness)
         self.split = None  # a random Compose cut into a cached prefix and a live rest
         if not self.deterministic:
             from diskcache_ocr.ocr import albu
@@ -145,13 +177,11 @@ class StagePipeline:
         return frozenset(kinds)
 
     def kind_versions(self) -> dict[str, KindVersion]:
-        decode = dict(DECODE_PARAMS)
-        if self.conv.alpha == "drop":
-            decode.update(alpha="dropped", sixteen_bit="pillow-convert")
+        decode = decode_params(self.convention)
         conv = self.conv.fingerprint()
         rules = {"annotations": conv["annotations"], "exif": conv["exif"],
-                 "words": conv["words"]}
-        out = {"images": KindVersion(str(decode["version"]), fingerprint({"decode": decode}))}
+                 "words": conv["words"], "inverse": conv["inverse"]}
+        out = {"images": images_version(self.convention)}
         front = self._front_stage()
         if front is None:
             return out
@@ -191,23 +221,30 @@ class StagePipeline:
             out_image, moved, inverse = self.split.run_prefix(image, polys)
         elif self.head is not None:
             out_image, moved, inverse = self.head(image, polys)
-            moved = self.conv.kept(moved)
+            moved = self._kept(moved, len(polys))
+            inverse = self._inverse(inverse, image, out_image)
         elif self.deterministic and self.stage.cacheable:
             out_image, moved, inverse = self.stage(image, polys)
-            moved = self.conv.kept(moved)
+            moved = self._kept(moved, len(polys))
+            inverse = self._inverse(inverse, image, out_image)
         else:  # nothing cacheable in front: the record carries the loaded input
             out_image, moved, inverse = image, polys, np.eye(3)
-        return self._record(out_image, moved, inverse, raw_size, orientation)
+        words = kept_words(moved, len(polys))
+        return self._record(out_image, moved, inverse, raw_size, orientation,
+                            np.full(len(moved), -1, np.int64) if words is None else words)
 
     @staticmethod
     def _record(image: np.ndarray, polygons: Sequence[np.ndarray], inverse: np.ndarray,
-                raw_size: tuple[int, int], orientation: int) -> dict[str, np.ndarray]:
+                raw_size: tuple[int, int], orientation: int, words: np.ndarray
+                ) -> dict[str, np.ndarray]:
         polys = [np.asarray(p) for p in polygons]
         dtype = np.result_type(*[p.dtype for p in polys]) if polys else np.dtype(np.float64)
         flat = (np.concatenate([p.reshape(-1, 2) for p in polys]).astype(dtype, copy=False)
                 if polys else np.zeros((0, 2), dtype))
         return {"image": np.ascontiguousarray(image), "points": np.ascontiguousarray(flat),
                 "sizes": np.array([len(p) for p in polys], np.int64),
+                # the source word of each polygon (all -1: the transform did not say)
+                "words": np.asarray(words, np.int64),
                 "inverse_matrix": np.asarray(inverse, np.float64),
                 "raw_size": np.array(raw_size, np.int64),
                 "orientation": np.array([orientation], np.int64)}
@@ -220,14 +257,64 @@ class StagePipeline:
         ends = np.cumsum(sizes).tolist()
         # (views, as np.split makes them, without its per-piece overhead)
         polys = [points[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)] if ends else []
+        words = np.asarray(record["words"])
+        front = None if (words < 0).any() else words
         image, inverse = record["image"], record["inverse_matrix"]
         if self.head is not None or (self.deterministic and self.stage.cacheable):
-            return image, polys, inverse
+            return image, Words(polys, front), inverse
         if self.split is not None:
             out = (self.compact_rest or self.split).run_rest((image, polys, inverse))
         else:
             out = self.stage(image, polys)
-        return out[0], self.conv.kept(out[1]), out[2]
+        moved = Words(out[1], follow(front, kept_words(out[1], len(polys))))
+        raw = tuple(int(v) for v in record["raw_size"])
+        size = upright_size(raw[0], raw[1], int(np.asarray(record["orientation"]).reshape(-1)[0]))
+        inverse = self.conv.inverse_matrix(out[2], size, self.output_hw(out[0]))
+        return out[0], self._kept(moved, len(polys)), inverse
+
+    def _inverse(self, inverse: np.ndarray, image: np.ndarray, out_image: np.ndarray
+                 ) -> np.ndarray:
+        """The convention's inverse for a transform of ``image`` (H×W×C) to ``out_image``."""
+        return self.conv.inverse_matrix(inverse, (int(image.shape[1]), int(image.shape[0])),
+                                        self.output_hw(out_image))
+
+    def _kept(self, moved: Sequence[np.ndarray], n_input: int) -> Sequence[np.ndarray]:
+        """The convention's filter of a transform's output words, each word's input index
+        following it. (The origin's filter before the transform, of words under 3 points,
+        needs no index: its rules make no don't-care words, every flag is False.)"""
+        positions = self.conv.kept_positions(moved)
+        if positions is None:
+            return moved
+        index = kept_words(moved, n_input)
+        return Words([np.asarray(moved[i], np.float32).reshape(-1, 2) for i in positions],
+                     None if index is None else index[positions])
+
+    def word_flags(self, polygons: Sequence[np.ndarray], flags: Sequence[bool]
+                   ) -> np.ndarray | None:
+        """The don't-care flags of the transform's output ``polygons`` (from
+        :meth:`finish_sample`), given the source's ``flags``: each polygon's own word's.
+        None when the transform changed the count without saying which words it kept and
+        the flags are not all alike."""
+        source = np.asarray(flags, bool).reshape(-1)
+        index = kept_words(polygons, len(source))
+        if index is not None:
+            return source[index]
+        if source.size == 0 or source.all() or not source.any():
+            return np.full(len(polygons), bool(source.size and source[0]))
+        return None
+
+    def check_word_flags(self, polygons: Sequence[np.ndarray], flags: Sequence[bool],
+                         file: str) -> np.ndarray:
+        """:meth:`word_flags`, or a :class:`TransformError` naming ``file`` and the
+        transform when they cannot follow the polygons."""
+        out = self.word_flags(polygons, flags)
+        if out is None:
+            raise TransformError(
+                f"{file}: {self.stage.name} returned {len(polygons)} polygons for "
+                f"{len(flags)} words without saying which words it kept, so their don't-care "
+                "flags cannot follow them; return (image, polygons, inverse_matrix, kept), "
+                "kept[i] the input index of polygon i")
+        return out
 
     def finish_spec(self) -> dict[str, Any] | None:
         """How a compact sample's image becomes the transform's float32 output (None when
@@ -236,8 +323,13 @@ class StagePipeline:
 
     def make_maps(self, polygons: Sequence[np.ndarray], image: np.ndarray,
                   ignore: Sequence[bool] | None) -> dict[str, np.ndarray]:
+        """Maps of the transform's output ``polygons``; ``ignore`` are the source's flags,
+        each polygon takes its own word's (:meth:`word_flags`). When they cannot follow the
+        polygons the maps are made without flags: the sample is then never served (its
+        assembly raises :meth:`check_word_flags`' error, which names the file)."""
         height, width = self.output_hw(image)
-        return self.maps_stage(polygons, height, width, ignore=ignore)
+        flags = None if ignore is None else self.word_flags(polygons, ignore)
+        return self.maps_stage(list(polygons), height, width, ignore=flags)
 
     @staticmethod
     def output_hw(image: np.ndarray) -> tuple[int, int]:
@@ -261,4 +353,5 @@ class StagePipeline:
         return state
 
 
-__all__ = ["StagePipeline", "image_header", "transform_stage"]
+__all__ = ["StagePipeline", "decode_params", "image_header", "images_version",
+           "transform_stage"]

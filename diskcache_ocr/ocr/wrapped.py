@@ -65,6 +65,7 @@ class ComposeHolderTransform(TransformStage):
             raise TypeError(f"{_class_name(obj)}: expected a callable holding an "
                             "albumentations.Compose in .transform")
         self.obj = obj
+        self.name = f"transform {_class_name(obj)}"
         self.inner = albu.AlbumentationsTransform(obj.transform, version=version)
         self.version = None if version is None else plain_version(version, "transform_version")
         self.source = _source_digest(obj)
@@ -77,8 +78,9 @@ class ComposeHolderTransform(TransformStage):
         return {"stage": "compose-holder", "class": _class_name(self.obj),
                 "source": self.source, "compose": inner, "version": self.version}
 
-    def is_deterministic(self, trials: int = 8) -> bool:
-        return self.inner.is_deterministic(trials)
+    def random_reason(self, trials: int = 8) -> str | None:
+        """As random as the Compose it holds."""
+        return self.inner.random_reason(trials)
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         polys = [np.asarray(p, np.float32).reshape(-1, 2) for p in polygons]

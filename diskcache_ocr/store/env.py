@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import msgpack
 
 from diskcache_ocr.errors import (
     CacheClosedError,
@@ -31,7 +32,7 @@ from diskcache_ocr.errors import (
     CacheFormatError,
     CacheFullError,
 )
-from diskcache_ocr.store.header import _DBS, check_header
+from diskcache_ocr.store.header import _DBS, HEADER_KEY, check_header, check_not_newer
 from diskcache_ocr.store.protocol import StoreHandle
 from diskcache_ocr.store.txn import _scratch
 
@@ -395,15 +396,61 @@ def _reserve_lock_file(path: Path, opts: StoreOptions) -> None:
         os.close(fd)
 
 
-def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, dict[str, Any]]:
-    """Open (creating when writable) the environment at ``path``, check it is a complete
-    cache of this format, and open its sub-databases."""
-    check_cache_files(path)
-    if not opts.readonly:
+def _make_directory(path: Path, opts: StoreOptions) -> None:
+    try:
         path.mkdir(mode=opts.dir_mode, parents=True, exist_ok=True)
-        check_cache_files(path)  # (planted between the check and the mkdir)
-    elif not (path / "data.mdb").exists():
-        raise CacheError(f"{path}: no cache here (no data.mdb) to open read-only")
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise CacheError(
+            f"{path}: cannot create the cache directory{where}: {exc.strerror}; choose a "
+            "cache directory on a writable file system where this user may create it, "
+            "or create it first with write permission for this user (a cache built "
+            "elsewhere can be opened read-only)") from None
+    check_cache_files(path)  # (planted between the check and the mkdir)
+
+
+# NOTE: LMDB opens ``lock.mdb`` first, then ``data.mdb``, and trusts the lock table's last
+# transaction id to pick the data file's meta page. ``clear --all`` deletes both files: an
+# open between the two deletions would pair the old lock table with a new data file, and a
+# later one the new table with that file: two writers without a common lock on one file
+# (records torn, and readers picking the wrong meta page). So opening holds the directory's
+# lock shared, and the clear holds it exclusively while it deletes (``wipe``): an open sees
+# both old files or both new ones.
+_OPEN_TRIES = 20
+_GONE = -2  # directory_lock: the directory was replaced or removed while it waited
+
+
+def directory_lock(path: Path, *, exclusive: bool) -> int | None:
+    """Lock the cache directory (``flock``, shared to open, exclusive to delete the cache);
+    returns the descriptor to release, ``_GONE`` when the directory was removed or replaced
+    while it waited, or None where it cannot be locked (missing, unreadable, unsupported)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        st, now = os.fstat(fd), os.stat(path)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            os.close(fd)
+            return _GONE
+    except FileNotFoundError:
+        os.close(fd)
+        return _GONE
+    except OSError:  # no flock on this file system: as before
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_directory_lock(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
+def _open_lmdb(path: Path, opts: StoreOptions) -> lmdb.Environment:
     lock = opts.lock
     if lock and (not opts.readonly or _lock_writable(path)):
         _reserve_lock_file(path, opts)
@@ -414,7 +461,7 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
                     "which is safe only while no process writes this cache", path)
         lock = False
     try:
-        env = lmdb.open(
+        return lmdb.open(
             str(path), map_size=opts.map_size, readonly=opts.readonly,
             readahead=opts.readahead, max_readers=opts.max_readers, max_dbs=len(_DBS) + 2,
             max_spare_txns=0, lock=lock, sync=opts.sync, metasync=opts.sync,
@@ -428,6 +475,27 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
         raise CacheFormatError(f"{path}: written by another LMDB engine ({exc})") from None
     except lmdb.Error as exc:
         raise CacheError(f"{path}: cannot open the cache ({exc})") from None
+
+
+def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, dict[str, Any]]:
+    """Open (creating when writable) the environment at ``path``, check it is a complete
+    cache of this format, and open its sub-databases."""
+    check_cache_files(path)
+    for _ in range(_OPEN_TRIES):
+        if not opts.readonly:
+            _make_directory(path, opts)
+        elif not (path / "data.mdb").exists():
+            raise CacheError(f"{path}: no cache here (no data.mdb) to open read-only")
+        guard = directory_lock(path, exclusive=False)
+        if guard == _GONE:
+            continue  # (cleared and removed meanwhile: made again, or refused, above)
+        try:
+            env = _open_lmdb(path, opts)
+        finally:
+            release_directory_lock(guard)
+        break
+    else:
+        raise CacheError(f"{path}: the cache directory keeps disappearing while it is opened")
     try:
         for attempt in range(_MAX_GROWS):
             try:
@@ -457,9 +525,23 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
     return env, handles
 
 
+def _refuse_newer(env: lmdb.Environment, txn: lmdb.Transaction, path: Path) -> None:
+    """A cache of a newer format is refused before anything else is judged: it may have
+    other sub-databases or header fields, which are not damage."""
+    try:
+        raw = txn.get(HEADER_KEY, db=env.open_db(b"meta", txn=txn, create=False))
+        header = msgpack.unpackb(bytes(raw), raw=False) if raw is not None else None
+    except Exception:  # noqa: BLE001 - not ours or damaged: the checks that follow say which
+        return
+    if isinstance(header, dict):
+        check_not_newer(header, path)
+
+
 def _open_dbs(env: lmdb.Environment, path: Path, readonly: bool) -> dict[str, Any]:
     with env.begin() as txn:
         named = {bytes(k) for k, _ in txn.cursor()}
+        if b"meta" in named:
+            _refuse_newer(env, txn, path)
     del txn  # a finished read transaction keeps its reader slot until it is freed
     if named and b"meta" not in named:
         raise CacheFormatError(

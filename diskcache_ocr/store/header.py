@@ -15,6 +15,7 @@ import msgpack
 from diskcache_ocr._version import __version__
 from diskcache_ocr.errors import (
     CacheFormatError,
+    CacheNewerFormatError,
 )
 from diskcache_ocr.schema import KINDS
 
@@ -81,8 +82,23 @@ def _unpack_header(raw: bytes | memoryview, path: Path) -> dict[str, Any]:
         raise CacheFormatError(f"{path}: unreadable cache header ({exc})") from None
     if not isinstance(header, dict):
         raise CacheFormatError(f"{path}: cache header is not a map")
+    check_not_newer(header, path)  # (a newer format may lay out its other fields otherwise)
     _check_kinds_field(header.get("kinds", {}), path)
     return header
+
+
+def check_not_newer(header: Mapping[str, Any], path: Path) -> None:
+    """Refuse a header of a format newer than this library's: the cache is intact, written
+    by a newer version, and the way to read it is to upgrade, never to delete it."""
+    fmt = header.get("format")
+    if type(fmt) is int and fmt > STORE_FORMAT:
+        by = header.get("library")
+        by = f" {by}" if isinstance(by, str) and len(by) < 40 else ""
+        raise CacheNewerFormatError(
+            f"{path}: written by a newer version of diskcache-ocr{by} (cache format {fmt}); "
+            f"this version ({__version__}) reads cache format {STORE_FORMAT}. Upgrade "
+            "diskcache-ocr to use this cache (its data is intact and kept), or point "
+            "this version at another cache directory")
 
 
 def _check_kinds_field(kinds: Any, path: Path) -> None:
@@ -150,8 +166,9 @@ def check_header(env: lmdb.Environment, handles: dict[str, Any], path: Path, rea
         log.warning("%s: upgraded from cache format %s to %d: the index is rebuilt as "
                     "sources are read (records are kept)", path, old, STORE_FORMAT)
         return
-    if header.get("format") != STORE_FORMAT:
+    if header.get("format") != STORE_FORMAT:  # (a newer one was refused by _unpack_header)
         raise CacheFormatError(
-            f"{path}: cache format {header.get('format')!r}, this library reads "
-            f"format {STORE_FORMAT}; clear it with `diskcache-ocr clear --all`"
+            f"{path}: cache format {header.get('format')!r:.40}, this library reads "
+            f"format {STORE_FORMAT}; not a header this library ever wrote (damaged): clear it "
+            "with `diskcache-ocr clear --all`"
         )

@@ -23,7 +23,13 @@ import msgpack
 
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.schema import KINDS
-from diskcache_ocr.store.env import _open_stores, check_cache_files
+from diskcache_ocr.store.env import (
+    _GONE,
+    _open_stores,
+    check_cache_files,
+    directory_lock,
+    release_directory_lock,
+)
 from diskcache_ocr.store.header import _DBS, HEADER_KEY
 
 CACHE_FILES = ("data.mdb", "lock.mdb")
@@ -91,21 +97,31 @@ def _contents(env: lmdb.Environment, path: Path) -> dict[str, int]:
 def _child() -> None:
     """Run in a child process: take LMDB's writer lock, check no reader came, delete."""
     path = Path(sys.argv[1])
-    env = lmdb.open(str(path), readonly=False, create=False, lock=True, max_dbs=len(_DBS) + 2,
-                    max_spare_txns=0, map_size=1 << 20)
-    print("opened", flush=True)
-    txn = env.begin(write=True)  # waits for a writer in progress (the parent's timeout)
+    # Nobody opens the cache while its files go (see env.directory_lock): an open sees both
+    # old files or both new ones, never the old lock table with a new data file.
+    guard = directory_lock(path, exclusive=True)
+    if guard == _GONE:
+        print(json.dumps({"removed": True}), flush=True)  # removed by another clear meanwhile
+        return
     try:
-        readers = _attached_pids(env, also_ignore=os.getppid())
-        if readers:
-            print(json.dumps({"readers": readers}), flush=True)
-            return
-        for name in CACHE_FILES:
-            (path / name).unlink(missing_ok=True)
+        env = lmdb.open(str(path), readonly=False, create=False, lock=True,
+                        max_dbs=len(_DBS) + 2, max_spare_txns=0, map_size=1 << 20)
+        print("opened", flush=True)
+        txn = env.begin(write=True)  # waits for a writer in progress (the parent's timeout)
+        try:
+            readers = _attached_pids(env, also_ignore=os.getppid())
+            if readers:
+                print(json.dumps({"readers": readers}), flush=True)
+                return
+            for name in CACHE_FILES:
+                (path / name).unlink(missing_ok=True)
+        finally:
+            txn.abort()
+            env.close()
+        _remove_directory(path)
         print(json.dumps({"removed": True}), flush=True)
     finally:
-        txn.abort()
-        env.close()
+        release_directory_lock(guard)
 
 
 def _remove_under_writer_lock(path: Path, wait_s: float) -> None:
@@ -177,17 +193,22 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
         # A second handle on the same environment in one process would break LMDB's locks.
         raise CacheError(f"{path}: this process has the cache open (close its dataset or "
                          "store first); nothing removed")
+    guard = directory_lock(path, exclusive=False)  # (see _child)
     try:
         env = lmdb.open(str(path), readonly=False, create=False, lock=True, max_dbs=len(_DBS) + 2,
                         max_spare_txns=0, map_size=1 << 20)
     except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError) as exc:
         # A damaged file (or one of the other LMDB engine): nobody can be using it to write.
         result["reason"] = f"the cache file is damaged or unreadable ({exc})"
+        env = None
+    except lmdb.Error as exc:
+        raise CacheError(f"{path}: cannot open the cache ({exc}); nothing removed") from None
+    finally:
+        release_directory_lock(guard)
+    if env is None:
         if not dry_run:
             _remove(path, files)
         return result
-    except lmdb.Error as exc:
-        raise CacheError(f"{path}: cannot open the cache ({exc}); nothing removed") from None
     try:
         try:
             result["removed"] = _contents(env, path)
@@ -201,14 +222,25 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
                          f"(pids {', '.join(map(str, readers))}); stop them and run "
                          "again; nothing removed")
     if not dry_run:
-        _remove_under_writer_lock(path, writer_wait_s)
-        _remove(path, [])
+        _remove_under_writer_lock(path, writer_wait_s)  # (the directory too, when empty)
     return result
 
 
 def _remove(path: Path, files: list[Path]) -> None:
-    for p in files:
-        p.unlink(missing_ok=True)
+    guard = directory_lock(path, exclusive=True)  # (nobody opens the cache meanwhile)
+    if guard == _GONE:
+        return
+    try:
+        for p in files:
+            p.unlink(missing_ok=True)
+        _remove_directory(path)
+    finally:
+        release_directory_lock(guard)
+
+
+def _remove_directory(path: Path) -> None:
+    """Remove the emptied cache directory (under its exclusive lock: an open that waited
+    for the lock finds it gone and makes it again)."""
     try:
         path.rmdir()
     except OSError:  # not empty after all (a file appeared): leave the directory

@@ -449,3 +449,175 @@ def fill_disk(disk: Path) -> Path:
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler
+
+
+# -- clearing a cache while others open it ---------------------------------------------------
+def record_arrays(tag: str, i: int) -> dict[str, Any]:
+    """A record whose every byte says which writer and which write it is."""
+    seed = int.from_bytes(blake3.blake3(f"{tag}/{i}".encode()).digest()[:8], "little")
+    return {"image": np.random.default_rng(seed).integers(0, 256, (64, 96, 3), np.uint8)}
+
+
+def record_key(tag: str, i: int) -> bytes:
+    return blake3.blake3(f"key:{tag}/{i}".encode()).digest()
+
+
+def write_records(cache: str, tag: str, n: int, pause_s: float, out: str) -> int:
+    """Open the cache, write ``n`` records one transaction each, read them back."""
+    from diskcache_ocr.errors import CacheError
+    from diskcache_ocr.store import CacheStore
+
+    bad = []
+    try:
+        with CacheStore(cache) as store:
+            for i in range(n):
+                store.put("images", record_key(tag, i), record_arrays(tag, i))
+                time.sleep(pause_s)
+            for i in range(n):
+                got = store.get("images", record_key(tag, i))
+                if got is None or not np.array_equal(got["image"], record_arrays(tag, i)["image"]):
+                    bad.append(i)
+    except CacheError as exc:
+        bad.append(f"{type(exc).__name__}: {exc}")
+    Path(out).write_text(json.dumps({"bad": bad}))
+    return 0
+
+
+def paused_wipe(cache: str, paused: str, go: str) -> int:
+    """``clear --all``'s deleting step, made to stop after ``data.mdb`` is gone and before
+    ``lock.mdb`` goes (until ``go`` exists): the moment another process may open the cache."""
+    import pathlib
+
+    from diskcache_ocr.store import wipe
+
+    unlink = pathlib.Path.unlink
+
+    def slow_unlink(self: pathlib.Path, missing_ok: bool = False) -> None:
+        unlink(self, missing_ok=missing_ok)
+        if self.name == "data.mdb" and str(self.parent) == cache:
+            Path(paused).write_text("paused")
+            wait_for(lambda: os.path.exists(go), 120, "go")
+
+    pathlib.Path.unlink = slow_unlink  # type: ignore[method-assign]
+    sys.argv = ["wipe", cache]
+    wipe._child()
+    return 0
+
+
+# -- batch memory in shared memory ------------------------------------------------------------
+def slabs_in(shm_dir: str) -> list[str]:
+    from diskcache_ocr import batchmem
+
+    return sorted(n for n in os.listdir(shm_dir) if n.startswith(batchmem.SLAB_PREFIX))
+
+
+def loader_exit(images: str, annotations: str, cache: str, shm_dir: str, how: str,
+                out: str) -> int:
+    """A training loop over a 2-worker DataLoader that ends ``how``; writes what it saw.
+
+    - ``kill-worker``: a worker is SIGKILLed; the loop's error is not caught (the program
+      ends with it).
+    - ``raise``: the training step raises after two batches, not caught.
+    - ``teardown``: the loop stops after two batches, the iterator is dropped and collected;
+      the slabs left while the program still runs are written out.
+    - ``kill-worker-then-new-loader``: a worker is SIGKILLed, the error caught and dropped
+      (a notebook), then a new loader runs one batch; the slabs left are written out.
+    """
+    import gc
+
+    from torch.utils.data import DataLoader
+
+    from diskcache_ocr import batchmem
+    from diskcache_ocr.dataset import CachedOCRDataset, collate
+
+    batchmem.SHM_DIR = shm_dir  # (workers fork with it)
+    ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
+                          preload=False)
+    epochs = [i % len(ds) for i in range(len(ds) * 20)]
+
+    def loader() -> DataLoader:
+        return DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate, sampler=epochs)
+
+    it = iter(loader())
+    pids = [w.pid for w in it._workers]  # type: ignore[attr-defined]
+    held = [next(it), next(it)]
+    report: dict[str, Any] = {"workers": pids, "during": slabs_in(shm_dir)}
+
+    def save() -> None:
+        Path(out).write_text(json.dumps(report))
+
+    if how == "kill-worker":
+        save()
+        os.kill(pids[0], signal.SIGKILL)
+        for batch in it:
+            held = [batch]
+        return 0
+    if how == "raise":
+        save()
+        raise RuntimeError("the training step failed")
+    if how == "teardown":
+        del it, held
+        gc.collect()
+        report["after"] = slabs_in(shm_dir)
+        save()
+        return 0
+    assert how == "kill-worker-then-new-loader"
+    os.kill(pids[0], signal.SIGKILL)
+    try:
+        for batch in it:
+            held = [batch]
+    except RuntimeError as exc:
+        report["error"] = str(exc)[:200]
+    del it, held
+    gc.collect()
+    again = iter(loader())
+    next(again)
+    report["after"] = slabs_in(shm_dir)
+    report["new workers"] = [w.pid for w in again._workers]  # type: ignore[attr-defined]
+    save()
+    del again
+    return 0
+
+
+def shm_epochs(kind: str, images: str, annotations: str, cache: str, epochs: int,
+               out: str) -> int:
+    """Epochs of a 2-worker DataLoader (batches of 3) whose batches live in /dev/shm:
+    ``stock`` (a plain Dataset of the same tensors and the default collate), ``ours`` (the
+    cached dataset, batch memory reused) or ``ours-no-reuse``. Writes the batches seen and
+    the error that ended it, if any."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from diskcache_ocr.dataset import CachedOCRDataset, collate
+
+    names = ("image", *MAP_NAMES, "inverse_matrix")
+    ds = CachedOCRDataset(images, annotations, cache, preload=False, preset={
+        "load_maps": True, "reuse_batch_memory": kind != "ours-no-reuse",
+        "cache_config": {"cache_images": True, "cache_transformed_tensors": True,
+                         "cache_maps": True}})
+
+    class Plain(Dataset):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            self.items = [{k: ds[i][k].clone() for k in names} for i in range(len(ds))]
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return self.items[i]
+
+    data, collate_fn = (Plain(), None) if kind == "stock" else (ds, collate)
+    batches, error = 0, None
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(ds) * 4).remainder(len(ds)).tolist()  # 11 batches
+            for batch in DataLoader(data, batch_size=3, num_workers=2, collate_fn=collate_fn,
+                                    sampler=order):
+                batches += 1
+                time.sleep(0.02)  # a training step
+                del batch
+    except Exception as exc:  # noqa: BLE001 - the answer of this run
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    slabs = [n for n in slabs_in("/dev/shm") if not n.endswith("-pressure")]  # (see batchmem)
+    Path(out).write_text(json.dumps({"batches": batches, "error": error, "slabs": slabs}))
+    return 0

@@ -363,8 +363,8 @@ def test_a_cache_of_another_format_version_is_refused(tiny, cache_copy, tmp_path
         txn.put(b"header", msgpack.packb(header, use_bin_type=True), db=meta)
     env.close()
     results = _damage_and_check(tiny, images, cache, tmp_path, "format-99")
-    assert results["dataset"][0] == "CacheFormatError" and "format 99" in results["dataset"][1]
-    assert "corrupt" in results["health"][1]
+    assert results["dataset"][0] == "CacheNewerFormatError" and "format 99" in results["dataset"][1]
+    assert "corrupt" in results["health"][1] and "newer version" in results["health"][1]
 
 
 @pytest.mark.parametrize("what", ["garbage header", "foreign LMDB", "other engine"])
