@@ -209,5 +209,6 @@ def test_committed_figures_match_their_run(theirs: dict) -> None:
         assert rec["evaluator"]["filenames_to_check"] == want["anns_keys"]
         assert [n for b in rec["batches"] for n in b["image_filename"]] == want["item_order"]
         assert {n: f["gt"]["values"] for n, f in rec["evaluator"]["files"].items()} == gt
-        # (the losses may differ in the last bits on another CPU or torch build)
-        assert rec["metrics"] == pytest.approx(want["metrics"], rel=1e-5, abs=1e-7)
+        if WORKERS == 0:  # (the figures' run; workers seed the train batch's augmentation)
+            # (the losses may differ in the last bits on another CPU or torch build)
+            assert rec["metrics"] == pytest.approx(want["metrics"], rel=1e-5, abs=1e-7)
