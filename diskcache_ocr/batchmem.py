@@ -143,7 +143,7 @@ class _LocalPool:
     def _calibrate() -> int:
         """What getrefcount says of a block nobody uses, measured with the same code shape
         as ``_take`` (interpreters differ in which references they count). The reuse test in
-        tests/test_batchmem.py fails if this ever stops matching."""
+        tests/dataset/test_batchmem.py fails if this ever stops matching."""
         pool = [np.empty(1, np.uint8)]
         for buf in pool:
             return sys.getrefcount(buf)

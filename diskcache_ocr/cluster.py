@@ -44,7 +44,7 @@ from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
 from diskcache_ocr.keys import content_hash
 from diskcache_ocr.ocr.annotations import safe_source_path
 from diskcache_ocr.ocr.decode import read_image_file
-from diskcache_ocr.schema import IndexEntry, source_id
+from diskcache_ocr.schema import MAX_NAMES, IndexEntry, name_kind, source_id
 from diskcache_ocr.store import WriteBatch
 
 # Bytes of records packed into one chunk (at least one image's): a rank holds one chunk going
@@ -227,14 +227,15 @@ def pack_chunk(engine: Any, items: Sequence[int], limit: int | None = None
             entry = r.get_index(source_id(cat.images_dir, cat.source(i)))
             records = []
             if entry is not None and entry.ok:
-                for kind, key in engine.keys(i, entry.content_hash).items():
-                    if kind not in keep:
+                # (by the names the index gives them: kind and version)
+                for name, key in engine.keys(i, entry.content_hash).items():
+                    if name_kind(name) not in keep:
                         continue
-                    value = r.get_raw(kind, key)
+                    value = r.get_raw(name_kind(name), key)
                     if value is None:
                         records = []
                         break
-                    records.append([kind, key, bytes(value)])
+                    records.append([name, key, bytes(value)])
             if not records:
                 out.append({"i": i, "absent": True})
                 continue
@@ -267,14 +268,14 @@ def write_chunk(engine: Any, chunk: bytes, sender: str) -> tuple[int, int]:
         i, h = int(item["i"]), bytes(item["hash"])
         if not 0 <= i < len(cat):
             raise CacheFormatError(f"{where} names image {i}; the split has {len(cat)}")
-        want = {k: key for k, key in engine.keys(i, h).items() if k in keep}
-        got = {kind: (bytes(key), value) for kind, key, value in item["records"]}
-        if {k: key for k, (key, _) in got.items()} != want:
+        want = {n: key for n, key in engine.keys(i, h).items() if name_kind(n) in keep}
+        got = {str(name): (bytes(key), value) for name, key, value in item["records"]}
+        if {n: key for n, (key, _) in got.items()} != want:
             raise CacheError(f"{where}: image {cat.source(i)} came with other record keys "
                              "than this node's pipeline derives (another pipeline or "
                              "version); every node must run the same build")
-        for kind, (key, value) in got.items():
-            verify_checksum(value, f"{where}: {kind}/{key.hex()}")
+        for name, (key, value) in got.items():
+            verify_checksum(value, f"{where}: {name}/{key.hex()}")
         try:
             path = safe_source_path(cat.images_dir, cat.source(i))
             st = os.stat(path)
@@ -285,15 +286,34 @@ def write_chunk(engine: Any, chunk: bytes, sender: str) -> tuple[int, int]:
             continue  # unreadable here: this node's own build reports it
         if mine != h or not unchanged:
             continue  # another file here: this node builds its own
-        for kind, (key, value) in got.items():
-            batch.put(kind, key, value)
-        batch.put_index(source_id(cat.images_dir, cat.source(i)), IndexEntry.of_stat(
-            st, h, status="ok", keys=want, updated_ns=time.time_ns()))
+        for name, (key, value) in got.items():
+            batch.put(name_kind(name), key, value)
+        source = source_id(cat.images_dir, cat.source(i))
+        batch.put_index(source, IndexEntry.of_stat(
+            st, h, status="ok", keys=_names(store, source, st, h, want),
+            updated_ns=time.time_ns()))
         n_images += 1
         n_records += len(got)
     if len(batch):
         store.commit(batch)
     return n_images, n_records
+
+
+def _names(store: Any, source: str, st: os.stat_result, h: bytes, mine: dict[str, bytes]
+           ) -> dict[str, bytes]:
+    """The record names of a received source's new index entry: ``mine``, after those an
+    entry here already gives this very file (other pipelines' records), oldest going first
+    beyond MAX_NAMES."""
+    try:
+        entry = store.get_index(source)
+    except CacheError:  # a damaged entry: replaced
+        entry = None
+    keys = {} if entry is None or not entry.matches(st) or entry.content_hash != h else {
+        n: k for n, k in entry.keys.items() if n not in mine}
+    others = list(keys)
+    for name in others[:max(0, len(keys) + len(mine) - MAX_NAMES)]:
+        del keys[name]
+    return {**keys, **mine}
 
 
 __all__ = ["CHUNK_BYTES", "FAILED", "HELD", "MISSING", "Nodes", "check_same_split",

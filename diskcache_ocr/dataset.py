@@ -32,7 +32,7 @@ from diskcache_ocr.ocr.staged import StagePipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
 from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import CachePlan, Preset, cache_plan, load_preset
-from diskcache_ocr.readthrough import ReadThrough
+from diskcache_ocr.readthrough import ReadThrough, plain_versions
 from diskcache_ocr.samples import (
     BatchBuffers,
     Catalog,
@@ -169,8 +169,22 @@ class CachedOCRDataset(Dataset[Sample]):
                                   item_keys=item_keys)
         if store is not None:
             try:
-                store.check_kinds(self.engine.kind_versions(), on_mismatch)
-                frozen = (self.engine.serve_stored(store.header().get("kinds", {}))
+                # Each role (images directory, split, output form, convention) holds its own
+                # pipeline's records: a mismatch rebuilds (or refuses) this role's only.
+                described: dict[str, Any]
+                if isinstance(pipeline, StagePipeline):
+                    described = {"stage_pipeline": pipeline.describe()}
+                else:
+                    described = {"stage_pipeline": None,
+                                 "pipeline": {"transform": pipeline.transform.to_dict(),
+                                              "maps": pipeline.maps.to_dict()}}
+                opened = store.open_pipeline(
+                    self.engine.role(split, self.output), self.engine.kind_versions(),
+                    on_mismatch, plain=plain_versions(),
+                    described={**described, "dataset_root": str(self.images_dir),
+                               "preset": plan.name})
+                frozen = (self.engine.serve_stored({k: v.to_dict() for k, v in
+                                                    opened.stored.items()})
                           if on_mismatch == "ignore" else [])
                 if store.unsynced_reboot():
                     log.warning("%s: written without fsync before the last reboot; if the "
@@ -178,17 +192,8 @@ class CachedOCRDataset(Dataset[Sample]):
                                 cache_dir)
                 if not readonly:
                     # (the pipeline recorded is the one the stored records were made by)
-                    described: dict[str, Any] = {}
-                    if frozen:
-                        pass
-                    elif isinstance(pipeline, StagePipeline):
-                        described = {"stage_pipeline": pipeline.describe()}
-                    else:
-                        described = {"stage_pipeline": None,
-                                     "pipeline": {"transform": pipeline.transform.to_dict(),
-                                                  "maps": pipeline.maps.to_dict()}}
                     store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
-                                        **described)
+                                        **({} if frozen else described))
                 if preload == "first-epoch":
                     # What is missing is built by the first epoch's reads, in parallel in the
                     # DataLoader's workers (building it here is serial, before the first

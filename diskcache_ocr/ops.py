@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,20 +34,24 @@ from diskcache_ocr.ocr.staged import images_version
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.paths import default_cache_dir  # noqa: F401 - its home before paths.py
 from diskcache_ocr.presets import cache_plan
-from diskcache_ocr.readthrough import ReadThrough
-from diskcache_ocr.samples import Catalog
 from diskcache_ocr.schema import (
     KINDS,
     IndexEntry,
     KindVersion,
     dataset_root,
     format_hit_rates,
+    name_kind,
+    pipeline_id,
     reads,
+    record_name,
     source_id,
     source_state,
 )
 from diskcache_ocr.store import CacheStore, WriteBatch
 from diskcache_ocr.store.wipe import has_cache
+
+if TYPE_CHECKING:  # (the engine and torch load only for verify's recomputing)
+    from diskcache_ocr.readthrough import ReadThrough
 
 HEALTH_CODES = ("version_mismatch", "stale_entries", "old_entries", "low_hit_rate",
                 "failed_sources", "stale_readers", "corrupt", "incomplete_build")
@@ -129,16 +134,63 @@ def status(cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
                                    else have == want)
             kinds[kind] = entry
         index = list(store.iter_index())
+        pipelines = pipelines_of(header, index)
+        pipeline = pipeline_of(header)
+        if len(pipelines) > 1:
+            pipeline["line"] = "\n".join([f"{pipeline['line']} (the last opened of "
+                                          f"{len(pipelines)} pipelines:)",
+                                          *(f"  {p['line']}" for p in pipelines)])
         return {
             "path": str(store.path),
-            "header": {k: v for k, v in header.items() if k not in ("kinds",)},
-            "pipeline": pipeline_of(header),
+            "header": {k: v for k, v in header.items() if k not in ("kinds", "pipelines")},
+            "pipeline": pipeline,
+            "pipelines": pipelines,
             "kinds": kinds,
             "index": {"sources": len(index), "failed": sum(not e.ok for _, e in index)},
             "completeness": completeness(header),
             "map": store.info(),
             "stats": store.stats(),
         }
+
+
+def pipelines_of(header: dict[str, Any], index: Sequence[tuple[str, IndexEntry]]
+                 ) -> list[dict[str, Any]]:
+    """The pipelines a cache holds, one per role (what a pipeline replaces when it changes:
+    images directory, split, output form, convention): its id, the version of each kind it
+    caches with the entries the index names for it, when it was first and last used, and a
+    ``line`` saying all that in one line."""
+    names = Counter(name for _, e in index for name in e.keys)
+    out = []
+    for role, p in sorted(header.get("pipelines", {}).items()):
+        kinds = {k: KindVersion.from_dict(v) for k, v in p.get("kinds", {}).items()}
+        per_kind = {kind: {"version": str(v),
+                           "entries": names[_name(header, kind, v)]}
+                    for kind, v in kinds.items()}
+        described = p.get("described") or {}
+        what = ("yours" if described.get("stage_pipeline") else
+                "built-in" if described.get("pipeline") else "not recorded")
+        counts = ", ".join(f"{k} {v['entries']}" for k, v in per_kind.items())
+        out.append({"role": role, "id": pipeline_id(kinds), "kinds": per_kind,
+                    "pipeline": what, "preset": described.get("preset"),
+                    "first_used": p.get("first_used"), "last_used": p.get("last_used"),
+                    "line": f"{role}: {what} pipeline {pipeline_id(kinds)} ({counts})"})
+    return out
+
+
+def _name(header: dict[str, Any], kind: str, version: KindVersion) -> str:
+    """The index's name of a kind version's records (images of the version keyed by content
+    alone keep the plain name)."""
+    plain = header.get("plain", {}).get(kind)
+    return record_name(kind, version.fingerprint,
+                       plain=plain is not None and KindVersion.from_dict(plain) == version)
+
+
+def _live_names(header: dict[str, Any]) -> set[str]:
+    """The names of every record a registered pipeline reaches."""
+    live = {_name(header, kind, KindVersion.from_dict(v))
+            for p in header.get("pipelines", {}).values()
+            for kind, v in p.get("kinds", {}).items()}
+    return live | set(header.get("plain", {}))
 
 
 def completeness(header: dict[str, Any]) -> dict[str, Any] | None:
@@ -223,7 +275,7 @@ def empty_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     current = stored_pipeline({}).kind_versions()
     return {
         "path": str(path), "empty": True, "header": {},
-        "pipeline": {"name": None, "line": "none recorded yet"},
+        "pipeline": {"name": None, "line": "none recorded yet"}, "pipelines": [],
         "kinds": {k: {"entries": 0, "bytes": 0, "stored_version": None,
                       "current_version": str(current[k]), "up_to_date": True} for k in KINDS},
         "index": {"sources": 0, "failed": 0},
@@ -375,7 +427,7 @@ def _clear_all(path: Path, dry_run: bool) -> dict[str, Any]:
             counts["index"] = len(list(store.iter_index()))
             if not dry_run:
                 store.wipe()
-                store.update_header(kinds={}, build={})
+                store.update_header(kinds={}, build={}, pipelines={}, plain={})
         return {"dry_run": dry_run, "removed": counts}
     except CacheFormatError as exc:
         # A damaged or foreign file: remove the two LMDB files (nothing else) so the next
@@ -401,11 +453,20 @@ def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, d
     under = os.path.join(os.path.realpath(images_dir), "") if images_dir else ""
     stale = [(s, e) for s, e in index if s.startswith(under) and source_state(None, s, e)]
     gone = {s for s, _ in stale}
-    kept = [e for s, e in index if s not in gone]
-    live = {key for e in kept for key in e.keys.values()} | {e.content_hash for e in kept}
-    orphans = {k: [key for key in store.keys(k) if key not in live] for k in KINDS}
+    # A record is live while a kept entry names it by a name some registered pipeline
+    # reads (the records of a retired pipeline are not, nor names no pipeline holds).
+    names = _live_names(header)
+    kept = [(s, e) for s, e in index if s not in gone]
+    live = {(name_kind(n), key) for _, e in kept for n, key in e.keys.items() if n in names}
+    if "images" in names:  # (images of the plain decode are found by content alone)
+        live |= {("images", e.content_hash) for _, e in kept}
+    orphans = {k: [key for key in store.keys(k) if (k, key) not in live] for k in KINDS}
+    renamed = [(s, replace(e, keys={n: key for n, key in e.keys.items() if n in names}))
+               for s, e in kept if any(n not in names for n in e.keys)]
     if not dry_run:
         batch = WriteBatch()
+        for source, entry in renamed:
+            batch.put_index(source, entry)
         for source, _ in stale:
             batch.delete_index(source)
         for kind, keys in orphans.items():
@@ -505,6 +566,9 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
     # Sources without an annotation are checked without words (and without maps).
     items = tuple(words.get(s) or ImageAnnotation(os.path.basename(s), (), (), ())
                   for s, _ in chosen)
+    from diskcache_ocr.readthrough import ReadThrough
+    from diskcache_ocr.samples import Catalog
+
     engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
                          cache_plan("none"), None)
     return _compare(store, engine, [(i, s, e, s in words) for i, (s, e) in enumerate(chosen)],

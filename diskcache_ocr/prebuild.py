@@ -28,11 +28,9 @@ from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
 from diskcache_ocr.ocr.maps import MapConfig
-from diskcache_ocr.ocr.staged import images_version
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import Preset, cache_plan
-from diskcache_ocr.readthrough import ReadThrough
-from diskcache_ocr.schema import KindVersion
+from diskcache_ocr.readthrough import ReadThrough, pipeline_role
 from diskcache_ocr.store import CacheStore, Policy
 from diskcache_ocr.store.wipe import has_cache
 
@@ -125,7 +123,9 @@ def _build(
 
         first = directory_nodes(cache_dir).leader
     if first:
-        refuse_other_pipeline(cache_dir, cache_plan(preset).cached)
+        plan = cache_plan(preset)
+        refuse_other_pipeline(cache_dir, plan.cached,
+                              role=pipeline_role(images_dir, split, plan.output, "db"))
         ds = open_dataset(on_mismatch)
     barrier(world)
     if not first:
@@ -134,25 +134,24 @@ def _build(
                         started=started)
 
 
-def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str]) -> None:
-    """Raise :class:`CacheError` when the built-in pipeline's build would replace ``kinds``
-    records that a user's pipeline wrote into ``cache_dir`` (its header says whose they
-    are). Another version of the built-in pipeline's own records is rebuilt as before; an
-    emptied kind (``clear --kind``) is free."""
+def refuse_other_pipeline(cache_dir: str | os.PathLike[str], kinds: Iterable[str], *,
+                          role: str) -> None:
+    """Raise :class:`CacheError` when the built-in pipeline's build in ``role`` would
+    replace ``kinds`` records that a user's pipeline of the same role wrote into
+    ``cache_dir`` (its header says whose they are). Pipelines of other roles keep their
+    records beside it; another version of the built-in pipeline's own records is rebuilt as
+    before; an emptied kind (``clear --kind``) is free."""
     from diskcache_ocr.ops import pipeline_of
 
     if not has_cache(cache_dir):
         return
     with CacheStore(cache_dir, readonly=True) as store:
         header = store.header()
-        stored = header.get("kinds", {})
-        taken = [k for k in ("tensors", "maps") if k in kinds and k in stored
+        held = header.get("pipelines", {}).get(role) or {}
+        taken = [k for k in ("tensors", "maps") if k in kinds and k in held.get("kinds", {})
                  and store.kind_stats(k)["entries"]]
-        # Decoded images are shared unless the other pipeline decodes by other rules (the
-        # origin convention drops alpha): then they are its own too.
-        if ("images" in kinds and "images" in stored and store.kind_stats("images")["entries"]
-                and KindVersion.from_dict(stored["images"]) != images_version("db")):
-            taken.insert(0, "images")
+    described = held.get("described") or {}
+    header = {**header, **described, "kinds": held.get("kinds", {})}
     owner = pipeline_of(header)
     if not taken or owner["name"] != "user":
         return

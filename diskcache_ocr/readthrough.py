@@ -13,6 +13,7 @@ computes anything itself. What is read, written and returned comes from a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -46,12 +47,16 @@ from diskcache_ocr.samples import (
 )
 from diskcache_ocr.schema import (
     KINDS,
+    MAX_NAMES,
     IndexEntry,
     KindVersion,
+    derived_image_key,
     flat_polygons_bytes,
     format_hit_rates,
     index_key,
     maps_key,
+    name_kind,
+    record_name,
     tensor_key,
 )
 from diskcache_ocr.staged_samples import (
@@ -91,6 +96,24 @@ class Work:
     not_cached: CacheError | None = None  # why the write-back failed (the sample is fine)
     hits: dict[str, bytes] = field(default_factory=dict)  # kind -> key found in the cache
     writes: list[tuple[str, bytes, dict[str, np.ndarray]]] = field(default_factory=list)
+
+
+def pipeline_role(images_dir: str | os.PathLike[str], split: str, output: str,
+                  convention: str) -> str:
+    """The role of a pipeline in a cache (see :meth:`ReadThrough.role`)."""
+    return (f"{os.path.realpath(images_dir)} split={split} output={output} "
+            f"convention={convention}")
+
+
+def plain_versions() -> dict[str, KindVersion]:
+    """The version whose records are keyed by content alone: images decoded by the
+    library's own decode (every pipeline's, unless its convention decodes otherwise)."""
+    return {"images": _library_decode()}
+
+
+@functools.cache
+def _library_decode() -> KindVersion:
+    return Pipeline().kind_versions()["images"]
 
 
 class BuildResult(NamedTuple):
@@ -148,6 +171,13 @@ class ReadThrough:
         self._init_runtime()
 
     # -- public surface -----------------------------------------------------------------
+    def role(self, split: str, output: str) -> str:
+        """What this engine's pipeline replaces in a cache when it changes: the pipeline
+        reading the same images directory, for the same split, in the same output form, by
+        the same convention. Pipelines of other roles keep their records beside it."""
+        return pipeline_role(self.catalog.images_dir, split, output,
+                             getattr(self.pipeline, "convention", "db"))
+
     def kind_versions(self) -> dict[str, KindVersion]:
         """Versions of the kinds this plan caches (what the store's header must agree with)."""
         versions = self.pipeline.kind_versions()
@@ -168,13 +198,28 @@ class ReadThrough:
         return frozen
 
     def keys(self, index: int, content: bytes) -> dict[str, bytes]:
-        """The record key of every kind for image ``index`` whose file hashes to ``content``."""
-        out = {"images": content}
+        """The record of every kind for image ``index`` whose file hashes to ``content``,
+        by the name the index gives it (:func:`~diskcache_ocr.schema.record_name`)."""
+        out = {self._name("images"): self._image_key(content)}
         if "tensors" in self._fingerprints:
-            out["tensors"] = self._tensor_key(index, content)
+            out[self._name("tensors")] = self._tensor_key(index, content)
         if "maps" in self._fingerprints:
-            out["maps"] = self._maps_key(index, content)
+            out[self._name("maps")] = self._maps_key(index, content)
         return out
+
+    def _plain_images(self) -> bool:
+        return self._fingerprints.get("images") == _library_decode().fingerprint
+
+    def _name(self, kind: str) -> str:
+        return record_name(kind, self._fingerprints.get(kind, ""),
+                           plain=kind == "images" and self._plain_images())
+
+    def _image_key(self, h: bytes) -> bytes:
+        """Images of the library's decode are keyed by content; another decode's (a
+        convention that drops alpha) by content and decode, so the two never collide."""
+        if self._plain_images():
+            return h
+        return derived_image_key(h, self._fingerprints["images"])
 
     def buffers(self, n: int, *, shared: bool = False, pin: bool = False,
                 compact: bool = False, reuse: bool | None = None) -> BatchBuffers:
@@ -259,8 +304,9 @@ class ReadThrough:
                 if not entry.ok:
                     failed.append((w.source, entry.status))
                     continue
-                needed = [(k, key) for k, key in self.keys(w.index, entry.content_hash).items()
-                          if k in self._keep]
+                needed = [(name_kind(n), key)
+                          for n, key in self.keys(w.index, entry.content_hash).items()
+                          if name_kind(n) in self._keep]
                 if not all(txn.contains(kind, key) for kind, key in needed):
                     todo.append(w.index)
         return todo, failed
@@ -362,13 +408,14 @@ class ReadThrough:
                         copies.append((np.copyto, (buffers.maps[name][w.slot], rec[name])))
                 w.maps_done = True
         if self._images and w.geometry is None:
-            rec = self._get(txn, "images", h, w)
+            rec = self._get(txn, "images", self._image_key(h), w)
             if rec is not None:
                 w.image = np.array(rec["image"])  # the transform needs it after the block
-        elif self._images and w.entry is None and txn.contains("images", h):
+        elif (self._images and (w.entry is None or self._name("images") not in w.entry.keys)
+              and txn.contains("images", self._image_key(h))):
             # Not needed now, but the new index entry must name it, or invalidating this
             # source later would leave the image record behind.
-            w.hits["images"] = h
+            w.hits[self._name("images")] = self._image_key(h)
 
     def _get(self, txn: ReadTxn, kind: str, key: bytes, w: Work) -> Record | None:
         assert self.store is not None
@@ -381,7 +428,7 @@ class ReadThrough:
             self.store.count(kind, misses=1)
             return None
         self.store.count(kind, hits=1, bytes_read=rec.nbytes)
-        w.hits[kind] = key
+        w.hits[self._name(kind)] = key
         return rec
 
     def _read_source(self, w: Work) -> bool:
@@ -442,7 +489,8 @@ class ReadThrough:
                 assert w.content is not None and w.content_hash is not None
                 w.image = p.decode(w.content, w.source)
                 if "images" in keep:
-                    w.writes.append(("images", w.content_hash, {"image": w.image}))
+                    w.writes.append(("images", self._image_key(w.content_hash),
+                                     {"image": w.image}))
             if need_tensor:
                 assert w.image is not None and w.content_hash is not None
                 polys, _ = self.catalog.words(w.index)
@@ -479,7 +527,8 @@ class ReadThrough:
                 if w.image is None:
                     w.image = p.decode(w.content, w.source)
                     if "images" in keep:
-                        w.writes.append(("images", w.content_hash, {"image": w.image}))
+                        w.writes.append(("images", self._image_key(w.content_hash),
+                                     {"image": w.image}))
                 raw_size, orientation = image_header(w.content)
                 polys, _ = self.catalog.words(w.index)
                 w.tensor = p.front(w.image, polys, raw_size, orientation)
@@ -506,7 +555,7 @@ class ReadThrough:
                 batch.put(kind, key, arrays)
             if w.stat is None or w.content_hash is None:
                 continue
-            if w.entry is not None and not w.writes:
+            if w.entry is not None and not w.writes and w.hits.items() <= w.entry.keys.items():
                 continue  # nothing new to say about this source
             if w.entry is None and not (w.writes or w.hits or w.error):
                 continue  # nothing cached for it (e.g. only maps cached, maps not read)
@@ -519,7 +568,11 @@ class ReadThrough:
             status = "ok" if w.error is None else f"failed: {w.error}"
             keys = dict(w.entry.keys) if w.entry is not None else {}
             keys.update(w.hits)  # records found by content (e.g. the file was touched)
-            keys.update({kind: key for kind, key, _ in w.writes})
+            mine = {self._name(kind): key for kind, key, _ in w.writes}
+            keys.update(mine)
+            others = [n for n in keys if n not in mine and n not in w.hits]
+            for name in others[:max(0, len(keys) - MAX_NAMES)]:
+                del keys[name]  # (the oldest other names go: their records become orphans)
             batch.put_index(self._id(w), IndexEntry.of_stat(
                 w.stat, w.content_hash, status=status, keys=keys, updated_ns=time.time_ns()))
         if len(batch):
@@ -606,4 +659,4 @@ def _run_inline(copies: list[Copy]) -> None:
         fn(*args)
 
 
-__all__ = ["BuildResult", "ReadThrough", "Work"]
+__all__ = ["BuildResult", "ReadThrough", "Work", "pipeline_role", "plain_versions"]

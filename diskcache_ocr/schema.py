@@ -47,7 +47,8 @@ class IndexEntry:
     mtime_ns: int
     content_hash: bytes
     status: str = "ok"  # "ok" or "failed: <reason>"
-    keys: Mapping[str, bytes] = field(default_factory=dict)  # kind -> record key
+    # record name (see :func:`record_name`) -> record key: one per kind per pipeline version
+    keys: Mapping[str, bytes] = field(default_factory=dict)
     updated_ns: int = 0
     # A file put in the source's place keeps neither its inode nor its ctime, whatever its
     # size and mtime (a copy with preserved times, an atomic replace, a retargeted symlink).
@@ -57,6 +58,11 @@ class IndexEntry:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def records(self) -> list[tuple[str, bytes]]:
+        """(kind, record key) of every record this entry names (any pipeline's)."""
+        return [(name_kind(name), key) for name, key in self.keys.items()
+                if name_kind(name) in KINDS]
 
     def matches(self, st: os.stat_result) -> bool:
         """The stale rule: an entry describes a file while its size, mtime, inode and ctime
@@ -79,7 +85,8 @@ class IndexEntry:
     @classmethod
     def unpack(cls, raw: bytes, where: str) -> IndexEntry:
         try:
-            d = msgpack.unpackb(raw, raw=False, max_map_len=16, max_array_len=16)
+            # (one name per kind per pipeline version: several pipelines read one source)
+            d = msgpack.unpackb(raw, raw=False, max_map_len=MAX_NAMES, max_array_len=16)
             entry = cls(
                 size=_int(d["size"]), mtime_ns=_int(d["mtime_ns"]),
                 content_hash=_bytes(d["content_hash"], HASH_BYTES), status=_str(d["status"]),
@@ -93,6 +100,25 @@ class IndexEntry:
 
 
 HASH_BYTES = 32  # a content hash (blake3)
+MAX_NAMES = 256  # record names one index entry may hold
+
+
+def record_name(kind: str, fingerprint: str, *, plain: bool = False) -> str:
+    """The name an index entry gives a record: its kind and the fingerprint of the version
+    that made it (``tensors:1f0c...``), so the records of several pipelines reading one
+    source are all named; ``plain`` (images of the library's own decode, keyed by content
+    alone) is the kind alone."""
+    return kind if plain else f"{kind}:{fingerprint[:16]}"
+
+
+def name_kind(name: str) -> str:
+    """The kind of a :func:`record_name`."""
+    return name.partition(":")[0]
+
+
+def pipeline_id(kinds: Mapping[str, KindVersion]) -> str:
+    """A short id of a pipeline: a hash of its kinds' versions."""
+    return derive_key("pipeline", *(f"{k}={kinds[k]}" for k in sorted(kinds))).hex()[:16]
 
 
 def _int(v: Any) -> int:
@@ -179,6 +205,12 @@ def image_key(content: bytes) -> bytes:
     return content
 
 
+def derived_image_key(content: bytes, decode_fingerprint: str) -> bytes:
+    """An ``images`` record of a decode other than the library's own: its decode is in the
+    key, so two decodes of one file never share a record."""
+    return derive_key("images", content, decode_fingerprint)
+
+
 def tensor_key(content: bytes, transform_fingerprint: str) -> bytes:
     return derive_key("tensors", content, transform_fingerprint)
 
@@ -206,6 +238,7 @@ def polygons_bytes(polygons: Sequence[np.ndarray], ignore: Sequence[bool] | np.n
     return flat_polygons_bytes(points, sizes, np.asarray(ignore, bool))
 
 
-__all__ = ["KINDS", "IndexEntry", "KindVersion", "dataset_root", "flat_polygons_bytes",
-           "format_hit_rates", "image_key", "index_key", "maps_key", "polygons_bytes", "reads",
-           "source_id", "source_state", "tensor_key"]
+__all__ = ["KINDS", "IndexEntry", "KindVersion", "dataset_root", "derived_image_key",
+           "flat_polygons_bytes", "format_hit_rates", "image_key", "index_key", "maps_key",
+           "name_kind", "pipeline_id", "polygons_bytes", "reads", "record_name", "source_id",
+           "source_state", "tensor_key"]

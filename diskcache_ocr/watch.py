@@ -27,7 +27,7 @@ from watchdog.observers.polling import PollingObserver
 
 from diskcache_ocr.errors import CacheError, SourceError
 from diskcache_ocr.ocr.annotations import IMAGE_SUFFIXES, safe_source_path
-from diskcache_ocr.schema import KINDS, dataset_root, source_id, source_state
+from diskcache_ocr.schema import dataset_root, source_id, source_state
 from diskcache_ocr.store import CacheStore, WriteBatch
 
 _LOG = logging.getLogger("diskcache_ocr.watch")
@@ -164,9 +164,8 @@ class Watcher:
                     continue
                 if entry is not None:
                     batch.delete_index(source)
-                    for kind, key in entry.keys.items():
-                        if kind in KINDS:  # WriteBatch refuses names it does not know
-                            batch.delete(kind, key)
+                    for kind, key in entry.records():  # (every pipeline's records)
+                        batch.delete(kind, key)
                     count += 1
         if count:
             self.store.commit(batch)

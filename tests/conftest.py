@@ -1,13 +1,36 @@
+"""Shared by the whole suite: test helpers on the import path, the Hypothesis profile, the
+tiers (tests/README.md) and the session's datasets and caches."""
+
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
-from hypothesis import settings
 
-settings.register_profile("ci", max_examples=60, deadline=None)
-settings.register_profile("dev", max_examples=30, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+HERE = Path(__file__).resolve().parent
+
+# Test modules import helpers by their bare names (``testkit``, ``relhelp``, a sibling test
+# file's pipelines), wherever in tests/ either lives and whichever file pytest runs alone:
+# tests/ and each folder of test modules are on the path. (Spawned workers inherit it.)
+for _folder in (HERE, *sorted(p.parent for p in HERE.glob("*/test_*.py"))):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+import hypkit  # noqa: E402 - registers and loads the Hypothesis profile
+
+hypkit.load()
+
+# Folders whose every test belongs to the whole suite only (not to ``./dev.sh test --quick``).
+FULL_ONLY = ("reliability", "conformance")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        if path.is_relative_to(HERE) and path.relative_to(HERE).parts[0] in FULL_ONLY:
+            item.add_marker(pytest.mark.full)
 
 
 BUILT_N = 4  # images in the shared prebuilt cache

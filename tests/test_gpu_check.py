@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.full
 def test_gpu_check_dry_run_writes_every_feed(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--data", str(tmp_path),

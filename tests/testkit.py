@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,26 @@ def command() -> list[str]:
     """The console script next to this interpreter, else the module."""
     script = Path(sys.executable).with_name("diskcache-ocr")
     return [str(script)] if script.exists() else [sys.executable, "-m", "diskcache_ocr.cli"]
+
+
+def run_together(*argvs: list[str], timeout: float = 120,
+                 **options) -> list[subprocess.CompletedProcess]:
+    """Each command as ``subprocess.run(argv, capture_output=True, text=True, **options)``
+    returns it, all started at once: fresh interpreters that import the library overlap their
+    imports."""
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              **options) for argv in argvs]
+    done = []
+    try:
+        for argv, proc in zip(argvs, procs):
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
 
 
 def run_cli(capsys, *argv: object) -> tuple[int, str, str]:

@@ -262,6 +262,9 @@ class Convention:
     maps: OriginMaps | DbMaps
     # The origin's word filters: fewer than 3 points before the transform, thin words after.
     filters_words: bool = False
+    # The origin's inverse matrix: its letterbox arithmetic from the input and output sizes,
+    # whatever the transform did (its transform objects compute it so).
+    letterbox_inverse: bool = False
     # How a decoded image with alpha becomes RGB: "white" composites it over white, "drop"
     # discards it (the origin's Pillow convert("RGB")).
     alpha: Literal["white", "drop"] = "white"
@@ -294,6 +297,15 @@ class Convention:
         return [np.clip(q, np.float32(0), limit)
                 for q in (np.asarray(p, np.float32).reshape(-1, 2) for p in out) if len(q) >= 3]
 
+    def inverse_matrix(self, inverse: np.ndarray, input_size: tuple[int, int],
+                       output_hw: tuple[int, int]) -> np.ndarray:
+        """The inverse matrix a sample carries: the transform's own, or with
+        ``letterbox_inverse`` the origin's from the input (width, height) and the output
+        (height, width) alone (:meth:`OriginTransform.inverse_matrix`)."""
+        if not self.letterbox_inverse:
+            return inverse
+        return OriginTransform.inverse_matrix(*input_size, max(output_hw))
+
     def kept(self, polygons: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The words a transform's output keeps: with the origin's filters, each as a
         (k, 2) float32 array and without thin words (:func:`thin_word`); else as given."""
@@ -314,6 +326,7 @@ class Convention:
             "convention": self.name,
             "annotations": {"round_points": self.round_points},
             "exif": {"annotation_frame": self.annotation_frame},
+            "inverse": "origin-letterbox" if self.letterbox_inverse else "transform",
             "words": {"filters": self.filters_words,
                       "clamp": "into-image" if self.filters_words else None},
             "transform": self.transform.fingerprint(),
@@ -325,7 +338,7 @@ class Convention:
 # stays available for datasets annotated on the stored pixels.
 _CONVENTIONS = {
     "origin": Convention("origin", True, "auto", OriginTransform(), OriginMaps(),
-                         filters_words=True, alpha="drop"),
+                         filters_words=True, letterbox_inverse=True, alpha="drop"),
     "db": Convention("db", False, "upright", DbTransform(), DbMaps()),
 }
 

@@ -23,7 +23,12 @@ import numpy as np
 from PIL import Image
 
 from diskcache_ocr.keys import fingerprint
-from diskcache_ocr.ocr.conventions import Convention, TransformResult, get_convention
+from diskcache_ocr.ocr.conventions import (
+    Convention,
+    TransformResult,
+    get_convention,
+    upright_size,
+)
 from diskcache_ocr.ocr.decode import MAX_PIXELS_DEFAULT, decode_image
 from diskcache_ocr.ocr.pipeline import DECODE_PARAMS
 from diskcache_ocr.ocr.stages import (
@@ -175,7 +180,7 @@ class StagePipeline:
         decode = decode_params(self.convention)
         conv = self.conv.fingerprint()
         rules = {"annotations": conv["annotations"], "exif": conv["exif"],
-                 "words": conv["words"]}
+                 "words": conv["words"], "inverse": conv["inverse"]}
         out = {"images": images_version(self.convention)}
         front = self._front_stage()
         if front is None:
@@ -217,9 +222,11 @@ class StagePipeline:
         elif self.head is not None:
             out_image, moved, inverse = self.head(image, polys)
             moved = self._kept(moved, len(polys))
+            inverse = self._inverse(inverse, image, out_image)
         elif self.deterministic and self.stage.cacheable:
             out_image, moved, inverse = self.stage(image, polys)
             moved = self._kept(moved, len(polys))
+            inverse = self._inverse(inverse, image, out_image)
         else:  # nothing cacheable in front: the record carries the loaded input
             out_image, moved, inverse = image, polys, np.eye(3)
         words = kept_words(moved, len(polys))
@@ -260,7 +267,16 @@ class StagePipeline:
         else:
             out = self.stage(image, polys)
         moved = Words(out[1], follow(front, kept_words(out[1], len(polys))))
-        return out[0], self._kept(moved, len(polys)), out[2]
+        raw = tuple(int(v) for v in record["raw_size"])
+        size = upright_size(raw[0], raw[1], int(np.asarray(record["orientation"]).reshape(-1)[0]))
+        inverse = self.conv.inverse_matrix(out[2], size, self.output_hw(out[0]))
+        return out[0], self._kept(moved, len(polys)), inverse
+
+    def _inverse(self, inverse: np.ndarray, image: np.ndarray, out_image: np.ndarray
+                 ) -> np.ndarray:
+        """The convention's inverse for a transform of ``image`` (H×W×C) to ``out_image``."""
+        return self.conv.inverse_matrix(inverse, (int(image.shape[1]), int(image.shape[0])),
+                                        self.output_hw(out_image))
 
     def _kept(self, moved: Sequence[np.ndarray], n_input: int) -> Sequence[np.ndarray]:
         """The convention's filter of a transform's output words, each word's input index

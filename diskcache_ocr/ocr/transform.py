@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch loads where a tensor is made, not with this module (the commands)
+    import torch
 
 from diskcache_ocr.keys import fingerprint
 
@@ -67,6 +69,7 @@ class TransformConfig:
 
     def finish_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (scale, shift) so that finished = pixel * scale + shift, float32."""
+        import torch
         std = np.asarray(self.std, np.float64)
         scale = (1.0 / (255.0 * std)).astype(np.float32)
         shift = (-np.asarray(self.mean, np.float64) / std).astype(np.float32)
@@ -132,6 +135,7 @@ def resize_pad(
     ``flip=None`` draws the flip from torch's generator with ``config.hflip_prob`` (so
     DataLoader workers, which seed torch per worker, draw differently).
     """
+    import torch
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 image, got {image.shape} {image.dtype}")
     height, width = image.shape[:2]
@@ -202,6 +206,7 @@ _FINISH_BLOCK = 1 << 17
 def finish(image: torch.Tensor, config: TransformConfig, out: torch.Tensor | None = None
            ) -> torch.Tensor:
     """Normalize a uint8 (…, 3, H, W) tensor to float32 on whatever device it lives on."""
+    import torch
     if out is None:
         out = torch.empty(image.shape, dtype=torch.float32, device=image.device)
     if image.device.type == "cpu":

@@ -146,7 +146,7 @@ def check_after_crash(cache: Path) -> dict[str, Any]:
         assert header.get("format") == STORE_FORMAT, header
         entries = list(store.iter_index())
         for source, entry in entries:
-            for kind, key in entry.keys.items():
+            for kind, key in entry.records():
                 assert store.contains(kind, key), f"{source}: index names a missing {kind} record"
     report = ops.verify(cache)
     assert report["corrupt"] == [], report["corrupt"]

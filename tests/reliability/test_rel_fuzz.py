@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from hypkit import fuzz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,7 +85,7 @@ def mutations(draw, value: bytes):
     return PREFIX.pack(b"DOCR", 1, 0, 0, len(packed)) + packed + value[12 + n:]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_record_decoder(data):
     arrays = data.draw(records())
@@ -117,8 +118,7 @@ names = st.sampled_from(["a.jpg", "b.png", "../a.jpg", "/etc/passwd", "", "a\\b.
                          "x/../a.jpg", "missing.jpg", "a.jpg\x00"])
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@fuzz(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(doc=st.dictionaries(names, st.one_of(
     st.fixed_dictionaries({"words": st.dictionaries(st.text(max_size=4), word, max_size=6)}),
     coordinate), max_size=5))

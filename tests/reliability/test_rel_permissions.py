@@ -62,6 +62,11 @@ def test_a_cache_read_only_to_the_reader_works_read_only(tiny, references):
     from diskcache_ocr.store import CacheStore
 
     uid, gid = _nobody()
+    # (another pytest session starting meanwhile makes its base temp dir private again)
+    for parent in tiny.root.parents:
+        if parent in (Path("/"), Path("/tmp")):
+            break
+        parent.chmod(parent.stat().st_mode | stat.S_IXOTH)
     # Outside pytest's private temp dir, so the other user can reach it.
     base = Path(tempfile.mkdtemp(prefix="diskcache-ocr-perm-"))
     try:

@@ -119,7 +119,7 @@ def test_version_policies(tmp_path):
 
 def test_header_records_format_library_and_engine(store):
     header = store.header()
-    assert header["format"] == 2 and header["library"] and header["engine"].startswith("0.9")
+    assert header["format"] == 3 and header["library"] and header["engine"].startswith("0.9")
 
 
 def test_foreign_and_damaged_files_are_refused(tmp_path):
@@ -156,7 +156,7 @@ def _child_read(path, q):
     q.put(s.get("images", key(7))["i"].tolist())
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.full)])
 def test_children_read_a_store_the_parent_opened(tmp_path, method):
     s = CacheStore(tmp_path / "c")
     s.put("images", key(7), {"i": np.arange(5, dtype=np.uint8)})

@@ -91,7 +91,9 @@ def test_compact_then_finish_equals_float32_per_preset(data, plain, tmp_path, pr
         assert_batch_equals(finish_batch(batch), reference, [3, 1, 4])
 
 
-@pytest.mark.parametrize("workers, method", [(0, None), (2, "fork"), (2, "spawn")])
+@pytest.mark.parametrize("workers, method", [
+    (0, None), pytest.param(2, "fork", marks=pytest.mark.full),
+    pytest.param(2, "spawn", marks=pytest.mark.full)])
 def test_compact_through_a_dataloader_equals_float32(data, plain, tmp_path, workers, method):
     ds = CachedOCRDataset(*split_paths(data), tmp_path / "c", preset="validation_optimized",
                           output="compact")
@@ -197,6 +199,7 @@ def test_output_from_a_preset_file_and_its_errors(data, plain, tmp_path):
         CachedOCRDataset(*split_paths(data), preset="none", output="half")
 
 
+@pytest.mark.full
 def test_batch_loader_yields_compact_batches_of_a_compact_dataset(data, plain, tmp_path):
     from diskcache_ocr import BatchLoader
 
@@ -224,7 +227,8 @@ def test_read_through_images_setting_decides_whether_a_miss_writes_the_image(
     with CacheStore(tmp_path / "c", readonly=True) as store:
         assert len(list(store.keys("images"))) == (2 if images_too else 0)
         assert len(list(store.keys("tensors"))) == len(list(store.keys("maps"))) == 2
-        assert set(store.get_index(source_id(ds.images_dir, ds.source(0))).keys) == (
+        entry = store.get_index(source_id(ds.images_dir, ds.source(0)))
+        assert {kind for kind, _ in entry.records()} == (
             {"images", "tensors", "maps"} if images_too else {"tensors", "maps"})
     # A build stores every cached kind it computes: images of the items not served yet (an
     # item whose tensors are cached is not decoded again just for its image).

@@ -13,7 +13,7 @@ import pytest
 
 from diskcache_ocr import CachedOCRDataset
 
-MORE = Path(__file__).parent / "data" / "origin-reference" / "more"
+MORE = Path(__file__).parents[1] / "data" / "origin-reference" / "more"
 JSON = MORE / "inputs" / "jsons" / "val.json"
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from diskcache_ocr.origin import ValidatedOCRDataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIGURES_DIR = ROOT / "tests" / "data" / "origin-train-run"
 FIGURES = json.loads((FIGURES_DIR / "figures.json").read_text())
 VAL = FIGURES["stages"]["val"]

@@ -265,6 +265,7 @@ def test_orphans_of_dead_workers_are_swept(tmp_path):
                 os.unlink(path)
 
 
+@pytest.mark.full
 @needs_shm
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_workers_batches_stay_intact_while_the_consumer_holds_them(data, reference, tmp_path,
@@ -305,6 +306,7 @@ def test_memory_efficient_gives_batch_memory_back(data, reference, monkeypatch):
     assert len(calls) == 1  # (the stub returns None: minimal then falls back, still correct)
 
 
+@pytest.mark.full
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_writers_keep_freed_memory_once_per_process():
     import platform

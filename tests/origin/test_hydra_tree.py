@@ -37,7 +37,7 @@ TABLE = {
     "custom": (1, 0, 1, 0, 0, 1),  # the README's custom.yaml
 }
 SPLITS = ("train", "val", "test", "predict")
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "coming-from-the-origin.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "coming-from-the-origin.md"
 PRESETS_PAGE = GUIDE.parent / "presets.md"
 
 
@@ -321,6 +321,7 @@ def _run_app(root: Path, register: str, names: list[str]) -> tuple[dict[str, dic
     return {r["choice"]: r for r in results}, done.stderr
 
 
+@pytest.mark.full
 def test_their_app_with_their_files_and_the_changed_target(tmp_path, data_root):
     conf = write_tree(tmp_path, data_root)
     write_their_presets(conf)
@@ -337,6 +338,7 @@ def test_their_app_with_their_files_and_the_changed_target(tmp_path, data_root):
     assert (tmp_path / "cache" / "data.mdb").exists()  # $DISKCACHE_OCR_DIR, as the CLI uses
 
 
+@pytest.mark.full
 def test_their_app_without_preset_files(tmp_path, data_root):
     write_tree(tmp_path, data_root)
     results, stderr = _run_app(

@@ -60,8 +60,13 @@ def unbatch(batch):
         yield {k: (v[i] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("workers, method", [(0, None), (2, "fork"), (2, "spawn")])
+# spawn (a fresh interpreter per worker: the dataset travels pickled) costs seconds per
+# worker, and what travels does not depend on the preset: one preset, the one that caches
+# every kind, runs under it. Worker processes are in the whole suite only.
+@pytest.mark.parametrize("preset, workers, method", [
+    pytest.param(preset, workers, method, marks=pytest.mark.full if workers else ())
+    for workers, method in ((0, None), (2, "fork"), (2, "spawn")) for preset in PRESET_NAMES
+    if method != "spawn" or preset == "validation_optimized"])
 def test_every_preset_equals_uncached_bit_for_bit(data, reference, tmp_path, preset, workers,
                                                   method):
     ds = CachedOCRDataset(*split_paths(data), tmp_path / "cache", preset=preset)
@@ -156,6 +161,7 @@ def test_tensor_cache_refused_for_a_random_transform(data, tmp_path):
                          split="train", allow_random_tensor_cache=True)
 
 
+@pytest.mark.full
 def test_training_flip_changes_image_and_polygons_together(data):
     ds = CachedOCRDataset(*split_paths(data), None, preset={"load_maps": True}, split="train")
     plain = CachedOCRDataset(*split_paths(data), None, preset={"load_maps": True}, split="val")

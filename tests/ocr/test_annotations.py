@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypkit import fuzz
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from diskcache_ocr.errors import AnnotationError, SourceError
@@ -413,9 +414,7 @@ document = (
 )
 
 
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@fuzz(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=document)
 def test_fuzz_json_parser(tmp_path: Path, doc: Any) -> None:
     images = make_images(tmp_path / "img", "a.jpg", "b.png")

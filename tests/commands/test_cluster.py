@@ -313,6 +313,7 @@ gloo = pytest.mark.skipif(not _gloo(), reason="torch.distributed without gloo")
 
 
 @gloo
+@pytest.mark.full  # (subprocesses that import torch)
 def test_two_nodes_each_end_complete_with_every_image_computed_once(data, tmp_path, single):
     images, annotations = split_paths(data)
     caches = [tmp_path / "node0" / "cache", tmp_path / "node1" / "cache"]
@@ -359,6 +360,7 @@ def test_two_nodes_each_end_complete_with_every_image_computed_once(data, tmp_pa
 
 
 @gloo
+@pytest.mark.full  # (subprocesses that import torch)
 def test_ranks_sharing_a_directory_share_one_cache(data, tmp_path, single):
     images, annotations = split_paths(data)
     cache = tmp_path / "shared"
@@ -373,6 +375,7 @@ def test_ranks_sharing_a_directory_share_one_cache(data, tmp_path, single):
 
 
 @gloo
+@pytest.mark.full  # (subprocesses that import torch)
 def test_a_rerun_completes_every_node_without_recomputing_what_a_node_holds(
         data, tmp_path, single, monkeypatch):
     """What a killed job leaves: each node holds a different part (here: shares of a job of
@@ -396,6 +399,7 @@ def test_a_rerun_completes_every_node_without_recomputing_what_a_node_holds(
 
 
 @gloo
+@pytest.mark.full  # (subprocesses that import torch)
 def test_two_ranks_on_one_node_and_one_on_another(data, tmp_path, single):
     images, annotations = split_paths(data)
     big, small = tmp_path / "big", tmp_path / "small"
@@ -417,6 +421,7 @@ def test_two_ranks_on_one_node_and_one_on_another(data, tmp_path, single):
 
 
 @gloo
+@pytest.mark.full  # (subprocesses that import torch)
 @pytest.mark.parametrize("die", [("build", "_build_chunk", 1), ("cluster", "write_chunk", 3)],
                          ids=["while-computing", "while-receiving"])
 def test_a_killed_rank_and_a_rerun_complete_every_node(data, tmp_path, single, die):

@@ -316,6 +316,7 @@ def test_memory_estimate_refuses_before_decoding(monkeypatch: pytest.MonkeyPatch
     assert loaded == []
 
 
+@pytest.mark.full
 def test_rgba_peak_memory_is_bounded_by_the_estimate(tmp_path: Path) -> None:
     """A 6000×6000 RGBA PNG (a few kB on disk): the decode's peak allocation stays within
     the mode × size estimate, not several times the image as a whole-image uint32

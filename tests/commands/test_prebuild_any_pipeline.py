@@ -132,43 +132,54 @@ def dropin_cache(data, cache):
     return cache
 
 
-def test_builtin_prebuild_refuses_a_cache_another_pipeline_wrote(data, tmp_path, capsys):
+def test_builtin_prebuild_lives_beside_the_records_of_another_pipeline(data, tmp_path,
+                                                                      capsys):
+    """The drop-in (origin convention) and the built-in pipeline are pipelines of different
+    roles: the built-in build adds its records and keeps every record of the drop-in's."""
     cache = dropin_cache(data, tmp_path / "c")
     before = snapshot(cache)
-    with CacheStore(cache, readonly=True) as store:
-        header = store.header()
-    with pytest.raises(CacheError, match="another pipeline") as caught:
-        prebuild(*split_paths(data), cache, progress=False)
-    assert "clear --kind tensors" in str(caught.value) and "origin" in str(caught.value)
-    assert "clear --kind images" in str(caught.value)  # (the origin decodes its own way)
-    rc, _, err = run_cli(capsys, "prebuild", "--images", split_paths(data)[0],
-                         "--annotations", split_paths(data)[1], "--cache", cache)
-    assert rc == 2 and "another pipeline" in err and len(err.strip().splitlines()) == 1
-    assert snapshot(cache) == before  # nothing replaced
-    with CacheStore(cache, readonly=True) as store:
-        assert store.header()["kinds"] == header["kinds"]
-        assert store.header()["stage_pipeline"] == header["stage_pipeline"]
+    assert prebuild(*split_paths(data), cache, progress=False).built == N
+    after = snapshot(cache)
+    for kind in ("images", "tensors", "maps"):
+        assert before[kind].items() <= after[kind].items(), kind  # nothing replaced
+    assert len(after["tensors"]) == 2 * N
     # the drop-in still opens its cache (no version error) and hits
     _, stats = read_all(ValidatedOCRDataset(
         {"image_path": str(split_paths(data)[0]), "annotation_path": str(split_paths(data)[1]),
          "cache_dir": str(cache), **EVERYTHING}))
-    assert stats["tensors.hits"] >= N
+    assert stats["tensors.hits"] >= N and stats.get("tensors.misses", 0) == 0
+    rc, out, _ = run_cli(capsys, "status", "--cache", cache, "--json")
+    assert rc == 0 and len(json.loads(out)["pipelines"]) == 2
+
+
+def test_builtin_prebuild_refuses_the_role_a_user_pipeline_holds(data, tmp_path, capsys):
+    """A user's Compose under the db convention reading the same images for the same split
+    holds the role the built-in build would rebuild: refused, nothing changed."""
+    cache = tmp_path / "c"
+    read_all(CachedOCRDataset(*split_paths(data), cache, preset=EVERYTHING,
+                              transform=val_transform()))
+    before = snapshot(cache)
+    with pytest.raises(CacheError, match="another pipeline") as caught:
+        prebuild(*split_paths(data), cache, progress=False)
+    assert "clear --kind tensors" in str(caught.value)
+    rc, _, err = run_cli(capsys, "prebuild", "--images", split_paths(data)[0],
+                         "--annotations", split_paths(data)[1], "--cache", cache)
+    assert rc == 2 and "another pipeline" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(cache) == before  # nothing replaced
     # the way the message offers: clear those kinds, then the built-in build may go there
-    for kind in ("images", "tensors", "maps"):
+    for kind in ("tensors", "maps"):
         assert run_cli(capsys, "clear", "--cache", cache, "--kind", kind)[0] == 0
     assert prebuild(*split_paths(data), cache, progress=False).built == N
 
 
 def test_builtin_prebuild_shares_the_images_of_another_pipeline(data, tmp_path, capsys):
-    """Only tensors and maps belong to a pipeline that decodes as the built-in one does: a
-    build that caches images only goes on, and the tensors and maps stay known as the other
-    pipeline's."""
+    """A build that caches images only shares the decoded images of another pipeline of the
+    same decode, and the tensors and maps stay that pipeline's."""
     cache = tmp_path / "c"
-    images, annotations = split_paths(data)
-    read_all(CachedOCRDataset(images, annotations, cache, preset=EVERYTHING,
-                              transform=val_transform()))  # a user Compose, "db" decoding
-    summary = prebuild(images, annotations, cache, preset="balanced", progress=False)
-    assert summary.skipped == N  # its decoded images are the same records
+    read_all(CachedOCRDataset(*split_paths(data), cache, preset=EVERYTHING,
+                              transform=val_transform()))
+    summary = prebuild(*split_paths(data), cache, preset="balanced", progress=False)
+    assert summary.skipped == N  # the user pipeline's decoded images are the same records
     rc, out, _ = run_cli(capsys, "status", "--cache", cache, "--json")
     status = json.loads(out)
     assert rc == 0 and status["pipeline"]["name"] == "user"
@@ -176,17 +187,20 @@ def test_builtin_prebuild_shares_the_images_of_another_pipeline(data, tmp_path, 
     rc, out, _ = run_cli(capsys, "health", "--cache", cache, "--json")
     assert rc == 0 and json.loads(out)["problems"] == []
     with pytest.raises(CacheError, match="another pipeline"):
-        prebuild(images, annotations, cache, progress=False)
+        prebuild(*split_paths(data), cache, progress=False)
 
 
 def test_builtin_prebuild_leaves_the_images_of_the_origin_rules_alone(data, tmp_path, capsys):
     """The origin's decoding drops alpha where the built-in one composites it: the drop-in's
-    decoded images are its own, and a built-in build that caches images refuses them too."""
+    decoded images are its own (keyed by content and decode), and a built-in build that
+    caches images adds its own beside them, replacing none."""
     cache = dropin_cache(data, tmp_path / "c")
     before = snapshot(cache)
-    with pytest.raises(CacheError, match="images .*another pipeline|another pipeline"):
-        prebuild(*split_paths(data), cache, preset="balanced", progress=False)
-    assert snapshot(cache) == before
+    assert prebuild(*split_paths(data), cache, preset="balanced", progress=False).built == N
+    after = snapshot(cache)
+    for kind in ("images", "tensors", "maps"):
+        assert before[kind].items() <= after[kind].items(), kind
+    assert len(after["images"]) == 2 * len(before["images"]) == 2 * N
     rc, out, _ = run_cli(capsys, "health", "--cache", cache, "--json")
     assert rc == 0 and json.loads(out)["problems"] == []
 
@@ -286,6 +300,8 @@ def test_prebuild_from_their_hydra_config(data, tmp_path, capsys):
 
 
 def test_prebuild_from_a_config_never_replaces_silently(data, tmp_path, capsys):
+    """The config's dataset (the origin convention) is a pipeline of another role than the
+    built-in one: its build adds its records beside the built-in pipeline's, replacing none."""
     conf = hydra_tree(tmp_path, data)
     cache = tmp_path / "cache"
     prebuild(*split_paths(data), cache, progress=False)  # the built-in pipeline's records
@@ -293,11 +309,14 @@ def test_prebuild_from_a_config_never_replaces_silently(data, tmp_path, capsys):
     argv = ["prebuild", "--config-dir", conf, "--config-name", "train", "--cache", cache,
             "data/performance_preset=validation_optimized"]
     rc, _, err = run_cli(capsys, *argv)
-    assert rc == 2 and "--rebuild" in err and "nothing was changed" in err
-    assert snapshot(cache) == before
-    rc, _, err = run_cli(capsys, *argv, "--rebuild")
     assert rc == 0, err
+    after = snapshot(cache)
+    for kind in ("images", "tensors", "maps"):
+        assert before[kind].items() <= after[kind].items(), kind
     _, stats = read_all(their_dataset(data, cache))
+    assert stats.get("tensors.misses", 0) == 0 and stats["tensors.hits"] == N
+    _, stats = read_all(CachedOCRDataset(*split_paths(data), cache,
+                                         preset="validation_optimized"))
     assert stats.get("tensors.misses", 0) == 0 and stats["tensors.hits"] == N
 
 
@@ -329,7 +348,7 @@ def _spoil_one_tensor(cache):
     with CacheStore(cache) as store:
         entries = dict(store.iter_index())
         source = sorted(entries)[1]
-        key = entries[source].keys["tensors"]
+        key = dict(entries[source].records())["tensors"]
         record = store.get("tensors", key)
         record["image"] = record["image"].copy()
         record["image"].flat[0] += 1

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testkit import rebase_index
 from watchdog.observers.inotify import InotifyObserver
 
 from diskcache_ocr.dataset import CachedOCRDataset
@@ -35,12 +37,24 @@ def ids(images: Path, names: list[str]) -> list[str]:
     return [source_id(images, n) for n in names]
 
 
+@pytest.fixture(scope="module")
+def built_env(tmp_path_factory):
+    """A 5-image dataset and a full validation_optimized cache of it under the dataset's root,
+    built once for the module."""
+    root = tmp_path_factory.mktemp("watched")
+    synthesize(root, 5, seed=1, min_words=3, max_words=8, size=(240, 320))
+    images, ann = split_paths(root)
+    CachedOCRDataset(images, ann, root / "cache", preset="validation_optimized").close()
+    return root
+
+
 @pytest.fixture
-def env(tmp_path):
-    """A 5-image dataset and a full validation_optimized cache of it."""
-    synthesize(tmp_path, 5, seed=1, min_words=3, max_words=8, size=(240, 320))
+def env(built_env, tmp_path):
+    """A private copy of ``built_env`` in ``tmp_path``, its index as a build there would
+    have written it (tests change files, the cache and the index)."""
+    shutil.copytree(built_env, tmp_path, dirs_exist_ok=True)
+    rebase_index(tmp_path / "cache", built_env, tmp_path)
     (images, ann), cache = split_paths(tmp_path), tmp_path / "cache"
-    CachedOCRDataset(images, ann, cache, preset="validation_optimized").close()
     store = CacheStore(cache)
     assert [s for s, _ in store.iter_index()] == ids(images, NAMES)
     yield images, ann, cache, store
@@ -92,11 +106,11 @@ def test_changes_invalidate_entries_and_reads_see_new_data(env, polling):
             "not invalidated"
         assert w.wait_idle(WAIT_S)
         for s in changed:
-            for kind, key in old[s].keys.items():
+            for kind, key in old[s].records():
                 assert not store.contains(kind, key), (s, kind)
         for s in NAMES[3:]:  # untouched sources keep their entries and records
             assert store.get_index(source_id(images, s)) == old[s]
-            assert all(store.contains(k, key) for k, key in old[s].keys.items())
+            assert all(store.contains(k, key) for k, key in old[s].records())
         summary = w.summary
         assert summary.invalidated == 3 and summary.reconciled == 0 and summary.events >= 3
     finally:
@@ -248,6 +262,7 @@ def test_summary_line():
     assert line == "watch: 12 events, 3 sources invalidated (2 at start), polling"
 
 
+@pytest.mark.full
 def test_serve_stops_on_sigterm_with_a_summary(env):
     images, ann, cache, store = env
     (images / NAMES[0]).unlink()  # found by the start-up scan

@@ -51,7 +51,7 @@ def clone(batch):
 
 
 @pytest.mark.parametrize("transform", [FLOAT32, COMPACT], ids=["float32", "compact"])
-@pytest.mark.parametrize("epochs", [1, 2])
+@pytest.mark.parametrize("epochs", [1, pytest.param(2, marks=pytest.mark.full)])
 def test_batches_equal_a_stock_dataloader_over_the_uncached_dataset(data, tmp_path, transform,
                                                                     epochs):
     ds = CachedOCRDataset(*data, tmp_path / "c", preset="validation_optimized",
@@ -72,7 +72,7 @@ def test_device_side_finishing_equals_the_uncached_output(data, tmp_path):
     assert_batches_equal(got, stock_batches(data, None, batch_size=4))
 
 
-@pytest.mark.parametrize("epochs", [1, 2])
+@pytest.mark.parametrize("epochs", [1, pytest.param(2, marks=pytest.mark.full)])
 def test_device_batches_are_owned_and_binary_maps_travel_as_uint8(data, tmp_path, epochs):
     ds = CachedOCRDataset(*data, tmp_path / "c", preset="validation_optimized",
                           transform=COMPACT, preload=epochs == 2)

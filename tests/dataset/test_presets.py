@@ -126,7 +126,7 @@ def test_built_in_presets_load_from_a_source_tree(monkeypatch):
 
     monkeypatch.setattr(importlib.resources, "files", not_installed)
     path = preset_path("balanced")
-    assert path == Path(__file__).resolve().parents[1] / "presets" / "balanced.yaml"
+    assert path == Path(__file__).resolve().parents[2] / "presets" / "balanced.yaml"
     assert load_preset("balanced").cache_images
 
 
@@ -187,7 +187,7 @@ def test_presets_ship_inside_the_package():
     files = importlib.resources.files("diskcache_ocr.preset_files")
     assert sorted(p.name for p in files.iterdir() if p.name.endswith(".yaml")) == sorted(
         f"{n}.yaml" for n in PRESET_NAMES)
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     setup = pyproject["tool"]["setuptools"]
     assert setup["package-dir"]["diskcache_ocr.preset_files"] == "presets"
     assert "*.yaml" in setup["package-data"]["diskcache_ocr.preset_files"]
@@ -213,6 +213,7 @@ HYDRA_APP = textwrap.dedent(
 )
 
 
+@pytest.mark.full
 def test_hydra_group_override(tmp_path):
     pytest.importorskip("hydra")
     conf = tmp_path / "conf"

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from testkit import command, private_copy, run_cli, snapshot
+from testkit import command, private_copy, run_cli, run_together, snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.ops import HEALTH_CODES
@@ -22,7 +22,7 @@ from diskcache_ocr.synth import split_paths
 
 N = 4
 COMMANDS = ("prebuild", "status", "health", "clear", "verify", "copy", "watch", "synth", "demo")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_json(capsys, *argv: object) -> tuple[int, dict]:
@@ -203,15 +203,16 @@ def test_debug_shows_the_traceback_and_still_exits_2(where, tmp_path, capsys):
     assert "CacheError" in err
 
 
+@pytest.mark.full
 def test_error_line_and_exit_codes_of_the_real_process(tmp_path, built):
     _, cache = built
-    done = subprocess.run(command() + ["verify", "--cache", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=120)
+    missing, health = run_together(command() + ["verify", "--cache", str(tmp_path / "none")],
+                                   command() + ["health", "--cache", str(cache), "--json"])
+    done = missing
     assert done.returncode == 2
     assert done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    done = subprocess.run(command() + ["health", "--cache", str(cache), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    done = health
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ok"] is True
 
@@ -267,7 +268,8 @@ def test_clear_stale_after_deleting_a_source(mine, capsys):
     victim = sorted(images.iterdir())[2]
     vid = source_id(images, victim.name)  # the index knows a source by its path
     before = snapshot(cache)
-    victim_keys = before["index"][vid][4]
+    # (an entry names each record by kind and version: "tensors:1f0c...")
+    victim_keys = {n.partition(":")[0]: k for n, k in before["index"][vid][4].items()}
     victim.unlink()
 
     rc, data = run_json(capsys, "clear", "--cache", cache, "--stale", "--images", images,
@@ -294,7 +296,7 @@ def test_clear_stale_after_changing_a_source_drops_its_old_records(mine, capsys)
     files = sorted(images.iterdir())
     first = source_id(images, files[0].name)  # the index knows a source by its path
     before = snapshot(cache)
-    old_keys = before["index"][first][4]
+    old_keys = {n.partition(":")[0]: k for n, k in before["index"][first][4].items()}
     files[0].write_bytes(files[1].read_bytes())  # same pixels as another source now
     rc, data = run_json(capsys, "clear", "--cache", cache, "--stale", "--images", images)
     assert rc == 0 and data["stale_sources"] == [first]
@@ -340,6 +342,7 @@ def test_synth_writes_the_origin_layout(tmp_path, capsys):
 
 
 # -- scripts/cache_manager.py -----------------------------------------------------------------
+@pytest.mark.full
 def test_cache_manager_script_uses_the_env_cache_dir(mine, monkeypatch, capsys):
     _, cache = mine
     script = REPO / "scripts" / "cache_manager.py"

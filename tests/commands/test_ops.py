@@ -244,6 +244,7 @@ _CHECK_DAMAGED = textwrap.dedent("""
     print(json.dumps({"health_rc": health_rc, "health": health, "clear_rc": clear_rc}))
 """)
 
+@pytest.mark.full
 @pytest.mark.parametrize("target", ["tree", "index", "images", "stats"])
 def test_damaged_pages_are_reported_and_cleared(case, target):
     """health reports a damaged file as 'corrupt' (exit 1), clear --all removes it."""
@@ -299,15 +300,15 @@ def test_verify_recompute_finds_a_valid_but_wrong_record(case):
     with CacheStore(cache) as store:
         entries = dict(store.iter_index())
         source = sorted(entries)[1]
-        entry = entries[source]
-        image = store.get("images", entry.keys["images"])["image"]
-        maps = store.get("maps", entry.keys["maps"])
+        keys = dict(entries[source].records())
+        image = store.get("images", keys["images"])["image"]
+        maps = store.get("maps", keys["maps"])
         wrong_image = image.copy()
         wrong_image[0, 0, 0] ^= 0x01
         maps["thresh_map"] = maps["thresh_map"] + np.float32(0.125)
         with store.writer() as w:
-            w.put("images", entry.keys["images"], {"image": wrong_image})
-            w.put("maps", entry.keys["maps"], maps)
+            w.put("images", keys["images"], {"image": wrong_image})
+            w.put("maps", keys["maps"], maps)
     assert verify(cache)["corrupt"] == []  # valid records: only recomputing can tell
 
     without_maps = verify(cache, recompute=N, images_dir=images)

@@ -15,7 +15,7 @@ from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
 from diskcache_ocr.schema import KindVersion
 
-PACKAGE = Path(__file__).resolve().parents[1] / "diskcache_ocr"
+PACKAGE = Path(__file__).resolve().parents[2] / "diskcache_ocr"
 BOX = np.array([[20.0, 30.0], [140.0, 30.0], [140.0, 70.0], [20.0, 70.0]])
 
 

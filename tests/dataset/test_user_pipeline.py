@@ -146,7 +146,8 @@ def expected_all(ds, kind):
 # spawn (a fresh interpreter per worker: the pipeline travels pickled) costs seconds per
 # worker, so only the most involved pipeline, the split random Compose, runs under it.
 @pytest.mark.parametrize("kind, workers, method", [
-    (kind, workers, method) for kind in ("val", "callable", "train")
+    pytest.param(kind, workers, method, marks=pytest.mark.full if workers else ())
+    for kind in ("val", "callable", "train")
     for workers, method in ((0, None), (2, "fork"), (2, "spawn"))
     if method != "spawn" or kind == "train"])
 def test_cached_equals_the_users_pipeline(data, tmp_path, kind, workers, method):

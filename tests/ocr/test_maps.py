@@ -246,7 +246,7 @@ def random_words(rng: np.random.Generator, n: int, h: int, w: int) -> list[np.nd
     return words
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 12))
 def test_invariants_on_random_words(seed: int, n: int) -> None:
     rng = np.random.default_rng(seed)
@@ -286,7 +286,6 @@ def test_ignored_word_masks_and_leaves_thresh_alone(seed: int) -> None:
     assert np.array_equal(with_ignored["prob_map"], without["prob_map"] * with_ignored["prob_mask"])
 
 
-@settings(max_examples=60, deadline=None)
 @given(
     pts=st.lists(st.tuples(st.integers(0, 29), st.integers(0, 23)), min_size=1, max_size=8)
 )
@@ -303,7 +302,6 @@ def properly_cross(a, b, c, d) -> bool:
     return orient(a, b, c) * orient(a, b, d) < 0 and orient(c, d, a) * orient(c, d, b) < 0
 
 
-@settings(max_examples=60, deadline=None)
 @given(pts=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60)), min_size=4, max_size=4))
 def test_self_intersecting_quads_are_ignored(pts: list[tuple[int, int]]) -> None:
     a, b, c, d = pts
@@ -330,7 +328,6 @@ def test_min_text_size_boundary() -> None:
     only_masked(below)
 
 
-@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_overlapping_words_fill_their_union(seed: int) -> None:
     rng = np.random.default_rng(seed)

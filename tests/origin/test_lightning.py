@@ -35,6 +35,7 @@ class TinyDetector(FinishBatchMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.full
 def test_trainer_trains_on_finished_batches_equal_to_float32(synth_data, tmp_path):
     paths = split_paths(synth_data(N, 41, min_words=2, max_words=6, size=(160, 200)))
     reference = collate(CachedOCRDataset(*paths, tmp_path / "ref",

@@ -25,7 +25,7 @@ from diskcache_ocr.ocr.origin_maps import (
     make_origin_maps_literal,
 )
 
-REF = Path(__file__).parent / "data" / "origin-reference"
+REF = Path(__file__).parents[1] / "data" / "origin-reference"
 STEMS = sorted(p.stem for p in (REF / "outputs").glob("*.npz"))
 
 

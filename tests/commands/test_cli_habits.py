@@ -12,14 +12,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from testkit import build_small, command, private_copy, run_cli, snapshot
+from testkit import build_small, command, private_copy, run_cli, run_together, snapshot
 
 from diskcache_ocr import cli
 from diskcache_ocr.store import KINDS
 from diskcache_ocr.synth import split_paths
 
 N = 3
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,9 @@ HOLD = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.parametrize("mode, message", [("reader", "have the cache open"),
-                                           ("writer", "a writer holds the cache")])
+@pytest.mark.parametrize("mode, message", [
+    ("reader", "have the cache open"),
+    pytest.param("writer", "a writer holds the cache", marks=pytest.mark.full)])
 def test_clear_all_leaves_a_cache_in_use(mine, capsys, mode, message):
     _, cache = mine
     before = snapshot(cache)
@@ -203,6 +204,7 @@ def test_cache_flag_before_or_after_the_command(built, tmp_path, capsys):
     assert args.cache == cache and args.verbose
 
 
+@pytest.mark.full
 def test_verbose_shows_progress_logs(built, tmp_path):
     data_dir, _ = built
     images, annotations = split_paths(data_dir)
@@ -211,10 +213,8 @@ def test_verbose_shows_progress_logs(built, tmp_path):
                       "image_loading_config:\n  use_turbojpeg: true\n")
     base = command() + ["prebuild", "--images", str(images), "--annotations", str(annotations),
                         "--preset", str(preset), "--json"]
-    quiet = subprocess.run(base + ["--cache", str(tmp_path / "a")], capture_output=True,
-                           text=True, timeout=120)
-    loud = subprocess.run(base + ["--cache", str(tmp_path / "b"), "-v"], capture_output=True,
-                          text=True, timeout=120)
+    quiet, loud = run_together(base + ["--cache", str(tmp_path / "a")],
+                               base + ["--cache", str(tmp_path / "b"), "-v"])
     assert quiet.returncode == loud.returncode == 0, loud.stderr
     assert "use_turbojpeg has no effect here" in loud.stderr
     assert "no effect" not in quiet.stderr
@@ -236,6 +236,7 @@ def test_edge_values_are_refused_at_the_edge(argv, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.full
 def test_a_deeply_nested_preset_is_one_error_line(tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("cache_config: " + "{a: " * 100_000 + "1" + "}" * 100_000 + "\n")
@@ -249,6 +250,7 @@ def test_a_deeply_nested_preset_is_one_error_line(tmp_path):
 
 
 # -- the script, from a checkout that is not installed ----------------------------------------
+@pytest.mark.full
 def test_cache_manager_script_runs_from_a_checkout(built, tmp_path):
     _, cache = built
     checkout = tmp_path / "checkout"
@@ -263,14 +265,15 @@ def test_cache_manager_script_runs_from_a_checkout(built, tmp_path):
     probe = subprocess.run([sys.executable, "-S", "-c", "import diskcache_ocr"], env=env,
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0  # not installed, as far as this interpreter knows
-    done = subprocess.run(script + ["status", "--cache", str(cache), "--json"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    status, prebuild = run_together(
+        script + ["status", "--cache", str(cache), "--json"],
+        script + ["prebuild", "--images", str(tmp_path / "none"), "--cache", str(tmp_path / "c")],
+        env=env, cwd=tmp_path)
+    done = status
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["kinds"]["images"]["entries"] == N
     # prebuild's default preset comes from the checkout's presets/ (its images are missing)
-    done = subprocess.run(script + ["prebuild", "--images", str(tmp_path / "none"),
-                                    "--cache", str(tmp_path / "c")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = prebuild
     assert done.returncode == 2 and "preset" not in done.stderr, done.stderr
     assert "images directory does not exist" in one_error_line(done.stderr)
 
