@@ -229,7 +229,7 @@ def _build_across_nodes(engine: Any, *, workers: int, progress: bool, chunk: int
     # One bar per node (its first rank's): the node's images, held, built or received.
     bar = tqdm(total=len(engine.catalog), initial=held_here, unit="img",
                desc=f"prebuild node {nodes.node}", disable=not (progress and nodes.leader),
-               file=sys.stderr, dynamic_ncols=True, position=nodes.node)
+               file=sys.stderr, dynamic_ncols=True)
 
     def arrived(images: int, records: int) -> None:
         summary.received += images
