@@ -445,3 +445,35 @@ def test_a_killed_rank_and_a_rerun_complete_every_node(data, tmp_path, single, d
             assert got[kind] == single[kind], (cache, kind)
         assert got["index"] == single["index"]
         assert ops.health(cache)["ok"]
+
+
+@gloo
+@pytest.mark.full  # (subprocesses that import torch)
+def test_two_torchrun_nodes_on_localhost_end_complete(data, tmp_path, single):
+    """The command as on two real nodes: one torchrun per node (static rendezvous on
+    127.0.0.1, one process each), each node its own cache directory."""
+    images, annotations = split_paths(data)
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+         f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
+         "-m", "diskcache_ocr.cli", "prebuild", "--images", str(images),
+         "--annotations", str(annotations), "--cache", str(tmp_path / f"node{node}"),
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for node in (0, 1)]
+    try:
+        summaries = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=240)
+            assert p.returncode == 0, stderr[-4000:]
+            summaries.append(json.loads(stdout))
+    finally:
+        _stop(procs)
+    assert [s["built"] for s in summaries] == [N // 2, N // 2]
+    assert [s["received"] for s in summaries] == [N // 2, N // 2]
+    for node in (0, 1):
+        got = snapshot(tmp_path / f"node{node}")
+        for kind in KINDS:
+            assert got[kind] == single[kind], (node, kind)
+        assert ops.health(tmp_path / f"node{node}")["ok"]
