@@ -100,6 +100,11 @@ def resolved_config(config: Any) -> dict[str, Any]:
             out[key] = {**out[key], **value}
         else:
             out[key] = value
+    # The first epoch's reads write the tensors and maps they serve, not the decoded images as
+    # well when tensors are cached (nothing reads those again): the first epoch then costs what
+    # the origin's uncached one does. A build still stores them; ``read_through_images: true``
+    # writes them on reads too.
+    out.setdefault("read_through_images", False)
     cache = out["cache_config"]
     if isinstance(cache, dict) and cache.get("cache_maps") and not out.get("load_maps"):
         log.info("dataset config: maps are not cached because load_maps is false (as the "

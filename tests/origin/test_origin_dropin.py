@@ -167,3 +167,23 @@ def test_prebuild_builds_exactly_what_the_dataset_reads(root, tmp_path):
                                transform=holder)
     for i, item in enumerate(items):
         assert torch.equal(item["image"], live[i]["image"])
+
+
+@pytest.mark.parametrize("images_too", [None, True])
+def test_the_first_epoch_writes_what_it_serves(root, tmp_path, images_too):
+    """With tensors cached, the first epoch's reads write tensors and maps, not the decoded
+    images (a build stores those), unless the config asks for them too."""
+    node = _node(root, cache_dir=str(tmp_path / "c"), load_maps=True)
+    node["cache_config"].update(cache_transformed_tensors=True, cache_maps=True)
+    if images_too:
+        node["read_through_images"] = True
+    ds = ValidatedOCRDataset(node)
+    items = [ds[i] for i in range(len(ds))]
+    ds.close()
+    with CacheStore(tmp_path / "c", readonly=True) as s:
+        assert s.kind_stats("tensors")["entries"] == len(ds)
+        assert s.kind_stats("images")["entries"] == (len(ds) if images_too else 0)
+    again = ValidatedOCRDataset(node)
+    for i, item in enumerate(items):
+        assert torch.equal(again[i]["image"], item["image"])
+    assert again.prebuild(progress=False).built == (0 if images_too else len(ds))
