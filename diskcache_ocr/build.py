@@ -94,8 +94,16 @@ MISSING_NAMED = 5  # missing sources the header names (the count is always there
 def mark_started(store: Any, engine: Any, world: int, nodes: int = 1) -> None:
     """Note in the header that a build of ``world`` ranks on ``nodes`` cache directories
     began for a split of ``len(engine.catalog)`` images; :func:`mark_finished` closes it."""
-    store.update_header(build={"clean": False, "started": time.time(), "world_size": world,
-                               "nodes": nodes, "images": len(engine.catalog)})
+    _record(store, engine, {"clean": False, "started": time.time(), "world_size": world,
+                            "nodes": nodes, "images": len(engine.catalog)})
+
+
+def _record(store: Any, engine: Any, build: dict[str, Any], **changes: Any) -> None:
+    """The header's ``build`` (the last build) and ``builds`` (the last build of each images
+    directory: train and val sharing one cache each keep their own)."""
+    builds = dict(store.header().get("builds") or {})
+    builds[str(engine.catalog.images_dir)] = build
+    store.update_header(build=build, builds=builds, **changes)
 
 
 def mark_finished(store: Any, engine: Any, world: int, nodes: int = 1) -> int:
@@ -106,7 +114,7 @@ def mark_finished(store: Any, engine: Any, world: int, nodes: int = 1) -> int:
     store.sync()
     store.refresh()  # (see every write committed so far, by any process)
     todo, failed = engine.missing(range(len(engine.catalog)))
-    store.update_header(build={
+    _record(store, engine, {
         "clean": True, "finished": time.time(), "world_size": world, "nodes": nodes,
         "images": len(engine.catalog), "missing": len(todo), "failed": len(failed),
         "missing_some": [engine.catalog.source(i) for i in todo[:MISSING_NAMED]],

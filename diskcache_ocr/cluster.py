@@ -76,17 +76,31 @@ class Nodes:
         return self.groups[self.node]
 
 
+def _boot_id() -> str:
+    """This running kernel's boot id (one per machine and boot; the host name where Linux's
+    is unreadable)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        import socket
+
+        return socket.gethostname()
+
+
 def directory_nodes(path: str | os.PathLike[str]) -> Nodes:
     """Group the ranks by the cache directory they write (created if absent), identified by
-    device and inode as each rank sees it. A collective call: every rank must make it."""
+    the machine's boot id, the device and the inode as each rank sees it (node-local disks
+    set up alike can give the same device and inode on two machines). A collective call:
+    every rank must make it."""
     import torch.distributed as dist
 
     Path(path).mkdir(parents=True, exist_ok=True)
     st = os.stat(path)
     rank, world = dist.get_rank(), dist.get_world_size()
     ids: list[Any] = [None] * world
-    dist.all_gather_object(ids, (st.st_dev, st.st_ino))
-    order: dict[tuple[int, int], list[int]] = {}
+    dist.all_gather_object(ids, (_boot_id(), st.st_dev, st.st_ino))
+    order: dict[tuple[Any, ...], list[int]] = {}
     for r, ident in enumerate(ids):
         order.setdefault(tuple(ident), []).append(r)
     groups = tuple(tuple(rs) for rs in order.values())

@@ -199,9 +199,19 @@ def completeness(header: dict[str, Any]) -> dict[str, Any] | None:
     wrote here), ``complete`` (finished, and no image of the split lacks a record; None for
     a build that predates this record), ``images`` of the split, ``missing`` (a few of them
     in ``missing_some``), and the build's ``world_size`` and ``nodes`` (cache directories)."""
-    build = header.get("build")
-    if not isinstance(build, dict) or not build:
+    builds = header.get("builds")
+    records = [b for b in builds.values() if isinstance(b, dict) and b] if isinstance(
+        builds, dict) else []
+    if not records:
+        records = [header.get("build")] if isinstance(header.get("build"), dict) else []
+    summaries = [_completeness(b) for b in records if b]
+    if not summaries:
         return None
+    # the builds of every images directory here: an incomplete one is what matters
+    return next((c for c in summaries if c["complete"] is False), summaries[-1])
+
+
+def _completeness(build: dict[str, Any]) -> dict[str, Any]:
     finished = build.get("clean") is True
     missing = build.get("missing") if finished else None
     missing = missing if type(missing) is int else None

@@ -176,6 +176,11 @@ class ValidatedOCRDataset(CachedOCRDataset):
         image_path = data.get("image_path")
         if not image_path:
             raise CacheError("dataset config: image_path is missing")
+        for key in ("image_path", "annotation_path", "cache_dir"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise CacheError(f"dataset config: {key} must be a path, got "
+                                 f"{type(value).__name__} {value!r}")
         annotations = data.get("annotation_path")
         cache_dir = data.get("cache_dir") or default_cache_dir()
         self.origin_config = data

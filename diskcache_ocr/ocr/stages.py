@@ -305,11 +305,11 @@ def probe_randomness(run: Callable[[], TransformResult],
                         with _constant_random(value):
                             out = run()
                     except Exception:  # noqa: BLE001 - e.g. a rejection loop that never ends
-                        return (f"it draws from Python's random (fails when random.random() "
-                                f"returns {value!r})")
+                        return ("it draws from Python's random (fails when its draws are "
+                                f"pinned to the {'high' if value >= 0.5 else 'low'} end)")
                     if not _same_result(first, out):
-                        return (f"its output depends on Python's random (random.random() = "
-                                f"{value!r} changes it)")
+                        return ("its output depends on Python's random (draws pinned to the "
+                                f"{'high' if value >= 0.5 else 'low'} end change it)")
             if entropy.reads:
                 for seed in range(trials, max(trials, ENTROPY_TRIALS)):
                     _seed_all(0, reseed, entropy, entropy_seed=seed)
@@ -406,29 +406,42 @@ def _entropy_feed() -> Iterator[_EntropyFeed]:
 @contextlib.contextmanager
 def _constant_random(value: float) -> Iterator[None]:
     """``random.random()`` returns ``value`` in this thread, also inside ``uniform``,
-    ``gauss``, ``choices`` (the module's shared generator); a run that keeps drawing is
+    ``gauss``, ``choices`` (the module's shared generator), and the integer draws behind
+    ``randint``, ``randrange``, ``choice``, ``shuffle`` and ``sample`` (``_randbelow``) and
+    ``getrandbits`` go to the same end of their range; a run that keeps drawing is
     stopped."""
     inst = random._inst  # type: ignore[attr-defined]
-    module_random = random.random
+    module_random, module_bits = random.random, random.getrandbits
+    below, bits = inst._randbelow, inst.getrandbits
     thread = threading.get_ident()
     calls = 0
+    high = value >= 0.5
 
-    def constant() -> float:
+    def counted() -> bool:
         nonlocal calls
         if threading.get_ident() != thread:  # (another thread draws as before)
-            return module_random()
+            return False
         calls += 1
         if calls > _MAX_CONSTANT_DRAWS:
             raise _ProbeAbort
-        return value
+        return True
 
-    random.random = constant
-    inst.random = constant
+    def constant() -> float:
+        return value if counted() else module_random()
+
+    def constant_below(n: int) -> int:
+        return (n - 1 if high else 0) if counted() else below(n)
+
+    def constant_bits(k: int) -> int:
+        return ((1 << k) - 1 if high else 0) if counted() else bits(k)
+
+    random.random, random.getrandbits = constant, constant_bits
+    inst.random, inst._randbelow, inst.getrandbits = constant, constant_below, constant_bits
     try:
         yield
     finally:
-        random.random = module_random
-        del inst.random
+        random.random, random.getrandbits = module_random, module_bits
+        del inst.random, inst._randbelow, inst.getrandbits
 
 
 def _same_result(a: TransformResult, b: TransformResult) -> bool:

@@ -21,7 +21,7 @@ import blake3
 import numpy as np
 
 from diskcache_ocr.ocr.conventions import TransformResult
-from diskcache_ocr.ocr.stages import TransformStage, plain_version
+from diskcache_ocr.ocr.stages import TransformStage, _not_cacheable, plain_version
 
 
 def holds_compose(obj: object) -> bool:
@@ -69,18 +69,29 @@ class ComposeHolderTransform(TransformStage):
         self.inner = albu.AlbumentationsTransform(obj.transform, version=version)
         self.version = None if version is None else plain_version(version, "transform_version")
         self.source = _source_digest(obj)
-        self.cacheable = self.inner.cacheable
+        # What else the object holds (its own settings) is part of what it does.
+        others = {k: v for k, v in vars(obj).items() if k != "transform"}
+        try:
+            self.state: Any = albu.describe(others, "transform object")
+        except albu.Undescribable as e:
+            self.state = None
+            if self.version is None:
+                _not_cacheable(f"{self.name} ({e})")
+        self.cacheable = self.inner.cacheable and (self.state is not None
+                                                  or self.version is not None)
 
     def fingerprint(self) -> dict[str, Any] | None:
         inner = self.inner.fingerprint()
-        if inner is None:
+        if inner is None or not self.cacheable:
             return None
         return {"stage": "compose-holder", "class": _class_name(self.obj),
-                "source": self.source, "compose": inner, "version": self.version}
+                "source": self.source, "state": self.state, "compose": inner,
+                "version": self.version}
 
     def random_reason(self, trials: int = 8) -> str | None:
-        """As random as the Compose it holds."""
-        return self.inner.random_reason(trials)
+        """Random when the Compose it holds is (by its parameters or its probe), or when the
+        object's own call is (probed as any callable)."""
+        return self.inner.random_reason(trials) or super().random_reason(trials)
 
     def __call__(self, image: np.ndarray, polygons: Sequence[np.ndarray]) -> TransformResult:
         polys = [np.asarray(p, np.float32).reshape(-1, 2) for p in polygons]

@@ -3,8 +3,14 @@
 Only a directory that is a diskcache-ocr cache (``data.mdb`` + ``lock.mdb`` with our header), a
 damaged one of ours, or an empty directory is touched; anything else is refused with nothing
 removed. The files go while this process holds LMDB's writer lock, so no write is in flight,
-and only when no other process has the cache open for reading: a reader keeps the deleted file
-mapped, and a writer starting after the delete would begin a second cache beside it.
+and only when no other process is reading: a reader keeps the deleted file mapped, and a
+writer starting after the delete would begin a second cache beside it.
+
+NOTE: "reading" means holding a read transaction. A process that has the environment open
+between reads (a DataLoader worker between batches) holds none and is not seen: the files go
+under it, and what it writes afterwards lands in the deleted files (lost, never mixed into a
+new cache, whose open takes the directory lock; see ``env.directory_lock``). Stop readers
+before a clear.
 """
 
 from __future__ import annotations
