@@ -123,11 +123,11 @@ def test_prebuild_dataset_refuses_what_it_cannot_build(data, tmp_path):
 
 
 # -- never replace another pipeline's records ---------------------------------------------------
-def dropin_cache(data, cache):
+def dropin_cache(data, cache, **extra):
     """The drop-in (the origin convention's stages) after one validation epoch."""
     images, annotations = split_paths(data)
     ds = ValidatedOCRDataset({"image_path": str(images), "annotation_path": str(annotations),
-                              "cache_dir": str(cache), **EVERYTHING})
+                              "cache_dir": str(cache), **EVERYTHING, **extra})
     read_all(ds)
     return cache
 
@@ -194,7 +194,7 @@ def test_builtin_prebuild_leaves_the_images_of_the_origin_rules_alone(data, tmp_
     """The origin's decoding drops alpha where the built-in one composites it: the drop-in's
     decoded images are its own (keyed by content and decode), and a built-in build that
     caches images adds its own beside them, replacing none."""
-    cache = dropin_cache(data, tmp_path / "c")
+    cache = dropin_cache(data, tmp_path / "c", read_through_images=True)
     before = snapshot(cache)
     assert prebuild(*split_paths(data), cache, preset="balanced", progress=False).built == N
     after = snapshot(cache)
