@@ -12,7 +12,7 @@
   kind adds per image, and epoch 0 and epoch 1 with one kind cached at a time (what each
   costs first and saves later).
 
-Targets (issue 15): compact sample ≥ 30× uncached; compact 2-worker epoch + finish ≥ 15×
+Targets: compact sample ≥ 30× uncached; compact 2-worker epoch + finish ≥ 15×
 uncached; epoch 0 ÷ uncached ≤ 1.3×.
 """
 

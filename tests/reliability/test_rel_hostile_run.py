@@ -1,4 +1,4 @@
-"""Issue 16, a hostile run: reproductions of what careless and hostile users found.
+"""A hostile run: reproductions of what careless and hostile users found.
 
 Each test asserts the behaviour the issue asks for through the public API only (the dataset,
 BatchLoader, CacheStore, the command line). A test still marked ``xfail(strict=True)`` fails
