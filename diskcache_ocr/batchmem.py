@@ -382,12 +382,7 @@ def _unlink_all(slabs: list[_Slab]) -> None:
     may run between a slab's creation and its entry in the pool)."""
     for slab in slabs:
         slab.unlink()
-    mine = _owner_prefix(os.getpid())
-    try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
-    except OSError:
-        return
-    for name in names:
+    for name in _slab_names(_owner_prefix(os.getpid())):
         try:
             os.unlink(os.path.join(SHM_DIR, name))
         except OSError:
@@ -439,14 +434,19 @@ def _owner_prefix(pid: int) -> str:
     return f"{SLAB_PREFIX}{_pid_namespace()}-{pid}-"
 
 
+def _slab_names(prefix: str) -> list[str]:
+    """The names in the shared-memory directory that start with ``prefix`` (none when it
+    cannot be listed)."""
+    try:
+        return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+    except OSError:
+        return []
+
+
 def _sweep_orphans() -> None:
     """Remove slabs left by workers of this pid namespace that were killed."""
     mine = f"{SLAB_PREFIX}{_pid_namespace()}-"
-    try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
-    except OSError:
-        return
-    for name in names:
+    for name in _slab_names(mine):
         try:
             pid = int(name[len(mine):].split("-", 1)[0])
             os.kill(pid, 0)
