@@ -5,6 +5,7 @@ caches, and a dataset wrapper that seeds the global generators per index."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -130,3 +132,14 @@ class Seeded(Dataset):
         random.seed(i)
         np.random.seed(i)
         return self.ds[i]
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script that is not part of any package (under ``scripts/``), imported by its path
+    as the module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testkit import load_script
 
 ORIGIN_SRC = os.environ.get("ORIGIN_SRC")
 pytestmark = [pytest.mark.skipif(not ORIGIN_SRC, reason="set ORIGIN_SRC to a checkout of the "
@@ -50,12 +51,7 @@ MODEL_OVERRIDES = tuple(o for o in json.loads(FIGURES.read_text())["overrides"]
 
 
 def _load(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"origin_train_{name}", HARNESS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(HARNESS / f"{name}.py", f"origin_train_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,13 @@ annotation file is the recorded one. Regenerate both with
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from testkit import load_script
 
 from diskcache_ocr.origin import ValidatedOCRDataset
 
@@ -36,13 +35,8 @@ NONE_PRESET = {"preload_images": False, "load_maps": False,
 
 
 def _dataset_module() -> Any:
-    path = ROOT / "scripts" / "conformance" / "train_run" / "dataset.py"
-    spec = importlib.util.spec_from_file_location("origin_train_run_dataset", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "conformance" / "train_run" / "dataset.py",
+                       "origin_train_run_dataset")
 
 
 @pytest.fixture(scope="module")
