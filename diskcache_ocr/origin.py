@@ -142,7 +142,11 @@ def preset_from_config(config: Any) -> Preset:
     """The preset a dataset config carries, named by ``preset_name`` in the config, else by
     the Hydra choice of ``data/performance_preset`` (not for a training split, which the
     origin's presets never reach), else ``custom``."""
-    data = resolved_config(config)
+    return _preset(resolved_config(config))
+
+
+def _preset(data: Mapping[str, Any]) -> Preset:
+    """:func:`preset_from_config` of a config already resolved (:func:`resolved_config`)."""
     name = data.get("preset_name") or (None if _split(data) == "train" else _hydra_choice())
     keys = preset_keys(data)
     if keys.get("image_loading_config") is None:
@@ -198,7 +202,7 @@ class ValidatedOCRDataset(CachedOCRDataset):
         # constructing the dataset stays as quick as the origin's (``prebuild`` builds ahead).
         options.setdefault("preload", "first-epoch")
         super().__init__(image_path, None if annotations is None else str(annotations),
-                         cache_dir, preset=preset_from_config(data),
+                         cache_dir, preset=_preset(data),
                          split=options.pop("split", _split(data)), **options)
         self._anns: OrderedDict[str, list[np.ndarray] | None] | None = None
 
