@@ -19,7 +19,7 @@ from test_dataset import assert_same, unbatch
 from torch.utils.data import DataLoader
 
 from diskcache_ocr import batchmem
-from diskcache_ocr.batchmem import SlabTensor, Spec
+from diskcache_ocr.batchmem import SlabTensor, Spec, leases, slabs
 from diskcache_ocr.dataset import CachedOCRDataset, collate
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.synth import split_paths
@@ -123,7 +123,7 @@ def test_the_receiver_maps_a_slab_once_across_its_uses_and_forgets_it_once_gone(
         fill(block, value)
         received = ForkingPickler.loads(ForkingPickler.dumps(dict(block.tensors)))
         assert (received["image"] == value).all() and (received["inverse_matrix"] == value).all()
-        seen.append(batchmem._mappings[slab.name])
+        seen.append(leases._mappings[slab.name])
         del block, received
         assert slab.available()  # released by the receiver
         block = batchmem.shared_block(SPECS)
@@ -131,12 +131,12 @@ def test_the_receiver_maps_a_slab_once_across_its_uses_and_forgets_it_once_gone(
     assert seen[0] is seen[1]  # one mapping for both uses
     del block
     slab.unlink()  # as at its worker's exit (and out of this process's pool with it)
-    batchmem._slab_pool.slabs.remove(slab)
-    larger = max(s.size for s in [slab, *batchmem._slab_pool.slabs]) + 1  # (a new slab)
+    slabs._slab_pool.slabs.remove(slab)
+    larger = max(s.size for s in [slab, *slabs._slab_pool.slabs]) + 1  # (a new slab)
     other = batchmem.shared_block([Spec("z", (larger,), np.dtype(np.uint8))])
     ForkingPickler.loads(ForkingPickler.dumps(other.tensors["z"]))
-    assert slab.name not in batchmem._mappings
-    assert other.tensors["z"]._slab.name in batchmem._mappings
+    assert slab.name not in leases._mappings
+    assert other.tensors["z"]._slab.name in leases._mappings
 
 
 @needs_shm
@@ -183,13 +183,13 @@ def test_full_shared_memory_falls_back_cleanly(monkeypatch, caplog):
 
     kept = batchmem.shared_block(SPECS)  # a slab in use: kept
     idle = batchmem.shared_block(SPECS).tensors["image"]._slab  # one let go: given back
-    pool = batchmem._slab_pool
+    pool = slabs._slab_pool
     larger = max(s.size for s in pool.slabs) + 1  # (no slab holds it: a new one is needed)
     before = set(os.listdir(batchmem.SHM_DIR))
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with caplog.at_level(logging.WARNING, "diskcache_ocr.batchmem"):
         assert batchmem.shared_block([Spec("y", (larger,), np.dtype(np.uint8))]) is None
-    flag = batchmem._pressure_flag(os.getppid())
+    flag = slabs.pressure_flag(os.getppid())
     # nothing left behind but the flag telling the loader's other workers
     assert set(os.listdir(batchmem.SHM_DIR)) - before == {os.path.basename(flag)}
     assert idle.name not in os.listdir(batchmem.SHM_DIR) and idle not in pool.slabs
@@ -209,10 +209,10 @@ def test_full_shared_memory_falls_back_cleanly(monkeypatch, caplog):
 
 @needs_shm
 def test_a_worker_told_that_shared_memory_ran_out_gives_back_its_idle_slabs(monkeypatch):
-    monkeypatch.setattr(batchmem, "_pressure_flag", lambda owner: str(flag))
+    monkeypatch.setattr(slabs, "pressure_flag", lambda owner: str(flag))
     flag = Path(batchmem.SHM_DIR) / f"docr-test-pressure-{os.getpid()}"
     idle = batchmem.shared_block(SPECS).tensors["image"]._slab
-    pool = batchmem._slab_pool
+    pool = slabs._slab_pool
     assert idle in pool.slabs and pool.growing
     flag.touch()
     try:
@@ -240,23 +240,23 @@ def test_a_smaller_batch_takes_a_free_larger_slab():
 
 def test_rebuild_refuses_foreign_and_vanished_slabs():
     with pytest.raises(CacheError, match="not a batch slab"):
-        batchmem._rebuild("../etc/passwd", 1, 10, 0, (10,), "|u1")
+        batchmem.rebuild("../etc/passwd", 1, 10, 0, (10,), "|u1")
     with pytest.raises(CacheError, match="gone"):
-        batchmem._rebuild(f"{batchmem.SLAB_PREFIX}1-nothing", 1, 10, 0, (10,), "|u1")
+        batchmem.rebuild(f"{batchmem.SLAB_PREFIX}1-nothing", 1, 10, 0, (10,), "|u1")
 
 
 @needs_shm
 def test_orphans_of_dead_workers_are_swept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = os.path.join(batchmem.SHM_DIR, f"{batchmem._owner_prefix(dead.pid)}0000")
-    mine = os.path.join(batchmem.SHM_DIR, f"{batchmem._owner_prefix(os.getpid())}0000")
+    orphan = os.path.join(batchmem.SHM_DIR, f"{slabs.owner_prefix(dead.pid)}0000")
+    mine = os.path.join(batchmem.SHM_DIR, f"{slabs.owner_prefix(os.getpid())}0000")
     # a dead pid of another pid namespace (another container sharing /dev/shm): not ours
     foreign = os.path.join(batchmem.SHM_DIR, f"{batchmem.SLAB_PREFIX}1-{dead.pid}-0000")
     for path in (orphan, mine, foreign):
         open(path, "wb").close()
     try:
-        batchmem._sweep_orphans()
+        slabs.sweep_orphans()
         assert not os.path.exists(orphan)
         assert os.path.exists(mine) and os.path.exists(foreign)
     finally:
@@ -274,7 +274,7 @@ def test_workers_batches_stay_intact_while_the_consumer_holds_them(data, referen
     indices = [i % len(ds) for i in range(24)]
     loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate,
                         sampler=indices, multiprocessing_context=method)
-    seen_before = set(batchmem._seen)
+    seen_before = set(leases._seen)
     window: list[dict] = []
     for batch in loader:
         assert type(batch["image"]) is torch.Tensor
@@ -284,7 +284,7 @@ def test_workers_batches_stay_intact_while_the_consumer_holds_them(data, referen
                 assert_same(sample, reference[sample["meta"]["index"]], with_maps=True)
         for sample in unbatch(batch):
             assert_same(sample, reference[sample["meta"]["index"]], with_maps=True)
-    names = set(batchmem._seen) - seen_before
+    names = set(leases._seen) - seen_before
     assert names  # the batches did come through slabs
     held_all = list(loader)  # every batch held at once: slabs run out, fresh memory takes over
     for batch in held_all:
@@ -312,7 +312,7 @@ def test_writers_keep_freed_memory_once_per_process():
     import platform
 
     code = ("from diskcache_ocr.batchmem import keep_freed_memory as k\n"
-            "import diskcache_ocr.batchmem as b, os\n"
+            "import diskcache_ocr.batchmem.pages as b, os\n"
             "first = k(); print(first, k(), b._writer_tuned_pid == os.getpid())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

@@ -527,10 +527,10 @@ def loader_exit(images: str, annotations: str, cache: str, shm_dir: str, how: st
 
     from torch.utils.data import DataLoader
 
-    from diskcache_ocr import batchmem
+    from diskcache_ocr.batchmem import slabs
     from diskcache_ocr.dataset import CachedOCRDataset, collate
 
-    batchmem.SHM_DIR = shm_dir  # (workers fork with it)
+    slabs.SHM_DIR = shm_dir  # (workers fork with it)
     ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
                           preload=False)
     epochs = [i % len(ds) for i in range(len(ds) * 20)]

@@ -1,0 +1,162 @@
+"""Checking a cache's records: decode and checksum each, and compare some with a fresh
+computation."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from diskcache_ocr.codec import decode_record, verify_checksum
+from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
+from diskcache_ocr.hydra_app import DEFAULT_NODE
+from diskcache_ocr.keys import content_hash
+from diskcache_ocr.ocr.annotations import (
+    AnnotationSet,
+    ImageAnnotation,
+    load_annotations,
+)
+from diskcache_ocr.ocr.decode import read_image_file
+from diskcache_ocr.ops.status import stored_pipeline
+from diskcache_ocr.presets import cache_plan
+from diskcache_ocr.schema import (
+    KINDS,
+    IndexEntry,
+    dataset_root,
+    source_id,
+)
+from diskcache_ocr.store import CacheStore
+
+if TYPE_CHECKING:  # (the engine and torch load only for verify's recomputing)
+    from diskcache_ocr.readthrough import ReadThrough
+
+def verify(
+    cache_dir: str | os.PathLike[str], *, sample: int | None = None, recompute: int = 0,
+    images_dir: str | os.PathLike[str] | None = None,
+    annotations: str | os.PathLike[str] | None = None, seed: int = 0, dataset: Any = None,
+) -> dict[str, Any]:
+    """Decode (and checksum) every record, or ``sample`` of them per kind; with
+    ``recompute``, compare that many sources' records with a fresh computation: by
+    ``dataset``'s pipeline when given (a dataset, or its read-through engine: any pipeline,
+    a user's own included), else by the built-in pipeline the header records."""
+    rng = random.Random(seed)
+    checked, corrupt, mismatched = 0, [], []
+    with CacheStore(cache_dir, readonly=True) as store:
+        header = store.header()
+        for kind in KINDS:
+            keys = store.keys(kind)
+            if sample is not None and sample < len(keys):
+                keys = rng.sample(keys, sample)
+            for key in keys:
+                checked += 1
+                with store.reader() as r:
+                    value = r.get_raw(kind, key)
+                    if value is None:
+                        continue
+                    try:
+                        verify_checksum(value, f"{kind}/{key.hex()}")
+                        decode_record(value, f"{kind}/{key.hex()}")
+                    except CacheFormatError as exc:
+                        corrupt.append(f"{kind}/{key.hex()}: {exc}")
+        if recompute and dataset is not None:
+            engine = getattr(dataset, "engine", dataset)
+            mismatched = _compare(store, engine, _chosen_of(store, engine, recompute, rng),
+                                  corrupt)
+        elif recompute:
+            mismatched = _recompute(store, header, recompute, images_dir, annotations, rng,
+                                    corrupt)
+    return {"checked": checked, "corrupt": corrupt, "mismatched": mismatched,
+            "recomputed": recompute}
+
+
+def verify_config_dataset(config_dir: str | os.PathLike[str], config_name: str,
+                          overrides: Sequence[str] = (), *, node: str = DEFAULT_NODE,
+                          cache_dir: str | os.PathLike[str] | None = None,
+                          sample: int | None = None, recompute: int = 0) -> dict[str, Any]:
+    """:func:`verify` of the cache a Hydra config's dataset node reads, recomputing through
+    that dataset's pipeline (see :func:`~diskcache_ocr.hydra_app.config_datasets`; the
+    dataset is opened read-only). Adds ``node`` and ``cache`` to the report."""
+    from diskcache_ocr.hydra_app import config_datasets
+
+    with config_datasets(config_dir, config_name, overrides, nodes=[node],
+                         cache_dir=cache_dir, readonly=True) as made:
+        ((_, ds),) = made
+        if ds.store is None:
+            raise CacheError(f"{node}: its preset {ds.plan.name!r} caches nothing: there is "
+                             "no cache to verify")
+        return {"node": node, "cache": str(ds.store.path),
+                **verify(ds.store.path, sample=sample, recompute=recompute, dataset=ds)}
+
+
+Chosen = list[tuple[int, str, IndexEntry, bool]]  # (engine index, source, entry, with maps)
+
+
+def _chosen_of(store: CacheStore, engine: ReadThrough, n: int, rng: random.Random) -> Chosen:
+    """``n`` of the dataset's sources that the index holds, at random."""
+    catalog = engine.catalog
+    ids = {source_id(catalog.images_dir, catalog.source(i)): i for i in range(len(catalog))}
+    entries = [(s, e) for s, e in store.iter_index() if e.ok and s in ids]
+    return [(ids[s], s, e, True) for s, e in rng.sample(entries, min(n, len(entries)))]
+
+
+def _recompute(store: CacheStore, header: dict[str, Any], n: int,
+               images_dir: str | os.PathLike[str] | None,
+               annotations: str | os.PathLike[str] | None, rng: random.Random,
+               corrupt: list[str]) -> list[str]:
+    if header.get("stage_pipeline"):
+        raise CacheError(f"{store.path}: built by a user pipeline (convention/transform/maps "
+                         "stages) that the header alone cannot rebuild; recompute through its "
+                         "dataset: `verify --recompute N --config-name NAME` from its Hydra "
+                         "tree, or `ops.verify(cache, recompute=N, dataset=ds)` (verify "
+                         "without --recompute checks every record)")
+    root = dataset_root(header, images_dir) or Path(".")
+    words = {}
+    if annotations is not None:
+        words = {source_id(root, it.file): it for it in load_annotations(root, annotations).items}
+    entries = [(s, e) for s, e in store.iter_index() if e.ok]
+    chosen = rng.sample(entries, min(n, len(entries)))
+    # Sources without an annotation are checked without words (and without maps).
+    items = tuple(words.get(s) or ImageAnnotation(os.path.basename(s), (), (), ())
+                  for s, _ in chosen)
+    from diskcache_ocr.readthrough import ReadThrough
+    from diskcache_ocr.samples import Catalog
+
+    engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
+                         cache_plan("none"), None)
+    return _compare(store, engine, [(i, s, e, s in words) for i, (s, e) in enumerate(chosen)],
+                    corrupt)
+
+
+def _compare(store: CacheStore, engine: ReadThrough, chosen: Chosen, corrupt: list[str]
+             ) -> list[str]:
+    """Each chosen source's records, computed afresh by ``engine``, against the cached ones:
+    the fields that differ (a damaged record is added to ``corrupt`` instead)."""
+    mismatched = []
+    for index, source, entry, with_maps in chosen:
+        try:
+            data = read_image_file(source, source)
+        except (OSError, SourceError):
+            continue  # a missing source is health's business, not a mismatch
+        if content_hash(data) != entry.content_hash:
+            continue  # changed since it was cached: stale, not wrong
+        fresh = engine.recompute(index, data, with_maps=with_maps)
+        for kind, (key, arrays) in fresh.items():
+            try:
+                cached = store.get(kind, key)
+            except CacheFormatError as exc:  # damaged: report it, do not stop the check
+                label = f"{kind}/{key.hex()}"
+                if not any(c.startswith(label + ":") for c in corrupt):
+                    corrupt.append(f"{label}: {exc}")
+                continue
+            if cached is None:
+                continue
+            for name, arr in arrays.items():
+                if name not in cached or cached[name].tobytes() != np.ascontiguousarray(
+                        arr).tobytes() or cached[name].dtype != arr.dtype:
+                    mismatched.append(f"{source} {kind}.{name}")
+    return mismatched
+
