@@ -4,11 +4,18 @@
 OCR. Sub-databases: ``meta`` (the header), ``index`` (one entry per source file),
 ``images``, ``tensors``, ``maps`` (records), ``stats`` (persisted counters).
 
+- :mod:`.files`: the cache directory's files, its lock, the file system it lies on;
+- :mod:`.opening`: opening an environment as a cache (options, refusals, sub-databases);
 - :mod:`.env`: the environment and its process rules (lazy open per process, fork safety,
-  map growth, reader slots);
+  map growth, reader slots, the write transaction);
 - :mod:`.txn`: read blocks with zero-copy records, and write batches;
 - :mod:`.header`: the header, its format version and the unsynced marker;
-- :mod:`.cache`: :class:`CacheStore`, the front.
+- :mod:`.counters`: the read counters, in memory and on disk;
+- :mod:`.pipelines`: several pipelines in one cache, and the version policy;
+- :mod:`.cache`: :class:`CacheStore`, the front;
+- :mod:`.wipe`: deleting a whole cache directory.
+
+The modules talk through public names only; ``cache`` builds on all the others.
 
 Pickling a store carries only the path and options.
 """
@@ -16,8 +23,8 @@ Pickling a store carries only the path and options.
 from diskcache_ocr.codec import parse_header
 from diskcache_ocr.schema import KINDS, IndexEntry, KindVersion
 from diskcache_ocr.store.cache import CacheStore
-from diskcache_ocr.store.env import DEFAULT_MAP_SIZE, StoreOptions
 from diskcache_ocr.store.header import POLICIES, STORE_FORMAT, Policy, boot_id
+from diskcache_ocr.store.opening import DEFAULT_MAP_SIZE, StoreOptions
 from diskcache_ocr.store.txn import ReadTxn, Record, WriteBatch
 
 __all__ = [

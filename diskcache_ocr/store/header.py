@@ -1,5 +1,5 @@
-"""The cache header and its rules: format version, per-kind versions, the unsynced marker,
-and the persisted counters' encoding."""
+"""The cache header and its rules: format version, per-kind versions, pipelines, the
+unsynced marker; the sub-databases a cache has."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ Policy = Literal["error", "rebuild", "ignore"]
 POLICIES: tuple[str, ...] = ("error", "rebuild", "ignore")
 
 
-_DBS: tuple[str, ...] = ("meta", "index", *KINDS, "stats")
+SUB_DATABASES: tuple[str, ...] = ("meta", "index", *KINDS, "stats")
 
 
 def boot_id() -> str:
@@ -66,7 +66,7 @@ def written_unsynced_before_reboot(header: Mapping[str, Any]) -> bool:
     return bool(marked) and marked != boot_id()
 
 
-def _mark_unsynced(txn: lmdb.Transaction, db: Any, path: Path) -> None:
+def mark_unsynced(txn: lmdb.Transaction, db: Any, path: Path) -> None:
     """Note in the header that this boot wrote without fsync.
 
     NOTE: without fsync a killed process loses nothing (its pages are in the OS cache), but
@@ -74,17 +74,17 @@ def _mark_unsynced(txn: lmdb.Transaction, db: Any, path: Path) -> None:
     open whether such a crash can have happened since (see ``CacheStore.unsynced_reboot``).
     """
     raw = txn.get(HEADER_KEY, db=db)
-    header = _unpack_header(raw, path) if raw is not None else {}
+    header = unpack_header(raw, path) if raw is not None else {}
     if header.get("unsynced_boot") != boot_id():
         header["unsynced_boot"] = boot_id()
-        txn.put(HEADER_KEY, _pack(header), db=db)
+        txn.put(HEADER_KEY, pack_header(header), db=db)
 
 
-def _pack(header: Mapping[str, Any]) -> bytes:
+def pack_header(header: Mapping[str, Any]) -> bytes:
     return msgpack.packb(dict(header), use_bin_type=True)
 
 
-def _unpack_header(raw: bytes | memoryview, path: Path) -> dict[str, Any]:
+def unpack_header(raw: bytes | memoryview, path: Path) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(bytes(raw), raw=False, max_map_len=1024, max_array_len=1024)
     except Exception as exc:
@@ -178,24 +178,6 @@ def _rename_index(txn: lmdb.Transaction, db: Any, kinds: Mapping[str, Any], path
         txn.put(key, replace(entry, keys=renamed).pack(), db=db)
 
 
-def _merge_counters(txn: lmdb.Transaction, db: Any, pending: Mapping[str, int]) -> None:
-    for name, delta in pending.items():
-        key = name.encode()
-        raw = txn.get(key, db=db)
-        value = _counter(raw) if raw is not None else 0
-        txn.put(key, msgpack.packb(value + delta), db=db)
-
-
-def _counter(raw: bytes | memoryview) -> int:
-    """A persisted counter; a damaged one counts as 0 (counters only feed reports)."""
-    try:
-        value = msgpack.unpackb(bytes(raw))
-    except Exception:  # msgpack raises several unrelated types on bad input
-        return 0
-    return value if type(value) is int and 0 <= value < 1 << 63 else 0
-
-
-
 def check_header(env: lmdb.Environment, handles: dict[str, Any], path: Path, readonly: bool
                  ) -> None:
     """Refuse a header of another format; write a fresh one into a new cache."""
@@ -211,9 +193,9 @@ def check_header(env: lmdb.Environment, handles: dict[str, Any], path: Path, rea
             "plain": {},
         }
         with env.begin(write=True) as txn:
-            txn.put(HEADER_KEY, _pack(header), db=handles["meta"])
+            txn.put(HEADER_KEY, pack_header(header), db=handles["meta"])
         return
-    header = _unpack_header(raw, path)
+    header = unpack_header(raw, path)
     if header.get("format") in _UPGRADABLE:
         if readonly:
             raise CacheFormatError(
@@ -227,12 +209,12 @@ def check_header(env: lmdb.Environment, handles: dict[str, Any], path: Path, rea
                 txn.drop(handles["index"], delete=False)
             else:
                 _rename_index(txn, handles["index"], header.get("kinds", {}), path)
-            txn.put(HEADER_KEY, _pack(upgraded_header(header)), db=handles["meta"])
+            txn.put(HEADER_KEY, pack_header(upgraded_header(header)), db=handles["meta"])
         log.warning("%s: upgraded from cache format %s to %d (records are kept%s)", path, old,
                     STORE_FORMAT, "; the index is rebuilt as sources are read" if old == 1
                     else f"; its pipeline is now the one of role {LEGACY_ROLE!r}")
         return
-    if header.get("format") != STORE_FORMAT:  # (a newer one was refused by _unpack_header)
+    if header.get("format") != STORE_FORMAT:  # (a newer one was refused by unpack_header)
         raise CacheFormatError(
             f"{path}: cache format {header.get('format')!r:.40}, this library reads "
             f"format {STORE_FORMAT}; not a header this library ever wrote (damaged): clear it "

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
@@ -23,7 +24,9 @@ from diskcache_ocr.errors import (
     CacheFormatError,
 )
 from diskcache_ocr.schema import KINDS, IndexEntry, index_key
-from diskcache_ocr.store.protocol import StoreHandle
+
+if TYPE_CHECKING:
+    from diskcache_ocr.store.env import SharedEnv
 
 log = logging.getLogger("diskcache_ocr.store")
 
@@ -71,21 +74,18 @@ class Record(Mapping[str, np.ndarray]):
 class ReadTxn:
     """A read transaction handed out by :meth:`CacheStore.reader`; closes with its block."""
 
-    __slots__ = ("_store", "_txn", "_handles", "_open")
+    __slots__ = ("_path", "_txn", "_handles", "_open")
 
-    def __init__(
-        self, store: StoreHandle, txn: lmdb.Transaction, handles: dict[str, Any] | None = None
-    ) -> None:
-        self._store = store
+    def __init__(self, path: Path, txn: lmdb.Transaction, handles: dict[str, Any]) -> None:
+        self._path = path
         self._txn = txn
-        # (the sub-database handles of the environment this transaction belongs to)
-        self._handles = store._shared().handles if handles is None else handles
+        self._handles = handles  # (the sub-databases of the environment ``txn`` belongs to)
         self._open = True
 
     def _check_open(self) -> None:
         if not self._open:
             raise CacheClosedError(
-                f"{self._store.path}: this view's read transaction has ended; copy the arrays "
+                f"{self._path}: this view's read transaction has ended; copy the arrays "
                 "inside the `with store.reader()` block, or use store.get() for owned copies"
             )
 
@@ -96,12 +96,13 @@ class ReadTxn:
         value = self._txn.get(key, db=self._handles[kind])
         if value is None:
             return None
-        store = self._store
-        arrays = decode_record(value, lambda: f"{store.path} {kind}/{key.hex()}")
+        path = self._path
+        arrays = decode_record(value, lambda: f"{path} {kind}/{key.hex()}")
         return Record(self, arrays, len(value))
 
     def get_raw(self, kind: str, key: bytes) -> memoryview | None:
-        """The record's raw bytes as a view on the map (valid inside the block)."""
+        """The raw bytes under ``key`` in the sub-database ``kind`` (a kind, or ``meta``,
+        ``index``, ``stats``) as a view on the map (valid inside the block)."""
         self._check_open()
         value = self._txn.get(key, db=self._handles[kind])
         return None if value is None else memoryview(value)
@@ -116,24 +117,32 @@ class ReadTxn:
         raw = self._txn.get(index_key(source), db=self._handles["index"])
         return None if raw is None else IndexEntry.unpack(bytes(raw), source)
 
+    def cursor(self, name: str) -> lmdb.Cursor:
+        """A cursor over the sub-database ``name`` (a kind, or ``meta``, ``index``,
+        ``stats``); its keys and values are views valid inside the block."""
+        self._check_open()
+        return self._txn.cursor(self._handles[name])
 
-class _Reader:
+
+class Reader:
     """``with store.reader() as r``: lends this thread's read transaction for one block.
 
+    ``shared`` gives the store's environment in this process (opening it on first use).
     (A small class rather than a generator-based context manager: this runs once per
     sample read, and the generator machinery costs more than the rest of it.)
     """
 
-    __slots__ = ("_store", "_sh", "_slot", "_handle")
+    __slots__ = ("_path", "_shared", "_sh", "_slot", "_handle")
 
-    def __init__(self, store: StoreHandle) -> None:
-        self._store = store
+    def __init__(self, path: Path, shared: Callable[[], SharedEnv]) -> None:
+        self._path = path
+        self._shared = shared
 
     def __enter__(self) -> ReadTxn:
-        sh = self._store._shared()
+        sh = self._shared()
         slot = sh.acquire_slot()
         self._sh, self._slot = sh, slot
-        self._handle = ReadTxn(self._store, slot.txn, sh.handles)
+        self._handle = ReadTxn(self._path, slot.txn, sh.handles)
         return self._handle
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -146,7 +155,7 @@ class _Reader:
         # NOTE: LMDB has no page checksums; a damaged B-tree shows up here (and leaves the
         # transaction unusable, so this thread's slot is dropped).
         sh.drop_slot(threading.get_ident())
-        path = self._store.path
+        path = self._path
         if isinstance(exc, lmdb.BadValsizeError):
             raise CacheError(f"{path}: key too long for the cache ({exc})") from None
         raise CacheFormatError(
@@ -155,8 +164,9 @@ class _Reader:
         ) from None
 
 
-class _Scratch(threading.local):
-    """This thread's reusable encode buffer (see ``_SCRATCH_MAX``)."""
+class EncodeBuffer(threading.local):
+    """This thread's reusable encode buffer (see ``_SCRATCH_MAX``): a write batch's records
+    are written into it at commit, and the end of a read block lets it go once idle."""
 
     buf: bytearray | None = None
     used = 0.0
@@ -175,7 +185,7 @@ class _Scratch(threading.local):
             self.buf = None
 
 
-_scratch = _Scratch()
+encode_buffer = EncodeBuffer()
 
 
 Value = bytes | bytearray | memoryview | RecordPlan
@@ -194,13 +204,13 @@ class WriteBatch:
 
     def put(self, kind: str, key: bytes,
             arrays: Mapping[str, np.ndarray] | bytes | bytearray) -> None:
-        _check_kind(kind)
+        check_kind(kind)
         value = (arrays if isinstance(arrays, (bytes, bytearray, memoryview))
                  else plan_record(arrays))
         self.ops.append(("put", kind, key, value))
 
     def delete(self, kind: str, key: bytes) -> None:
-        _check_kind(kind)
+        check_kind(kind)
         self.ops.append(("delete", kind, key, None))
 
     def put_index(self, source: str, entry: IndexEntry) -> None:
@@ -210,14 +220,34 @@ class WriteBatch:
         self.ops.append(("delete", "index", index_key(source), None))
 
     def drop(self, kind: str) -> None:
-        _check_kind(kind)
+        check_kind(kind)
         self.ops.append(("drop", kind, b"", None))
 
     def __len__(self) -> int:
         return len(self.ops)
 
+    def apply(self, txn: lmdb.Transaction, handles: Mapping[str, Any]) -> None:
+        """Make the batch's writes inside the write transaction ``txn``."""
+        for op, name, key, value in self.ops:
+            db = handles[name]
+            if op == "put":
+                assert value is not None
+                if isinstance(value, RecordPlan):
+                    # NOTE: LMDB copies the value into the map, so the buffer is free again
+                    # as soon as put returns.
+                    value = value.write_into(encode_buffer.get(value.nbytes))
+                txn.put(key, value, db=db)
+            elif op == "delete":
+                txn.delete(key, db=db)
+            else:
+                txn.drop(db, delete=False)
 
-def _check_kind(kind: str) -> None:
+
+def check_kind(kind: str) -> None:
+    """Refuse a name that is not one of the kinds."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
 
+
+__all__ = ["EncodeBuffer", "ReadTxn", "Reader", "Record", "WriteBatch", "check_kind",
+           "encode_buffer"]

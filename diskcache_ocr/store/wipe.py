@@ -29,16 +29,16 @@ import msgpack
 
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.schema import KINDS
-from diskcache_ocr.store.env import (
-    _GONE,
-    _open_stores,
+from diskcache_ocr.store.env import SharedEnv
+from diskcache_ocr.store.files import (
+    CACHE_FILES,
+    DIRECTORY_GONE,
     check_cache_files,
     directory_lock,
     release_directory_lock,
 )
-from diskcache_ocr.store.header import _DBS, HEADER_KEY
+from diskcache_ocr.store.header import HEADER_KEY, SUB_DATABASES
 
-CACHE_FILES = ("data.mdb", "lock.mdb")
 # How long to wait for a writer (a prebuild, a watch service, a dataset filling misses) to
 # finish its transaction before giving up with nothing removed.
 WRITER_WAIT_S = 5.0  # a writer that holds on longer is a build or a service, not a commit
@@ -106,12 +106,12 @@ def _child() -> None:
     # Nobody opens the cache while its files go (see env.directory_lock): an open sees both
     # old files or both new ones, never the old lock table with a new data file.
     guard = directory_lock(path, exclusive=True)
-    if guard == _GONE:
+    if guard == DIRECTORY_GONE:
         print(json.dumps({"removed": True}), flush=True)  # removed by another clear meanwhile
         return
     try:
         env = lmdb.open(str(path), readonly=False, create=False, lock=True,
-                        max_dbs=len(_DBS) + 2, max_spare_txns=0, map_size=1 << 20)
+                        max_dbs=len(SUB_DATABASES) + 2, max_spare_txns=0, map_size=1 << 20)
         print("opened", flush=True)
         txn = env.begin(write=True)  # waits for a writer in progress (the parent's timeout)
         try:
@@ -195,13 +195,14 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
         if not dry_run:
             _remove(path, files)
         return result
-    if any(s.is_open and s.path.resolve() == path.resolve() for s in list(_open_stores)):
+    if SharedEnv.open_here(path):
         # A second handle on the same environment in one process would break LMDB's locks.
         raise CacheError(f"{path}: this process has the cache open (close its dataset or "
                          "store first); nothing removed")
     guard = directory_lock(path, exclusive=False)  # (see _child)
     try:
-        env = lmdb.open(str(path), readonly=False, create=False, lock=True, max_dbs=len(_DBS) + 2,
+        env = lmdb.open(str(path), readonly=False, create=False, lock=True,
+                        max_dbs=len(SUB_DATABASES) + 2,
                         max_spare_txns=0, map_size=1 << 20)
     except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError) as exc:
         # A damaged file (or one of the other LMDB engine): nobody can be using it to write.
@@ -234,7 +235,7 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
 
 def _remove(path: Path, files: list[Path]) -> None:
     guard = directory_lock(path, exclusive=True)  # (nobody opens the cache meanwhile)
-    if guard == _GONE:
+    if guard == DIRECTORY_GONE:
         return
     try:
         for p in files:

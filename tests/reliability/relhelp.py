@@ -239,21 +239,21 @@ def run_watch(cache: str, images: str, annotations: str, ready: str, kill_at: in
     invalidation: ``kill_at`` ops into the write transaction, or after the commit."""
     from diskcache_ocr.store import CacheStore, WriteBatch
 
-    apply, commit = CacheStore._apply, CacheStore.commit
+    apply, commit = WriteBatch.apply, CacheStore.commit
 
     def is_invalidation(batch: WriteBatch) -> bool:
         return any(op == "delete" and name == "index" for op, name, _, _ in batch.ops)
 
-    def dying_apply(self: CacheStore, txn: Any, batch: WriteBatch) -> None:
-        if kill_at is None or not is_invalidation(batch):
-            return apply(self, txn, batch)
-        stop = min(kill_at, len(batch.ops))
-        for i, op in enumerate(batch.ops):
+    def dying_apply(self: WriteBatch, txn: Any, handles: Any) -> None:
+        if kill_at is None or not is_invalidation(self):
+            return apply(self, txn, handles)
+        stop = min(kill_at, len(self.ops))
+        for i, op in enumerate(self.ops):
             if i == stop:
                 os.kill(os.getpid(), signal.SIGKILL)
             one = WriteBatch()
             one.ops = [op]
-            apply(self, txn, one)
+            apply(one, txn, handles)
         os.kill(os.getpid(), signal.SIGKILL)  # everything applied, nothing committed
 
     def dying_commit(self: CacheStore, batch: WriteBatch) -> None:
@@ -261,7 +261,7 @@ def run_watch(cache: str, images: str, annotations: str, ready: str, kill_at: in
         if kill_after_commit and is_invalidation(batch):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    CacheStore._apply = dying_apply  # type: ignore[method-assign]
+    WriteBatch.apply = dying_apply  # type: ignore[method-assign]
     CacheStore.commit = dying_commit  # type: ignore[method-assign]
 
     def out(line: str) -> None:

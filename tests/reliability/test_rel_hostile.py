@@ -215,8 +215,8 @@ def test_a_damaged_index_entry_is_recomputed(tiny, references, cache_copy):
     images, cache, snap = cache_copy
     with CacheStore(cache) as store:
         source_key = sorted(s for s, _ in store.iter_index())[0]
-        store._write(lambda txn: txn.put(os.fsencode(source_key), b"\xc1 not msgpack",
-                                         db=store._db("index")))
+        store.write_raw(lambda txn, dbs: txn.put(os.fsencode(source_key), b"\xc1 not msgpack",
+                                                 db=dbs["index"]))
     source = os.path.relpath(source_key, os.path.realpath(images))
     assert any(p["code"] == "corrupt" for p in ops.health(cache)["problems"])
     ds = CachedOCRDataset(images, tiny.annotations, cache, preset="validation_optimized",
@@ -234,7 +234,7 @@ def test_damaged_counters_do_not_break_writes(tiny, cache_copy):
 
     images, cache, _ = cache_copy
     with CacheStore(cache) as store:
-        store._write(lambda txn: txn.put(b"images.hits", b"\xc1\xc1", db=store._db("stats")))
+        store.write_raw(lambda txn, dbs: txn.put(b"images.hits", b"\xc1\xc1", db=dbs["stats"]))
         store.count("images", hits=3)
         store.put("images", b"k" * 32, {"image": np.zeros((2, 2, 3), np.uint8)})
         assert store.stats()["images.hits"] == 3

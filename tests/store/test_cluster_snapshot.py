@@ -14,7 +14,7 @@ from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.prebuild import prebuild
 from diskcache_ocr.store import CacheStore
-from diskcache_ocr.store import env as env_mod
+from diskcache_ocr.store import files as files_mod
 from diskcache_ocr.synth import split_paths
 
 N = 8
@@ -38,7 +38,7 @@ def shared(tmp_path, monkeypatch) -> Path:
     point = tmp_path / "shared"
     point.mkdir()
     table = _mountinfo(tmp_path, [("/", "ext4"), ("/tmp", "tmpfs"), (str(point), "nfs4")])
-    monkeypatch.setattr(env_mod, "MOUNTINFO", table)
+    monkeypatch.setattr(files_mod, "MOUNTINFO", table)
     return point
 
 
@@ -49,8 +49,8 @@ def test_network_file_systems_are_told_by_their_type(tmp_path, monkeypatch):
                                                             "xfs"),
                                   (str(tmp_path / "smb"), "cifs"),
                                   (str(tmp_path / "sshfs"), "fuse.sshfs")])
-    monkeypatch.setattr(env_mod, "MOUNTINFO", table)
-    found = env_mod.network_filesystem
+    monkeypatch.setattr(files_mod, "MOUNTINFO", table)
+    found = files_mod.network_filesystem
     assert found(tmp_path / "nfs" / "cache") == "nfs"
     assert found(tmp_path / "nfs") == "nfs"
     assert found(spaced / "a" / "b") == "lustre"
@@ -59,13 +59,13 @@ def test_network_file_systems_are_told_by_their_type(tmp_path, monkeypatch):
     assert found(tmp_path / "sshfs" / "x") == "fuse.sshfs"
     assert found(tmp_path / "nfsx") is None  # (a name that only begins like a mount point)
     assert found(tmp_path / "elsewhere") is None
-    monkeypatch.setattr(env_mod, "MOUNTINFO", tmp_path / "no-such-table")
+    monkeypatch.setattr(files_mod, "MOUNTINFO", tmp_path / "no-such-table")
     assert found(tmp_path / "nfs") is None
 
 
 def test_the_real_mount_table_reads():
     # (whatever this machine mounts: the call reads it without failing)
-    assert env_mod.network_filesystem("/") in (None, *env_mod.NETWORK_FILESYSTEMS)
+    assert files_mod.network_filesystem("/") in (None, *files_mod.NETWORK_FILESYSTEMS)
 
 
 def test_any_write_onto_a_network_file_system_is_refused_with_what_to_do(

@@ -316,11 +316,11 @@ def test_unsynced_writes_are_marked_with_the_boot_and_synced_at_close(tmp_path, 
 
 
 def test_open_survives_another_process_growing_the_map_meanwhile(tmp_path, monkeypatch):
-    import diskcache_ocr.store.env as env_mod
+    import diskcache_ocr.store.opening as opening_mod
 
     with CacheStore(tmp_path / "c") as s:
         s.put("images", key(0), {"i": np.zeros(3, np.uint8)})
-    real, calls = env_mod._check_complete, []
+    real, calls = opening_mod._check_complete, []
 
     def resized_once(env, path):
         calls.append(1)
@@ -328,7 +328,7 @@ def test_open_survives_another_process_growing_the_map_meanwhile(tmp_path, monke
             raise lmdb.MapResizedError("mdb_txn_begin", -30785)
         return real(env, path)
 
-    monkeypatch.setattr(env_mod, "_check_complete", resized_once)
+    monkeypatch.setattr(opening_mod, "_check_complete", resized_once)
     with CacheStore(tmp_path / "c") as again:
         assert again.get("images", key(0)) is not None
     assert len(calls) == 2
@@ -369,16 +369,16 @@ def test_the_encode_buffer_is_reused_then_dropped_when_idle(store, monkeypatch):
     import diskcache_ocr.store.txn as txn_mod
 
     store.put("images", key(0), {"i": np.zeros((100, 100, 3), np.uint8)})
-    buf = txn_mod._scratch.buf
+    buf = txn_mod.encode_buffer.buf
     assert buf is not None
     store.put("images", key(1), {"i": np.ones((50, 100, 3), np.uint8)})
-    assert txn_mod._scratch.buf is buf  # smaller records reuse it
+    assert txn_mod.encode_buffer.buf is buf  # smaller records reuse it
     monkeypatch.setattr(txn_mod, "_SCRATCH_IDLE_S", 0.0)
     store.get("images", key(0))  # the end of a read block lets an idle buffer go
-    assert txn_mod._scratch.buf is None
+    assert txn_mod.encode_buffer.buf is None
     monkeypatch.setattr(txn_mod, "_SCRATCH_MAX", 1000)
     store.put("images", key(2), {"i": np.ones((50, 100, 3), np.uint8)})
-    assert txn_mod._scratch.buf is None  # a record over the cap gets its own buffer
+    assert txn_mod.encode_buffer.buf is None  # a record over the cap gets its own buffer
     assert store.get("images", key(2))["i"].sum() == 50 * 100 * 3
 
 
