@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diskcache_ocr"
 # Higher imports lower. A package (store/, ocr/) is one room.
 LAYER = {
     "errors": 0, "_version": 0,
-    "keys": 1, "paths": 1, "codec": 1, "batchmem": 1, "synth": 1,
+    "hashing": 1, "paths": 1, "codec": 1, "batchmem": 1, "synth": 1,
+    "keys": 1.5,  # (the earlier name of hashing, re-exporting it)
     "schema": 2,
     "store": 3, "ocr": 3, "presets": 3,
     "samples": 4, "hydra": 4, "cluster": 4,

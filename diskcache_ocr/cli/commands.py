@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from diskcache_ocr.store.wipe import has_cache
+from diskcache_ocr.store.remove import has_cache
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -105,10 +105,10 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_clear(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import clear
-    from diskcache_ocr.store.wipe import wipe
+    from diskcache_ocr.store.remove import remove_cache
 
     if args.all:  # the origin's meaning: the cache goes, and its disk space with it
-        data = wipe(args.cache, dry_run=args.dry_run)
+        data = remove_cache(args.cache, dry_run=args.dry_run)
     else:
         data = clear(args.cache, kind=args.kind, stale=args.stale, dry_run=args.dry_run,
                      images_dir=args.images)
@@ -196,7 +196,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
     data = copy(args.cache, args.dest)
     _emit(args, data, lambda: f"copied {data['source']} -> {data['dest']} "
-                              f"({_human_bytes(data['bytes'])}, compacted)")
+                              f"({_human_bytes(data['bytes'])}, free pages left out)")
     return 0
 
 

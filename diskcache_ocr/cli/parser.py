@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path,
                    help="JSON file to write (the same; default: cache_stats.json)")
 
-    p = add("copy", cmd_copy, "compact hot copy of a cache (safe while it is in use)")
+    p = add("copy", cmd_copy, "hot copy of a cache, free pages left out (safe while it is in use)")
     p.add_argument("dest", type=Path, help="empty destination directory")
 
     p = add("watch", cmd_watch, "service: invalidate entries whose sources change",

@@ -1,6 +1,6 @@
 """albumentations ``Compose`` as a transform stage.
 
-Polygons travel as ``xy`` keypoints, the way DBNet codebases feed them, and are split back
+Polygons travel as ``xy`` keypoints, the way DBNet codebases feed them, and are regrouped
 into polygons afterwards. The inverse matrix comes from four probe keypoints transformed with
 them (three fix an affine map, the fourth checks it); a transform that is not affine gets an
 all-NaN matrix. Works with albumentations 1.3.x and 2.x.
@@ -252,8 +252,9 @@ def _inverse_from_probes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 # The prefix/rest cut lives in albu_cut (which builds on this module); its names are still
 # importable from here.
-_FROM_CUT = frozenset({"CompactRest", "NormalizeTail", "SplitTransform", "compact_rest",
-                       "split_deterministic_prefix", "split_normalize_tail"})
+_FROM_CUT = frozenset({"CompactRest", "NormalizeTail", "PrefixCut", "compact_rest",
+                       "cut_deterministic_prefix", "cut_normalize_tail",
+                       "SplitTransform", "split_deterministic_prefix", "split_normalize_tail"})
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,7 @@
 rest, and taking a final ``Normalize`` off as plain numbers the library reproduces.
 
 The rest, run after the cached prefix's output, gives what the whole Compose gives under the
-same random state, bit for bit (see :class:`SplitTransform`).
+same random state, bit for bit (see :class:`PrefixCut`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from diskcache_ocr.ocr.stages import on_probe_input
 from diskcache_ocr.ocr.transform import normalize_channels_last
 
 
-class SplitTransform:
+class PrefixCut:
     """A Compose cut into a deterministic, cacheable ``prefix`` and a live ``rest``.
 
     ``run_rest(prefix_output)`` gives what the whole Compose gives under the same random
@@ -77,7 +77,7 @@ class SplitTransform:
             random.setstate(state)
 
 
-def split_deterministic_prefix(compose: Any, trials: int = 8) -> SplitTransform:
+def cut_deterministic_prefix(compose: Any, trials: int = 8) -> PrefixCut:
     """Cut ``compose`` after its longest prefix of transforms that the probe finds
     deterministic (``p == 1`` or always applied, same output under different seeds, and no
     use of numpy's global generator); an empty prefix when none is or when the Compose itself
@@ -86,18 +86,18 @@ def split_deterministic_prefix(compose: Any, trials: int = 8) -> SplitTransform:
     params = keypoint_params(compose)
     transforms = list(compose.transforms)
     if compose.p < 1:
-        return SplitTransform(compose, 0, 0)
+        return PrefixCut(compose, 0, 0)
     n = 0
     while n < len(transforms) and _transform_deterministic(A, transforms[n], params, trials):
         n += 1
     if n == 0:
-        return SplitTransform(compose, 0, 0)
+        return PrefixCut(compose, 0, 0)
     if _owns_generators(compose):
-        return SplitTransform(compose, n, 0)
+        return PrefixCut(compose, n, 0)
     draws = _draws_of(_new_compose(A, transforms[:n], params))
     if draws is None:
-        return SplitTransform(compose, 0, 0)
-    return SplitTransform(compose, n, draws - 1)  # minus the prefix Compose's own draw
+        return PrefixCut(compose, 0, 0)
+    return PrefixCut(compose, n, draws - 1)  # minus the prefix Compose's own draw
 
 
 def _owns_generators(compose: Any) -> bool:
@@ -171,7 +171,7 @@ class NormalizeTail:
                 "image_key": "image"}
 
 
-def split_normalize_tail(compose: Any, version: object = None
+def cut_normalize_tail(compose: Any, version: object = None
                          ) -> tuple[AlbumentationsTransform, NormalizeTail] | None:
     """``compose`` as its head (everything but a final ``Normalize``) and that Normalize, when
     the library can reproduce it exactly; else None.
@@ -222,19 +222,19 @@ def split_normalize_tail(compose: Any, version: object = None
 
 
 class CompactRest:
-    """A split random Compose whose live rest stops before its final Normalize: ``run_rest``
+    """A cut random Compose whose live rest stops before its final Normalize: ``run_rest``
     returns the uint8 image the Normalize would take (the polygons and inverse as the whole
     rest gives them) and leaves the random state where the whole rest leaves it, so the
     Normalize, applied later (:class:`NormalizeTail`), gives the user's output bit for bit."""
 
-    def __init__(self, split: SplitTransform, rest: Any, burn: int) -> None:
-        self.split = split
+    def __init__(self, cut: PrefixCut, rest: Any, burn: int) -> None:
+        self.cut = cut
         self.rest = rest  # the rest without its Normalize
         self.burn = burn  # global draws the skipped Normalize would have made
 
     def run_rest(self, prefix_output: TransformResult) -> TransformResult:
         image, polygons, inverse = prefix_output
-        for _ in range(self.split.draws):
+        for _ in range(self.cut.draws):
             random.random()
         out_image, out_polys, rest_inverse = run_compose(self.rest, image, polygons)
         for _ in range(self.burn):
@@ -242,28 +242,28 @@ class CompactRest:
         return out_image, out_polys, inverse @ rest_inverse
 
 
-def compact_rest(split: SplitTransform, tail: NormalizeTail, trials: int = 4
+def compact_rest(cut: PrefixCut, tail: NormalizeTail, trials: int = 4
                  ) -> CompactRest | None:
-    """``split``'s rest without its final Normalize (``tail``), when running that and then
+    """``cut``'s rest without its final Normalize (``tail``), when running that and then
     ``tail`` is proven to give what the whole rest gives: same image bits, polygons, inverse
     and random state afterwards, for ``trials`` seeds on a probe image. Else None."""
     A = load_albumentations()
-    rest = split.rest_compose
-    if rest is None or rest is split.whole or split.prefix is None or not split.global_draws:
+    rest = cut.rest_compose
+    if rest is None or rest is cut.whole or cut.prefix is None or not cut.global_draws:
         # (albumentations 2's transforms carry their own generators: not done for them yet)
         return None
     transforms = list(rest.transforms)
-    params = keypoint_params(split.whole)
+    params = keypoint_params(cut.whole)
     shorter = _new_compose(A, transforms[:-1], params)
     whole, part = _draws_of(rest), _draws_of(shorter)
     if whole is None or part is None or whole < part:
         return None
-    candidate = CompactRest(split, shorter, whole - part)
-    front = on_probe_input(split.run_prefix)
+    candidate = CompactRest(cut, shorter, whole - part)
+    front = on_probe_input(cut.run_prefix)
     saved = random.getstate(), np.random.get_state()
     try:
         for seed in range(trials):
-            expected = _seeded(seed, lambda: split.run_rest(front))
+            expected = _seeded(seed, lambda: cut.run_rest(front))
             got = _seeded(seed, lambda: candidate.run_rest(front))
             (img_a, polys_a, inv_a), state_a = expected
             (img_b, polys_b, inv_b), state_b = got
@@ -292,5 +292,11 @@ def _seeded(seed: int, run: Any) -> tuple[TransformResult, Any]:
     return out, random.getstate()
 
 
-__all__ = ["CompactRest", "NormalizeTail", "SplitTransform", "compact_rest",
-           "split_deterministic_prefix", "split_normalize_tail"]
+# The earlier names (a prefix/rest cut was called a split).
+SplitTransform = PrefixCut
+split_deterministic_prefix = cut_deterministic_prefix
+split_normalize_tail = cut_normalize_tail
+
+__all__ = ["CompactRest", "NormalizeTail", "PrefixCut", "SplitTransform", "compact_rest",
+           "cut_deterministic_prefix", "cut_normalize_tail", "split_deterministic_prefix",
+           "split_normalize_tail"]

@@ -47,7 +47,7 @@ def _clear_all(path: Path, dry_run: bool) -> dict[str, Any]:
             counts = {k: store.kind_stats(k)["entries"] for k in KINDS}
             counts["index"] = len(list(store.iter_index()))
             if not dry_run:
-                store.wipe()
+                store.empty()
                 store.update_header(kinds={}, build={}, pipelines={}, plain={})
         return {"dry_run": dry_run, "removed": counts}
     except CacheFormatError as exc:
@@ -100,9 +100,10 @@ def _clear_stale(store: CacheStore, images_dir: str | os.PathLike[str] | None, d
 
 
 def copy(cache_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> dict[str, Any]:
-    """A compact, consistent copy of a cache, safe while readers and writers run."""
+    """A consistent copy of a cache without its free pages, safe while readers and writers
+    run."""
     # Check the source first: a missing cache must not leave an empty destination behind.
     with CacheStore(existing_cache(cache_dir), readonly=True) as store:
-        out = store.copy_to(dest, compact=True)
+        out = store.copy_to(dest, drop_free_pages=True)
     size = (out / "data.mdb").stat().st_size
     return {"source": str(Path(cache_dir)), "dest": str(out), "bytes": size}

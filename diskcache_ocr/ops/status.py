@@ -25,7 +25,7 @@ from diskcache_ocr.schema import (
     record_name,
 )
 from diskcache_ocr.store import CacheStore
-from diskcache_ocr.store.wipe import has_cache
+from diskcache_ocr.store.remove import has_cache
 
 if TYPE_CHECKING:  # (the engine and torch load only for verify's recomputing)
     pass

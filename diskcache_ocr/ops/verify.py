@@ -13,8 +13,8 @@ import numpy as np
 
 from diskcache_ocr.codec import decode_record, verify_checksum
 from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
+from diskcache_ocr.hashing import content_hash
 from diskcache_ocr.hydra_app import DEFAULT_NODE
-from diskcache_ocr.keys import content_hash
 from diskcache_ocr.ocr.annotations import (
     AnnotationSet,
     ImageAnnotation,

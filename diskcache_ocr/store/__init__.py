@@ -13,7 +13,7 @@ OCR. Sub-databases: ``meta`` (the header), ``index`` (one entry per source file)
 - :mod:`.counters`: the read counters, in memory and on disk;
 - :mod:`.pipelines`: several pipelines in one cache, and the version policy;
 - :mod:`.cache`: :class:`CacheStore`, the front;
-- :mod:`.wipe`: deleting a whole cache directory.
+- :mod:`.remove`: removing a whole cache directory (:mod:`.wipe`, its earlier name, re-exports it).
 
 The modules talk through public names only; ``cache`` builds on all the others.
 

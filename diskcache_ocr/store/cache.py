@@ -236,14 +236,16 @@ class CacheStore:
         with self.writer() as w:
             w.drop(kind)
 
-    def wipe(self) -> None:
+    def empty(self) -> None:
         """Delete every record, index entry and counter in one transaction (the header
-        stays)."""
+        stays; :func:`~diskcache_ocr.store.remove.remove_cache` deletes the files)."""
         def body(txn: lmdb.Transaction, dbs: Mapping[str, Any]) -> None:
             for name in (*KINDS, "index", "stats"):
                 txn.drop(dbs[name], delete=False)
 
         self.write_raw(body)
+
+    wipe = empty  # (the earlier name)
 
     def commit(self, batch: WriteBatch) -> None:
         if batch.ops or self._counters:
@@ -362,13 +364,18 @@ class CacheStore:
     def sync(self) -> None:
         self._environment().sync(True)
 
-    def copy_to(self, dest: str | os.PathLike[str], *, compact: bool = True) -> Path:
-        """A consistent hot copy (safe while readers and writers run)."""
+    def copy_to(self, dest: str | os.PathLike[str], *, drop_free_pages: bool = True,
+                compact: bool | None = None) -> Path:
+        """A consistent hot copy (safe while readers and writers run); with
+        ``drop_free_pages`` the live pages only, renumbered (LMDB's compacting copy: the
+        file shrinks to what is used). ``compact``: the earlier name of ``drop_free_pages``."""
+        if compact is not None:
+            drop_free_pages = compact
         dest = Path(dest)
         dest.mkdir(mode=self.options.dir_mode, parents=True, exist_ok=True)
         if (dest / "data.mdb").exists():
             raise CacheError(f"{dest}: already holds a cache; choose an empty directory")
-        self._environment().copy(str(dest), compact=compact)
+        self._environment().copy(str(dest), compact=drop_free_pages)
         return dest
 
 

@@ -488,7 +488,7 @@ def paused_wipe(cache: str, paused: str, go: str) -> int:
     ``lock.mdb`` goes (until ``go`` exists): the moment another process may open the cache."""
     import pathlib
 
-    from diskcache_ocr.store import wipe
+    from diskcache_ocr.store import remove
 
     unlink = pathlib.Path.unlink
 
@@ -499,8 +499,8 @@ def paused_wipe(cache: str, paused: str, go: str) -> int:
             wait_for(lambda: os.path.exists(go), 120, "go")
 
     pathlib.Path.unlink = slow_unlink  # type: ignore[method-assign]
-    sys.argv = ["wipe", cache]
-    wipe._child()
+    sys.argv = ["remove", cache]
+    remove._child()
     return 0
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diskcache_ocr.errors import CacheClosedError, CacheError, CacheFormatError, CacheVersionError
-from diskcache_ocr.keys import content_hash
+from diskcache_ocr.hashing import content_hash
 from diskcache_ocr.store import CacheStore, IndexEntry, KindVersion
 
 
@@ -192,7 +192,7 @@ READER = textwrap.dedent(
     """
     import sys, time, numpy as np
     from diskcache_ocr.store import CacheStore
-    from diskcache_ocr.keys import content_hash
+    from diskcache_ocr.hashing import content_hash
     s = CacheStore(sys.argv[1])
     seen = 0
     deadline = time.time() + 60

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from diskcache_ocr.keys import content_hash, derive_key, file_hash, fingerprint
+from diskcache_ocr.hashing import content_hash, derive_key, file_hash, fingerprint
 
 
 def test_content_and_file_hash_agree(tmp_path):
@@ -39,7 +39,7 @@ def test_fingerprint_is_order_and_type_stable():
 def test_fingerprint_stable_across_processes():
     params = {"z": [1, 2.5, "s"], "a": {"q": 1e-300}}
     code = (
-        "from diskcache_ocr.keys import fingerprint;"
+        "from diskcache_ocr.hashing import fingerprint;"
         "print(fingerprint({'a': {'q': 1e-300}, 'z': [1, 2.5, 's']}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
