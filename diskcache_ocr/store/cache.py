@@ -21,10 +21,11 @@ from diskcache_ocr.errors import CacheError, CacheFormatError
 from diskcache_ocr.schema import KINDS, IndexEntry, KindVersion
 from diskcache_ocr.store.counters import STATS_FLUSH_EVERY_S, Counters, read_counter
 from diskcache_ocr.store.env import SharedEnv
+from diskcache_ocr.store.files import read_ahead
 from diskcache_ocr.store.header import (
     HEADER_KEY,
     Policy,
-    pack_header,
+    merge_header,
     unpack_header,
     written_unsynced_before_reboot,
 )
@@ -274,17 +275,10 @@ class CacheStore:
         return written_unsynced_before_reboot(self.header())
 
     def update_header(self, **changes: Any) -> dict[str, Any]:
-        """Merge top-level fields into the header, atomically."""
+        """Merge top-level fields into the header, atomically; returns the new header."""
         result: dict[str, Any] = {}
-
-        def body(txn: lmdb.Transaction, dbs: Mapping[str, Any]) -> None:
-            raw = txn.get(HEADER_KEY, db=dbs["meta"])
-            header = unpack_header(raw, self.path) if raw is not None else {}
-            header.update(changes)
-            txn.put(HEADER_KEY, pack_header(header), db=dbs["meta"])
-            result.update(header)
-
-        self.write_raw(body)
+        self.write_raw(lambda txn, dbs: result.update(
+            merge_header(txn, dbs["meta"], changes, self.path)))
         return result
 
     def check_kinds(
@@ -334,24 +328,13 @@ class CacheStore:
 
     # -- maintenance -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        env = self._environment()
-        info, stat = env.info(), env.stat()
-        return {
-            "path": str(self.path), "map_size": info["map_size"],
-            "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
-            "readers": info["num_readers"], "max_readers": info["max_readers"],
-            "engine": ".".join(map(str, env.lib_version())),
-        }
+        return {"path": str(self.path), **self._shared().facts()}
 
     def warm(self) -> None:
         """Ask the kernel to read the data file into the page cache (shared by every
         process, unlike a copy in Python memory)."""
         self._environment()
-        fd = os.open(self.path / "data.mdb", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        read_ahead(self.path / "data.mdb")
 
     def max_key_size(self) -> int:
         """The longest key (bytes) the engine stores: longer source names are not indexed."""
@@ -371,12 +354,8 @@ class CacheStore:
         file shrinks to what is used). ``compact``: the earlier name of ``drop_free_pages``."""
         if compact is not None:
             drop_free_pages = compact
-        dest = Path(dest)
-        dest.mkdir(mode=self.options.dir_mode, parents=True, exist_ok=True)
-        if (dest / "data.mdb").exists():
-            raise CacheError(f"{dest}: already holds a cache; choose an empty directory")
-        self._environment().copy(str(dest), compact=drop_free_pages)
-        return dest
+        return self._shared().copy(Path(dest), self.options.dir_mode,
+                                   drop_free_pages=drop_free_pages)
 
 
 def _flush_if_alive(ref: weakref.ref[CacheStore]) -> None:

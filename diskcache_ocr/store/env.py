@@ -260,6 +260,26 @@ class SharedEnv:
             log.info("%s: growing the map from %d to %d bytes", self.path, current, current * 2)
             self.env.set_mapsize(current * 2)
 
+    def facts(self) -> dict[str, Any]:
+        """The map's size and use, the reader slots, the engine's version."""
+        assert self.env is not None
+        info, stat = self.env.info(), self.env.stat()
+        return {
+            "map_size": info["map_size"], "used_bytes": (info["last_pgno"] + 1) * stat["psize"],
+            "readers": info["num_readers"], "max_readers": info["max_readers"],
+            "engine": ".".join(map(str, self.env.lib_version())),
+        }
+
+    def copy(self, dest: Path, dir_mode: int, *, drop_free_pages: bool) -> Path:
+        """A consistent hot copy into the empty directory ``dest`` (made when missing);
+        with ``drop_free_pages`` the live pages only (LMDB's compacting copy)."""
+        assert self.env is not None
+        dest.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        if (dest / "data.mdb").exists():
+            raise CacheError(f"{dest}: already holds a cache; choose an empty directory")
+        self.env.copy(str(dest), compact=drop_free_pages)
+        return dest
+
     def write(self, body: Callable[[lmdb.Transaction], None], counters: Counters, path: Path,
               *, sync: bool) -> None:
         """Run ``body`` in one write transaction, saving ``counters`` with it (given back if

@@ -80,6 +80,17 @@ def mark_unsynced(txn: lmdb.Transaction, db: Any, path: Path) -> None:
         txn.put(HEADER_KEY, pack_header(header), db=db)
 
 
+def merge_header(txn: lmdb.Transaction, db: Any, changes: Mapping[str, Any], path: Path
+                 ) -> dict[str, Any]:
+    """Merge top-level fields into the header, inside the write transaction ``txn``;
+    returns the new header."""
+    raw = txn.get(HEADER_KEY, db=db)
+    header = unpack_header(raw, path) if raw is not None else {}
+    header.update(changes)
+    txn.put(HEADER_KEY, pack_header(header), db=db)
+    return header
+
+
 def pack_header(header: Mapping[str, Any]) -> bytes:
     return msgpack.packb(dict(header), use_bin_type=True)
 
