@@ -41,7 +41,13 @@ from diskcache_ocr.batchmem.blocks import (
     release_local,
 )
 from diskcache_ocr.batchmem.leases import rebuild
-from diskcache_ocr.batchmem.pages import address_populate, keep_freed_memory, populate
+from diskcache_ocr.batchmem.pages import (
+    WRITER_MMAP_THRESHOLD,
+    WRITER_TRIM_THRESHOLD,
+    address_populate,
+    keep_freed_memory,
+    populate,
+)
 from diskcache_ocr.batchmem.slabs import (
     SHM_DIR,
     SLAB_PREFIX,
@@ -52,7 +58,8 @@ from diskcache_ocr.batchmem.slabs import (
     wait_for_shared_memory,
 )
 
-__all__ = ["ALIGN", "LOCAL_KEEP", "SHM_DIR", "SLABS_PER_WORKER", "SLAB_PREFIX", "Block",
+__all__ = ["ALIGN", "LOCAL_KEEP", "SHM_DIR", "SLABS_PER_WORKER", "SLAB_PREFIX",
+           "WRITER_MMAP_THRESHOLD", "WRITER_TRIM_THRESHOLD", "Block",
            "SlabTensor", "Spec", "address_populate", "keep_freed_memory", "layout",
            "local_block", "out_of_shared_memory", "populate", "rebuild", "release_local",
            "shared_block", "wait_for_shared_memory"]

@@ -16,7 +16,23 @@ stages); ``prebuild`` and ``verify`` also take a Hydra app's config (``--config-
 dataset node reads.
 """
 
-from diskcache_ocr.cli.commands import EXIT_ERROR, EXIT_PROBLEMS
+from diskcache_ocr.cli.commands import (
+    EXIT_ERROR,
+    EXIT_PROBLEMS,
+    cmd_check_config,
+    cmd_clear,
+    cmd_copy,
+    cmd_demo,
+    cmd_export,
+    cmd_health,
+    cmd_prebuild,
+    cmd_status,
+    cmd_synth,
+    cmd_verify,
+    cmd_watch,
+)
 from diskcache_ocr.cli.parser import build_parser, main
 
-__all__ = ["EXIT_ERROR", "EXIT_PROBLEMS", "build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_PROBLEMS", "build_parser", "cmd_check_config", "cmd_clear",
+           "cmd_copy", "cmd_demo", "cmd_export", "cmd_health", "cmd_prebuild", "cmd_status",
+           "cmd_synth", "cmd_verify", "cmd_watch", "main"]

@@ -29,9 +29,23 @@ from diskcache_ocr.errors import (
     CacheFullError,
 )
 from diskcache_ocr.store.counters import Counters, merge_counters
-from diskcache_ocr.store.files import check_cache_files
+from diskcache_ocr.store.files import (  # (the rest: names that lived here before)
+    CACHE_FILES,
+    MOUNTINFO,
+    NETWORK_FILESYSTEMS,
+    check_cache_files,
+    directory_lock,
+    network_filesystem,
+    release_directory_lock,
+)
 from diskcache_ocr.store.header import mark_unsynced
-from diskcache_ocr.store.opening import MAX_GROWS, StoreOptions, is_disk_full, open_environment
+from diskcache_ocr.store.opening import (
+    DEFAULT_MAP_SIZE,
+    MAX_GROWS,
+    StoreOptions,
+    is_disk_full,
+    open_environment,
+)
 from diskcache_ocr.store.txn import encode_buffer
 
 log = logging.getLogger("diskcache_ocr.store")
@@ -337,4 +351,6 @@ class SharedEnv:
         raise CacheFullError(f"{path}: the map could not grow enough for this write")
 
 
-__all__ = ["SharedEnv"]
+__all__ = ["CACHE_FILES", "DEFAULT_MAP_SIZE", "MOUNTINFO", "NETWORK_FILESYSTEMS", "SharedEnv",
+           "StoreOptions", "check_cache_files", "directory_lock", "network_filesystem",
+           "open_environment", "release_directory_lock"]
