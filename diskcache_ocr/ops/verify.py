@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diskcache_ocr.codec import decode_record, verify_checksum
 from diskcache_ocr.errors import CacheError, CacheFormatError, SourceError
 from diskcache_ocr.hashing import content_hash
 from diskcache_ocr.hydra_app import DEFAULT_NODE
@@ -51,17 +50,9 @@ def verify(
             keys = store.keys(kind)
             if sample is not None and sample < len(keys):
                 keys = rng.sample(keys, sample)
-            for key in keys:
-                checked += 1
-                with store.reader() as r:
-                    value = r.get_raw(kind, key)
-                    if value is None:
-                        continue
-                    try:
-                        verify_checksum(value, f"{kind}/{key.hex()}")
-                        decode_record(value, f"{kind}/{key.hex()}")
-                    except CacheFormatError as exc:
-                        corrupt.append(f"{kind}/{key.hex()}: {exc}")
+            checked += len(keys)
+            corrupt += [f"{kind}/{key.hex()}: {exc}" for key, exc in store.verify(kind, keys)
+                        if exc is not None]
         if recompute and dataset is not None:
             engine = getattr(dataset, "engine", dataset)
             mismatched = _compare(store, engine, _chosen_of(store, engine, recompute, rng),

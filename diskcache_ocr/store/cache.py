@@ -7,7 +7,7 @@ import multiprocessing.util
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -200,17 +200,20 @@ class CacheStore:
                 total += len(value)
         return {"entries": entries, "bytes": total}
 
-    def verify(self, kind: str) -> Iterator[tuple[bytes, CacheFormatError | None]]:
-        """Every record of ``kind``, checked (header and payload checksum)."""
+    def verify(self, kind: str, keys: Iterable[bytes] | None = None
+               ) -> Iterator[tuple[bytes, CacheFormatError | None]]:
+        """Every record of ``kind`` (or those of ``keys``), checked: header, payload
+        checksum, arrays; a key no longer present is skipped."""
         check_kind(kind)
-        for key in self.keys(kind):
+        for key in self.keys(kind) if keys is None else keys:
+            where = f"{kind}/{key.hex()}"
             with self.reader() as r:
                 value = r.get_raw(kind, key)
                 if value is None:  # deleted since the listing
                     continue
                 try:
-                    verify_checksum(value, f"{self.path} {kind}/{key.hex()}")
-                    decode_record(value)
+                    verify_checksum(value, where)
+                    decode_record(value, where)
                 except CacheFormatError as exc:
                     yield key, exc
                     continue
