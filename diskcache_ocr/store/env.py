@@ -45,6 +45,7 @@ from diskcache_ocr.store.opening import (
     StoreOptions,
     is_disk_full,
     open_environment,
+    readers_full,
 )
 from diskcache_ocr.store.txn import encode_buffer
 
@@ -246,10 +247,7 @@ class SharedEnv:
             self.adopt_map_size()
             return self.env.begin(buffers=True)
         except lmdb.ReadersFullError:
-            raise CacheError(
-                f"{self.path}: all {self.max_readers} reader slots are taken; run "
-                "`diskcache-ocr health` to free slots of dead processes, or raise max_readers"
-            ) from None
+            raise readers_full(self.path, self.max_readers) from None
 
     def _release_idle_slots(self) -> None:
         # NOTE: resizing the map unmaps it: no view of this process may be in use then.

@@ -87,7 +87,8 @@ def _lock_writable(path: Path) -> bool:
     return os.access(lockfile if os.path.exists(lockfile) else path, os.W_OK)
 
 
-def _readers_full(path: Path, max_readers: int) -> CacheError:
+def readers_full(path: Path, max_readers: int) -> CacheError:
+    """Every reader slot of the lock table is taken."""
     return CacheError(
         f"{path}: all {max_readers} reader slots are taken; run `diskcache-ocr health` to free "
         "slots of dead processes, or raise max_readers"
@@ -155,7 +156,7 @@ def _open_lmdb(path: Path, opts: StoreOptions) -> lmdb.Environment:
             mode=0o600 if opts.dir_mode == 0o700 else 0o644,
         )
     except lmdb.ReadersFullError:
-        raise _readers_full(path, opts.max_readers) from None
+        raise readers_full(path, opts.max_readers) from None
     except lmdb.InvalidError as exc:
         raise CacheFormatError(f"{path}/data.mdb is not an LMDB file ({exc})") from None
     except lmdb.VersionMismatchError as exc:
@@ -214,7 +215,7 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
     except BaseException as exc:
         env.close()
         if isinstance(exc, lmdb.ReadersFullError):
-            raise _readers_full(path, opts.max_readers) from None
+            raise readers_full(path, opts.max_readers) from None
         if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError)):
             raise CacheFormatError(f"{path}: the cache file is damaged ({exc})") from None
         if isinstance(exc, lmdb.IncompatibleError):
@@ -270,4 +271,5 @@ def _open_dbs(env: lmdb.Environment, path: Path, readonly: bool) -> dict[str, An
     return handles
 
 
-__all__ = ["DEFAULT_MAP_SIZE", "MAX_GROWS", "StoreOptions", "is_disk_full", "open_environment"]
+__all__ = ["DEFAULT_MAP_SIZE", "MAX_GROWS", "StoreOptions", "is_disk_full", "open_environment",
+           "readers_full"]
