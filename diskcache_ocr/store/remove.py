@@ -9,7 +9,7 @@ writer starting after the delete would begin a second cache beside it.
 NOTE: "reading" means holding a read transaction. A process that has the environment open
 between reads (a DataLoader worker between batches) holds none and is not seen: the files go
 under it, and what it writes afterwards lands in the deleted files (lost, never mixed into a
-new cache, whose open takes the directory lock; see ``env.directory_lock``). Stop readers
+new cache, whose open takes the directory lock; see ``files.directory_lock``). Stop readers
 before a clear.
 """
 
@@ -103,7 +103,7 @@ def _contents(env: lmdb.Environment, path: Path) -> dict[str, int]:
 def _child() -> None:
     """Run in a child process: take LMDB's writer lock, check no reader came, delete."""
     path = Path(sys.argv[1])
-    # Nobody opens the cache while its files go (see env.directory_lock): an open sees both
+    # Nobody opens the cache while its files go (see files.directory_lock): an open sees both
     # old files or both new ones, never the old lock table with a new data file.
     guard = directory_lock(path, exclusive=True)
     if guard == DIRECTORY_GONE:
