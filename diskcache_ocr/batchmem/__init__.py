@@ -29,6 +29,11 @@ array or view of its last use is alive anywhere, in any process.
   first sees a new worker's slab, when a worker starts, and at the main process's exit.
 
 Nothing here is ever read from the cache: slabs carry no pickled data, only arrays.
+
+- :mod:`.blocks`: a block's layout, and the pool of one process;
+- :mod:`.slabs`: a worker's shared-memory slabs (the sending end);
+- :mod:`.leases`: the main process's end of a slab (mappings, leases, sweeps at exit);
+- :mod:`.pages`: the writer's allocator tuning and page prefaulting.
 """
 
 from diskcache_ocr.batchmem.blocks import (
