@@ -77,6 +77,10 @@ class CachedOCRDataset(Dataset[Sample]):
     a random Compose's rest), and ``finish_batch`` applies that Normalize (reproduced, checked
     equal for every uint8 value at construction); any other transform's samples are what it
     returns.
+
+    ``engine`` is the read-through engine the dataset reads by (made by
+    :mod:`diskcache_ocr.engine_setup`): :class:`~diskcache_ocr.loader.BatchLoader`,
+    :func:`~diskcache_ocr.prebuild.prebuild_dataset` and ``verify`` take it, or the dataset.
     """
 
     def __init__(
@@ -117,8 +121,6 @@ class CachedOCRDataset(Dataset[Sample]):
         self.catalog = Catalog(load_annotations(images_dir, annotations, rules))
         self.images_dir = self.catalog.images_dir
         self.problems = self.catalog.problems  # what was skipped while loading, and why
-        # The engine every read, build and command goes through (a BatchLoader, prebuild,
-        # verify take it, or this dataset for it).
         self.engine: ReadThrough = open_engine(options, choice, self.catalog)
 
     # -- what the engine holds, by its old names -------------------------------------------

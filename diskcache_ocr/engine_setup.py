@@ -121,6 +121,8 @@ def choose(options: EngineOptions) -> Choice:
         if transform is None:
             transform = TRAINING if o.split == "train" else VALIDATION
         pipeline = Pipeline(transform=transform, maps=o.map_config or MapConfig())
+        _check_training_safety(plan.safe_for_training or pipeline.is_deterministic(),
+                               plan.name, o.split, o.allow_random_tensor_cache, stacklevel=4)
     item_keys = o.item_keys or (o.convention if o.convention == "origin" else "db")
     if item_keys not in ("db", "origin"):
         raise CacheError(f"item_keys must be 'db' or 'origin', got {item_keys!r}")
@@ -152,10 +154,6 @@ def open_engine(options: EngineOptions, choice: Choice, catalog: Catalog) -> Rea
     if plan.caches_anything:
         if cache_dir is None:
             cache_dir = default_cache_dir()
-        if not isinstance(pipeline, StagePipeline):  # (a stage plan was checked by choose)
-            _check_training_safety(plan.safe_for_training or pipeline.is_deterministic(),
-                                   plan.name, o.split, o.allow_random_tensor_cache,
-                                   stacklevel=4)
         # NOTE: read-through commits skip fsync (a killed process loses nothing; the
         # header's boot id flags an OS crash since); one fsync at close.
         store_options = {"readahead": plan.warm, "sync": False, **(o.store_options or {})}

@@ -161,17 +161,33 @@ def test_a_plan_that_caches_nothing_opens_no_store(data, tmp_path):
     assert len(engine.catalog) == N
 
 
-def test_a_random_built_in_transform_is_refused_before_the_store_opens(data, tmp_path):
+def test_a_random_built_in_transform_is_refused_before_anything_opens(data, tmp_path):
     options = EngineOptions(cache_dir=tmp_path / "cache", preset="validation_optimized",
                             split="train")
-    choice = choose(options)  # (the built-in pipeline's check needs the plan's cache)
     with pytest.raises(TrainingSafetyError, match="'validation_optimized' caches tensors/maps"):
-        open_engine(options, choice, catalog_of(data))
+        choose(options)
     assert not (tmp_path / "cache").exists()
+    assert choose(EngineOptions(preset="balanced", split="train")).plan.name == "balanced"
     allowed = EngineOptions(cache_dir=tmp_path / "cache", preset="validation_optimized",
                             split="train", allow_random_tensor_cache=True, preload=False)
     with pytest.warns(UserWarning, match="not deterministic"):
-        assert open_engine(allowed, choose(allowed), catalog_of(data)).store is not None
+        choice = choose(allowed)
+    assert open_engine(allowed, choice, catalog_of(data)).store is not None
+
+
+@pytest.mark.parametrize("pipeline", ["built-in", "stages"])
+def test_an_allowed_random_cache_is_warned_about_at_the_datasets_caller(data, tmp_path,
+                                                                        pipeline):
+    transform = None
+    if pipeline == "stages":
+        A = pytest.importorskip("albumentations")
+        transform = A.Compose([A.HorizontalFlip(p=0.5)],
+                              keypoint_params=A.KeypointParams(format="xy"))
+    with pytest.warns(UserWarning, match="not deterministic") as warned:
+        CachedOCRDataset(*split_paths(data), tmp_path / "cache", preset=EVERYTHING,
+                         split="train", transform=transform, allow_random_tensor_cache=True,
+                         preload=False).close()
+    assert [w.filename for w in warned if "not deterministic" in str(w.message)] == [__file__]
 
 
 def test_opening_stamps_the_header_preloads_and_closes_the_store(data, tmp_path):
