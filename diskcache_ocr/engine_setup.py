@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diskcache_ocr.errors import CacheError, CacheFullError, TrainingSafetyError
+from diskcache_ocr.ocr.conventions import conventions
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
@@ -235,25 +236,45 @@ def engine_from_header(header: Mapping[str, Any], catalog: Catalog, *,
                        where: str | os.PathLike[str]) -> ReadThrough:
     """An engine that recomputes ``catalog``'s records by the pipeline that wrote the cache
     at ``where``, as its ``header`` records it; it reads and writes no cache (its
-    ``recompute`` is what ``verify --recompute`` compares with). A user pipeline's stages
-    (a convention, a transform or maps of the user's) cannot be made from the header: that
-    is a :class:`CacheError` saying how to recompute through its dataset instead."""
-    if header.get("stage_pipeline"):
+    ``recompute`` is what ``verify --recompute`` compares with). The built-in pipeline, or
+    a convention's own stages, are made again from the header; a pipeline with a transform
+    or maps of the user's cannot be: that is a :class:`CacheError` saying how to recompute
+    through its dataset instead."""
+    return ReadThrough(catalog, header_pipeline(header, where=where), cache_plan("none"), None)
+
+
+def header_pipeline(header: Mapping[str, Any], *, where: str | os.PathLike[str] = "the cache"
+                    ) -> Pipeline | StagePipeline:
+    """The pipeline a cache's header records: the built-in one with its parameters (the
+    default one where the header records none), or a convention's own stages when the
+    header's description is exactly theirs. Anything else (a user's transform or maps) is
+    a :class:`CacheError`: only that pipeline's dataset can recompute its records."""
+    stage = header.get("stage_pipeline")
+    if stage:
+        convention = stage.get("convention") if isinstance(stage, Mapping) else None
+        if convention in conventions():
+            for compact in (False, True):  # (a compact output caches the Normalize's input)
+                candidate = StagePipeline(convention=convention, compact=compact)
+                if _plain(candidate.describe()) == _plain(stage):
+                    return candidate
         raise CacheError(f"{where}: built by a user pipeline (convention/transform/maps "
                          "stages) that the header alone cannot rebuild; recompute through its "
                          "dataset: `verify --recompute N --config-name NAME` from its Hydra "
                          "tree, or `ops.verify(cache, recompute=N, dataset=ds)` (verify "
                          "without --recompute checks every record)")
-    return ReadThrough(catalog, header_pipeline(header), cache_plan("none"), None)
-
-
-def header_pipeline(header: Mapping[str, Any]) -> Pipeline:
-    """The built-in pipeline with the parameters a cache's header records (the default
-    one where it records none)."""
     params = header.get("pipeline") or {}
     transform = TransformConfig.from_dict(params["transform"]) if "transform" in params else None
     maps = MapConfig.from_dict(params["maps"]) if "maps" in params else MapConfig()
     return Pipeline(transform=transform or TransformConfig(), maps=maps)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a header holds it (tuples become lists), to compare descriptions."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def engine_of(source: Any, taker: str = "this") -> ReadThrough:

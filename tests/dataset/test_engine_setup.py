@@ -227,35 +227,61 @@ def test_the_dataset_is_the_face_of_what_was_chosen(data, tmp_path):
 
 
 # -- the engine of an existing cache, from its header ---------------------------------------------
-def test_the_engine_of_a_cache_recomputes_by_the_pipeline_its_header_records(data, tmp_path):
-    config = TransformConfig(size=96)
-    ds = CachedOCRDataset(*split_paths(data), tmp_path / "cache", preset="validation_optimized",
-                          transform=config, preload=True)
+def recomputed_equals_cached(engine, cache):
+    """Every record ``engine`` recomputes for each image equals the cached one."""
+    with CacheStore(cache, readonly=True) as store:
+        for index in range(len(engine.catalog)):
+            path = engine.catalog.images_dir / engine.catalog.source(index)
+            fresh = engine.recompute(index, path.read_bytes())
+            assert set(fresh) == {"images", "tensors", "maps"}
+            for kind, (key, arrays) in fresh.items():
+                cached = store.get(kind, key)
+                assert cached is not None, kind
+                for name, array in arrays.items():
+                    assert cached[name].dtype == array.dtype, (kind, name)
+                    assert np.array_equal(cached[name], array), (kind, name)
+
+
+@pytest.mark.parametrize("made_by", [
+    {"transform": TransformConfig(size=96)},  # the built-in pipeline, with its parameters
+    {"convention": "origin"},                 # a convention's own stages
+])
+def test_the_engine_of_a_cache_recomputes_by_the_pipeline_its_header_records(data, tmp_path,
+                                                                             made_by):
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "cache", preset=EVERYTHING,
+                          preload=True, **made_by)
     header = ds.store.header()
     ds.close()
-    assert header_pipeline(header) == Pipeline(transform=config, maps=MapConfig())
-    engine = engine_from_header(header, catalog_of(data), where=tmp_path / "cache")
+    rules = choose(EngineOptions(**made_by)).rules  # (how its dataset read the annotations)
+    engine = engine_from_header(header, catalog_of(data, rules), where=tmp_path / "cache")
     assert engine.store is None and not engine.plan.caches_anything
-    fresh = engine.recompute(1, (engine.catalog.images_dir / engine.catalog.source(1))
-                             .read_bytes())
-    assert set(fresh) == {"images", "tensors", "maps"}
-    with CacheStore(tmp_path / "cache", readonly=True) as store:
-        for kind, (key, arrays) in fresh.items():
-            cached = store.get(kind, key)
-            assert cached is not None, kind
-            for name, array in arrays.items():
-                assert np.array_equal(cached[name], array), (kind, name)
+    assert type(engine.pipeline) is type(ds.pipeline)
+    recomputed_equals_cached(engine, tmp_path / "cache")
 
 
 def test_a_header_with_no_pipeline_means_the_default_one():
     assert header_pipeline({}) == Pipeline(transform=TransformConfig(), maps=MapConfig())
 
 
-def test_a_user_pipelines_cache_is_refused_with_where_to_recompute(data):
-    header = {"stage_pipeline": {"convention": "origin", "transform": "x", "maps": "y"}}
+@pytest.mark.parametrize("stages", [
+    {"convention": "origin", "transform": "x", "maps": "y"},
+    {"convention": "nobody's", "transform": None, "maps": None},
+])
+def test_a_user_pipelines_cache_is_refused_with_where_to_recompute(data, stages):
     with pytest.raises(CacheError, match=r"^/c/x: built by a user pipeline .* cannot rebuild; "
                                          r"recompute through its dataset"):
-        engine_from_header(header, catalog_of(data), where="/c/x")
+        engine_from_header({"stage_pipeline": stages}, catalog_of(data), where="/c/x")
+
+
+def test_a_convention_with_the_users_own_transform_is_refused(data, tmp_path):
+    ds = CachedOCRDataset(*split_paths(data), tmp_path / "cache", preset=EVERYTHING,
+                          convention="origin", transform=versioned, transform_version="v1",
+                          preload=False)
+    header = ds.store.header()
+    ds.close()
+    assert header["stage_pipeline"]["convention"] == "origin"
+    with pytest.raises(CacheError, match="cannot rebuild"):
+        header_pipeline(header, where=tmp_path / "cache")
 
 
 # -- the loader and the build, from an engine -----------------------------------------------------
