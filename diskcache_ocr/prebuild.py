@@ -25,12 +25,12 @@ from diskcache_ocr.build import (
     process_group_ready,
 )
 from diskcache_ocr.dataset import CachedOCRDataset
-from diskcache_ocr.engine_setup import EngineOptions, choose, engine_of
+from diskcache_ocr.engine_setup import engine_of
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.transform import TransformConfig
-from diskcache_ocr.presets import Preset
+from diskcache_ocr.presets import Preset, cache_plan
 from diskcache_ocr.readthrough import pipeline_role
 from diskcache_ocr.store import CacheStore, Policy
 from diskcache_ocr.store.wipe import has_cache
@@ -124,11 +124,9 @@ def _build(
 
         first = directory_nodes(cache_dir).leader
     if first:
-        # (what the dataset will cache and its role, decided as the dataset decides them)
-        choice = choose(EngineOptions(images_dir=images_dir, preset=preset, split=split,
-                                      transform=transform, map_config=map_config))
-        refuse_other_pipeline(cache_dir, choice.plan.cached,
-                              role=pipeline_role(images_dir, split, choice.output, "db"))
+        plan = cache_plan(preset)
+        refuse_other_pipeline(cache_dir, plan.cached,
+                              role=pipeline_role(images_dir, split, plan.output, "db"))
         ds = open_dataset(on_mismatch)
     barrier(world)
     if not first:

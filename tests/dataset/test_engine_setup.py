@@ -27,7 +27,7 @@ from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
 from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
-from diskcache_ocr.prebuild import prebuild_dataset
+from diskcache_ocr.prebuild import prebuild, prebuild_dataset
 from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import Catalog
 from diskcache_ocr.store import CacheStore
@@ -345,3 +345,13 @@ def test_prebuild_builds_from_an_engine(data, tmp_path):
         warnings.simplefilter("error")
         assert prebuild_dataset(ds, progress=False).skipped == N  # resumable: all there
     ds.close()
+
+
+def test_prebuild_of_an_allowed_random_cache_warns_once(data, tmp_path):
+    with pytest.warns(UserWarning, match="not deterministic") as warned:
+        summary = prebuild(*split_paths(data), tmp_path / "cache", split="train",
+                           allow_random_tensor_cache=True, progress=False)
+    assert summary.built == N
+    assert len([w for w in warned if "not deterministic" in str(w.message)]) == 1
+    with pytest.raises(TrainingSafetyError):
+        prebuild(*split_paths(data), tmp_path / "cache", split="train", progress=False)
