@@ -14,6 +14,8 @@ loader, the build and the commands take: a dataset's engine, or an engine.
 
 >>> options = EngineOptions(images_dir="data/images/val", preset="validation_optimized")
 >>> choice = choose(options)                                   # doctest: +SKIP
+>>> catalog = Catalog(load_annotations("data/images/val", "data/jsons/val.json",
+...                                    choice.rules))          # doctest: +SKIP
 >>> engine = open_engine(options, choice, catalog)             # doctest: +SKIP
 """
 
