@@ -36,11 +36,15 @@ MAX_GROWS = 32
 # Free space below which an I/O error from a write is taken for a full disk.
 _NEARLY_FULL = 1 << 20
 
+# How often an open tries again when the directory was removed while it waited for the
+# directory's lock (a concurrent ``clear --all``; see ``files.directory_lock``).
 _OPEN_TRIES = 20
 
 
 @dataclass(frozen=True)
 class StoreOptions:
+    """How a store opens its environment (validated here; pickled with the store)."""
+
     readonly: bool = False
     map_size: int = DEFAULT_MAP_SIZE
     readahead: bool = True
@@ -57,6 +61,7 @@ class StoreOptions:
 
 
 def is_disk_full(exc: lmdb.Error, path: Path) -> bool:
+    """Whether a failed write means the disk (or quota) under ``path`` is full."""
     code = getattr(exc, "code", None)
     if code in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(exc):
         return True
