@@ -310,7 +310,7 @@ class ReadThrough:
                 return
             w.entry = entry
             w.content_hash = entry.content_hash
-        elif not self._read_source(w):
+        elif not w.read_source(self.catalog.images_dir, self.pipe.max_pixels):
             return
         h = w.content_hash
         assert h is not None
@@ -342,9 +342,6 @@ class ReadThrough:
         w.hits[self._name(kind)] = key
         return rec
 
-    def _read_source(self, w: Work) -> bool:
-        return w.read_source(self.catalog.images_dir, self.pipe.max_pixels)
-
     def _compute(self, w: Work, want_maps: bool, want_tensor: bool, keep: Sequence[str],
                  flip: bool | None = None) -> None:
         """Compute what the cache did not have; note the kinds in ``keep`` for writing. Maps
@@ -355,13 +352,16 @@ class ReadThrough:
         keep = [k for k in keep if k in self._fingerprints]
         maps = want_maps and "maps" in self._fingerprints  # (else made with the sample)
         try:
-            need_maps = maps and not w.maps_done
-            need_tensor = w.tensor is None and (want_tensor or need_maps)
-            need_image = w.image is None and w.tensor is None and (need_tensor or "images" in keep)
-            if (need_image or (need_tensor and p.tensor_reads_source)) and w.content is None:
-                if not self._read_source(w):
+            for _ in range(2):  # (again after reading: a replaced file, see read_source)
+                need_maps = maps and not w.maps_done
+                need_tensor = w.tensor is None and (want_tensor or need_maps)
+                need_image = w.image is None and w.tensor is None and (
+                    need_tensor or "images" in keep)
+                if w.content is not None or not (
+                        need_image or (need_tensor and p.tensor_reads_source)):
+                    break
+                if not w.read_source(self.catalog.images_dir, p.max_pixels):
                     return
-                need_maps = maps and not w.maps_done  # (a replaced file: see _read_source)
             if need_image:
                 assert w.content is not None
                 w.image = p.decode(w.content, w.source)
