@@ -42,7 +42,15 @@ from diskcache_ocr.samples import (
     empty_sample,
     put_image,
 )
-from diskcache_ocr.schema import KindVersion, maps_key, tensor_key
+from diskcache_ocr.schema import (
+    KINDS,
+    KindVersion,
+    derived_image_key,
+    flat_polygons_bytes,
+    maps_key,
+    record_name,
+    tensor_key,
+)
 from diskcache_ocr.staged_samples import (
     StageBuffers,
     StageLayout,
@@ -266,6 +274,50 @@ def engine_pipeline(pipeline: Any, item_keys: str = "db") -> EnginePipeline:
     return cast(EnginePipeline, pipeline)
 
 
+class RecordKeys:
+    """The name and key of each record an engine's pipeline caches, by kind.
+
+    A kind is keyed by its fingerprint: the pipeline's, or the stored one a kind is pinned
+    to (:meth:`pin`, ``on_mismatch="ignore"``). A kind the pipeline cannot version has none,
+    and is never read or written. Images of the library's decode are keyed by content alone;
+    another decode's (a convention that drops alpha) by content and decode, so the two never
+    collide.
+    """
+
+    def __init__(self, pipe: EnginePipeline, catalog: Catalog) -> None:
+        self.pipe = pipe
+        self.catalog = catalog
+        self.fingerprints = {k: v.fingerprint for k, v in pipe.kind_versions().items()}
+
+    def versioned(self, kind: str) -> bool:
+        return kind in self.fingerprints
+
+    def pin(self, kind: str, fingerprint: str) -> None:
+        """Key ``kind`` by ``fingerprint`` (a stored version's) instead of the pipeline's."""
+        self.fingerprints[kind] = fingerprint
+
+    def _plain_images(self) -> bool:
+        return self.fingerprints.get("images") == library_decode().fingerprint
+
+    def name(self, kind: str) -> str:
+        """The name an index entry gives the ``kind`` record (:func:`record_name`)."""
+        return record_name(kind, self.fingerprints.get(kind, ""),
+                           plain=kind == "images" and self._plain_images())
+
+    def key(self, kind: str, index: int, h: bytes) -> bytes:
+        """The key of image ``index``'s ``kind`` record, its file hashing to ``h``."""
+        if kind == "images":
+            return h if self._plain_images() else derived_image_key(h, self.fingerprints[kind])
+        return self.pipe.record_key(
+            kind, h, self.fingerprints[kind],
+            lambda: flat_polygons_bytes(*self.catalog.flat_words(index)))
+
+    def of(self, index: int, h: bytes) -> dict[str, bytes]:
+        """Every versioned kind's record of image ``index``: name -> key."""
+        return {self.name(kind): self.key(kind, index, h)
+                for kind in KINDS if kind in self.fingerprints}
+
+
 @functools.cache
 def library_decode() -> KindVersion:
     """The ``images`` version of the library's own decode (every pipeline's, unless its
@@ -273,5 +325,5 @@ def library_decode() -> KindVersion:
     return Pipeline().kind_versions()["images"]
 
 
-__all__ = ["BuiltinSamples", "Buffers", "EnginePipeline", "StageSamples", "engine_pipeline",
-           "library_decode"]
+__all__ = ["BuiltinSamples", "Buffers", "EnginePipeline", "RecordKeys", "StageSamples",
+           "engine_pipeline", "library_decode"]

@@ -27,19 +27,22 @@ from torch.utils.data import get_worker_info
 from diskcache_ocr import batchmem
 from diskcache_ocr.errors import CacheError, CacheFullError, SourceError
 from diskcache_ocr.keys import content_hash
-from diskcache_ocr.pipelines import Buffers, EnginePipeline, engine_pipeline, library_decode
+from diskcache_ocr.pipelines import (
+    Buffers,
+    EnginePipeline,
+    RecordKeys,
+    engine_pipeline,
+    library_decode,
+)
 from diskcache_ocr.presets import CachePlan
 from diskcache_ocr.samples import Catalog, Sample, finish_batch
 from diskcache_ocr.schema import (
     KINDS,
     IndexEntry,
     KindVersion,
-    derived_image_key,
-    flat_polygons_bytes,
     format_hit_rates,
     index_key,
     name_kind,
-    record_name,
 )
 from diskcache_ocr.store import CacheStore, ReadTxn, Record, WriteBatch
 from diskcache_ocr.work import Copy, Work
@@ -88,25 +91,23 @@ class ReadThrough:
         self.store = store
         self.check_source = check_source
         self.item_keys = item_keys
-        self._fingerprints = {k: v.fingerprint for k, v in self.pipe.kind_versions().items()}
+        self._records = RecordKeys(self.pipe, catalog)
         # The plan, read once into plain flags for the per-sample path; a kind the
         # pipeline cannot version (an unversioned stage, a random transform) is never kept.
-        self._keep = tuple(k for k in KINDS if plan.caches(k) and k in self._fingerprints)
+        self._keep = tuple(k for k in KINDS if plan.caches(k) and self._records.versioned(k))
         self._images, self._tensors, self._maps = (k in self._keep for k in KINDS)
         self._frozen: frozenset[str] = frozenset()  # kinds served as stored, never written
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._lock = threading.Lock()
         self.write_seconds = 0.0  # time spent committing read-through writes, this process
-        self._served = 0
-        self._logged: set[str] = set()
+        self._log = EngineLog()
         # The index knows a source by its path under the resolved root (see schema.source_id).
         self._root = os.path.realpath(self.catalog.images_dir)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_lock", "_served", "_logged", "write_seconds", "_root"):
+        for name in ("_log", "write_seconds", "_root"):
             state.pop(name, None)
         return state
 
@@ -140,7 +141,7 @@ class ReadThrough:
         for kind, want in self.kind_versions().items():
             have = stored.get(kind)
             if have is not None and KindVersion.from_dict(have) != want:
-                self._fingerprints[kind] = KindVersion.from_dict(have).fingerprint
+                self._records.pin(kind, KindVersion.from_dict(have).fingerprint)
                 frozen.append(kind)
         self._frozen = frozenset(frozen)
         return frozen
@@ -148,25 +149,7 @@ class ReadThrough:
     def keys(self, index: int, content: bytes) -> dict[str, bytes]:
         """The record of every kind for image ``index`` whose file hashes to ``content``,
         by the name the index gives it (:func:`~diskcache_ocr.schema.record_name`)."""
-        return {self._name(kind): self._key(kind, index, content)
-                for kind in KINDS if kind in self._fingerprints}
-
-    def _plain_images(self) -> bool:
-        return self._fingerprints.get("images") == library_decode().fingerprint
-
-    def _name(self, kind: str) -> str:
-        return record_name(kind, self._fingerprints.get(kind, ""),
-                           plain=kind == "images" and self._plain_images())
-
-    def _key(self, kind: str, index: int, h: bytes) -> bytes:
-        """The key of image ``index``'s ``kind`` record, its file hashing to ``h``. Images of
-        the library's decode are keyed by content; another decode's (a convention that drops
-        alpha) by content and decode, so the two never collide."""
-        if kind == "images":
-            return h if self._plain_images() else derived_image_key(h, self._fingerprints[kind])
-        return self.pipe.record_key(
-            kind, h, self._fingerprints[kind],
-            lambda: flat_polygons_bytes(*self.catalog.flat_words(index)))
+        return self._records.of(index, content)
 
     def buffers(self, n: int, *, shared: bool = False, pin: bool = False,
                 compact: bool = False, reuse: bool | None = None) -> Buffers:
@@ -190,7 +173,7 @@ class ReadThrough:
             indices = indices[1:]
         out += self._samples(indices, buffers, run_copies, len(out))
         out = buffers.pack(out)
-        self._log_progress(len(out))
+        self._log.progress(len(out), self.plan.log_every, self.store)
         return out
 
     def _samples(self, indices: Sequence[int], buffers: Buffers,
@@ -315,18 +298,18 @@ class ReadThrough:
         h = w.content_hash
         assert h is not None
         for kind, wanted in (("tensors", self._tensors), ("maps", want_maps and self._maps)):
-            rec = self._get(txn, kind, self._key(kind, w.index, h), w) if wanted else None
+            rec = self._get(txn, kind, self._records.key(kind, w.index, h), w) if wanted else None
             if rec is not None:
                 self.pipe.take(kind, rec, w, buffers, copies)
         if self._images and w.tensor is None:
-            rec = self._get(txn, "images", self._key("images", w.index, h), w)
+            rec = self._get(txn, "images", self._records.key("images", w.index, h), w)
             if rec is not None:
                 w.image = np.array(rec["image"])  # the transform needs it after the block
-        elif (self._images and (w.entry is None or self._name("images") not in w.entry.keys)
-              and txn.contains("images", self._key("images", w.index, h))):
+        elif (self._images and (w.entry is None or self._records.name("images") not in w.entry.keys)
+              and txn.contains("images", self._records.key("images", w.index, h))):
             # Not needed now, but the new index entry must name it, or invalidating this
             # source later would leave the image record behind.
-            w.hits[self._name("images")] = self._key("images", w.index, h)
+            w.hits[self._records.name("images")] = self._records.key("images", w.index, h)
 
     def _get(self, txn: ReadTxn, kind: str, key: bytes, w: Work) -> Record | None:
         assert self.store is not None
@@ -339,7 +322,7 @@ class ReadThrough:
             self.store.count(kind, misses=1)
             return None
         self.store.count(kind, hits=1, bytes_read=rec.nbytes)
-        w.hits[self._name(kind)] = key
+        w.hits[self._records.name(kind)] = key
         return rec
 
     def _compute(self, w: Work, want_maps: bool, want_tensor: bool, keep: Sequence[str],
@@ -349,8 +332,8 @@ class ReadThrough:
         if w.error is not None:
             return
         p = self.pipe
-        keep = [k for k in keep if k in self._fingerprints]
-        maps = want_maps and "maps" in self._fingerprints  # (else made with the sample)
+        keep = [k for k in keep if self._records.versioned(k)]
+        maps = want_maps and self._records.versioned("maps")  # (else made with the sample)
         try:
             for _ in range(2):  # (again after reading: a replaced file, see read_source)
                 need_maps = maps and not w.maps_done
@@ -379,7 +362,7 @@ class ReadThrough:
               ) -> None:
         if kind in keep:
             assert w.content_hash is not None
-            w.writes.append((kind, self._key(kind, w.index, w.content_hash), record))
+            w.writes.append((kind, self._records.key(kind, w.index, w.content_hash), record))
 
     def _write_back(self, work: list[Work]) -> None:
         assert self.store is not None
@@ -394,12 +377,12 @@ class ReadThrough:
             if not w.unchanged_since_stat(self.catalog.images_dir):
                 continue  # the file changed while we read it: serve, but do not index
             if len(index_key(self._id(w))) > self.store.max_key_size():
-                self._log_once(f"{w.source}: name too long to index; its records are found "
+                self._log.once(f"{w.source}: name too long to index; its records are found "
                                "by content, at the cost of reading the file on every access")
                 continue  # (one such key would fail the whole write)
             status = "ok" if w.error is None else f"failed: {w.error}"
             assert w.stat is not None and w.content_hash is not None
-            keys = w.index_keys({self._name(kind): key for kind, key, _ in w.writes})
+            keys = w.index_keys({self._records.name(kind): key for kind, key, _ in w.writes})
             batch.put_index(self._id(w), IndexEntry.of_stat(
                 w.stat, w.content_hash, status=status, keys=keys, updated_ns=time.time_ns()))
         if len(batch):
@@ -416,34 +399,41 @@ class ReadThrough:
 
     def _assemble(self, w: Work, buffers: Buffers) -> Sample:
         if w.error is not None or w.tensor is None:
-            self._log_error(w)
+            self._log.error(w)
             return self.pipe.error_sample(w, self.catalog, buffers, self.plan.return_maps)
         return self.pipe.sample(w, self.catalog, buffers, self.plan.return_maps)
 
-    # -- logging ----------------------------------------------------------------------------
-    def _log_once(self, message: str) -> None:
+
+class EngineLog:
+    """What an engine logs: each message once per process, and the hit rates now and then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._served = 0
+        self._logged: set[str] = set()
+
+    def once(self, message: str) -> None:
         with self._lock:
             if message in self._logged:
                 return
             self._logged.add(message)
         log.warning("%s", message)
 
-    def _log_error(self, w: Work) -> None:
+    def error(self, w: Work) -> None:
         with self._lock:
             if w.source in self._logged:
                 return
             self._logged.add(w.source)
         log.error("%s: skipped (%s)", w.source, w.error)
 
-    def _log_progress(self, n: int) -> None:
-        every = self.plan.log_every
-        if not every or self.store is None:
+    def progress(self, n: int, every: int | None, store: CacheStore | None) -> None:
+        if not every or store is None:
             return
         with self._lock:
             before, self._served = self._served, self._served + n
         if before // every != self._served // every:
             log.info("cache after %d samples (pid %d): %s", self._served, os.getpid(),
-                     format_hit_rates(self.store.stats()))
+                     format_hit_rates(store.stats()))
 
 
 def _index_entry(txn: ReadTxn, source: str) -> IndexEntry | None:
