@@ -288,6 +288,14 @@ class RecordKeys:
         self.pipe = pipe
         self.catalog = catalog
         self.fingerprints = {k: v.fingerprint for k, v in pipe.kind_versions().items()}
+        self._named()
+
+    def _named(self) -> None:
+        # (read once: the names and the images rule are asked for every record of a batch)
+        self._plain = self.fingerprints.get("images") == library_decode().fingerprint
+        self._names = {kind: record_name(kind, self.fingerprints.get(kind, ""),
+                                         plain=kind == "images" and self._plain)
+                       for kind in KINDS}
 
     def versioned(self, kind: str) -> bool:
         return kind in self.fingerprints
@@ -295,19 +303,16 @@ class RecordKeys:
     def pin(self, kind: str, fingerprint: str) -> None:
         """Key ``kind`` by ``fingerprint`` (a stored version's) instead of the pipeline's."""
         self.fingerprints[kind] = fingerprint
-
-    def _plain_images(self) -> bool:
-        return self.fingerprints.get("images") == library_decode().fingerprint
+        self._named()
 
     def name(self, kind: str) -> str:
         """The name an index entry gives the ``kind`` record (:func:`record_name`)."""
-        return record_name(kind, self.fingerprints.get(kind, ""),
-                           plain=kind == "images" and self._plain_images())
+        return self._names[kind]
 
     def key(self, kind: str, index: int, h: bytes) -> bytes:
         """The key of image ``index``'s ``kind`` record, its file hashing to ``h``."""
         if kind == "images":
-            return h if self._plain_images() else derived_image_key(h, self.fingerprints[kind])
+            return h if self._plain else derived_image_key(h, self.fingerprints[kind])
         return self.pipe.record_key(
             kind, h, self.fingerprints[kind],
             lambda: flat_polygons_bytes(*self.catalog.flat_words(index)))
