@@ -112,10 +112,13 @@ class EnginePipeline(Protocol):
         """The ``maps`` record of ``w`` from its ``tensors`` record."""
 
     def sample(self, w: Work, catalog: Catalog, buffers: Any, return_maps: bool
-               ) -> Sample: ...
+               ) -> Sample:
+        """The sample of ``w`` over its row of ``buffers`` (maps in it with
+        ``return_maps``: taken, computed, or made now when the kind is not cached)."""
 
     def error_sample(self, w: Work, catalog: Catalog, buffers: Any, return_maps: bool
-               ) -> Sample: ...
+                     ) -> Sample:
+        """What a bad source yields: the right shapes, no words, and ``w.error``."""
 
 
 class BuiltinSamples:
@@ -125,8 +128,8 @@ class BuiltinSamples:
     tensor_reads_source = False
     convention = "db"
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
+    def __init__(self, pipeline: Pipeline, item_keys: str = "db") -> None:
+        self.pipeline = pipeline  # (its samples have the "db" keys, whatever ``item_keys``)
         self.max_pixels = pipeline.max_pixels
 
     def kind_versions(self) -> dict[str, KindVersion]:
@@ -259,7 +262,7 @@ class StageSamples:
 
 # The engine pipeline of each pipeline class: the one place that knows there are two.
 ENGINE_PIPELINES: dict[type, Callable[..., EnginePipeline]] = {
-    Pipeline: lambda p, keys: BuiltinSamples(p),
+    Pipeline: BuiltinSamples,
     StagePipeline: StageSamples,
 }
 
