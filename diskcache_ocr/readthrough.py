@@ -94,7 +94,8 @@ class ReadThrough:
         self._records = RecordKeys(self.pipe, catalog)
         # The plan, read once into plain flags for the per-sample path; a kind the
         # pipeline cannot version (an unversioned stage, a random transform) is never kept.
-        self._keep = tuple(k for k in KINDS if plan.caches(k) and self._records.versioned(k))
+        self._versioned = frozenset(k for k in KINDS if self._records.versioned(k))
+        self._keep = tuple(k for k in KINDS if plan.caches(k) and k in self._versioned)
         self._images, self._tensors, self._maps = (k in self._keep for k in KINDS)
         self._frozen: frozenset[str] = frozenset()  # kinds served as stored, never written
         self._init_runtime()
@@ -332,8 +333,8 @@ class ReadThrough:
         if w.error is not None:
             return
         p = self.pipe
-        keep = [k for k in keep if self._records.versioned(k)]
-        maps = want_maps and self._records.versioned("maps")  # (else made with the sample)
+        keep = [k for k in keep if k in self._versioned]
+        maps = want_maps and "maps" in self._versioned  # (else made with the sample)
         try:
             for _ in range(2):  # (again after reading: a replaced file, see read_source)
                 need_maps = maps and not w.maps_done
