@@ -11,7 +11,8 @@ OCR. Sub-databases: ``meta`` (the header), ``index`` (one entry per source file)
 - :mod:`.txn`: read blocks with zero-copy records, and write batches;
 - :mod:`.header`: the header, its format version and the unsynced marker;
 - :mod:`.counters`: the read counters, in memory and on disk;
-- :mod:`.pipelines`: several pipelines in one cache, and the version policy;
+- :mod:`.versions`: the kind versions each pipeline (role) of a cache holds, and the policy
+  for a mismatch;
 - :mod:`.cache`: :class:`CacheStore`, the front;
 - :mod:`.remove`: removing a whole cache directory (:mod:`.wipe`, its earlier name, re-exports it).
 

@@ -30,8 +30,8 @@ from diskcache_ocr.store.header import (
     written_unsynced_before_reboot,
 )
 from diskcache_ocr.store.opening import StoreOptions
-from diskcache_ocr.store.pipelines import DEFAULT_ROLE, PipelineOpen, open_pipeline
 from diskcache_ocr.store.txn import Reader, WriteBatch, check_kind
+from diskcache_ocr.store.versions import DEFAULT_ROLE, PipelineOpen, open_pipeline
 
 log = logging.getLogger("diskcache_ocr.store")
 
@@ -297,7 +297,7 @@ class CacheStore:
         described: Mapping[str, Any] | None = None,
     ) -> PipelineOpen:
         """Register the pipeline of ``role`` and apply ``policy`` to the kinds whose version
-        differs: see :func:`diskcache_ocr.store.pipelines.open_pipeline`."""
+        differs: see :func:`diskcache_ocr.store.versions.open_pipeline`."""
         return open_pipeline(self, role, expected, policy, plain=plain, described=described)
 
     # -- counters --------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Several pipelines in one cache: registering a pipeline (its role and the versions of the
-kinds it caches) and applying the version policy to what it finds, without touching other
-pipelines' records."""
+"""The kind versions of the pipelines in one cache: registering a pipeline (its role and the
+versions of the kinds it caches) and applying the version policy to what it finds, without
+touching other pipelines' records."""
 
 from __future__ import annotations
 
