@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from diskcache_ocr.build import BuildSummary, build_engine
 from diskcache_ocr.errors import CacheError, CacheFullError, TrainingSafetyError
-from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations
+from diskcache_ocr.ocr.annotations import AnnotationSet
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
@@ -151,7 +151,11 @@ class CachedOCRDataset(Dataset[Sample]):
         self.item_keys = item_keys
         self.plan = plan
         rules = "origin" if convention == "origin" else "db"
-        self.catalog = Catalog(load_annotations(images_dir, annotations, rules))
+        # A JSON file's annotations are indexed once in the cache directory and mapped by
+        # every process (parsed into this one when nothing is cached).
+        self.catalog = Catalog.load(
+            images_dir, annotations, rules, readonly=readonly,
+            cache_dir=(cache_dir or default_cache_dir()) if plan.caches_anything else None)
         self.images_dir = self.catalog.images_dir
         self.problems = self.catalog.problems  # what was skipped while loading, and why
         store = None

@@ -116,7 +116,8 @@ class _Builder:
         self.counts: list[np.ndarray] = []  # points per word
         self.flags: list[np.ndarray] = []
         self.checked: list[np.ndarray] = []  # True: checked already (the general code)
-        self.ids: list[str] = []
+        self.ids: list[bytes] = []  # word ids, UTF-8, one blob per entry
+        self.id_lengths: list[np.ndarray] = []
         self.problems: list[tuple[int, int, str, str]] = []  # (entry, order, word id, reason)
         self.keys = 0  # object keys decoded (to detect a repeated key the fast decoder hid)
 
@@ -138,9 +139,10 @@ class _Builder:
         else:
             flags = np.fromiter((w.ignore is True or w.transcription == "###" for w in ws),
                                 bool, len(ws))
-        self.keys += len(ws) + sum(1 for w in ws if w.ignore is not msgspec.UNSET) \
+        self.keys += 2 * len(ws) + sum(  # the word's id and its "points"
+            1 for w in ws if w.ignore is not msgspec.UNSET) \
             + sum(1 for w in ws if w.transcription is not msgspec.UNSET)
-        self.ids.extend(words)
+        self._ids(list(words))
         self._add(coords, counts, flags, np.zeros(len(ws), bool))
 
     def checked_words(self, entry: int, polygons: Sequence[np.ndarray], flags: Sequence[bool],
@@ -148,9 +150,14 @@ class _Builder:
         counts = np.fromiter(map(len, polygons), np.int64, len(polygons))
         coords = (np.concatenate(polygons).astype(np.float64) if polygons
                   else np.zeros((0, 2), np.float64))
-        self.ids.extend(ids)
+        self._ids(ids)
         self._add(coords, counts, np.array(flags, bool), np.ones(len(polygons), bool))
         self.problems.extend((entry, i, wid, why) for i, (wid, why) in enumerate(problems))
+
+    def _ids(self, ids: Sequence[str]) -> None:
+        encoded = [w.encode("utf-8", "surrogatepass") for w in ids]
+        self.ids.append(b"".join(encoded))
+        self.id_lengths.append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
 
     def _add(self, coords: np.ndarray, counts: np.ndarray, flags: np.ndarray,
              checked: np.ndarray) -> None:
@@ -171,9 +178,13 @@ class _Builder:
         order = np.arange(len(counts), dtype=np.int64) - np.repeat(
             np.cumsum(per_entry) - per_entry, per_entry)
         keep, ignore, found = _check_words(points, counts, flags, checked, self.rules)
+        id_blob = np.frombuffer(b"".join(self.ids), np.uint8)
+        id_lengths = _cat(self.id_lengths, np.int64)
+        id_off = np.concatenate([[0], np.cumsum(id_lengths)]).astype(np.int64)
         problems = list(self.problems)
         for w, why in found:
-            problems.append((int(entry_of_word[w]), int(order[w]), self.ids[w], why))
+            wid = id_blob[id_off[w]:id_off[w + 1]].tobytes().decode("utf-8", "surrogatepass")
+            problems.append((int(entry_of_word[w]), int(order[w]), wid, why))
         problems.sort(key=lambda p: (p[0], p[1]))
         # the kept words only
         if keep.all():
@@ -182,8 +193,9 @@ class _Builder:
             sel = np.repeat(keep, counts)
             kept_points, kept_counts = points[sel], counts[keep]
         kept_per_entry = np.bincount(entry_of_word[keep], minlength=n_entries).astype(np.int64)
-        ids = [w.encode("utf-8", "surrogatepass") for w, k in zip(self.ids, keep.tolist(),
-                                                                  strict=True) if k]
+        if not keep.all():
+            id_blob = id_blob[np.repeat(keep, id_lengths)]
+            id_lengths = id_lengths[keep]
         names_ok = all(not _BAD_PLAIN.search(n.decode("utf-8", "surrogatepass"))
                        for n in self.names)
         cols = Columns(
@@ -194,8 +206,8 @@ class _Builder:
             point_start=np.concatenate([[0], np.cumsum(kept_counts)]).astype(np.int64),
             points=np.ascontiguousarray(kept_points, np.float64).reshape(-1, 2),
             ignore=np.ascontiguousarray(ignore[keep], bool),
-            word_ids=np.frombuffer(b"".join(ids), np.uint8).copy(),
-            word_id_off=_offsets(ids),
+            word_ids=id_blob.copy(),
+            word_id_off=np.concatenate([[0], np.cumsum(id_lengths)]).astype(np.int64),
             word_problems=[(e, wid, why) for e, _, wid, why in problems],
             notes=notes,
         )
