@@ -24,8 +24,8 @@ import numpy as np
 
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
+from diskcache_ocr.ocr.anns import OrderedDict as LazyAnns
 from diskcache_ocr.ocr.transform import TransformConfig
-from diskcache_ocr.origin_anns import OrderedDict as LazyAnns
 from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import Preset, load_preset, preset_keys
 from diskcache_ocr.schema import format_hit_rates
@@ -211,7 +211,7 @@ class ValidatedOCRDataset(CachedOCRDataset):
     def anns(self) -> OrderedDict[str, list[np.ndarray] | None]:
         """File name → that image's annotated polygons, each rounded to int32 (k, 2), or None
         for an image without words; in the annotation file's order. An OrderedDict that
-        builds an image's arrays when they are read (:mod:`diskcache_ocr.origin_anns`)."""
+        builds an image's arrays when they are read (:mod:`diskcache_ocr.ocr.anns`)."""
         if self._anns is None:
             self._anns = LazyAnns(self.catalog)
         return self._anns

@@ -20,6 +20,7 @@ from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.errors import BatchError, CacheError
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
+from diskcache_ocr.ocr.polygons import Polygons
 from diskcache_ocr.ocr.transform import (
     TransformConfig,
     finish,
@@ -29,38 +30,6 @@ from diskcache_ocr.ocr.transform import (
 
 Sample = dict[str, Any]
 GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
-
-
-class Polygons(list):  # type: ignore[type-arg]
-    """A sample's polygons: a plain list of (k, 2) float32 arrays, all views of one array.
-
-    Pickled (a DataLoader worker sending its batch) as that one array and the split points,
-    which the other side turns back into views, instead of one small array per word. A list
-    that was changed (an item replaced, added or removed) pickles as a plain list.
-    """
-
-    __slots__ = ("_flat", "_views")
-    _flat: np.ndarray
-    _views: tuple[np.ndarray, ...]
-
-    @classmethod
-    def split(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
-        out = cls(flat[a:b] for a, b in zip([0, *ends], ends, strict=False))
-        out._flat = flat
-        out._views = tuple(out)
-        return out
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        views = getattr(self, "_views", None)
-        if views is None or len(views) != len(self) or any(
-                a is not b for a, b in zip(self, views, strict=True)):
-            return (list, (list(self),))
-        ends = np.cumsum([len(v) for v in views], dtype=np.int64)
-        return (_polygons_from_flat, (self._flat, ends))
-
-
-def _polygons_from_flat(flat: np.ndarray, ends: np.ndarray) -> Polygons:
-    return Polygons.split(flat, ends.tolist())
 
 
 class BatchBuffers:
@@ -509,4 +478,4 @@ __all__ = ["FINISH", "GEOMETRY", "TORCH_DTYPES", "BatchBuffers", "BatchRow", "Ca
            "Polygons", "Sample", "assemble", "batch_finish_spec", "check_finish_spec", "collate",
            "collate_fn", "cpu_array", "empty_sample", "finish_batch", "finish_spec", "put_image"]
 
-from diskcache_ocr.catalog import Catalog  # noqa: E402  (its old home)
+from diskcache_ocr.ocr.catalog import Catalog  # noqa: E402  (its old home)

@@ -45,7 +45,7 @@ _WS_KEY = re.compile(rb'"[ \t\r\n]+:')
 class Columns:
     """A parsed annotation file. Entry ``e``'s kept words are ``word_start[e]:word_start[e+1]``;
     word ``w``'s points are ``points[point_start[w]:point_start[w+1]]``. Arrays may be views of
-    a read-only memory map (:mod:`diskcache_ocr.annindex`)."""
+    a read-only memory map (:mod:`diskcache_ocr.ocr.annindex`)."""
 
     names: np.ndarray  # uint8: the entries' names, UTF-8, back to back
     name_off: np.ndarray  # int64 (E + 1)

@@ -1,15 +1,16 @@
 """The split's images and their words, as flat arrays shared by every process.
 
-A :class:`Catalog` is the annotation index's columns (:mod:`diskcache_ocr.annindex`; a
-read-only memory map of a file in the cache directory, or arrays of this process) and the
-entries of it that name usable images. It holds no Python object per image or word, so a
-forked DataLoader worker touches no copy-on-write page by reading it, and it pickles (for
-spawned workers) as the index file's path, mapped again on the other side.
+A :class:`Catalog` is the annotation index's columns (:mod:`diskcache_ocr.ocr.annindex`: a
+read-only memory map of a file in the cache directory, or arrays of this process) and which
+of its entries are the split's images. It holds numpy arrays only, no Python object per image
+or word, so a forked DataLoader worker that reads it dirties no copy-on-write page, and it
+pickles (for spawned workers) as the index file's path, mapped again on the other side.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,19 +18,25 @@ from typing import Any
 
 import numpy as np
 
-from diskcache_ocr.annindex import Index, load_index, open_index
 from diskcache_ocr.errors import AnnotationError, SourceError
+from diskcache_ocr.ocr.annindex import Index, load_index, open_index
 from diskcache_ocr.ocr.annotations import (
     AnnotationSet,
     ImageAnnotation,
     Rules,
-    column_items,
     load_annotations,
 )
-from diskcache_ocr.ocr.columns import ENTRY_OK, Columns, Selection, select
+from diskcache_ocr.ocr.columns import ENTRY_OK, Columns, select
+from diskcache_ocr.ocr.polygons import Polygons
 from diskcache_ocr.ocr.transform import map_points
 
 log = logging.getLogger("diskcache_ocr.annotations")
+
+_COLUMN_ATTRS = {"names": "_names", "name_off": "_name_off", "word_start": "_word_start",
+                 "point_start": "_point_start", "points": "_points", "ignore": "_ignore",
+                 "word_ids": "_word_ids", "word_id_off": "_word_id_off"}
+_NO_BYTES = np.zeros(0, np.uint8)
+_NO_OFFSETS = np.zeros(0, np.int64)
 
 
 class Catalog:
@@ -54,18 +61,18 @@ class Catalog:
         file's columns come from the annotation index in ``cache_dir`` (made there once per
         content), or are parsed into this process when ``cache_dir`` is None."""
         ann = None if annotations is None else Path(annotations)
-        if ann is None or ann.is_dir() or ann.suffix.lower() != ".json" or not ann.exists() \
-                or not str(annotations).strip():
+        if ann is None or not str(annotations).strip() or ann.suffix.lower() != ".json" \
+                or not ann.is_file():
             return cls(load_annotations(images_dir, annotations, rules))
+        if rules not in ("db", "origin"):
+            raise ValueError(f"rules must be 'db' or 'origin', got {rules!r}")
         root = Path(images_dir)
         if not root.is_dir():
             raise SourceError(str(root), "images directory does not exist or is not a "
                               "directory")
         root = root.resolve()
-        if rules not in ("db", "origin"):
-            raise ValueError(f"rules must be 'db' or 'origin', got {rules!r}")
         if cache_dir is None:
-            log.info("%s: no cache directory: its annotations are parsed and held in this "
+            log.info("%s: nothing is cached: the annotations are parsed and held in this "
                      "process", ann)
         index = load_index(ann, rules, cache_dir, readonly=readonly)
         for note in index.columns.notes:
@@ -80,66 +87,72 @@ class Catalog:
         return out
 
     def _set(self, index: Index, rows: np.ndarray | None, files: list[str] | None) -> None:
-        self._index = index
         c = index.columns
-        self._cols = c
-        self._rows = rows
-        self._points, self._point_start, self._word_start = c.points, c.point_start, c.word_start
-        self._ignore = c.ignore
+        for name, attr in _COLUMN_ATTRS.items():
+            setattr(self, attr, getattr(c, name))
+        self._name_order = index.name_order
+        # the entries that are images (all of them: 0..E-1), and their names where they
+        # differ from the names as written (else empty)
+        self._rows = np.arange(len(c), dtype=np.int64) if rows is None else rows
         if files is None:
-            self._files = self._files_off = None
+            self._files, self._files_off, self._files_order = _NO_BYTES, _NO_OFFSETS, _NO_OFFSETS
         else:
             enc = [f.encode("utf-8", "surrogatepass") for f in files]
             self._files = np.frombuffer(b"".join(enc), np.uint8)
             self._files_off = np.concatenate(
                 [[0], np.cumsum([len(e) for e in enc], dtype=np.int64)]).astype(np.int64)
-        self._by_name: dict[str, int] | None = None
+            self._files_order = np.array(sorted(range(len(enc)), key=enc.__getitem__),
+                                         np.int64)
+        where = {} if index.path is None else {
+            "path": str(index.path), "content": index.content, "rules": index.rules,
+            "identity": index.identity}
+        self._mapped = np.frombuffer(json.dumps(where).encode(), np.uint8)
 
-    # -- pickling: the index file's path, not its arrays ----------------------------------
+    # -- pickling: a mapped index travels as its path ---------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in (
-            "_index", "_cols", "_points", "_point_start", "_word_start", "_ignore", "_by_name")}
-        ix = self._index
-        if ix.path is None:
-            state["_held"] = ix
-        else:
-            state["_mapped"] = (str(ix.path), ix.content, ix.rules, ix.identity)
-        return state
+        if not json.loads(self._mapped.tobytes()):
+            return dict(self.__dict__)
+        mapped = set(_COLUMN_ATTRS.values()) | {"_name_order"}
+        return {k: v for k, v in self.__dict__.items() if k not in mapped}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        held, mapped = state.pop("_held", None), state.pop("_mapped", None)
-        rows, files, files_off = state["_rows"], state["_files"], state["_files_off"]
-        if held is None:
-            path, content, rules, identity = mapped
-            try:
-                held = open_index(Path(path), content, rules, identity=identity)
-            except (OSError, ValueError) as exc:
-                raise AnnotationError(path, f"the annotation index cannot be opened again "
-                                      f"({exc})") from exc
         self.__dict__.update(state)
-        self._set(held, rows, None)
-        self._files, self._files_off = files, files_off
+        where = json.loads(self._mapped.tobytes())
+        if not where:
+            return
+        path = Path(where["path"])
+        ident = where["identity"]
+        try:
+            index = open_index(path, where["content"], where["rules"],
+                               identity=None if ident is None else tuple(ident))
+        except (OSError, ValueError) as exc:
+            raise AnnotationError(str(path), f"the annotation index cannot be opened again "
+                                  f"({exc})") from exc
+        for name, attr in _COLUMN_ATTRS.items():
+            setattr(self, attr, getattr(index.columns, name))
+        self._name_order = index.name_order
 
-    # -- one image ------------------------------------------------------------------------
+    # -- one image --------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._cols) if self._rows is None else len(self._rows)
+        return len(self._rows)
 
     def _pos(self, index: int) -> int:
-        n = len(self)
+        n = len(self._rows)
         if not -n <= index < n:
             raise IndexError(f"image index {index} out of range for {n} images")
         return int(index) % n
 
     def _entry(self, index: int) -> int:
-        index = self._pos(index)
-        return index if self._rows is None else int(self._rows[index])
+        return int(self._rows[self._pos(index)])
 
     def source(self, index: int) -> str:
-        if self._files is not None:
-            index = self._pos(index)
-            a, b = self._files_off[index], self._files_off[index + 1]
+        if len(self._files_off):
+            i = self._pos(index)
+            a, b = self._files_off[i], self._files_off[i + 1]
             return self._files[a:b].tobytes().decode("utf-8", "surrogatepass")
-        return self._cols.name(self._entry(index))
+        e = self._entry(index)
+        return self._names[self._name_off[e]:self._name_off[e + 1]].tobytes().decode(
+            "utf-8", "surrogatepass")
 
     def words(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The annotated polygons (original coordinates) and ignore flags of one image."""
@@ -156,36 +169,47 @@ class Catalog:
         starts = self._point_start[a:b + 1]
         return self._points[starts[0]:starts[-1]], np.diff(starts), self._ignore[a:b]
 
-    def moved_polygons(self, index: int, matrix: np.ndarray) -> Any:
+    def moved_polygons(self, index: int, matrix: np.ndarray) -> Polygons:
         """The image's polygons in the transformed image's coordinates, in one pass."""
-        from diskcache_ocr.samples import Polygons
-
         points, sizes, _ = self.flat_words(index)
         return Polygons.split(map_points(points, matrix), np.cumsum(sizes).tolist())
 
+    def word_ids(self, index: int) -> list[str]:
+        e = self._entry(index)
+        a, b = int(self._word_start[e]), int(self._word_start[e + 1])
+        off = self._word_id_off[a:b + 1].tolist()
+        blob = self._word_ids[off[0]:off[-1]].tobytes() if off else b""
+        return [blob[x - off[0]:y - off[0]].decode("utf-8", "surrogatepass")
+                for x, y in zip(off, off[1:], strict=False)]
+
     def find(self, file: str) -> int | None:
-        """The index of the image named ``file``, or None."""
-        if self._files is None and self._rows is None:
-            c, order = self._cols, self._index.name_order
-            key = file.encode("utf-8", "surrogatepass")
-            i = bisect.bisect_left(range(len(order)), key, key=lambda j: _name_bytes(c, order, j))
-            if i < len(order) and _name_bytes(c, order, i) == key:
-                return int(order[i])
+        """The index of the image named ``file`` (a binary search by name), or None."""
+        key = file.encode("utf-8", "surrogatepass")
+        if len(self._files_off):
+            order, blob, off = self._files_order, self._files, self._files_off
+        else:
+            order, blob, off = self._name_order, self._names, self._name_off
+
+        def name(j: int) -> bytes:
+            e = int(order[j])
+            return blob[off[e]:off[e + 1]].tobytes()
+
+        j = bisect.bisect_left(range(len(order)), key, key=name)
+        if j == len(order) or name(j) != key:
             return None
-        if self._by_name is None:  # names rewritten or entries left out: a table of them
-            self._by_name = {self.source(i): i for i in range(len(self))}
-        return self._by_name.get(file)
+        found = int(order[j])
+        if len(self._files_off):
+            return found
+        i = int(np.searchsorted(self._rows, found))  # entry -> its place among the images
+        return i if i < len(self._rows) and self._rows[i] == found else None
 
     def annotation_set(self, images_dir: Path | None = None) -> AnnotationSet:
-        rows = None if self._rows is None else self._rows
-        files = None if self._files is None else [self.source(i) for i in range(len(self))]
-        items = column_items(self._cols, Selection(rows, files, []))
+        items = []
+        for i in range(len(self)):
+            polygons, ignore = self.words(i)
+            items.append(ImageAnnotation(self.source(i), tuple(polygons),
+                                         tuple(ignore.tolist()), tuple(self.word_ids(i))))
         return AnnotationSet(images_dir or self.images_dir, tuple(items), self.problems)
-
-
-def _name_bytes(c: Columns, order: np.ndarray, j: int) -> bytes:
-    e = int(order[j])
-    return c.names[c.name_off[e]:c.name_off[e + 1]].tobytes()
 
 
 def _index_of(items: tuple[ImageAnnotation, ...]) -> Index:
@@ -193,16 +217,15 @@ def _index_of(items: tuple[ImageAnnotation, ...]) -> Index:
     names = [it.file.encode("utf-8", "surrogatepass") for it in items]
     polys = [p for it in items for p in it.polygons]
     ids = [w.encode("utf-8", "surrogatepass") for it in items for w in it.word_ids]
-    counts = np.array([len(it.polygons) for it in items], np.int64)
-    sizes = np.array([len(p) for p in polys], np.int64)
 
     def offsets(lengths: Any) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
 
     cols = Columns(
         names=np.frombuffer(b"".join(names), np.uint8), name_off=offsets([len(n) for n in names]),
-        entry_state=np.full(len(items), ENTRY_OK, np.int8), word_start=offsets(counts),
-        point_start=offsets(sizes),
+        entry_state=np.full(len(items), ENTRY_OK, np.int8),
+        word_start=offsets([len(it.polygons) for it in items]),
+        point_start=offsets([len(p) for p in polys]),
         points=(np.concatenate(polys).astype(np.float64) if polys
                 else np.zeros((0, 2), np.float64)),
         ignore=np.array([i for it in items for i in it.ignore], bool),
