@@ -294,3 +294,22 @@ def test_the_dataset_maps_the_index_in_its_cache(synth_data, tmp_path):
     assert CatalogFromSamples is Catalog
     none = CachedOCRDataset(images, ann, tmp_path / "n", preset="none")
     assert not (tmp_path / "n").exists() and none.catalog._points.flags.writeable
+
+
+def test_clearing_the_cache_removes_the_index_and_refuses_a_planted_link(synth_data, tmp_path):
+    from diskcache_ocr.errors import CacheError
+    from diskcache_ocr.store.wipe import wipe
+
+    images, ann = split_paths(synth_data(4, 3, min_words=2, max_words=6, size=(120, 160)))
+    for name, plant in (("plain", False), ("planted", True)):
+        cache = tmp_path / name
+        ds = CachedOCRDataset(images, ann, cache, preset="balanced")
+        del ds
+        if plant:
+            (cache / annindex.INDEX_DIR / "x.idx").symlink_to(ann)
+            with pytest.raises(CacheError, match="not a plain file"):
+                wipe(cache)
+            assert ann.exists() and (cache / "data.mdb").exists()
+            continue
+        removed = wipe(cache)
+        assert any(f.endswith(".idx") for f in removed["files"]) and not cache.exists()
