@@ -202,7 +202,8 @@ def write_index(idx_path: Path, index: Index, content: str, rules: str) -> None:
         pad = table[name]["offset"] - pos
         if pad:
             parts.append(b"\0" * pad)
-        parts.append(memoryview(arr).cast("B"))
+        if arr.nbytes:
+            parts.append(memoryview(arr).cast("B"))
         pos = table[name]["offset"] + arr.nbytes
     parts.append(b"\0" * (data_len - pos))
     for p in parts:

@@ -313,3 +313,13 @@ def test_clearing_the_cache_removes_the_index_and_refuses_a_planted_link(synth_d
             continue
         removed = wipe(cache)
         assert any(f.endswith(".idx") for f in removed["files"]) and not cache.exists()
+
+
+@pytest.mark.parametrize("extra", [None, {"gone.jpg": {}}], ids=["empty", "nothing usable"])
+def test_a_split_without_images_has_an_index_too(tmp_path, extra):
+    images, ann = make_split(tmp_path, 0, extra=extra)
+    for _ in range(2):  # built, then mapped
+        cat = Catalog.load(images, ann, cache_dir=tmp_path / "cache")
+        assert len(cat) == 0 and cat.find("gone.jpg") is None
+        assert len(pickle.loads(pickle.dumps(cat))) == 0
+        assert_equal_to_file(cat, images, ann)
