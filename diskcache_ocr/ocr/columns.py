@@ -132,8 +132,9 @@ class _Builder:
         ws = list(words.values())
         pts = [w.points for w in ws]
         counts = np.fromiter(map(len, pts), np.int64, len(pts))
-        flat = list(chain.from_iterable(pts))
-        coords = np.array(flat, np.float64).reshape(-1, 2)
+        pairs = chain.from_iterable(pts)
+        coords = np.fromiter(chain.from_iterable(pairs), np.float64,
+                             2 * int(counts.sum())).reshape(-1, 2)
         if self.rules == "origin":
             flags = np.zeros(len(ws), bool)
         else:
@@ -236,31 +237,35 @@ def _check_words(points: np.ndarray, counts: np.ndarray, flags: np.ndarray, chec
     ends = np.cumsum(counts)
     starts = ends - counts
 
-    def per_word(bad_point: np.ndarray) -> np.ndarray:
-        cs = np.concatenate([[0], np.cumsum(bad_point, dtype=np.int64)])
+    def per_word(bad_point: Any) -> Any:
+        """Words with a point for which ``bad_point(points)`` holds (None: no such point in
+        the file, the usual case, found without a pass per word)."""
+        bad = bad_point(points)
+        if not bad.any():
+            return None
+        cs = np.concatenate([[0], np.cumsum(bad, dtype=np.int64)])
         return cs[ends] > cs[starts]
 
-    finite = np.isfinite(points).all(axis=1)
-    reasons: list[tuple[np.ndarray, Any]] = []
     unchecked = ~checked
+    too_many = (counts > MAX_POLYGON_POINTS,
+                lambda w: f"has {counts[w]} points; at most {MAX_POLYGON_POINTS} are allowed")
+    not_finite = (per_word(lambda p: ~np.isfinite(p).all(axis=1)),
+                  "coordinates must be finite (NaN or infinity found)")
+    beyond = f"coordinates must not exceed {MAX_COORDINATE:.0f} (far outside any image)"
+    reasons: list[tuple[Any, Any]]
     if rules == "origin":
         skip = unchecked & (counts == 0)  # the origin skips such a word without a word
-        reasons += [(counts > MAX_POLYGON_POINTS,
-                     lambda w: f"has {counts[w]} points; at most {MAX_POLYGON_POINTS} "
-                               "are allowed"),
-                    (per_word(~finite), "coordinates must be finite (NaN or infinity found)"),
-                    (per_word(np.abs(points).max(axis=1, initial=0) > MAX_COORDINATE),
-                     f"coordinates must not exceed {MAX_COORDINATE:.0f} (far outside any image)")]
+        reasons = [too_many, not_finite,
+                   (per_word(lambda p: np.abs(p).max(axis=1, initial=0) > MAX_COORDINATE),
+                    beyond)]
     else:
         skip = np.zeros(n, bool)
-        reasons += [(counts > MAX_POLYGON_POINTS,
-                     lambda w: f"has {counts[w]} points; at most {MAX_POLYGON_POINTS} "
-                               "are allowed"),
-                    (counts < 4, lambda w: f"needs at least 4 points, got {counts[w]}"),
-                    (per_word(~finite), "coordinates must be finite (NaN or infinity found)"),
-                    (per_word((points < 0).any(axis=1)), "coordinates must not be negative"),
-                    (per_word((points > MAX_COORDINATE).any(axis=1)),
-                     f"coordinates must not exceed {MAX_COORDINATE:.0f} (far outside any image)")]
+        reasons = [too_many,
+                   (counts < 4, lambda w: f"needs at least 4 points, got {counts[w]}"),
+                   not_finite,
+                   (per_word(lambda p: (p < 0).any(axis=1)), "coordinates must not be negative"),
+                   (per_word(lambda p: (p > MAX_COORDINATE).any(axis=1)), beyond)]
+    reasons = [(bad, why) for bad, why in reasons if bad is not None and bad.any()]
     refused = np.zeros(n, bool)
     problems: list[tuple[int, str]] = []
     for bad, why in reasons:
@@ -289,19 +294,26 @@ def _degenerate_words(points: np.ndarray, counts: np.ndarray, starts: np.ndarray
     unsure: list[int] = []
     for k in np.unique(counts[test]).tolist():
         words = np.flatnonzero(test & (counts == k))
-        idx = starts[words][:, None] + np.arange(k)[None, :]
-        q = points[idx]  # (m, k, 2)
-        p0, p1, p2 = np.roll(q, 1, axis=1), q, np.roll(q, -1, axis=1)
-        c = (p1[..., 0] - p0[..., 0]) * (p2[..., 1] - p1[..., 1]) \
-            - (p1[..., 1] - p0[..., 1]) * (p2[..., 0] - p1[..., 0])
-        dot = (p1[..., 0] - p0[..., 0]) * (p2[..., 0] - p1[..., 0]) \
-            + (p1[..., 1] - p0[..., 1]) * (p2[..., 1] - p1[..., 1])
-        turning = np.arctan2(c, dot).sum(axis=1)
+        if len(words) * k == len(points):  # these words hold every point: a view
+            q = points.reshape(-1, k, 2)
+        else:
+            q = points[starts[words][:, None] + np.arange(k)[None, :]]  # (m, k, 2)
+        nxt = np.roll(np.arange(k), -1)
+        e = q - q[:, np.roll(np.arange(k), 1)]  # edge into each vertex, as the exact check
+        en = e[:, nxt]  # and the edge out of it
+        c = e[..., 0] * en[..., 1] - e[..., 1] * en[..., 0]
         one_way = (c > 0).all(axis=1) | (c < 0).all(axis=1)
-        # |turning| is a multiple of 2*pi up to rounding: a margin of pi settles it
-        simple = one_way & (np.abs(turning) < 3 * math.pi)
-        nxt = np.roll(q, -1, axis=1)
-        a, b = q[..., 0] * nxt[..., 1], nxt[..., 0] * q[..., 1]
+        if k <= 4:
+            # turns all one way, each less than pi: they add up to 2 pi (simple, convex)
+            simple = one_way
+        else:
+            dot = e[..., 0] * en[..., 0] + e[..., 1] * en[..., 1]
+            turning = np.arctan2(c, dot).sum(axis=1)
+            # |turning| is a multiple of 2*pi up to rounding: a margin of pi settles it
+            simple = one_way & (np.abs(turning) < 3 * math.pi)
+        del e, en, c
+        qn = q[:, nxt]
+        a, b = q[..., 0] * qn[..., 1], qn[..., 0] * q[..., 1]
         area = 0.5 * (a - b).sum(axis=1)
         # far from zero even allowing for this sum's rounding (the exact one is an fsum)
         slack = 1e-6 + 8 * k * np.finfo(np.float64).eps * (np.abs(a) + np.abs(b)).sum(axis=1)
