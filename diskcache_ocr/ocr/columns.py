@@ -39,6 +39,7 @@ ENTRY_REASONS = {ENTRY_NOT_OBJECT: "image entry must be an object",
                  ENTRY_WORDS_NOT_OBJECT: '"words" must be an object'}
 _BAD_PLAIN = re.compile(r'[/\\\0]|^[A-Za-z]:|^\s*$|^\.{1,2}$')
 _WS_KEY = re.compile(rb'"[ \t\r\n]+:')
+_CHUNK = 1 << 18  # words checked together for their shape
 
 
 @dataclass
@@ -172,6 +173,7 @@ class _Builder:
         n_entries = len(self.names)
         counts = _cat(self.counts, np.int64)
         points = np.concatenate(self.chunks) if self.chunks else np.zeros((0, 2), np.float64)
+        self.chunks.clear()
         flags = _cat(self.flags, bool)
         checked = _cat(self.checked, bool)
         per_entry = np.array(self.words_per_entry, np.int64)
@@ -294,31 +296,14 @@ def _degenerate_words(points: np.ndarray, counts: np.ndarray, starts: np.ndarray
     unsure: list[int] = []
     for k in np.unique(counts[test]).tolist():
         words = np.flatnonzero(test & (counts == k))
-        if len(words) * k == len(points):  # these words hold every point: a view
-            q = points.reshape(-1, k, 2)
-        else:
-            q = points[starts[words][:, None] + np.arange(k)[None, :]]  # (m, k, 2)
-        nxt = np.roll(np.arange(k), -1)
-        e = q - q[:, np.roll(np.arange(k), 1)]  # edge into each vertex, as the exact check
-        en = e[:, nxt]  # and the edge out of it
-        c = e[..., 0] * en[..., 1] - e[..., 1] * en[..., 0]
-        one_way = (c > 0).all(axis=1) | (c < 0).all(axis=1)
-        if k <= 4:
-            # turns all one way, each less than pi: they add up to 2 pi (simple, convex)
-            simple = one_way
-        else:
-            dot = e[..., 0] * en[..., 0] + e[..., 1] * en[..., 1]
-            turning = np.arctan2(c, dot).sum(axis=1)
-            # |turning| is a multiple of 2*pi up to rounding: a margin of pi settles it
-            simple = one_way & (np.abs(turning) < 3 * math.pi)
-        del e, en, c
-        qn = q[:, nxt]
-        a, b = q[..., 0] * qn[..., 1], qn[..., 0] * q[..., 1]
-        area = 0.5 * (a - b).sum(axis=1)
-        # far from zero even allowing for this sum's rounding (the exact one is an fsum)
-        slack = 1e-6 + 8 * k * np.finfo(np.float64).eps * (np.abs(a) + np.abs(b)).sum(axis=1)
-        sure = simple & (np.abs(area) > slack)
-        unsure.extend(words[~sure].tolist())
+        whole = len(words) * k == len(points)  # these words hold every point: views
+        for a in range(0, len(words), _CHUNK):  # (bounded temporaries)
+            part = words[a:a + _CHUNK]
+            if whole:
+                q = points.reshape(-1, k, 2)[a:a + _CHUNK]
+            else:
+                q = points[starts[part][:, None] + np.arange(k)[None, :]]  # (m, k, 2)
+            unsure.extend(part[~_surely_fine(q)].tolist())
     found = []
     for w in sorted(unsure):
         poly = points[starts[w]:starts[w] + counts[w]]
@@ -327,6 +312,29 @@ def _degenerate_words(points: np.ndarray, counts: np.ndarray, starts: np.ndarray
         elif abs(polygon_area(poly)) < 1e-9:
             found.append((w, "zero-area polygon"))
     return found
+
+
+def _surely_fine(q: np.ndarray) -> np.ndarray:
+    """Of words ``q`` (m, k, 2): those whose turns are all strictly one way and wind once, as
+    the exact simplicity check's own fast path decides, and whose area is far from zero."""
+    k = q.shape[1]
+    nxt = np.roll(np.arange(k), -1)
+    e = q - q[:, np.roll(np.arange(k), 1)]  # the edge into each vertex, as the exact check
+    en = e[:, nxt]  # and the edge out of it
+    c = e[..., 0] * en[..., 1] - e[..., 1] * en[..., 0]
+    simple = (c > 0).all(axis=1) | (c < 0).all(axis=1)
+    if k > 4:
+        dot = e[..., 0] * en[..., 0] + e[..., 1] * en[..., 1]
+        # |turning| is a multiple of 2*pi up to rounding: a margin of pi settles it
+        simple &= np.abs(np.arctan2(c, dot).sum(axis=1)) < 3 * math.pi
+    # (up to 4 turns all one way, each less than pi, add up to 2 pi: simple and convex)
+    del e, en, c
+    qn = q[:, nxt]
+    a, b = q[..., 0] * qn[..., 1], qn[..., 0] * q[..., 1]
+    area = 0.5 * (a - b).sum(axis=1)
+    # far from zero even allowing for this sum's rounding (the exact one is an fsum)
+    slack = 1e-6 + 8 * k * np.finfo(np.float64).eps * (np.abs(a) + np.abs(b)).sum(axis=1)
+    return simple & (np.abs(area) > slack)
 
 
 # -- reading a file -------------------------------------------------------------------------
