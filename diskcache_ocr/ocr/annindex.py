@@ -13,10 +13,13 @@ Layout of an ``.idx`` file (little-endian)::
     MAGIC (8 bytes) | format version (u32) | header length (u32) | header (UTF-8 JSON) | pad
     columns, each starting at a multiple of 64 bytes
 
-The header names the content hash, rules, parser version, the file's total size, the blake3
-checksum of everything after the header, and each column's dtype, shape, offset and length
-(JSON, never pickle). An index that fails any check (magic, version, what it was made from,
-sizes, offsets, checksum) is rebuilt, with a warning; it never serves a wrong polygon.
+The header names the content hash, rules, parser version, the file's total size, each
+column's dtype, shape, offset and length, the skipped words, and the blake3 checksum of the
+columns and of those descriptions (JSON, never pickle). An index that fails any check
+(magic, version, what it was made from, sizes, offsets, checksum) is rebuilt, with a
+warning; it never serves a wrong polygon. The checksum is checked at every open (blake3
+reads several GB/s, a small cost beside the parse it saves); a spawned worker re-opening
+the file its parent checked (same inode, size, mtime) skips it.
 Written to a temporary file, fsync'ed and renamed, so a crash leaves no partial index and
 builders in several processes race harmlessly (the last rename wins; the contents are equal).
 """
@@ -211,9 +214,11 @@ def write_index(idx_path: Path, index: Index, content: str, rules: str) -> None:
     cols = index.columns
     header: dict[str, Any] = {
         "format": FORMAT_VERSION, "parser": PARSER_VERSION, "rules": rules, "content": content,
-        "columns": table, "checksum": checksum.hexdigest(), "plain": cols.plain,
-        "word_problems": cols.word_problems, "notes": cols.notes,
+        "columns": table, "plain": cols.plain, "word_problems": cols.word_problems,
+        "notes": cols.notes,
     }
+    checksum.update(_described(header))
+    header["checksum"] = checksum.hexdigest()
     # the header's length decides where the columns start: fix it with the total size
     for _ in range(3):
         raw = json.dumps(header, ensure_ascii=True).encode()
@@ -255,8 +260,9 @@ def open_index(idx_path: Path, content: str, rules: str, *, verify: bool = True,
             raise IndexDamaged(f"{idx_path}: {key} is {header.get(key)!r}, expected {value!r}")
     start = _aligned(_PREFIX.size + head_len)
     if verify and identity != ident:
-        got = blake3.blake3(memoryview(mm)[start:]).hexdigest()
-        if got != header.get("checksum"):
+        got = blake3.blake3(memoryview(mm)[start:])
+        got.update(_described(header))
+        if got.hexdigest() != header.get("checksum"):
             raise IndexDamaged(f"{idx_path}: checksum mismatch")
     arrays = _columns(idx_path, mm, header.get("columns"), start)
     try:
@@ -309,6 +315,12 @@ def _check_shapes(idx_path: Path, c: Columns, order: np.ndarray) -> None:
     for ok, what in checks:
         if not ok:
             raise IndexDamaged(f"{idx_path}: inconsistent {what}")
+
+
+def _described(header: dict[str, Any]) -> bytes:
+    """The header's fields that say what the columns mean (covered by the checksum)."""
+    keys = ("columns", "plain", "word_problems", "notes")
+    return json.dumps({k: header.get(k) for k in keys}, sort_keys=True).encode()
 
 
 def _aligned(n: int) -> int:

@@ -140,9 +140,12 @@ def test_a_warm_start_reads_not_even_the_annotation_file(tmp_path, monkeypatch):
     assert_equal_to_file(Catalog.load(images, ann, cache_dir=cache), images, ann)
 
 
-@pytest.mark.parametrize("damage", ["flip a coordinate", "truncate", "foreign", "header"])
+@pytest.mark.parametrize("damage", ["flip a coordinate", "truncate", "foreign", "header",
+                                    "a skipped word's reason"])
 def test_a_damaged_index_is_rebuilt_with_a_warning(tmp_path, damage, parses, caplog):
-    images, ann = make_split(tmp_path, 6)
+    bad = {"img_00099.jpg": {"words": {"1": {"points": SQUARE[:3]}}}}
+    images, ann = make_split(tmp_path, 6, extra=bad)
+    (images / "img_00099.jpg").write_bytes(b"")
     cache = tmp_path / "cache"
     Catalog.load(images, ann, cache_dir=cache)
     (idx,) = idx_files(cache)
@@ -155,8 +158,11 @@ def test_a_damaged_index_is_rebuilt_with_a_warning(tmp_path, damage, parses, cap
         raw = raw[:len(raw) // 2]
     elif damage == "foreign":
         raw = bytearray(os.urandom(len(raw)))
-    else:
+    elif damage == "header":
         raw[20] = ord("}")
+    else:
+        at = raw.index(b"got 3")
+        raw[at + 4] = ord("9")  # still valid JSON, another message
     idx.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING, logger="diskcache_ocr.annindex"):
         cat = Catalog.load(images, ann, cache_dir=cache)
