@@ -172,7 +172,7 @@ class Catalog:
     def moved_polygons(self, index: int, matrix: np.ndarray) -> Polygons:
         """The image's polygons in the transformed image's coordinates, in one pass."""
         points, sizes, _ = self.flat_words(index)
-        return Polygons.split(map_points(points, matrix), np.cumsum(sizes).tolist())
+        return Polygons.from_flat(map_points(points, matrix), np.cumsum(sizes).tolist())
 
     def word_ids(self, index: int) -> list[str]:
         e = self._entry(index)

@@ -21,11 +21,14 @@ class Polygons(list):  # type: ignore[type-arg]
     _views: tuple[np.ndarray, ...]
 
     @classmethod
-    def split(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
+    def from_flat(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
+        """The polygons ``flat[0:ends[0]]``, ``flat[ends[0]:ends[1]]``, ... as views."""
         out = cls(flat[a:b] for a, b in zip([0, *ends], ends, strict=False))
         out._flat = flat
         out._views = tuple(out)
         return out
+
+    split = from_flat  # the former name, kept for callers
 
     def __reduce__(self) -> tuple[Any, ...]:
         views = getattr(self, "_views", None)
@@ -37,7 +40,7 @@ class Polygons(list):  # type: ignore[type-arg]
 
 
 def _polygons_from_flat(flat: np.ndarray, ends: np.ndarray) -> Polygons:
-    return Polygons.split(flat, ends.tolist())
+    return Polygons.from_flat(flat, ends.tolist())
 
 
 __all__ = ["Polygons"]
