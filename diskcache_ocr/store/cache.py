@@ -10,7 +10,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +30,7 @@ from diskcache_ocr.errors import (
     CacheVersionError,
 )
 from diskcache_ocr.schema import KINDS, IndexEntry, KindVersion, name_kind, record_name
+from diskcache_ocr.store import mapadvice
 from diskcache_ocr.store.env import (
     _MAX_GROWS,
     StoreOptions,
@@ -230,6 +231,11 @@ class CacheStore:
             rec = r.get(kind, key)
             return None if rec is None else rec.copy()
 
+    def lookups(self) -> AbstractContextManager[None]:
+        """``with store.lookups():`` around a scan of keys: page faults read the pages the
+        scan touches, without the read-around that suits records (see ``mapadvice``)."""
+        return mapadvice.lookups(self.path, self.options.readahead)
+
     def contains(self, kind: str, key: bytes) -> bool:
         _check_kind(kind)
         with self.reader() as r:
@@ -260,6 +266,8 @@ class CacheStore:
         """
         _check_kind(kind)
         with self.reader() as r:
+            if mapadvice.pending:
+                mapadvice.record_read(self.path)
             for key, value in r._txn.cursor(r._handles[kind]):
                 yield bytes(key), value
 

@@ -32,6 +32,7 @@ from diskcache_ocr.errors import (
     CacheFormatError,
     CacheFullError,
 )
+from diskcache_ocr.store import mapadvice
 from diskcache_ocr.store.header import _DBS, HEADER_KEY, check_header, check_not_newer
 from diskcache_ocr.store.protocol import StoreHandle
 from diskcache_ocr.store.txn import _scratch
@@ -218,6 +219,7 @@ class _SharedEnv:
                 self.env.sync(True)
             self.env.close()
             self.env = None
+            mapadvice.closed(self.path)
         with self._registry_lock:
             key = (self.pid, os.path.realpath(self.path))
             if self._registry.get(key) is self:
@@ -557,6 +559,7 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
             continue  # (cleared and removed meanwhile: made again, or refused, above)
         try:
             env = _open_lmdb(path, opts)
+            mapadvice.opened(path, opts.readahead)  # (before the first page is touched)
         finally:
             release_directory_lock(guard)
         break

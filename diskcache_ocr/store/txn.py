@@ -23,6 +23,7 @@ from diskcache_ocr.errors import (
     CacheFormatError,
 )
 from diskcache_ocr.schema import KINDS, IndexEntry, index_key
+from diskcache_ocr.store import mapadvice
 from diskcache_ocr.store.protocol import StoreHandle
 
 log = logging.getLogger("diskcache_ocr.store")
@@ -97,6 +98,8 @@ class ReadTxn:
         if value is None:
             return None
         store = self._store
+        if mapadvice.pending:  # (a map that served lookups only gets read-around back)
+            mapadvice.record_read(store.path)
         arrays = decode_record(value, lambda: f"{store.path} {kind}/{key.hex()}")
         return Record(self, arrays, len(value))
 
@@ -104,6 +107,8 @@ class ReadTxn:
         """The record's raw bytes as a view on the map (valid inside the block)."""
         self._check_open()
         value = self._txn.get(key, db=self._handles[kind])
+        if value is not None and mapadvice.pending:
+            mapadvice.record_read(self._store.path)
         return None if value is None else memoryview(value)
 
     def contains(self, kind: str, key: bytes) -> bool:
