@@ -30,7 +30,7 @@ from diskcache_ocr.errors import (
     CacheVersionError,
 )
 from diskcache_ocr.schema import KINDS, IndexEntry, KindVersion, name_kind, record_name
-from diskcache_ocr.store import mapadvice
+from diskcache_ocr.store import mapadvice, warming
 from diskcache_ocr.store.env import (
     _MAX_GROWS,
     StoreOptions,
@@ -52,6 +52,7 @@ from diskcache_ocr.store.header import (
     written_unsynced_before_reboot,
 )
 from diskcache_ocr.store.txn import WriteBatch, _check_kind, _Reader, _scratch
+from diskcache_ocr.store.warming import WarmReport
 
 log = logging.getLogger("diskcache_ocr.store")
 
@@ -613,15 +614,12 @@ class CacheStore:
             "engine": ".".join(map(str, env.lib_version())),
         }
 
-    def warm(self) -> None:
+    def warm(self) -> WarmReport:
         """Ask the kernel to read the data file into the page cache (shared by every
-        process, unlike a copy in Python memory)."""
+        process, unlike a copy in Python memory), as far as it fits comfortably in the
+        memory available; the log says when it does not (see :func:`warming.warm`)."""
         self._environment()
-        fd = os.open(self.path / "data.mdb", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        return warming.warm(self.path / "data.mdb")
 
     def max_key_size(self) -> int:
         """The longest key (bytes) the engine stores: longer source names are not indexed."""
