@@ -107,7 +107,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import health
 
     if has_cache(args.cache):
-        data = health(args.cache, images_dir=args.images, max_age_days=args.max_age_days)
+        data = health(args.cache, images_dir=args.images, max_age_days=args.max_age_days,
+                      records=args.records)
     else:
         data = {"ok": True, "empty": True, "problems": []}
 
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="images directory (default: from the header)")
     p.add_argument("--max-age-days", type=_finite_at_least_zero, default=7.0,
                    help="entries older than this are reported (default: 7)")
+    p.add_argument("--records", action="store_true",
+                   help="also parse every record's header (reads the whole cache; `verify` "
+                        "checks the payloads too)")
 
     p = add("clear", cmd_clear, "remove cached data")
     what = p.add_mutually_exclusive_group(required=True)
