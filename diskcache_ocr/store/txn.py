@@ -94,21 +94,21 @@ class ReadTxn:
         """The record under ``key`` as views, or None. Raises CacheFormatError if damaged."""
         if not self._open:
             self._check_open()
+        store = self._store
+        if mapadvice.pending:  # (a map that served lookups only gets read-around back; before
+            mapadvice.record_read(store.path)  # the get, which touches every page of the value)
         value = self._txn.get(key, db=self._handles[kind])
         if value is None:
             return None
-        store = self._store
-        if mapadvice.pending:  # (a map that served lookups only gets read-around back)
-            mapadvice.record_read(store.path)
         arrays = decode_record(value, lambda: f"{store.path} {kind}/{key.hex()}")
         return Record(self, arrays, len(value))
 
     def get_raw(self, kind: str, key: bytes) -> memoryview | None:
         """The record's raw bytes as a view on the map (valid inside the block)."""
         self._check_open()
-        value = self._txn.get(key, db=self._handles[kind])
-        if value is not None and mapadvice.pending:
+        if mapadvice.pending:
             mapadvice.record_read(self._store.path)
+        value = self._txn.get(key, db=self._handles[kind])
         return None if value is None else memoryview(value)
 
     def contains(self, kind: str, key: bytes) -> bool:
