@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,12 +94,16 @@ def prepare(data: Path, n: int) -> tuple[Path, Path, Path]:
     return images, ann, cache
 
 
-def annotation_index_files(cache: Path) -> list[Path]:
-    """Files the library keeps beside the LMDB files (an annotation index, where it keeps one
-    there): removed before a "first" construction."""
-    return [p for p in cache.iterdir()
-            if p.is_file() and p.name not in ("data.mdb", "lock.mdb", "built")
-            and not p.name.startswith(".")]
+def forget_annotations(cache: Path) -> None:
+    """Remove what the library keeps in the cache directory beside the LMDB files (the
+    annotation index, where this version keeps one): before a "first" construction."""
+    for p in cache.iterdir():
+        if p.name in ("data.mdb", "lock.mdb", "built"):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 # -- page cache -------------------------------------------------------------------------------
@@ -122,8 +127,7 @@ def m_construct(images: str, ann: str, cache: str, cold: bool, first: bool) -> d
 
     data = Path(cache) / "data.mdb"
     if first:
-        for p in annotation_index_files(Path(cache)):
-            p.unlink()
+        forget_annotations(Path(cache))
     if cold:
         evict(data)
     before = resident(data)
