@@ -100,13 +100,17 @@ def warm(path: str | os.PathLike[str], *, available: int | None = None) -> WarmR
     try:
         size = os.fstat(fd).st_size
         missing = size - resident
-        length = size if budget is None or missing <= budget else budget
+        length = (0 if missing <= 0 else size if budget is None or missing <= budget
+                  else budget)
         for offset in range(0, length, _CHUNK):
             os.posix_fadvise(fd, offset, min(_CHUNK, length - offset), os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
     report = WarmReport(size=size, resident=resident, warmed=length, budget=budget)
-    if report.fits:
+    if not length:
+        log.info("%s: the whole cache (%s) is in the page cache already", path.parent,
+                 _human(size))
+    elif report.fits:
         log.info("%s: warming the page cache with the whole cache (%s, %s of it already "
                  "there)", path.parent, _human(size), _human(resident))
     else:

@@ -38,9 +38,10 @@ def _covered(calls: list[tuple[int, int]]) -> int:
 
 
 def test_a_file_that_fits_is_asked_for_whole_in_windows_the_kernel_honours(
-        tmp_path, advised, caplog):
+        tmp_path, advised, caplog, monkeypatch):
     path = tmp_path / "data.mdb"
     path.write_bytes(os.urandom(3 * MiB + 5))
+    monkeypatch.setattr(warming, "resident_bytes", lambda p: 0)  # (none of it in memory)
     with caplog.at_level(logging.INFO, logger="diskcache_ocr.store"):
         report = warming.warm(path, available=64 * MiB)
     assert report.fits and report.warmed == report.size == 3 * MiB + 5
@@ -60,6 +61,14 @@ def test_a_file_that_does_not_fit_is_warmed_up_to_half_the_memory_and_says_so(
     assert not report.fits and report.budget == 2 * MiB and report.warmed == 2 * MiB
     assert _covered(advised) == 2 * MiB
     assert "does not fit" in caplog.text and "first 2 MiB" in caplog.text
+
+
+def test_a_file_already_in_memory_is_not_asked_for_again(tmp_path, advised, monkeypatch):
+    path = tmp_path / "data.mdb"
+    path.write_bytes(b"\0" * MiB)
+    monkeypatch.setattr(warming, "resident_bytes", lambda p: MiB)
+    report = warming.warm(path, available=64 * MiB)
+    assert report.fits and report.warmed == 0 and advised == []
 
 
 def test_resident_bytes_sees_a_file_that_was_read(tmp_path):
@@ -82,7 +91,10 @@ def test_mem_available_reads_meminfo(tmp_path):
 def test_store_warm_reports_its_file(tmp_path, advised):
     store = CacheStore(tmp_path / "c")
     store.put("tensors", content_hash(b"x"), {"x": np.zeros(1 << 18, np.float32)})
+    data = tmp_path / "c" / "data.mdb"
+    os.posix_fadvise(fd := os.open(data, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
     report = store.warm()
-    assert report.size == os.path.getsize(tmp_path / "c" / "data.mdb")
-    assert report.fits and _covered(advised) == report.size  # (a test machine has room)
+    assert report.size == os.path.getsize(data) and report.fits  # (a test machine has room)
+    assert _covered(advised) == report.warmed and report.warmed in (0, report.size)
     store.close()
