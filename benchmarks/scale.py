@@ -254,7 +254,14 @@ def run_size(data: Path, n: int, reps: int, origin: bool) -> dict[str, Any]:
             out[f"{command}_{state}_read"] = C.summary([r["data_read"] for r in runs])
             out[f"{command}_rc"] = sorted({r["rc"] for r in runs})
             out[f"{command}_loads_torch"] = any(r["torch"] for r in runs)
-    if origin:
+    # (json.load's objects take ~18× the file's size: at 100k images, ~11 GB)
+    need = ORIGIN_RSS_PER_JSON_BYTE * ann.stat().st_size + (2 << 30)
+    available = mem_available()
+    if origin and available is not None and available < need:
+        C.log(f"{n}: the origin's parse skipped: it needs ~{need / 2**30:.1f} GiB, "
+              f"{available / 2**30:.1f} GiB available")
+        out["origin_parse_skipped"] = {"needs": need, "available": available}
+    elif origin:
         C.log(f"{n}: the origin's parse ...")
         runs = [iso(NAME, "m_origin_parse", ann=str(ann)) for _ in range(1 if n >= 100000
                                                                           else reps)]
@@ -262,6 +269,15 @@ def run_size(data: Path, n: int, reps: int, origin: bool) -> dict[str, Any]:
         out["origin_parse_max_rss"] = max(r["max_rss"] for r in runs)
         out["words"] = runs[0]["words"]
     return out
+
+
+ORIGIN_RSS_PER_JSON_BYTE = 18
+
+
+def mem_available() -> int | None:
+    from diskcache_ocr.store.warming import mem_available as available
+
+    return available()
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -295,11 +311,13 @@ def targets(rows: dict[int, dict[str, Any]]) -> list[tuple[str, str, str]]:
     add(f"cold construction at {big} reads ≤ 1 % of the cache", share, 0.01,
         f"{100 * share:.3f} % ({r['cold_construction_read']['median'] / MiB:.2f} MiB "
         f"of {r['cache_bytes'] / MiB:.0f} MiB)")
-    if "origin_parse" in r:
-        x = r["origin_parse"]["median"] / r["first_construction"]["median"]
-        add(f"first construction at {big} ≥ 2× faster than the origin's parse", x, 2.0,
-            f"{x:.2f}× ({r['first_construction']['median']:.2f} s vs "
-            f"{r['origin_parse']['median']:.2f} s)", better="higher")
+    parsed = [n for n in sorted(rows) if "origin_parse" in rows[n]]
+    if parsed:
+        o = rows[parsed[-1]]
+        x = o["origin_parse"]["median"] / o["first_construction"]["median"]
+        add(f"first construction at {parsed[-1]} ≥ 2× faster than the origin's parse", x, 2.0,
+            f"{x:.2f}× ({o['first_construction']['median']:.2f} s vs "
+            f"{o['origin_parse']['median']:.2f} s)", better="higher")
     w = _growth(rows, lambda x: max(m["anonymous"] for m in x["epoch"]["workers"]))
     add(f"worker anonymous memory growth {small}→{big} ≤ 1 KiB/image",
         None if w is None else w / 1024, 1.0, "–" if w is None else f"{w / 1024:.2f} KiB/image")
