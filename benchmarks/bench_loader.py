@@ -122,17 +122,17 @@ def host_fill(ds: CachedOCRDataset, batch_size: int, threads: int, n: int, reps:
         with BatchLoader(ds, batch_size=batch_size, threads=threads, device=device) as loader:
             loader._ensure_resources()  # (internal: the producer's fill alone, no consumer)
             slot = loader._slots[0]
-            buffers = [slot.buffers.image_t, slot.buffers.inverse_t,
-                       *slot.buffers.maps_t.values()]
 
-            def run(loader: BatchLoader = loader, slot: Any = slot) -> None:
+            def run(loader: BatchLoader = loader, slot: Any = slot) -> dict[str, Any]:
                 for b in batches:
-                    loader._fill(slot, b)
+                    batch = loader._fill(slot, b)
+                return batch
 
-            run()  # warm-up: page cache, buffer pages
+            first = run()  # warm-up: page cache, buffer pages (made at the first fill)
+            tensors = [v for v in first.values() if isinstance(v, torch.Tensor)]
             r = timed(run, reps)
         r["ms_per_sample"] = r["median"] / n * 1e3
-        r["bytes_per_sample"] = sum(t.numel() * t.element_size() for t in buffers) / batch_size
+        r["bytes_per_sample"] = sum(t.numel() * t.element_size() for t in tensors) / batch_size
         out[label] = r
     return out
 

@@ -1,8 +1,9 @@
 """CachedOCRDataset: a map-style torch Dataset that reads through the cache.
 
 A thin face over the read-through engine (:mod:`diskcache_ocr.readthrough`): it loads the
-annotations, resolves the preset into a cache plan, checks the store's versions once, and
-hands every read to the engine. A whole batch (``__getitems__``) is read in one read
+annotations and has :mod:`diskcache_ocr.engine_setup` make every other decision (the plan,
+the pipeline, the safety check, the store's versions, the header) and the engine; then it
+hands every read to that engine. A whole batch (``__getitems__``) is read in one read
 transaction and written in one write transaction. Cached and computed samples are identical
 bit for bit.
 
@@ -12,10 +13,7 @@ process that reads (DataLoader workers included) and is closed before any fork.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,15 +22,15 @@ import numpy as np
 from torch.utils.data import Dataset, get_worker_info
 
 from diskcache_ocr.build import BuildSummary, build_engine
-from diskcache_ocr.errors import CacheError, CacheFullError, TrainingSafetyError
+from diskcache_ocr.engine_setup import EngineOptions, choose, open_engine
+from diskcache_ocr.engine_setup import preload as preload_engine
 from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
-from diskcache_ocr.ocr.transform import TRAINING, VALIDATION, TransformConfig
 from diskcache_ocr.paths import default_cache_dir
-from diskcache_ocr.presets import CachePlan, Preset, cache_plan, load_preset
-from diskcache_ocr.readthrough import ReadThrough, plain_versions
+from diskcache_ocr.presets import Preset
+from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import (
     BatchBuffers,
     Catalog,
@@ -43,8 +41,6 @@ from diskcache_ocr.samples import (
 )
 from diskcache_ocr.schema import flat_polygons_bytes, format_hit_rates, polygons_bytes
 from diskcache_ocr.store import CacheStore, Policy
-
-log = logging.getLogger("diskcache_ocr.dataset")
 
 
 class CachedOCRDataset(Dataset[Sample]):
@@ -81,6 +77,10 @@ class CachedOCRDataset(Dataset[Sample]):
     a random Compose's rest), and ``finish_batch`` applies that Normalize (reproduced, checked
     equal for every uint8 value at construction); any other transform's samples are what it
     returns.
+
+    ``engine`` is the read-through engine the dataset reads by (made by
+    :mod:`diskcache_ocr.engine_setup`): :class:`~diskcache_ocr.loader.BatchLoader`,
+    :func:`~diskcache_ocr.prebuild.prebuild_dataset` and ``verify`` take it, or the dataset.
     """
 
     def __init__(
@@ -107,108 +107,21 @@ class CachedOCRDataset(Dataset[Sample]):
         preload: bool | Literal["first-epoch"] | None = None,
         output: Literal["float32", "compact"] | None = None,
     ) -> None:
-        self.preset = load_preset(preset)
-        plan = cache_plan(self.preset)
-        if load_maps is not None:
-            plan = dataclasses.replace(plan, return_maps=bool(load_maps))
-        # "compact": samples hold the stored uint8 image and binary maps; finish_batch makes
-        # a batch of them float32 later, where it is cheap (typically on the GPU).
-        self.output = plan.output if output is None else output
-        if self.output not in ("float32", "compact"):
-            raise ValueError(f"output must be 'float32' or 'compact', got {self.output!r}")
-        self.split = split
-        staged = (convention not in (None, "db") or maps is not None
-                  or not (transform is None or isinstance(transform, TransformConfig)))
-        pipeline: Pipeline | StagePipeline
-        if staged and isinstance(transform, TransformConfig):
-            raise CacheError(f"{images_dir}: a TransformConfig is the built-in transform of the "
-                             f"'db' convention; with convention={convention!r} leave transform "
-                             "out (the convention's own) or pass your own transform")
-        if staged:
-            pipeline = StagePipeline(
-                convention=convention or "db", transform=transform,
-                transform_version=transform_version, maps=maps, maps_version=maps_version,
-                map_params=_map_params(map_config, convention or "db", maps),
-                compact=self.output == "compact")
-            plan = _stage_plan(plan, pipeline, split, allow_random_tensor_cache)
-            if self.output == "compact" and pipeline.tail is None:
-                # Only an albumentations Compose ending in a Normalize the library reproduces
-                # exactly has a form to finish later; any other transform's samples are what
-                # it returns.
-                log.info("%s: output='compact' needs an albumentations Compose ending in "
-                         "A.Normalize; samples are what your transform returns", images_dir)
-                self.output = "float32"
-        else:
-            if transform_version is not None or maps_version is not None:
-                raise CacheError("transform_version/maps_version are for a transform or maps "
-                                 "callable you pass")
-            if transform is None:
-                transform = TRAINING if split == "train" else VALIDATION
-            pipeline = Pipeline(transform=transform, maps=map_config or MapConfig())
-        item_keys = item_keys or (convention if convention == "origin" else "db")
-        if item_keys not in ("db", "origin"):
-            raise CacheError(f"item_keys must be 'db' or 'origin', got {item_keys!r}")
-        self.item_keys = item_keys
-        self.plan = plan
-        rules = "origin" if convention == "origin" else "db"
+        options = EngineOptions(
+            images_dir=images_dir, cache_dir=cache_dir, preset=preset, split=split,
+            transform=transform, map_config=map_config, convention=convention,
+            transform_version=transform_version, maps=maps, maps_version=maps_version,
+            item_keys=item_keys, load_maps=load_maps, on_mismatch=on_mismatch,
+            allow_random_tensor_cache=allow_random_tensor_cache, readonly=readonly,
+            check_source=check_source, store_options=store_options, preload=preload,
+            output=output)
+        choice = choose(options)
+        self.preset, self.plan, self.output = choice.preset, choice.plan, choice.output
+        self.split, self.item_keys, rules = split, choice.item_keys, choice.rules
         self.catalog = Catalog(load_annotations(images_dir, annotations, rules))
         self.images_dir = self.catalog.images_dir
         self.problems = self.catalog.problems  # what was skipped while loading, and why
-        store = None
-        if plan.caches_anything:
-            if cache_dir is None:
-                cache_dir = default_cache_dir()
-            if not staged:  # (a stage plan was checked by _stage_plan)
-                _check_training_safety(plan.safe_for_training or pipeline.is_deterministic(),
-                                       plan.name, split, allow_random_tensor_cache)
-            # NOTE: read-through commits skip fsync (a killed process loses nothing; the
-            # header's boot id flags an OS crash since); one fsync at close.
-            options = {"readahead": plan.warm, "sync": False, **(store_options or {})}
-            store = CacheStore(cache_dir, readonly=readonly, **options)
-        self.engine = ReadThrough(self.catalog, pipeline, plan, store, check_source=check_source,
-                                  item_keys=item_keys)
-        if store is not None:
-            try:
-                # Each role (images directory, split, output form, convention) holds its own
-                # pipeline's records: a mismatch rebuilds (or refuses) this role's only.
-                described: dict[str, Any]
-                if isinstance(pipeline, StagePipeline):
-                    described = {"stage_pipeline": pipeline.describe()}
-                else:
-                    described = {"stage_pipeline": None,
-                                 "pipeline": {"transform": pipeline.transform.to_dict(),
-                                              "maps": pipeline.maps.to_dict()}}
-                opened = store.open_pipeline(
-                    self.engine.role(split, self.output), self.engine.kind_versions(),
-                    on_mismatch, plain=plain_versions(),
-                    described={**described, "dataset_root": str(self.images_dir),
-                               "preset": plan.name})
-                frozen = (self.engine.serve_stored({k: v.to_dict() for k, v in
-                                                    opened.stored.items()})
-                          if on_mismatch == "ignore" else [])
-                if store.unsynced_reboot():
-                    log.warning("%s: written without fsync before the last reboot; if the "
-                                "machine crashed, run `diskcache-ocr verify` (or rebuild)",
-                                cache_dir)
-                if not readonly:
-                    # (the pipeline recorded is the one the stored records were made by)
-                    store.update_header(dataset_root=str(self.images_dir), preset=plan.name,
-                                        **({} if frozen else described))
-                if preload == "first-epoch":
-                    # What is missing is built by the first epoch's reads, in parallel in the
-                    # DataLoader's workers (building it here is serial, before the first
-                    # batch); what exists is read ahead now.
-                    if plan.preload and plan.warm:
-                        store.warm()
-                elif plan.preload if preload is None else preload:
-                    self.preload()
-            except CacheFullError as exc:
-                # Nothing can be stamped or stored: serve computed samples, as a cache that
-                # fills up while reading does.
-                log.warning("%s: the disk is full; samples are computed, not cached (%s)",
-                            cache_dir, exc)
-                self.engine.store = None
-            store.close()  # workers open their own; nothing stays open across a fork
+        self.engine: ReadThrough = open_engine(options, choice, self.catalog)
 
     # -- what the engine holds, by its old names -------------------------------------------
     def collate_fn(self) -> Any:
@@ -293,18 +206,7 @@ class CachedOCRDataset(Dataset[Sample]):
 
     def preload(self, batch_size: int = 8) -> None:
         """Build whatever is missing for every item, then warm the page cache."""
-        todo, _failed = self.missing(range(len(self)))
-        try:
-            for start in range(0, len(todo), batch_size):
-                self.build(todo[start:start + batch_size])
-        except CacheFullError as exc:
-            # As without preload: what is not cached is computed on read (and cached later,
-            # once there is room).
-            log.warning("preload stopped, the disk is full: samples not cached are computed "
-                        "on read (%s)", exc)
-            return
-        if self.store is not None and self.plan.warm:
-            self.store.warm()
+        preload_engine(self.engine, batch_size)
 
     def stats(self) -> dict[str, int]:
         return {} if self.store is None else self.store.stats()
@@ -312,47 +214,6 @@ class CachedOCRDataset(Dataset[Sample]):
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
-
-
-def _map_params(config: MapConfig | None, convention: str, maps: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if maps is not None or convention != "db":
-        raise CacheError("map_config is the reference DBNet maker's; with convention="
-                         f"{convention!r} or your own maps, pass maps=... instead")
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-
-
-def _stage_plan(plan: CachePlan, pipeline: StagePipeline, split: str, allow: bool
-                ) -> CachePlan:
-    """The plan a stage pipeline can honour. A random transform never has its maps (or its
-    whole output) cached: asking for that is refused as for the built-in pipeline. A random
-    albumentations transform with a deterministic prefix caches the prefix's output as the
-    ``tensors`` kind in place of the decoded image (it is what the image becomes next)."""
-    if pipeline.deterministic:
-        return plan
-    if plan.caches("maps") or (plan.caches("tensors") and pipeline.split is None):
-        _check_training_safety(False, plan.name, split, allow)
-    cached = set(plan.cached) - {"maps"}
-    if pipeline.split is not None and cached & {"images", "tensors"}:
-        cached = (cached - {"images"}) | {"tensors"}
-    elif pipeline.split is None:
-        cached.discard("tensors")
-    return dataclasses.replace(plan, cached=frozenset(cached))
-
-
-def _check_training_safety(safe: bool, preset: str, split: str, allow: bool) -> None:
-    if safe:
-        return
-    message = (
-        f"preset {preset!r} caches tensors/maps, but the {split!r} split's "
-        "transform is not deterministic (random augmentation): every epoch would see the "
-        "same augmented sample. Use a training-safe preset (minimal, balanced), or pass "
-        "allow_random_tensor_cache=True if this is really intended."
-    )
-    if not allow:
-        raise TrainingSafetyError(message)
-    warnings.warn(message, stacklevel=3)
 
 
 __all__ = ["BatchBuffers", "CachedOCRDataset", "Polygons", "collate", "collate_fn",

@@ -4,7 +4,8 @@ The main process reads each batch inside one read transaction; a small thread po
 the zero-copy views straight into reusable (pinned, when CUDA is there) batch buffers; with a
 device, host-to-device copies are asynchronous and a buffer is reused only after its copy
 has finished (CUDA events). A producer thread fills batch k+1 while the caller works on
-batch k. Misses are filled read-through exactly as in :class:`CachedOCRDataset`.
+batch k. Misses are filled read-through exactly as in :class:`CachedOCRDataset`: the loader
+reads by the dataset's engine (or an engine it is given), never by the dataset itself.
 
 With a device, the engine fills compact buffers (a compact pipeline's uint8 image, the binary
 maps as their stored uint8 0/1) and finishes them on the device with the same code the
@@ -18,13 +19,15 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
 
 from diskcache_ocr.dataset import CachedOCRDataset
+from diskcache_ocr.engine_setup import engine_of
+from diskcache_ocr.readthrough import ReadThrough
 from diskcache_ocr.samples import BatchBuffers
 
 _DONE = object()
@@ -58,11 +61,15 @@ class BatchLoader:
     batches of any size.
     A dataset made with ``output="compact"`` yields compact batches without a device
     (``diskcache_ocr.finish_batch`` finishes them); with one they arrive finished.
+
+    ``dataset`` may also be a read-through engine (a dataset's ``engine``, or one
+    :func:`~diskcache_ocr.engine_setup.open_engine` made): its batches are float32 unless
+    ``output="compact"`` says otherwise (None: the dataset's output form).
     """
 
     def __init__(
         self,
-        dataset: CachedOCRDataset,
+        dataset: CachedOCRDataset | ReadThrough,
         batch_size: int = 16,
         *,
         sampler: Sampler[int] | Iterable[int] | None = None,
@@ -74,16 +81,25 @@ class BatchLoader:
         pin_memory: bool | None = None,
         device: str | torch.device | None = None,
         generator: torch.Generator | None = None,
+        output: Literal["float32", "compact"] | None = None,
     ) -> None:
         if batch_size < 1 or buffers < 2 or threads < 1:
             raise ValueError(f"need batch_size >= 1, buffers >= 2, threads >= 1; got "
                              f"{batch_size}, {buffers}, {threads}")
         self.dataset = dataset
+        self.engine = engine_of(dataset, "BatchLoader")
+        if output is None:
+            output = "float32" if isinstance(dataset, ReadThrough) else dataset.output
+        if output not in ("float32", "compact"):
+            raise ValueError(f"output must be 'float32' or 'compact', got {output!r}")
+        self.output = output
         self.device = torch.device(device) if device is not None else None
         if batch_sampler is None:
             if sampler is None:
-                sampler = (RandomSampler(dataset, generator=generator) if shuffle
-                           else SequentialSampler(dataset))
+                # (a sampler reads only the length of what it samples)
+                items = range(len(self.engine.catalog))
+                sampler = (RandomSampler(items, generator=generator) if shuffle
+                           else SequentialSampler(items))
             batch_sampler = BatchSampler(sampler, batch_size, drop_last)  # type: ignore[arg-type]
         self.batch_sampler = batch_sampler
         self.batch_size = batch_size
@@ -129,12 +145,12 @@ class BatchLoader:
 
     def _fill(self, slot: _BufferSet, indices: Sequence[int]) -> dict[str, Any]:
         slot.wait_free()
-        engine = self.dataset.engine
+        engine = self.engine
         if self.device is None:
             # The batch itself goes to the caller, who may keep it (a prefetching trainer,
             # a list): memory that anything still refers to is never refilled.
             buffers = engine.buffers(len(indices), pin=self.pin_memory,
-                                     compact=self.dataset.output == "compact", reuse=True)
+                                     compact=self.output == "compact", reuse=True)
         else:
             if slot.buffers is None or slot.rows < len(indices):
                 slot.rows = max(self.batch_size, len(indices))
@@ -152,7 +168,7 @@ class BatchLoader:
                 # copy=True: with a CPU "device" the move would otherwise hand out the host
                 # buffer itself, which the next batch refills while the caller still holds it.
                 out[name] = value.to(self.device, non_blocking=self.pin_memory, copy=True)
-        out = self.dataset.engine.finish(out)
+        out = self.engine.finish(out)
         if self.device.type == "cuda":
             slot.event = torch.cuda.Event()
             slot.event.record()
@@ -182,8 +198,8 @@ class BatchLoader:
                 ready.put(exc)
             finally:
                 # (no read snapshot of this thread may outlive the epoch)
-                if self.dataset.store is not None:
-                    self.dataset.store.refresh()
+                if self.engine.store is not None:
+                    self.engine.store.refresh()
                 ready.put(_DONE)
 
         producer = threading.Thread(target=produce, name="diskcache-batches", daemon=True)

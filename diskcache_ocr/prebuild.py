@@ -25,12 +25,13 @@ from diskcache_ocr.build import (
     process_group_ready,
 )
 from diskcache_ocr.dataset import CachedOCRDataset
+from diskcache_ocr.engine_setup import engine_of
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.hydra_app import DEFAULT_NODE, config_datasets
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.presets import Preset, cache_plan
-from diskcache_ocr.readthrough import ReadThrough, pipeline_role
+from diskcache_ocr.readthrough import pipeline_role
 from diskcache_ocr.store import CacheStore, Policy
 from diskcache_ocr.store.wipe import has_cache
 
@@ -130,7 +131,7 @@ def _build(
     barrier(world)
     if not first:
         ds = open_dataset("error")  # its directory's first rank rebuilt what had to be
-    return build_engine(ds.engine, workers=workers, progress=progress, chunk=chunk,
+    return build_engine(engine_of(ds), workers=workers, progress=progress, chunk=chunk,
                         started=started)
 
 
@@ -184,11 +185,8 @@ def prebuild_dataset(dataset: Any, *, workers: int = 1, progress: bool = True,
     >>> prebuild_dataset(ds, workers=8).line()                             # doctest: +SKIP
     '40 built, 0 already cached, 0 failed, of 40 in 3.1 s (12.9 images/s, 8 workers)'
     """
-    engine = getattr(dataset, "engine", dataset)
-    if not isinstance(engine, ReadThrough):
-        raise TypeError(f"prebuild_dataset takes a CachedOCRDataset (or its engine), got "
-                        f"{type(dataset).__name__}")
-    return build_engine(engine, workers=workers, progress=progress, chunk=chunk)
+    return build_engine(engine_of(dataset, "prebuild_dataset"), workers=workers,
+                        progress=progress, chunk=chunk)
 
 
 def prebuild_hydra(config_dir: str | os.PathLike[str], config_name: str,
@@ -211,13 +209,14 @@ def prebuild_hydra(config_dir: str | os.PathLike[str], config_name: str,
                          on_mismatch="rebuild" if rebuild else "error",
                          store_options={"sync": False}) as made:
         for node_path, ds in made:
-            if ds.store is None:
-                raise CacheError(f"{node_path}: its preset {ds.plan.name!r} caches nothing: "
-                                 "there is nothing to build (pick one that caches, e.g. "
-                                 "data/performance_preset=validation_optimized)")
-            where = ds.store.path
-            out.append((node_path, where, prebuild_dataset(ds, workers=workers,
-                                                           progress=progress, chunk=chunk)))
+            engine = engine_of(ds, "prebuild_hydra")
+            if engine.store is None:
+                raise CacheError(f"{node_path}: its preset {engine.plan.name!r} caches "
+                                 "nothing: there is nothing to build (pick one that caches, "
+                                 "e.g. data/performance_preset=validation_optimized)")
+            where = engine.store.path
+            out.append((node_path, where, build_engine(engine, workers=workers,
+                                                       progress=progress, chunk=chunk)))
     return out
 
 

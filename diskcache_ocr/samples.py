@@ -47,11 +47,14 @@ class Polygons(list):  # type: ignore[type-arg]
     _views: tuple[np.ndarray, ...]
 
     @classmethod
-    def split(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
+    def from_flat(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
+        """The polygons ``flat[0:ends[0]]``, ``flat[ends[0]:ends[1]]``, ... as views."""
         out = cls(flat[a:b] for a, b in zip([0, *ends], ends, strict=False))
         out._flat = flat
         out._views = tuple(out)
         return out
+
+    split = from_flat  # the former name, kept for callers
 
     def __reduce__(self) -> tuple[Any, ...]:
         views = getattr(self, "_views", None)
@@ -63,7 +66,7 @@ class Polygons(list):  # type: ignore[type-arg]
 
 
 def _polygons_from_flat(flat: np.ndarray, ends: np.ndarray) -> Polygons:
-    return Polygons.split(flat, ends.tolist())
+    return Polygons.from_flat(flat, ends.tolist())
 
 
 class Catalog:
@@ -130,7 +133,7 @@ class BatchBuffers:
     typically on a device).
     """
 
-    def __init__(self, n: int, size: int, with_maps: bool, *, shared: bool = False,
+    def __init__(self, n: int, size: int, return_maps: bool, *, shared: bool = False,
                  pin: bool = False, raw_image: bool = False, raw_maps: bool = False,
                  reuse: bool = True) -> None:
         specs = [Spec("image", (n, 3, size, size), np.dtype(np.uint8 if raw_image
@@ -138,7 +141,7 @@ class BatchBuffers:
                  Spec("inverse_matrix", (n, 3, 3), np.dtype(np.float64))]
         specs += [Spec(name, (n, 1, size, size),
                        np.dtype(np.uint8 if raw_maps and name in BINARY_MAPS else np.float32))
-                  for name in (MAP_NAMES if with_maps else ())]
+                  for name in (MAP_NAMES if return_maps else ())]
         block = None
         if reuse and not pin:
             block = batchmem.shared_block(specs) if shared else batchmem.local_block(specs)
@@ -156,6 +159,17 @@ class BatchBuffers:
         self.maps = {name: arrays[name] for name in self.maps_t}
         self.raw_image = raw_image
         self.compact = raw_image or raw_maps
+
+    def needs_layout(self, n: int) -> bool:
+        """Never: the rows' shapes are known from the transform's size."""
+        return False
+
+    def learn(self, sample: Sample, n: int) -> None:
+        """Nothing to learn (see :meth:`needs_layout`)."""
+
+    def pack(self, samples: list[Sample]) -> list[Sample]:
+        """The samples as they are: each already sits in its row."""
+        return samples
 
     def batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """The first ``len(samples)`` rows as a batch, in :func:`collate`'s structure."""
@@ -221,14 +235,6 @@ def _shm_full(nbytes: int, exc: BaseException) -> CacheError:
 FINISH = "finish"  # the key of a compact sample's (and batch's) finishing spec
 
 
-def finish_spec(transform: TransformConfig) -> dict[str, Any]:
-    """How a compact sample becomes float32, as plain data (no callables), so it survives
-    pickling to and from DataLoader workers and ``pin_memory``: the normalization constants
-    of the image and which maps are stored as uint8 0/1."""
-    return {"mean": list(transform.mean), "std": list(transform.std),
-            "binary_maps": list(BINARY_MAPS)}
-
-
 def put_image(pipeline: Pipeline, stored: np.ndarray, buffers: BatchBuffers, slot: int) -> None:
     """Copy a stored image into its row: as-is for a compact batch, else finished."""
     if buffers.raw_image:
@@ -239,7 +245,7 @@ def put_image(pipeline: Pipeline, stored: np.ndarray, buffers: BatchBuffers, slo
 
 def assemble(pipeline: Pipeline, catalog: Catalog, index: int, geometry: Mapping[str, Any],
              buffers: BatchBuffers, slot: int, maps: Mapping[str, np.ndarray] | None,
-             with_maps: bool) -> Sample:
+             return_maps: bool) -> Sample:
     """One sample over its buffer row (the image already sits there); ``maps`` are copied
     into the row unless None (already there)."""
     np.copyto(buffers.inverse[slot], geometry["inverse_matrix"])
@@ -252,8 +258,8 @@ def assemble(pipeline: Pipeline, catalog: Catalog, index: int, geometry: Mapping
                  "orig_size": tuple(int(v) for v in geometry["orig_size"]), "error": None},
     }
     if buffers.compact:
-        sample[FINISH] = finish_spec(pipeline.transform)
-    if with_maps:
+        sample[FINISH] = pipeline.finish_spec()
+    if return_maps:
         for name in MAP_NAMES:
             if maps is not None:
                 np.copyto(buffers.maps[name][slot], maps[name])
@@ -262,7 +268,7 @@ def assemble(pipeline: Pipeline, catalog: Catalog, index: int, geometry: Mapping
 
 
 def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
-                 buffers: BatchBuffers, slot: int, with_maps: bool) -> Sample:
+                 buffers: BatchBuffers, slot: int, return_maps: bool) -> Sample:
     """What a bad source yields: the right shapes, all-zero masks, and the reason."""
     blank = np.full(buffers.image[slot].shape, pipeline.transform.pad_value, np.uint8)
     put_image(pipeline, blank, buffers, slot)
@@ -276,8 +282,8 @@ def empty_sample(pipeline: Pipeline, catalog: Catalog, index: int, error: str,
                  "error": error},
     }
     if buffers.compact:
-        sample[FINISH] = finish_spec(pipeline.transform)
-    if with_maps:
+        sample[FINISH] = pipeline.finish_spec()
+    if return_maps:
         for name in MAP_NAMES:
             buffers.maps[name][slot] = 0
             sample[name] = buffers.maps_t[name][slot]
@@ -563,4 +569,4 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 __all__ = ["FINISH", "GEOMETRY", "TORCH_DTYPES", "BatchBuffers", "BatchRow", "Catalog",
            "Polygons", "Sample", "assemble", "batch_finish_spec", "check_finish_spec", "collate",
-           "collate_fn", "cpu_array", "empty_sample", "finish_batch", "finish_spec", "put_image"]
+           "collate_fn", "cpu_array", "empty_sample", "finish_batch", "put_image"]

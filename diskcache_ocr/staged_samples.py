@@ -60,8 +60,6 @@ class StageBuffers:
     :meth:`batch` is :func:`collate` under the dataset's item keys.
     """
 
-    raw_image = False
-
     def __init__(self, keys: str = "db", *, shared: bool = False, pack: bool = False,
                  layout: StageLayout | None = None, n: int = 0) -> None:
         self.keys = keys
@@ -184,26 +182,26 @@ def take_record(record: Mapping[str, np.ndarray], buffers: object, slot: int
 
 def assemble_staged(pipeline: StagePipeline, catalog: Catalog, index: int,
                     record: Mapping[str, np.ndarray], maps: Mapping[str, np.ndarray] | None,
-                    with_maps: bool, keys: str) -> Sample:
+                    return_maps: bool, keys: str) -> Sample:
     """One sample of a stage pipeline: the transform's output from its record (the random
     rest run here, when there is one), maps from ``maps`` or made live."""
-    image, polygons, inverse = pipeline.finish_sample(dict(record))
+    image, polygons, inverse = pipeline.run_rest(dict(record))
     flags = catalog.flat_words(index)[2]
     # each polygon's own word's flag (a transform may have dropped words)
     ignore = pipeline.check_word_flags(polygons, flags, catalog.source(index))
-    if with_maps and maps is None:
+    if return_maps and maps is None:
         maps = pipeline.make_maps(polygons, image, flags)
     raw = tuple(int(v) for v in record["raw_size"])
     return _staged_sample(pipeline, catalog, index, image, polygons, ignore, inverse,
-                          maps if with_maps else None, raw, int(record["orientation"][0]),
+                          maps if return_maps else None, raw, int(record["orientation"][0]),
                           None, keys)
 
 
 def empty_staged(pipeline: StagePipeline, catalog: Catalog, index: int, error: str,
-                 with_maps: bool, keys: str) -> Sample:
+                 return_maps: bool, keys: str) -> Sample:
     """A bad source under a stage pipeline: a blank image's shapes, no words, the reason."""
     image, _, _ = pipeline.blank()
-    maps = pipeline.make_maps([], image, []) if with_maps else None
+    maps = pipeline.make_maps([], image, []) if return_maps else None
     return _staged_sample(pipeline, catalog, index, np.zeros_like(image), [], np.zeros(0, bool),
                           np.eye(3), maps, (0, 0), 1, error, keys)
 

@@ -16,9 +16,11 @@ LAYER = {
     "keys": 1, "paths": 1, "codec": 1, "batchmem": 1, "synth": 1,
     "schema": 2,
     "store": 3, "ocr": 3, "presets": 3,
-    "samples": 4, "hydra": 4, "cluster": 4,
+    "samples": 4, "hydra": 4, "cluster": 4, "work": 4,
     "staged_samples": 5, "configcheck": 5, "hydra_app": 5, "build": 5,
+    "pipelines": 5.5,
     "readthrough": 6,
+    "engine_setup": 6.5,  # (between the engine and the faces that make it)
     "dataset": 7, "ops": 7, "watch": 7,
     "loader": 8, "prebuild": 8, "origin": 8, "lightning": 8,
     "demo": 9,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +88,13 @@ class Pipeline:
             finish_numpy(stored, self.transform, out)
         else:
             np.copyto(out, stored)
+
+    def finish_spec(self) -> dict[str, Any]:
+        """How a compact sample becomes float32, as plain data (no callables), so it survives
+        pickling to and from DataLoader workers and ``pin_memory``: the normalization
+        constants of the image and which maps are stored as uint8 0/1."""
+        return {"mean": list(self.transform.mean), "std": list(self.transform.std),
+                "binary_maps": list(BINARY_MAPS)}
 
     def maps_record(self, maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What the ``maps`` kind stores (binary maps as exact uint8)."""

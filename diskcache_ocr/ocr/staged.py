@@ -7,7 +7,7 @@ The ``tensors`` kind holds the transform's output as the stage returned it (imag
 polygons, inverse matrix, plus the source's raw size and EXIF orientation for the sample's
 metadata), so a cached sample is the stage's own bits. For a random albumentations transform
 it holds the output of the Compose's deterministic prefix instead, and the rest runs live
-(:meth:`StagePipeline.finish_sample`); maps of a random transform are always computed live.
+(:meth:`StagePipeline.run_rest`); maps of a random transform are always computed live.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ class StagePipeline:
                 "raw_size": np.array(raw_size, np.int64),
                 "orientation": np.array([orientation], np.int64)}
 
-    def finish_sample(self, record: dict[str, np.ndarray]) -> TransformResult:
+    def run_rest(self, record: dict[str, np.ndarray]) -> TransformResult:
         """The transform's output from a (cached or computed) record: as it is when the whole
         transform is cached; the random rest run on the prefix output; the whole random
         transform run live otherwise."""
@@ -292,7 +292,7 @@ class StagePipeline:
     def word_flags(self, polygons: Sequence[np.ndarray], flags: Sequence[bool]
                    ) -> np.ndarray | None:
         """The don't-care flags of the transform's output ``polygons`` (from
-        :meth:`finish_sample`), given the source's ``flags``: each polygon's own word's.
+        :meth:`run_rest`), given the source's ``flags``: each polygon's own word's.
         None when the transform changed the count without saying which words it kept and
         the flags are not all alike."""
         source = np.asarray(flags, bool).reshape(-1)
@@ -343,7 +343,7 @@ class StagePipeline:
         """What the transform makes of a blank image (the shape of a bad source's sample)."""
         if self._blank is None:
             side = 64
-            self._blank = self.finish_sample(self.front(
+            self._blank = self.run_rest(self.front(
                 np.zeros((side, side, 3), np.uint8), [], (side, side), 1))
         return self._blank
 

@@ -59,3 +59,31 @@ def test_finish_widens_a_compact_batch_to_what_the_plain_path_returns(prebuilt):
     for name in ("image", "prob_map", "prob_mask", "thresh_mask", "thresh_map"):
         assert finished[name].dtype == plain[name].dtype, name
         assert np.array_equal(finished[name].numpy(), plain[name].numpy()), name
+
+
+def test_a_stage_pipeline_reading_a_file_replaced_under_its_stat_uses_the_new_bytes(tmp_path):
+    """A stage pipeline reads the file for its ``tensors`` record even when the decoded image
+    is cached (the record carries the raw size and orientation). When that file was replaced
+    and the index entry still trusted (``check_source=False``), the cached image is of the
+    old content: every part of the sample comes from the bytes read, as if nothing were
+    cached."""
+    import os
+
+    import torch
+    from PIL import Image
+
+    images = tmp_path / "img"
+    images.mkdir()
+    path = images / "a.bmp"
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(path)
+    before = path.stat()
+    cache = tmp_path / "cache"
+    args = {"preset": "balanced", "convention": "origin", "item_keys": "db"}
+    CachedOCRDataset(images, None, cache, **args)[0]  # the old image cached and indexed
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    got = CachedOCRDataset(images, None, cache, check_source=False, **args)[0]
+    want = CachedOCRDataset(images, None, None, **{**args, "preset": "none"})[0]
+    assert got["meta"]["error"] is None
+    assert torch.equal(got["image"], want["image"])

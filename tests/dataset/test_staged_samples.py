@@ -78,12 +78,12 @@ def test_a_hit_lands_in_its_row_after_the_first_packed_batch(data, tmp_path):
     want = expected(ds, square)
     ds.__getitems__(list(range(N)))  # fills the cache
     engine = ds.engine
-    engine._layout.specs = None  # a process that has packed nothing yet
+    engine.pipe.layout.specs = None  # a process that has packed nothing yet
     first = ds.__getitems__([0, 1, 2])
     check(first, [0, 1, 2], want)
-    assert engine._layout.specs is not None  # learned from that batch
+    assert engine.pipe.layout.specs is not None  # learned from that batch
     buffers = engine.buffers(3)
-    for spec in engine._layout.specs:
+    for spec in engine.pipe.layout.specs:
         assert buffers.target(spec.name, 2, np.empty(spec.shape, spec.dtype)) is not None
     # a cached record is copied straight into the row of its slot
     record = {"image": want[5]["image"], "points": np.zeros((0, 2), np.float32)}
@@ -152,7 +152,7 @@ def test_the_first_batch_of_a_process_learns_from_one_sample(data, tmp_path, mon
     ds = make(data, tmp_path / "c", square)
     want = expected(ds, square)
     ds.__getitems__(list(range(N)))  # fills the cache
-    ds.engine._layout.specs = None
+    ds.engine.pipe.layout.specs = None
     rows = []
     real = StageBuffers.target
 
