@@ -228,6 +228,7 @@ def run_size(data: Path, n: int, reps: int, origin: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"images": n, "words": None,
                            "cache_bytes": (cache / "data.mdb").stat().st_size,
                            "annotation_bytes": ann.stat().st_size,
+                           "index_bytes": None,
                            "image_bytes": sum(p.stat().st_size for p in images.iterdir())}
     C.log(f"{n}: constructions ...")
     first = [iso(NAME, "m_construct", **args, cold=False, first=True) for _ in range(reps)]
@@ -238,6 +239,10 @@ def run_size(data: Path, n: int, reps: int, origin: bool) -> dict[str, Any]:
     out["cold_construction"] = C.summary([r["seconds"] for r in cold])
     out["cold_construction_read"] = C.summary([r["data_read"] for r in cold])
     out["cold_evicted_to"] = [r["evicted_to"] for r in cold]
+    # (what the library keeps in the cache directory beside the LMDB files: the annotation
+    # index, where this version keeps one)
+    out["index_bytes"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()
+                             and p.name not in ("data.mdb", "lock.mdb", "built"))
     C.log(f"{n}: completeness check ...")
     miss = [iso(NAME, "m_missing", **args) for _ in range(reps)]
     out["missing_check"] = C.summary([r["seconds"] for r in miss])
@@ -376,9 +381,11 @@ def table(rows: dict[int, dict[str, Any]]) -> str:
           for n in sizes]),
         ("health reads, cold (MiB)",
          [mib(rows[n]["health_cold_read"]["median"]) for n in sizes]),
-        ("cache / annotation file / JPEGs (MiB)",
-         [f"{mib(rows[n]['cache_bytes'])} / {mib(rows[n]['annotation_bytes'])} / "
-          f"{mib(rows[n]['image_bytes'])}" for n in sizes]),
+        ("cache / annotation index / annotation file / JPEGs (MiB)",
+         [f"{mib(rows[n]['cache_bytes'])} / "
+          f"{mib(rows[n].get('index_bytes') or 0) if rows[n].get('index_bytes') else '–'} / "
+          f"{mib(rows[n]['annotation_bytes'])} / {mib(rows[n]['image_bytes'])}"
+          for n in sizes]),
         ("words", [str(rows[n].get("words") or "–") for n in sizes]),
     ]
     out = C.md_table(["", *(f"{n:,} images" for n in sizes)],
@@ -432,7 +439,6 @@ def plot(rows: dict[int, dict[str, Any]], path: Path) -> Path | None:
     ax = axes[1][0]
     line(ax, "2 workers, batch 8", [1e3 * rows[n]["epoch"]["per_sample"] for n in sizes])
     ax.set_title("epoch time per sample (ms)")
-    ax.set_ylim(bottom=0)
     ax = axes[1][1]
     for cmd in ("status", "health"):
         for state in ("cold", "warm"):
@@ -441,12 +447,16 @@ def plot(rows: dict[int, dict[str, Any]], path: Path) -> Path | None:
     ax.set_title("command, process start to exit (s)")
     ax = axes[1][2]
     line(ax, "cache (data.mdb)", [rows[n]["cache_bytes"] / MiB for n in sizes])
+    line(ax, "annotation index", [(rows[n].get("index_bytes") or 0) / MiB or None
+                                  for n in sizes])
     line(ax, "annotation JSON", [rows[n]["annotation_bytes"] / MiB for n in sizes])
     line(ax, "JPEGs", [rows[n]["image_bytes"] / MiB for n in sizes])
     ax.set_title("disk (MiB)")
     for ax in (a for row in axes for a in row):
         ax.set_xscale("log")
-        if ax is not axes[1][0]:
+        if ax in (axes[1][0], axes[0][2]):
+            ax.set_ylim(bottom=0)
+        else:
             ax.set_yscale("log")
         ax.set_xlabel("images in the split")
         ax.grid(alpha=0.3, which="both")
