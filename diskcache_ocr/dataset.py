@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, get_worker_info
 from diskcache_ocr.build import BuildSummary, build_engine
 from diskcache_ocr.engine_setup import EngineOptions, choose, open_engine
 from diskcache_ocr.engine_setup import preload as preload_engine
-from diskcache_ocr.ocr.annotations import AnnotationSet, load_annotations
+from diskcache_ocr.ocr.annotations import AnnotationSet
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
@@ -118,7 +118,11 @@ class CachedOCRDataset(Dataset[Sample]):
         choice = choose(options)
         self.preset, self.plan, self.output = choice.preset, choice.plan, choice.output
         self.split, self.item_keys, rules = split, choice.item_keys, choice.rules
-        self.catalog = Catalog(load_annotations(images_dir, annotations, rules))
+        # A JSON file's annotations are indexed once in the cache directory and mapped by
+        # every process (parsed into this one when nothing is cached).
+        self.catalog = Catalog.load(
+            images_dir, annotations, rules, readonly=readonly,
+            cache_dir=(cache_dir or default_cache_dir()) if self.plan.caches_anything else None)
         self.images_dir = self.catalog.images_dir
         self.problems = self.catalog.problems  # what was skipped while loading, and why
         self.engine: ReadThrough = open_engine(options, choice, self.catalog)

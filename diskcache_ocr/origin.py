@@ -24,7 +24,7 @@ import numpy as np
 
 from diskcache_ocr.dataset import CachedOCRDataset
 from diskcache_ocr.errors import CacheError
-from diskcache_ocr.ocr.conventions import round_points
+from diskcache_ocr.ocr.anns import OrderedDict as LazyAnns
 from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.paths import default_cache_dir
 from diskcache_ocr.presets import Preset, load_preset, preset_keys
@@ -210,13 +210,10 @@ class ValidatedOCRDataset(CachedOCRDataset):
     @property
     def anns(self) -> OrderedDict[str, list[np.ndarray] | None]:
         """File name → that image's annotated polygons, each rounded to int32 (k, 2), or None
-        for an image without words; in the annotation file's order."""
+        for an image without words; in the annotation file's order. An OrderedDict that
+        builds an image's arrays when they are read (:mod:`diskcache_ocr.ocr.anns`)."""
         if self._anns is None:
-            anns: OrderedDict[str, list[np.ndarray] | None] = OrderedDict()
-            for i in range(len(self)):
-                polygons, _ = self.words(i)
-                anns[self.source(i)] = [round_points(p) for p in polygons] or None
-            self._anns = anns
+            self._anns = LazyAnns(self.catalog)
         return self._anns
 
     @property

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,107 +18,18 @@ import torch
 from diskcache_ocr import batchmem
 from diskcache_ocr.batchmem import Spec
 from diskcache_ocr.errors import BatchError, CacheError
-from diskcache_ocr.ocr.annotations import AnnotationSet, ImageAnnotation
 from diskcache_ocr.ocr.maps import MAP_NAMES
 from diskcache_ocr.ocr.pipeline import BINARY_MAPS, Pipeline
+from diskcache_ocr.ocr.polygons import Polygons
 from diskcache_ocr.ocr.transform import (
     TransformConfig,
     finish,
-    map_points,
     normalize_channels_last,
     normalize_channels_last_torch,
 )
 
 Sample = dict[str, Any]
 GEOMETRY = ("matrix", "inverse_matrix", "orig_size")
-
-
-class Polygons(list):  # type: ignore[type-arg]
-    """A sample's polygons: a plain list of (k, 2) float32 arrays, all views of one array.
-
-    Pickled (a DataLoader worker sending its batch) as that one array and the split points,
-    which the other side turns back into views, instead of one small array per word. A list
-    that was changed (an item replaced, added or removed) pickles as a plain list.
-    """
-
-    __slots__ = ("_flat", "_views")
-    _flat: np.ndarray
-    _views: tuple[np.ndarray, ...]
-
-    @classmethod
-    def from_flat(cls, flat: np.ndarray, ends: Sequence[int]) -> Polygons:
-        """The polygons ``flat[0:ends[0]]``, ``flat[ends[0]:ends[1]]``, ... as views."""
-        out = cls(flat[a:b] for a, b in zip([0, *ends], ends, strict=False))
-        out._flat = flat
-        out._views = tuple(out)
-        return out
-
-    split = from_flat  # the former name, kept for callers
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        views = getattr(self, "_views", None)
-        if views is None or len(views) != len(self) or any(
-                a is not b for a, b in zip(self, views, strict=True)):
-            return (list, (list(self),))
-        ends = np.cumsum([len(v) for v in views], dtype=np.int64)
-        return (_polygons_from_flat, (self._flat, ends))
-
-
-def _polygons_from_flat(flat: np.ndarray, ends: np.ndarray) -> Polygons:
-    return Polygons.from_flat(flat, ends.tolist())
-
-
-class Catalog:
-    """The annotations as flat numpy arrays: no per-item Python objects, so DataLoader
-    workers share them instead of copying them on touch."""
-
-    def __init__(self, annotations: AnnotationSet) -> None:
-        items = annotations.items
-        self.images_dir = annotations.images_dir
-        self.problems = annotations.problems
-        self._files = np.array([it.file for it in items], dtype=np.str_)
-        counts = np.array([len(it.polygons) for it in items], dtype=np.int64)
-        self._word_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        polys = [p for it in items for p in it.polygons]
-        sizes = np.array([len(p) for p in polys], dtype=np.int64)
-        self._point_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._points = (np.concatenate(polys).astype(np.float64) if polys
-                        else np.zeros((0, 2), np.float64))
-        self._ignore = np.array([i for it in items for i in it.ignore], dtype=bool)
-        self._word_ids = np.array([w for it in items for w in it.word_ids], dtype=np.str_)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def source(self, index: int) -> str:
-        return str(self._files[index])
-
-    def words(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """The annotated polygons (original coordinates) and ignore flags of one image."""
-        a, b = self._word_start[index], self._word_start[index + 1]
-        polys = [self._points[self._point_start[w]:self._point_start[w + 1]] for w in range(a, b)]
-        return polys, self._ignore[a:b]
-
-    def flat_words(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One image's words as views: all points (P, 2), points per word, ignore flags."""
-        a, b = self._word_start[index], self._word_start[index + 1]
-        starts = self._point_start[a:b + 1]
-        return self._points[starts[0]:starts[-1]], np.diff(starts), self._ignore[a:b]
-
-    def moved_polygons(self, index: int, matrix: np.ndarray) -> Polygons:
-        """The image's polygons in the transformed image's coordinates, in one pass."""
-        points, sizes, _ = self.flat_words(index)
-        return Polygons.split(map_points(points, matrix), np.cumsum(sizes).tolist())
-
-    def annotation_set(self, images_dir: Path | None = None) -> AnnotationSet:
-        items = []
-        for i in range(len(self)):
-            polys, ignore = self.words(i)
-            a, b = self._word_start[i], self._word_start[i + 1]
-            items.append(ImageAnnotation(self.source(i), tuple(polys),
-                                         tuple(bool(x) for x in ignore),
-                                         tuple(str(w) for w in self._word_ids[a:b])))
-        return AnnotationSet(images_dir or self.images_dir, tuple(items), self.problems)
 
 
 class BatchBuffers:
@@ -570,3 +480,5 @@ def _whole_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 __all__ = ["FINISH", "GEOMETRY", "TORCH_DTYPES", "BatchBuffers", "BatchRow", "Catalog",
            "Polygons", "Sample", "assemble", "batch_finish_spec", "check_finish_spec", "collate",
            "collate_fn", "cpu_array", "empty_sample", "finish_batch", "put_image"]
+
+from diskcache_ocr.ocr.catalog import Catalog  # noqa: E402  (its old home)

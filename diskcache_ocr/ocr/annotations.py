@@ -19,7 +19,6 @@ means), and the log says so once per file and name.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -265,54 +264,30 @@ def _polygon(points: Any) -> np.ndarray | str:
     return np.array(coords, dtype=np.float64).reshape(-1, 2)
 
 
-def _pairs_keeping_last(path: str) -> Any:
-    """A JSON object hook: a dict where a repeated key keeps its last value at the place of
-    its first (as ``json.loads`` does), saying so once per repeated key."""
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                log.warning("%s: %r is listed more than once; its last entry is used",
-                            path, key)
-            out[key] = value
-        return out
-    return hook
-
-
 def _load_json(root: Path, path: Path, problems: list[Problem], rules: Rules = "db"
                ) -> list[ImageAnnotation]:
-    text, src = _read_text(path), str(path)
-    try:
-        # NaN / Infinity literals become floats here and are then rejected per word.
-        data = json.loads(text, parse_constant=float, object_pairs_hook=_pairs_keeping_last(src))
-    except json.JSONDecodeError as e:
-        why = f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        raise AnnotationError(src, why) from e
-    except (ValueError, RecursionError) as e:  # e.g. int too long, nesting too deep
-        raise AnnotationError(src, f"invalid JSON: {type(e).__name__}: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("images"), dict):
-        raise AnnotationError(src, 'top level must be an object with an "images" object')
-    items, seen = [], set()
-    for name, entry in data["images"].items():
-        file = _check_image(root, src, name, problems)
-        if file is None:
-            continue
-        if file in seen:
-            problems.append(Problem(src, None, "duplicate image entry", image=name))
-            continue
-        if not isinstance(entry, dict):
-            problems.append(Problem(src, None, "image entry must be an object", image=name))
-            continue
-        words = entry.get("words", {})
-        if not isinstance(words, dict):
-            problems.append(Problem(src, None, '"words" must be an object', image=name))
-            continue
-        seen.add(file)
-        if rules == "origin":
-            items.append(_collect_origin(file, src, words, problems))
-        else:
-            items.append(_collect(file, src, ((k, _json_word(w)) for k, w in words.items()),
-                                  problems))
+    from diskcache_ocr.ocr import columns  # (it reads words with this module's rules)
+
+    src = str(path)
+    cols = columns.parse_json(columns.read_source(path), src, rules)
+    for note in cols.notes:
+        log.warning("%s", note)
+    chosen = columns.select(cols, root, src)
+    problems.extend(chosen.problems)
+    return column_items(cols, chosen)
+
+
+def column_items(cols: Any, chosen: Any) -> list[ImageAnnotation]:
+    """The selected entries of parsed columns as items (polygons copied out)."""
+    rows = range(len(cols)) if chosen.rows is None else chosen.rows.tolist()
+    items = []
+    for i, e in enumerate(rows):
+        a, b = int(cols.word_start[e]), int(cols.word_start[e + 1])
+        starts = cols.point_start[a:b + 1].tolist()
+        polys = tuple(cols.points[x:y] for x, y in zip(starts, starts[1:], strict=False))
+        file = cols.name(e) if chosen.files is None else chosen.files[i]
+        items.append(ImageAnnotation(file, polys, tuple(cols.ignore[a:b].tolist()),
+                                     tuple(cols.word_ids_of(e))))
     return items
 
 

@@ -39,6 +39,9 @@ from diskcache_ocr.store.env import (
 from diskcache_ocr.store.header import _DBS, HEADER_KEY
 
 CACHE_FILES = ("data.mdb", "lock.mdb")
+# Folders of plain files derived from the sources and kept beside the records (the
+# annotation index): rebuilt when missing, so removed with the cache.
+DERIVED_DIRS = ("annotations",)
 # How long to wait for a writer (a prebuild, a watch service, a dataset filling misses) to
 # finish its transaction before giving up with nothing removed.
 WRITER_WAIT_S = 5.0  # a writer that holds on longer is a build or a service, not a commit
@@ -183,11 +186,12 @@ def wipe(cache_dir: str | os.PathLike[str], *, dry_run: bool = False,
     if not path.is_dir():
         raise CacheError(f"{path}: not a directory; nothing removed")
     check_cache_files(path)  # (opening it below would write through a planted symlink)
-    others = sorted(p.name for p in path.iterdir() if p.name not in CACHE_FILES)
+    others = sorted(p.name for p in path.iterdir()
+                    if p.name not in CACHE_FILES and p.name not in DERIVED_DIRS)
     if others:
         raise CacheError(f"{path}: holds files that are not a cache's ({', '.join(others[:5])}"
                          f"{', …' if len(others) > 5 else ''}); nothing removed")
-    files = [path / n for n in CACHE_FILES if (path / n).exists()]
+    files = [path / n for n in CACHE_FILES if (path / n).exists()] + _derived_files(path)
     result: dict[str, Any] = {"dry_run": dry_run, "removed": {},
                               "files": [str(p) for p in files],
                               "freed_bytes": sum(_disk_bytes(p) for p in files)}
@@ -244,9 +248,40 @@ def _remove(path: Path, files: list[Path]) -> None:
         release_directory_lock(guard)
 
 
+def _derived_files(path: Path) -> list[Path]:
+    """The files of the derived folders; anything there but plain files is refused."""
+    found = []
+    for name in DERIVED_DIRS:
+        folder = path / name
+        try:
+            if not folder.is_dir() or folder.is_symlink():
+                if folder.exists() or folder.is_symlink():
+                    raise CacheError(f"{folder}: not a folder; nothing removed")
+                continue
+            for entry in sorted(folder.iterdir()):
+                if entry.is_symlink() or not entry.is_file():
+                    raise CacheError(f"{folder}: holds {entry.name}, not a plain file; "
+                                     "nothing removed")
+                found.append(entry)
+        except OSError as exc:
+            raise CacheError(f"{folder}: cannot list it ({exc.strerror}); nothing removed"
+                             ) from None
+    return found
+
+
 def _remove_directory(path: Path) -> None:
     """Remove the emptied cache directory (under its exclusive lock: an open that waited
-    for the lock finds it gone and makes it again)."""
+    for the lock finds it gone and makes it again), and its derived folders first."""
+    for name in DERIVED_DIRS:
+        folder = path / name
+        try:
+            if folder.is_dir() and not folder.is_symlink():
+                for entry in folder.iterdir():
+                    if entry.is_file() and not entry.is_symlink():
+                        entry.unlink(missing_ok=True)
+                folder.rmdir()
+        except OSError:  # (left as it is: the directory below stays too)
+            pass
     try:
         path.rmdir()
     except OSError:  # not empty after all (a file appeared): leave the directory

@@ -461,7 +461,8 @@ def compare_datasets(o_ds, u_ds, root: Path, items: bool = True) -> list[Diff]:
         out.append(Diff("*", "dataset.anns", f"{type(anns_a).__name__} of {len(anns_a)}",
                         "absent"))
     else:
-        if type(anns_a) is not type(anns_b):
+        # (ours may be a subclass: an OrderedDict that builds each image's arrays on access)
+        if not isinstance(anns_b, type(anns_a)) or type(anns_a).__name__ != type(anns_b).__name__:
             out.append(Diff("*", "dataset.anns type", type(anns_a).__name__,
                             type(anns_b).__name__))
         if list(anns_a) != list(anns_b):

@@ -72,13 +72,16 @@ def test_the_habits_without_cache_flag_use_the_env_default(tmp_path, monkeypatch
 # -- clear --all ------------------------------------------------------------------------------
 def test_clear_all_deletes_the_cache_and_frees_the_disk(mine, capsys):
     _, cache = mine
-    size = sum(p.stat().st_blocks * 512 for p in cache.iterdir())
+    size = sum(p.stat().st_blocks * 512 for p in cache.rglob("*") if p.is_file())
     rc, data = run_json(capsys, "clear", "--all", "--cache", cache, "--dry-run")
     assert rc == 0 and data["removed"] == {**dict.fromkeys(KINDS, N), "index": N}
     assert (cache / "data.mdb").exists()
     rc, data = run_json(capsys, "clear", "--all", "--cache", cache)
     assert rc == 0 and data["freed_bytes"] == size > 0
-    assert sorted(Path(f).name for f in data["files"]) == ["data.mdb", "lock.mdb"]
+    names = sorted(str(Path(f).relative_to(cache)) for f in data["files"])
+    # the records, and the annotation index (a file per content, and its stat shortcut)
+    assert [str(Path(n).parent) for n in names] == ["annotations"] * 2 + ["."] * 2
+    assert sorted(Path(n).suffix for n in names[:2]) == [".idx", ".src"]
     assert not cache.exists()
     rc, out, _ = run_cli(capsys, "clear", "--all", "--cache", cache)
     assert rc == 0 and out.startswith("removed: nothing")
