@@ -212,7 +212,7 @@ class ReadThrough:
         failed: list[tuple[str, str]] = []
         if self.store is None:
             return list(indices), failed
-        with self.store.reader() as txn:
+        with self.store.lookups(), self.store.reader() as txn:
             for i in indices:
                 w = Work(index=int(i), source=self.catalog.source(int(i)))
                 w.stat_source(self.catalog.images_dir)

@@ -86,7 +86,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     from diskcache_ocr.ops import health
 
     if has_cache(args.cache):
-        data = health(args.cache, images_dir=args.images, max_age_days=args.max_age_days)
+        data = health(args.cache, images_dir=args.images, max_age_days=args.max_age_days,
+                      records=args.records)
     else:
         data = {"ok": True, "empty": True, "problems": []}
 

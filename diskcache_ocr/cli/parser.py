@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="images directory (default: from the header)")
     p.add_argument("--max-age-days", type=_finite_at_least_zero, default=7.0,
                    help="entries older than this are reported (default: 7)")
+    p.add_argument("--records", action="store_true",
+                   help="also parse every record's header (reads the whole cache; `verify` "
+                        "checks the payloads too)")
 
     p = add("clear", cmd_clear, "remove cached data")
     what = p.add_mutually_exclusive_group(required=True)

@@ -10,7 +10,7 @@ findings are values, never prints.
 """
 
 from diskcache_ocr.ops.clear import clear, copy
-from diskcache_ocr.ops.health import HEALTH_CODES, Finding, health
+from diskcache_ocr.ops.health import HEALTH_CODES, Finding, health, read_kinds
 from diskcache_ocr.ops.status import (
     STAGES_VERSION,
     completeness,
@@ -28,5 +28,5 @@ from diskcache_ocr.paths import default_cache_dir  # its home before paths.py
 
 __all__ = ["HEALTH_CODES", "STAGES_VERSION", "Finding", "clear", "completeness", "copy",
            "default_cache_dir", "empty_status", "health", "incomplete_build", "pipeline_of",
-           "pipelines_of", "report", "stage_summary", "status", "stored_pipeline", "verify",
-           "verify_config_dataset"]
+           "pipelines_of", "read_kinds", "report", "stage_summary", "status", "stored_pipeline",
+           "verify", "verify_config_dataset"]

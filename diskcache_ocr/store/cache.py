@@ -8,7 +8,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,9 @@ import numpy as np
 from diskcache_ocr.codec import decode_record, verify_checksum
 from diskcache_ocr.errors import CacheError, CacheFormatError
 from diskcache_ocr.schema import KINDS, IndexEntry, KindVersion
+from diskcache_ocr.store import mapadvice, warming
 from diskcache_ocr.store.counters import STATS_FLUSH_EVERY_S, Counters, read_counter
 from diskcache_ocr.store.env import SharedEnv
-from diskcache_ocr.store.files import read_ahead
 from diskcache_ocr.store.header import (
     HEADER_KEY,
     Policy,
@@ -32,6 +32,7 @@ from diskcache_ocr.store.header import (
 from diskcache_ocr.store.opening import StoreOptions
 from diskcache_ocr.store.txn import Reader, WriteBatch, check_kind
 from diskcache_ocr.store.versions import DEFAULT_ROLE, PipelineOpen, open_pipeline
+from diskcache_ocr.store.warming import WarmReport
 
 log = logging.getLogger("diskcache_ocr.store")
 
@@ -157,6 +158,11 @@ class CacheStore:
             rec = r.get(kind, key)
             return None if rec is None else rec.copy()
 
+    def lookups(self) -> AbstractContextManager[None]:
+        """``with store.lookups():`` around a scan of keys: page faults read the pages the
+        scan touches, without the read-around that suits records (see ``mapadvice``)."""
+        return mapadvice.lookups(self.path, self.options.readahead)
+
     def contains(self, kind: str, key: bytes) -> bool:
         check_kind(kind)
         with self.reader() as r:
@@ -187,18 +193,23 @@ class CacheStore:
         """
         check_kind(kind)
         with self.reader() as r:
+            if mapadvice.pending:
+                mapadvice.record_read(self.path)
             for key, value in r.cursor(kind):
                 yield bytes(key), value
 
     def kind_stats(self, kind: str) -> dict[str, int]:
-        """Entries and value bytes of one kind (reads no payload: sizes live in the nodes)."""
+        """Entries of one kind and the bytes of the pages it occupies (records, with each
+        one's unused end of its last page, and its B-tree), from the tree's own counts.
+
+        NOTE: not from the values: py-lmdb touches every page of a value it hands out, so
+        summing their lengths read the whole cache.
+        """
         check_kind(kind)
-        entries = total = 0
         with self.reader() as r:
-            for _, value in r.cursor(kind):
-                entries += 1
-                total += len(value)
-        return {"entries": entries, "bytes": total}
+            st = r.tree_stat(kind)
+        pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return {"entries": int(st["entries"]), "bytes": int(pages * st["psize"])}
 
     def verify(self, kind: str, keys: Iterable[bytes] | None = None
                ) -> Iterator[tuple[bytes, CacheFormatError | None]]:
@@ -269,7 +280,7 @@ class CacheStore:
     # -- header and versions ---------------------------------------------------------
     def header(self) -> dict[str, Any]:
         with self.reader() as r:
-            raw = r.get_raw("meta", HEADER_KEY)
+            raw = r.lookup("meta", HEADER_KEY)
             return unpack_header(bytes(raw), self.path) if raw is not None else {}
 
     def unsynced_reboot(self) -> bool:
@@ -333,11 +344,12 @@ class CacheStore:
     def info(self) -> dict[str, Any]:
         return {"path": str(self.path), **self._shared().facts()}
 
-    def warm(self) -> None:
+    def warm(self) -> WarmReport:
         """Ask the kernel to read the data file into the page cache (shared by every
-        process, unlike a copy in Python memory)."""
+        process, unlike a copy in Python memory), as far as it fits comfortably in the
+        memory available; the log says when it does not (see :func:`warming.warm`)."""
         self._environment()
-        read_ahead(self.path / "data.mdb")
+        return warming.warm(self.path / "data.mdb")
 
     def max_key_size(self) -> int:
         """The longest key (bytes) the engine stores: longer source names are not indexed."""

@@ -28,6 +28,7 @@ from diskcache_ocr.errors import (
     CacheFormatError,
     CacheFullError,
 )
+from diskcache_ocr.store import mapadvice
 from diskcache_ocr.store.counters import Counters, merge_counters
 from diskcache_ocr.store.files import (  # (the rest: names that lived here before)
     CACHE_FILES,
@@ -201,6 +202,7 @@ class SharedEnv:
                 self.env.sync(True)
             self.env.close()
             self.env = None
+            mapadvice.closed(self.path)
         with self._registry_lock:
             key = (self.pid, os.path.realpath(self.path))
             if self._registry.get(key) is self:

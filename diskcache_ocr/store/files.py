@@ -133,15 +133,6 @@ def network_filesystem(path: str | os.PathLike[str]) -> str | None:
     return fstype if fstype in NETWORK_FILESYSTEMS else None
 
 
-def read_ahead(path: Path) -> None:
-    """Ask the kernel to read the file at ``path`` into the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
-
-
 __all__ = ["CACHE_FILES", "DIRECTORY_GONE", "MOUNTINFO", "NETWORK_FILESYSTEMS",
-           "check_cache_files", "directory_lock", "network_filesystem", "read_ahead",
+           "check_cache_files", "directory_lock", "network_filesystem",
            "release_directory_lock"]

@@ -16,6 +16,7 @@ import lmdb
 import msgpack
 
 from diskcache_ocr.errors import CacheError, CacheFormatError, CacheFullError
+from diskcache_ocr.store import mapadvice
 from diskcache_ocr.store.files import (
     DIRECTORY_GONE,
     check_cache_files,
@@ -199,6 +200,7 @@ def open_environment(path: Path, opts: StoreOptions) -> tuple[lmdb.Environment, 
             continue  # (cleared and removed meanwhile: made again, or refused, above)
         try:
             env = _open_lmdb(path, opts)
+            mapadvice.opened(path, opts.readahead)  # (before the first page is touched)
         finally:
             release_directory_lock(guard)
         break

@@ -24,6 +24,7 @@ from diskcache_ocr.errors import (
     CacheFormatError,
 )
 from diskcache_ocr.schema import KINDS, IndexEntry, index_key
+from diskcache_ocr.store import mapadvice
 
 if TYPE_CHECKING:
     from diskcache_ocr.store.env import SharedEnv
@@ -93,17 +94,20 @@ class ReadTxn:
         """The record under ``key`` as views, or None. Raises CacheFormatError if damaged."""
         if not self._open:
             self._check_open()
+        path = self._path
+        if mapadvice.pending:  # (a map that served lookups only gets read-around back; before
+            mapadvice.record_read(path)  # the get, which touches every page of the value)
         value = self._txn.get(key, db=self._handles[kind])
         if value is None:
             return None
-        path = self._path
         arrays = decode_record(value, lambda: f"{path} {kind}/{key.hex()}")
         return Record(self, arrays, len(value))
 
     def get_raw(self, kind: str, key: bytes) -> memoryview | None:
-        """The raw bytes under ``key`` in the sub-database ``kind`` (a kind, or ``meta``,
-        ``index``, ``stats``) as a view on the map (valid inside the block)."""
+        """The record's raw bytes as a view on the map (valid inside the block)."""
         self._check_open()
+        if mapadvice.pending:
+            mapadvice.record_read(self._path)
         value = self._txn.get(key, db=self._handles[kind])
         return None if value is None else memoryview(value)
 
@@ -116,6 +120,19 @@ class ReadTxn:
         self._check_open()
         raw = self._txn.get(index_key(source), db=self._handles["index"])
         return None if raw is None else IndexEntry.unpack(bytes(raw), source)
+
+    def lookup(self, name: str, key: bytes) -> memoryview | None:
+        """The bytes under ``key`` in a sub-database of no records (``meta``, ``index``,
+        ``stats``) as a view (valid inside the block); unlike a record read, it leaves the
+        map's read-ahead as it is (see ``mapadvice``)."""
+        self._check_open()
+        value = self._txn.get(key, db=self._handles[name])
+        return None if value is None else memoryview(value)
+
+    def tree_stat(self, name: str) -> dict[str, int]:
+        """LMDB's counts of the sub-database ``name`` (entries, pages): no record is read."""
+        self._check_open()
+        return self._txn.stat(self._handles[name])
 
     def cursor(self, name: str) -> lmdb.Cursor:
         """A cursor over the sub-database ``name`` (a kind, or ``meta``, ``index``,

@@ -170,7 +170,7 @@ def test_the_dataset_recomputes_hostile_records(tiny, references, cache_copy, ki
             if kind == "images":  # else the tensor is found and the image never read
                 batch.delete("tensors", keys["tensors"])
             store.commit(batch)
-        report = ops.health(cache)
+        report = ops.health(cache, records=True)
         assert any(p["code"] == "corrupt" for p in report["problems"]), (case, report)
         assert ops.verify(cache)["corrupt"], case
         ds = CachedOCRDataset(images, tiny.annotations, cache, preset="validation_optimized",
