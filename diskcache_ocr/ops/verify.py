@@ -20,8 +20,6 @@ from diskcache_ocr.ocr.annotations import (
     load_annotations,
 )
 from diskcache_ocr.ocr.decode import read_image_file
-from diskcache_ocr.ops.status import stored_pipeline
-from diskcache_ocr.presets import cache_plan
 from diskcache_ocr.schema import (
     KINDS,
     IndexEntry,
@@ -98,26 +96,26 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
                images_dir: str | os.PathLike[str] | None,
                annotations: str | os.PathLike[str] | None, rng: random.Random,
                corrupt: list[str]) -> list[str]:
-    if header.get("stage_pipeline"):
-        raise CacheError(f"{store.path}: built by a user pipeline (convention/transform/maps "
-                         "stages) that the header alone cannot rebuild; recompute through its "
-                         "dataset: `verify --recompute N --config-name NAME` from its Hydra "
-                         "tree, or `ops.verify(cache, recompute=N, dataset=ds)` (verify "
-                         "without --recompute checks every record)")
+    stage = header.get("stage_pipeline")
+    convention = stage.get("convention") if isinstance(stage, dict) else None
     root = dataset_root(header, images_dir) or Path(".")
     words = {}
-    if annotations is not None:
-        words = {source_id(root, it.file): it for it in load_annotations(root, annotations).items}
+    if annotations is not None:  # (read by the rules of the convention that built the cache)
+        rules = "origin" if convention == "origin" else "db"
+        words = {source_id(root, it.file): it
+                 for it in load_annotations(root, annotations, rules).items}
     entries = [(s, e) for s, e in store.iter_index() if e.ok]
     chosen = rng.sample(entries, min(n, len(entries)))
     # Sources without an annotation are checked without words (and without maps).
     items = tuple(words.get(s) or ImageAnnotation(os.path.basename(s), (), (), ())
                   for s, _ in chosen)
-    from diskcache_ocr.readthrough import ReadThrough
+    from diskcache_ocr.engine_setup import engine_from_header
     from diskcache_ocr.samples import Catalog
 
-    engine = ReadThrough(Catalog(AnnotationSet(root, items, ())), stored_pipeline(header),
-                         cache_plan("none"), None)
+    # The pipeline the header records (the built-in one, or a convention's own stages); a
+    # user's transform or maps cannot be made from it: a CacheError says what to do instead.
+    engine = engine_from_header(header, Catalog(AnnotationSet(root, items, ())),
+                                where=store.path)
     return _compare(store, engine, [(i, s, e, s in words) for i, (s, e) in enumerate(chosen)],
                     corrupt)
 

@@ -367,3 +367,41 @@ def test_copy_refuses_a_missing_source_without_side_effects(tmp_path):
     with pytest.raises(CacheError):
         copy(tmp_path / "absent", tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
+
+
+def test_verify_recompute_rebuilds_a_convention_pipeline_from_the_header(synth_data, tmp_path):
+    """A cache the origin convention's own stages built is recomputed from its header (its
+    annotations read by that convention's rules): equal records pass, a changed one is found;
+    a user's transform still cannot be made from a header."""
+    from diskcache_ocr.dataset import CachedOCRDataset
+
+    images, annotations = split_paths(synth_data(6, 31, size=(240, 320), min_words=5, max_words=20))
+    cache = tmp_path / "c"
+    ds = CachedOCRDataset(images, annotations, cache, preset="validation_optimized",
+                          convention="origin")
+    ds.__getitems__(list(range(len(ds))))
+    ds.store.close()
+    report = verify(cache, recompute=N, images_dir=images, annotations=annotations)
+    assert report["recomputed"] == N and report["corrupt"] == [] and report["mismatched"] == []
+
+    with CacheStore(cache) as store:
+        entries = {s: e for s, e in store.iter_index() if e.ok}
+        source = sorted(entries)[0]
+        kind, key = next((k, v) for k, v in dict(entries[source].records()).items()
+                         if k == "maps")
+        maps = store.get(kind, key)
+        name = sorted(maps)[0]
+        maps[name] = maps[name] + np.float32(0.5)
+        with store.writer() as w:
+            w.put(kind, key, maps)
+    report = verify(cache, recompute=len(entries), images_dir=images, annotations=annotations)
+    assert report["mismatched"] == [f"{source} maps.{name}"]
+
+    mine = tmp_path / "mine"
+    own = CachedOCRDataset(images, annotations, mine, preset="validation_optimized",
+                           transform=lambda image, polygons: (image, polygons, np.eye(3)),
+                           transform_version="1")
+    own.__getitems__([0])
+    own.store.close()
+    with pytest.raises(CacheError, match="cannot rebuild"):
+        verify(mine, recompute=1, images_dir=images, annotations=annotations)
