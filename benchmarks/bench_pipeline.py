@@ -35,7 +35,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from diskcache_ocr import CachedOCRDataset, finish_batch  # noqa: E402
-from diskcache_ocr.ocr.albu import split_deterministic_prefix  # noqa: E402
+from diskcache_ocr.ocr.albu_cut import cut_deterministic_prefix as split_deterministic_prefix  # noqa: E402
 from diskcache_ocr.ocr.conventions import get_convention  # noqa: E402
 from diskcache_ocr.ocr.decode import decode_image  # noqa: E402
 

@@ -48,9 +48,8 @@ def test_hashing_under_its_earlier_module_name():
 
 
 def test_the_prefix_cut_under_its_earlier_names():
-    from diskcache_ocr.ocr import albu, albu_cut
-    from diskcache_ocr.ocr.albu import split_deterministic_prefix, split_normalize_tail
+    from diskcache_ocr.ocr import albu_cut
 
-    assert split_deterministic_prefix is albu_cut.cut_deterministic_prefix
-    assert split_normalize_tail is albu_cut.cut_normalize_tail
-    assert albu.SplitTransform is albu.PrefixCut is albu_cut.PrefixCut
+    assert albu_cut.split_deterministic_prefix is albu_cut.cut_deterministic_prefix
+    assert albu_cut.split_normalize_tail is albu_cut.cut_normalize_tail
+    assert albu_cut.SplitTransform is albu_cut.PrefixCut

@@ -250,20 +250,5 @@ def _inverse_from_probes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return out
 
 
-# The prefix/rest cut lives in albu_cut (which builds on this module); its names are still
-# importable from here.
-_FROM_CUT = frozenset({"CompactRest", "NormalizeTail", "PrefixCut", "compact_rest",
-                       "cut_deterministic_prefix", "cut_normalize_tail",
-                       "SplitTransform", "split_deterministic_prefix", "split_normalize_tail"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_CUT:
-        from diskcache_ocr.ocr import albu_cut
-
-        return getattr(albu_cut, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["AlbumentationsTransform", "Undescribable", "describe", "is_compose", "keypoint_params",
            "load_albumentations", "probe_compose", "random_by_parameters", "run_compose"]

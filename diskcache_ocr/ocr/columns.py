@@ -30,6 +30,15 @@ import msgspec
 import numpy as np
 
 from diskcache_ocr.errors import AnnotationError
+from diskcache_ocr.ocr.wordrules import (
+    MAX_COORDINATE,
+    MAX_POLYGON_POINTS,
+    Problem,
+    _check_image,
+    _collect,
+    _collect_origin,
+    _json_word,
+)
 
 # Bump when what the parser produces for the same bytes changes: stored indexes are rebuilt.
 PARSER_VERSION = 1
@@ -233,7 +242,6 @@ def _check_words(points: np.ndarray, counts: np.ndarray, flags: np.ndarray, chec
                  rules: str) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Which words are kept, their ignore flags, and (word, reason) of each problem; words
     marked ``checked`` were checked word by word already and are kept as they are."""
-    from diskcache_ocr.ocr.annotations import MAX_COORDINATE, MAX_POLYGON_POINTS
 
     n = len(counts)
     ends = np.cumsum(counts)
@@ -419,7 +427,6 @@ def _parse_general(data: bytes, source: str, rules: str) -> Columns:
 
 def _general_entry(b: _Builder, name: str, value: Any, rules: str) -> None:
     """One image entry, word by word (the rules of :mod:`diskcache_ocr.ocr.annotations`)."""
-    from diskcache_ocr.ocr.annotations import Problem, _collect, _collect_origin, _json_word
 
     if not isinstance(value, dict):
         b.entry(name, ENTRY_NOT_OBJECT)
@@ -459,7 +466,6 @@ class Selection:
 def select(cols: Columns, root: Path, source: str) -> Selection:
     """Check every entry's image (inside ``root``, a file, named once) as
     :func:`diskcache_ocr.ocr.annotations.load_annotations` does, in the file's order."""
-    from diskcache_ocr.ocr.annotations import Problem, _check_image
 
     if cols.plain:
         present = _plain_files(root)

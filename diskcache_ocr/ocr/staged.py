@@ -133,10 +133,10 @@ class StagePipeline:
                      self.randomness)
         self.split = None  # a random Compose cut into a cached prefix and a live rest
         if not self.deterministic:
-            from diskcache_ocr.ocr import albu
+            from diskcache_ocr.ocr import albu, albu_cut
 
             if albu.is_compose(self.transform):
-                split = albu.split_deterministic_prefix(self.transform)
+                split = albu_cut.cut_deterministic_prefix(self.transform)
                 if split.prefix is not None and split.prefix.cacheable:
                     self.split = split
         # Compact: a deterministic Compose ending in a Normalize the library reproduces
@@ -148,14 +148,14 @@ class StagePipeline:
         self.tail: Any = None
         self.compact_rest: Any = None
         if self.compact and (self.deterministic or self.split is not None):
-            from diskcache_ocr.ocr import albu
+            from diskcache_ocr.ocr import albu, albu_cut
 
             if albu.is_compose(self.transform):
-                parts = albu.split_normalize_tail(self.transform, self.transform_version)
+                parts = albu_cut.cut_normalize_tail(self.transform, self.transform_version)
                 if parts is not None and self.deterministic and parts[0].cacheable:
                     self.head, self.tail = parts
                 elif parts is not None and self.split is not None:
-                    self.compact_rest = albu.compact_rest(self.split, parts[1])
+                    self.compact_rest = albu_cut.compact_rest(self.split, parts[1])
                     self.tail = parts[1] if self.compact_rest is not None else None
         self._blank: TransformResult | None = None
 

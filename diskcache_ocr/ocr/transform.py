@@ -222,7 +222,7 @@ def normalize_channels_last(image: np.ndarray, shift: np.ndarray, scale: np.ndar
     exact uint8 → float32 cast, then one rounded subtraction and one rounded multiplication
     per element. It is what an albumentations ``Normalize`` computes; that is proven value
     by value for every uint8 and channel before a Compose's Normalize is left to it
-    (``albu.split_normalize_tail``)."""
+    (``albu_cut.cut_normalize_tail``)."""
     np.copyto(out, image)
     if out.ndim >= 2 and out.flags.c_contiguous and out.shape[-1] == shift.size == scale.size:
         # The constants tiled along whole rows (…, W·C): numpy's inner loop then runs over a

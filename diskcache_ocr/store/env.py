@@ -48,7 +48,7 @@ from diskcache_ocr.store.opening import (
     open_environment,
     readers_full,
 )
-from diskcache_ocr.store.txn import encode_buffer
+from diskcache_ocr.store.scratch import encode_buffer
 
 log = logging.getLogger("diskcache_ocr.store")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,20 +24,12 @@ from diskcache_ocr.errors import (
 )
 from diskcache_ocr.schema import KINDS, IndexEntry, index_key
 from diskcache_ocr.store import mapadvice
+from diskcache_ocr.store.scratch import encode_buffer  # (also importable from here)
 
 if TYPE_CHECKING:
     from diskcache_ocr.store.env import SharedEnv
 
 log = logging.getLogger("diskcache_ocr.store")
-
-# Records are encoded into one reused buffer per thread right before LMDB copies them into
-# the map: a fresh multi-megabyte buffer per record costs more in page faults than the copy.
-# Larger records get a buffer of their own; an unused buffer is dropped after a while.
-_SCRATCH_MAX = 64 << 20
-
-
-_SCRATCH_IDLE_S = 10.0
-
 
 class Record(Mapping[str, np.ndarray]):
     """The arrays of one record as zero-copy, read-only views on LMDB's memory map.
@@ -181,28 +172,6 @@ class Reader:
         ) from None
 
 
-class EncodeBuffer(threading.local):
-    """This thread's reusable encode buffer (see ``_SCRATCH_MAX``): a write batch's records
-    are written into it at commit, and the end of a read block lets it go once idle."""
-
-    buf: bytearray | None = None
-    used = 0.0
-
-    def get(self, size: int) -> bytearray:
-        if size > _SCRATCH_MAX:
-            return bytearray(size)
-        if self.buf is None or len(self.buf) < size:
-            self.buf = None  # (let the old one go before the new one is touched)
-            self.buf = bytearray(-(-size // (1 << 20)) * (1 << 20))
-        self.used = time.monotonic()
-        return self.buf
-
-    def drop_if_idle(self, now: float) -> None:
-        if self.buf is not None and now - self.used > _SCRATCH_IDLE_S:
-            self.buf = None
-
-
-encode_buffer = EncodeBuffer()
 
 
 Value = bytes | bytearray | memoryview | RecordPlan
@@ -266,5 +235,5 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-__all__ = ["EncodeBuffer", "ReadTxn", "Reader", "Record", "WriteBatch", "check_kind",
+__all__ = ["ReadTxn", "Reader", "Record", "WriteBatch", "check_kind",
            "encode_buffer"]

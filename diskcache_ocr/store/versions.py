@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import lmdb
 
@@ -25,8 +25,20 @@ from diskcache_ocr.store.header import (
 )
 from diskcache_ocr.store.txn import check_kind
 
-if TYPE_CHECKING:
-    from diskcache_ocr.store.cache import CacheStore
+
+class VersionedStore(Protocol):
+    """What this module needs of a store (the store itself calls in here, so it is named
+    by what it offers rather than imported)."""
+
+    path: Path
+
+    @property
+    def readonly(self) -> bool: ...
+
+    def header(self) -> dict[str, Any]: ...
+
+    def write_raw(self, body: Callable[[lmdb.Transaction, Mapping[str, Any]], None]) -> None:
+        ...
 
 log = logging.getLogger("diskcache_ocr.store")
 
@@ -76,7 +88,8 @@ def _forget_records(txn: lmdb.Transaction, db: Mapping[str, Any], whole: set[str
 
 
 def open_pipeline(
-    store: CacheStore, role: str, expected: Mapping[str, KindVersion], policy: Policy = "error", *,
+    store: VersionedStore, role: str, expected: Mapping[str, KindVersion],
+    policy: Policy = "error", *,
     plain: Mapping[str, KindVersion] | None = None,
     described: Mapping[str, Any] | None = None,
 ) -> PipelineOpen:

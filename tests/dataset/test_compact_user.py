@@ -11,7 +11,7 @@ from testkit import Seeded
 from torch.utils.data import DataLoader
 
 from diskcache_ocr import CachedOCRDataset, finish_batch
-from diskcache_ocr.ocr.albu import split_normalize_tail
+from diskcache_ocr.ocr.albu_cut import cut_normalize_tail as split_normalize_tail
 from diskcache_ocr.ocr.transform import normalize_channels_last_torch
 from diskcache_ocr.store import CacheStore
 from diskcache_ocr.synth import split_paths, synthesize

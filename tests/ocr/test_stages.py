@@ -21,7 +21,7 @@ from diskcache_ocr.ocr.stages import (
 )
 
 A = pytest.importorskip("albumentations")
-from diskcache_ocr.ocr.albu import split_deterministic_prefix  # noqa: E402
+from diskcache_ocr.ocr.albu_cut import cut_deterministic_prefix as split_deterministic_prefix  # noqa: E402
 
 MEAN, STD = (0.5602,) * 3, (0.2539,) * 3
 

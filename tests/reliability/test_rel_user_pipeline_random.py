@@ -16,7 +16,7 @@ import torch
 
 from diskcache_ocr import CachedOCRDataset
 from diskcache_ocr.errors import TrainingSafetyError
-from diskcache_ocr.ocr.albu import split_deterministic_prefix
+from diskcache_ocr.ocr.albu_cut import cut_deterministic_prefix as split_deterministic_prefix
 from diskcache_ocr.ocr.staged import transform_stage
 
 A = pytest.importorskip("albumentations")

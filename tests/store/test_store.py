@@ -366,7 +366,7 @@ def test_a_bad_array_is_refused_at_put_not_at_commit(store):
 
 
 def test_the_encode_buffer_is_reused_then_dropped_when_idle(store, monkeypatch):
-    import diskcache_ocr.store.txn as txn_mod
+    import diskcache_ocr.store.scratch as txn_mod
 
     store.put("images", key(0), {"i": np.zeros((100, 100, 3), np.uint8)})
     buf = txn_mod.encode_buffer.buf
