@@ -217,7 +217,7 @@ class CacheStore:
         checksum, arrays; a key no longer present is skipped."""
         check_kind(kind)
         for key in self.keys(kind) if keys is None else keys:
-            where = f"{kind}/{key.hex()}"
+            where = f"{self.path} {kind}/{key.hex()}"
             with self.reader() as r:
                 value = r.get_raw(kind, key)
                 if value is None:  # deleted since the listing

@@ -422,3 +422,17 @@ def test_a_damaged_record_names_its_kind_and_key(store):
     with pytest.raises(CacheFormatError, match=f"tensors/{key(2).hex()}: .*outside"):
         with store.reader() as r:
             r.get("tensors", key(2))
+
+
+def test_verify_names_the_cache_and_the_record_of_a_damaged_one(store):
+    from diskcache_ocr.store import WriteBatch
+
+    store.put("images", key(0), {"image": np.ones((4, 4), np.uint8)})
+    batch = WriteBatch()
+    batch.put("images", key(1), b"garbage, not a record")
+    store.commit(batch)
+    found = dict(store.verify("images"))
+    assert found[key(0)] is None
+    message = str(found[key(1)])
+    assert str(store.path) in message and f"images/{key(1).hex()}" in message
+    assert list(store.verify("images", [key(2)])) == []  # a key not present is skipped
