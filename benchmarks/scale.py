@@ -109,14 +109,6 @@ def forget_annotations(cache: Path) -> None:
 
 
 # -- page cache -------------------------------------------------------------------------------
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def resident(path: Path) -> int:
     from diskcache_ocr.store.warming import resident_bytes
 
@@ -131,7 +123,7 @@ def m_construct(images: str, ann: str, cache: str, cold: bool, first: bool) -> d
     if first:
         forget_annotations(Path(cache))
     if cold:
-        evict(data)
+        C.drop_page_cache(data)
     before = resident(data)
     started = time.perf_counter()
     with C.quiet_logging():
@@ -148,7 +140,7 @@ def m_missing(images: str, ann: str, cache: str) -> dict[str, Any]:
     data = Path(cache) / "data.mdb"
     with C.quiet_logging():
         ds = open_dataset(images, ann, cache)
-        evict(data)
+        C.drop_page_cache(data)
         before = resident(data)
         started = time.perf_counter()
         todo, failed = ds.missing(range(len(ds)))
@@ -192,7 +184,7 @@ def m_epoch(images: str, ann: str, cache: str, epochs: int = EPOCHS) -> dict[str
 def m_command(cache: str, command: str, cold: bool) -> dict[str, Any]:
     data = Path(cache) / "data.mdb"
     if cold:
-        evict(data)
+        C.drop_page_cache(data)
     before = resident(data)
     code = ("import sys\nfrom diskcache_ocr import cli\n"
             f"rc = cli.main([{command!r}, '--cache', sys.argv[1], '--json'])\n"

@@ -24,6 +24,17 @@ from diskcache_ocr.store import KINDS, CacheStore
 from diskcache_ocr.synth import split_paths, synthesize
 
 
+def drop_page_cache(path: str | os.PathLike[str]) -> None:
+    """Write a file's dirty pages, then ask the kernel to drop its pages from the page cache
+    (a cold read follows; pages mapped by live processes stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def command() -> list[str]:
     """The console script next to this interpreter, else the module."""
     script = Path(sys.executable).with_name("diskcache-ocr")

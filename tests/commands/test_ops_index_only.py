@@ -4,12 +4,11 @@ judge hit rates only where readers look: a fresh prebuild is healthy."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from testkit import private_copy
+from testkit import drop_page_cache, private_copy
 
 from diskcache_ocr.ops import health, read_kinds
 from diskcache_ocr.store import CacheStore, warming
@@ -75,19 +74,10 @@ def test_health_reads_no_record_unless_asked(case, monkeypatch):
         health(cache, images_dir=images, records=True)
 
 
-def _evict(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_status_and_health_read_only_index_pages_and_load_no_torch(case):
     _, _, cache = case
     data = cache / "data.mdb"
-    _evict(data)
+    drop_page_cache(data)
     before = warming.resident_bytes(data)
     if before is None or before > data.stat().st_size // 20:
         pytest.skip(f"the page cache kept {before} bytes of the file: nothing to measure")

@@ -7,8 +7,9 @@ import os
 
 import numpy as np
 import pytest
+from testkit import drop_page_cache
 
-from diskcache_ocr.keys import content_hash
+from diskcache_ocr.hashing import content_hash
 from diskcache_ocr.store import CacheStore, warming
 
 MiB = 1 << 20
@@ -92,8 +93,7 @@ def test_store_warm_reports_its_file(tmp_path, advised):
     store = CacheStore(tmp_path / "c")
     store.put("tensors", content_hash(b"x"), {"x": np.zeros(1 << 18, np.float32)})
     data = tmp_path / "c" / "data.mdb"
-    os.posix_fadvise(fd := os.open(data, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    drop_page_cache(data)
     report = store.warm()
     assert report.size == os.path.getsize(data) and report.fits  # (a test machine has room)
     assert _covered(advised) == report.warmed and report.warmed in (0, report.size)
