@@ -19,6 +19,7 @@ be reached, nothing changes: reads are as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import os
@@ -87,10 +88,17 @@ def advise(cache_dir: Path, random: bool) -> bool:
     return done
 
 
+@functools.lru_cache(maxsize=64)
+def _key(cache_dir: Path | str) -> str:
+    """The key of ``cache_dir`` in :data:`pending`: its resolved path, resolved once per
+    path (a record read while another cache is pending asks again for every record)."""
+    return os.path.realpath(cache_dir)
+
+
 def opened(cache_dir: Path, readahead: bool) -> None:
     """An environment was opened on ``cache_dir`` in this process. With read-ahead, its map
     serves lookups only (random access) until the first record read."""
-    key = os.path.realpath(cache_dir)
+    key = _key(cache_dir)
     with _lock:
         if readahead and advise(Path(key), random=True):
             pending.add(key)
@@ -100,13 +108,13 @@ def opened(cache_dir: Path, readahead: bool) -> None:
 
 def closed(cache_dir: Path) -> None:
     with _lock:
-        pending.discard(os.path.realpath(cache_dir))
+        pending.discard(_key(cache_dir))
 
 
 def record_read(cache_dir: Path) -> None:
     """A record (not only a key) is read from ``cache_dir``: give its map read-around back
     if it was advised for lookups. Call only when :data:`pending` is not empty."""
-    key = os.path.realpath(cache_dir)
+    key = _key(cache_dir)
     with _lock:
         if key in pending:
             pending.discard(key)
@@ -120,7 +128,7 @@ def lookups(cache_dir: Path, readahead: bool) -> Iterator[None]:
     A record read by another thread meanwhile reads without read-around: slower when cold,
     never wrong.
     """
-    key = os.path.realpath(cache_dir)
+    key = _key(cache_dir)
     if not readahead or key in pending:
         yield
         return
