@@ -264,10 +264,7 @@ def header_pipeline(header: Mapping[str, Any], *, where: str | os.PathLike[str] 
                          "dataset: `verify --recompute N --config-name NAME` from its Hydra "
                          "tree, or `ops.verify(cache, recompute=N, dataset=ds)` (verify "
                          "without --recompute checks every record)")
-    params = header.get("pipeline") or {}
-    transform = TransformConfig.from_dict(params["transform"]) if "transform" in params else None
-    maps = MapConfig.from_dict(params["maps"]) if "maps" in params else MapConfig()
-    return Pipeline(transform=transform or TransformConfig(), maps=maps)
+    return Pipeline.from_params(header.get("pipeline") or {})
 
 
 def _plain(value: Any) -> Any:

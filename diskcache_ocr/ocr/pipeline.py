@@ -7,7 +7,7 @@ invalidates exactly the kinds built from them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,15 @@ class Pipeline:
     transform: TransformConfig = VALIDATION
     maps: MapConfig = field(default_factory=MapConfig)
     max_pixels: int = MAX_PIXELS_DEFAULT
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Pipeline:
+        """The pipeline whose parameters are ``params`` (a cache header's ``pipeline``:
+        ``transform`` and ``maps`` as their ``to_dict``), the defaults for what is absent."""
+        transform = (TransformConfig.from_dict(params["transform"]) if "transform" in params
+                     else TransformConfig())
+        maps = MapConfig.from_dict(params["maps"]) if "maps" in params else MapConfig()
+        return cls(transform=transform, maps=maps)
 
     def kind_versions(self) -> dict[str, KindVersion]:
         """Version and fingerprint of every kind; each covers everything upstream of it."""

@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from diskcache_ocr.errors import CacheError
 from diskcache_ocr.ocr.conventions import conventions
-from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import images_version
-from diskcache_ocr.ocr.transform import TransformConfig
 from diskcache_ocr.schema import (
     KINDS,
     IndexEntry,
@@ -39,10 +37,7 @@ def existing_cache(cache_dir: str | os.PathLike[str]) -> Path:
 
 def stored_pipeline(header: dict[str, Any]) -> Pipeline:
     """The pipeline a cache was built with (from its header), else the default one."""
-    params = header.get("pipeline") or {}
-    transform = TransformConfig.from_dict(params["transform"]) if "transform" in params else None
-    maps = MapConfig.from_dict(params["maps"]) if "maps" in params else MapConfig()
-    return Pipeline(transform=transform or TransformConfig(), maps=maps)
+    return Pipeline.from_params(header.get("pipeline") or {})
 
 
 # The version a user pipeline's stages stamp on the tensors and maps kinds they write.
