@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diskcache_ocr.errors import CacheError, CacheFullError, TrainingSafetyError
-from diskcache_ocr.ocr.conventions import conventions
+from diskcache_ocr.ocr.conventions import annotation_rules, conventions
 from diskcache_ocr.ocr.maps import MapConfig
 from diskcache_ocr.ocr.pipeline import Pipeline
 from diskcache_ocr.ocr.staged import StagePipeline
@@ -130,7 +130,7 @@ def choose(options: EngineOptions) -> Choice:
     if item_keys not in ("db", "origin"):
         raise CacheError(f"item_keys must be 'db' or 'origin', got {item_keys!r}")
     return Choice(preset=preset, plan=plan, pipeline=pipeline, output=output,
-                  item_keys=item_keys, rules="origin" if o.convention == "origin" else "db")
+                  item_keys=item_keys, rules=annotation_rules(o.convention))
 
 
 def _staged(o: EngineOptions) -> bool:

@@ -352,12 +352,18 @@ def get_convention(name: str) -> Convention:
                          f"{sorted(_CONVENTIONS)}") from None
 
 
+def annotation_rules(convention: str | None) -> Literal["db", "origin"]:
+    """The rules a JSON file's words are read by under ``convention`` (see
+    :mod:`~diskcache_ocr.ocr.annotations`): the origin's for its convention, else "db"."""
+    return "origin" if convention == "origin" else "db"
+
+
 def conventions() -> tuple[str, ...]:
     return tuple(sorted(_CONVENTIONS))
 
 
 __all__ = [
     "Convention", "DbMaps", "DbTransform", "OriginMaps", "OriginTransform",
-    "annotations_are_upright", "conventions", "get_convention", "raw_to_upright",
-    "round_points", "thin_word", "upright_size",
+    "annotation_rules", "annotations_are_upright", "conventions", "get_convention",
+    "raw_to_upright", "round_points", "thin_word", "upright_size",
 ]

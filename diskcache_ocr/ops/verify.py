@@ -19,6 +19,7 @@ from diskcache_ocr.ocr.annotations import (
     ImageAnnotation,
     load_annotations,
 )
+from diskcache_ocr.ocr.conventions import annotation_rules
 from diskcache_ocr.ocr.decode import read_image_file
 from diskcache_ocr.schema import (
     KINDS,
@@ -101,9 +102,8 @@ def _recompute(store: CacheStore, header: dict[str, Any], n: int,
     root = dataset_root(header, images_dir) or Path(".")
     words = {}
     if annotations is not None:  # (read by the rules of the convention that built the cache)
-        rules = "origin" if convention == "origin" else "db"
-        words = {source_id(root, it.file): it
-                 for it in load_annotations(root, annotations, rules).items}
+        words = {source_id(root, it.file): it for it in
+                 load_annotations(root, annotations, annotation_rules(convention)).items}
     entries = [(s, e) for s, e in store.iter_index() if e.ok]
     chosen = rng.sample(entries, min(n, len(entries)))
     # Sources without an annotation are checked without words (and without maps).
